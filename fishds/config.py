@@ -1,0 +1,211 @@
+"""The fishds run configuration: one YAML file, every field documented where it is defined.
+
+Load with `load_config(path, overrides)`; overrides are `section.key=value` strings (values parsed as
+YAML, so `fish.keep_ratio=0.1`, `peft.target_modules=[q_proj,v_proj]`). Everything here is checked
+before any model weights load; `ConfigError` names the key and says what to change.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before any heavy work starts."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field(description="Local folder of a Hugging Face causal LM (config.json + weights + tokenizer). "
+                              "The special value 'smollm2-135m-instruct' prepares the embedded default.")
+    trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
+
+
+class PeftSection(_Section):
+    method: Literal["lora"] = Field("lora", description="PEFT method whose added tensors form the FISH pool.")
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout probability (off during the Fisher pass).")
+    target_modules: Union[list[str], str] = Field(
+        "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
+
+
+class FishSection(_Section):
+    selection: Literal["fisher", "random", "lowest", "dense"] = Field(
+        "fisher", description="fisher: top-k empirical Fisher (the paper); random: k entries at random (ablation); "
+        "lowest: the k lowest Fisher scores (ablation); dense: plain PEFT, no mask.")
+    keep_ratio: Optional[float] = Field(None, description="Fraction of the pool to train, in (0, 1]: "
+                                        "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.")
+    num_selected: Optional[int] = Field(None, description="Absolute number k of entries to train (1..pool size).")
+    num_samples: int = Field(64, gt=0, description="N: training examples used to estimate the Fisher information.")
+    granularity: Literal["sample", "batch"] = Field(
+        "sample", description="sample: sum of per-example squared gradients (the paper's definition); "
+        "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.")
+    warmup_steps: int = Field(0, ge=0, description="Dense training steps before scoring (0 = score at "
+                              "initialisation). Unselected entries are then reset to their initial values.")
+    seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
+    save_scores: bool = Field(False, description="Also write fisher_scores.safetensors (gathers all scores on "
+                              "rank 0: for inspection on small pools only).")
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.selection == "dense":
+            return self
+        if self.keep_ratio is not None and self.num_selected is not None:
+            raise ValueError("fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
+                             "(an absolute count)")
+        if self.keep_ratio is None and self.num_selected is None:
+            self.__dict__["keep_ratio"] = 0.5
+        if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0 and math.isfinite(self.keep_ratio)):
+            raise ValueError(f"fish.keep_ratio={self.keep_ratio} is outside (0, 1]; use e.g. 0.1 to train 10% of "
+                             "the pool")
+        if self.num_selected is not None and self.num_selected < 1:
+            raise ValueError(f"fish.num_selected={self.num_selected} must be at least 1")
+        return self
+
+
+class DataSection(_Section):
+    path: str = Field(description="Training data: a local jsonl/json file. The special value 'rotten_tomatoes' "
+                      "prepares the embedded default (Rotten Tomatoes as alpaca jsonl).")
+    format: Literal["alpaca"] = Field("alpaca", description="alpaca: rows with instruction, input (optional) and "
+                                      "output; the loss covers the output tokens only.")
+    eval_path: Optional[str] = Field(None, description="Evaluation data in the same format (optional).")
+    max_length: int = Field(256, gt=8, description="Token limit per example; longer examples are truncated.")
+    max_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the training file.")
+    max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(100, gt=0, description="Optimizer steps of masked training (after any FISH warm-up).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (masked entries stay fixed anyway).")
+    seed: int = Field(0, description="Seed of adapter initialisation, dropout and data order.")
+    micro_batch_size: int = Field(4, gt=0, description="Examples per rank per forward pass.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clipping (0 = off).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer, used unless the DeepSpeed "
+                                               "JSON names one.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
+    lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (fp16 is not offered).")
+    log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
+    eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")
+
+
+class Config(_Section):
+    model: ModelSection
+    peft: PeftSection = PeftSection()
+    fish: FishSection = FishSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output_dir: str = Field(description="Where the adapter, mask, report and metrics are written.")
+    ds_config: Optional[str] = Field(None, description="DeepSpeed JSON (the --ds_config flag overrides it). "
+                                     "Default: ds_configs/zero0.json semantics built in.")
+    save_initial_adapter: bool = Field(True, description="Write init_adapter_model.safetensors: the adapter when the "
+                                       "mask was fixed, to verify that masked entries never moved.")
+    overwrite: bool = Field(False, description="Allow writing into an output_dir that already holds a finished run.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _nonempty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("output_dir is empty; give a folder path")
+        return v
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {k!r} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    known = _known_keys(Config)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(k for k in known if '.' in k)}"
+            lines.append(f"unknown key {loc!r}{hint}")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key {loc!r}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            where = f"{loc}: " if loc and not msg.startswith(loc.split(".")[0]) else ""
+            lines.append(f"{where}{msg} (got {e.get('input')!r})" if "input" in e and not isinstance(
+                e.get("input"), dict) else f"{where}{msg}")
+    return ConfigError(f"invalid configuration in {source}:\n  - " + "\n  - ".join(lines))
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Read a YAML file (or nothing), apply `a.b=value` overrides, validate. Raises ConfigError."""
+    tree: dict = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass --config with a YAML file path")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (model:, peft:, ...)")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, source) from None
+
+
+def config_reference() -> str:
+    """A markdown table of every key, its default and its documentation (for the README)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, prefix + name + ".")
+                continue
+            default = "required" if field.is_required() else repr(field.default)
+            rows.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
+
+    walk(Config, "")
+    return "\n".join(rows)

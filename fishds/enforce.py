@@ -1,0 +1,156 @@
+"""Keeping masked entries fixed, bit for bit, under every DeepSpeed optimizer set-up.
+
+Two mechanisms, both needed (../shared/FISH_TUNING.md traps 2 and 4):
+1. A gradient hook on each pool parameter zeroes masked positions of the local gradient before
+   DeepSpeed reduces it, so clipping norms and optimizer moments see only selected entries.
+2. The torch optimizer inside DeepSpeed (engine.basic_optimizer) is wrapped: after its step, the
+   masked entries of the fp32 master weights are written back to their values when the mask was
+   fixed. Weight decay, momentum and any optimizer rule therefore cannot move them, and DeepSpeed's
+   copy from masters to model weights (bf16 included) then carries unchanged values.
+
+Where the fp32 masters live depends on the stage; `_master_fragments` finds, per parameter, a view of
+this rank's master entries and which flat indices of the parameter they hold:
+- stage 0 in fp32: the optimizer updates the parameters themselves;
+- ZeRO 1/2 and DeepSpeed's bf16 optimizer: `param._hp_mapping` (a view into the flat fp32 partition);
+- ZeRO 3: the optimizer's `fp32_partitioned_groups_flat` at `grad_position[param id]`, which holds
+  partition `rank` of the flattened, padded parameter.
+These are DeepSpeed internals (pinned version); the layout is checked against the model weights at
+set-up and a mismatch stops the run instead of training with a wrong mask.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import dist as fdist
+from .pool import Pool
+
+
+@dataclass
+class _Fragment:
+    name: str
+    master: torch.Tensor  # 1-D view of this rank's fp32 master entries of one parameter
+    start: int  # flat index in the (padded) parameter of master[0]
+    frozen_pos: torch.Tensor  # positions in `master` that the mask freezes
+    frozen_val: torch.Tensor  # their values when the mask was fixed
+
+
+class UnsupportedSetup(RuntimeError):
+    pass
+
+
+def _is_zero3(engine) -> bool:
+    return engine.zero_optimization_stage() == 3
+
+
+def _master_fragments(engine, pool: Pool) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
+    """(name, fp32 master view, start index, local model-weight values) for every pool tensor."""
+    opt = engine.optimizer
+    out = []
+    if _is_zero3(engine):
+        if getattr(opt, "offload_optimizer", False) and getattr(opt, "swap_optimizer", False):
+            raise UnsupportedSetup("FISH masks do not support ZeRO-3 optimizer offload to NVMe; "
+                                   "use offload_optimizer.device=cpu or none")
+        for t in pool.tensors:
+            p = t.param
+            group, offset, numel = opt.grad_position[opt.get_param_id(p)]
+            master = opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
+            rank = opt._get_param_partition_rank(p) if hasattr(opt, "_get_param_partition_rank") else fdist.rank()
+            out.append((t.name, master, rank * numel, p.ds_tensor.reshape(-1)[:numel]))
+        return out
+    for t in pool.tensors:
+        p = t.param
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            addr = mapping.lp_fragment_address
+            out.append((t.name, mapping.hp_fragment.reshape(-1), addr.start,
+                        p.data.reshape(-1).narrow(0, addr.start, addr.numel)))
+        elif getattr(p, "_hp_mapping", "absent") is None:
+            continue  # this rank's partition holds no entry of p
+        elif opt is engine.basic_optimizer and p.dtype == torch.float32:
+            out.append((t.name, p.data.reshape(-1), 0, p.data.reshape(-1)))
+        else:
+            raise UnsupportedSetup(f"cannot locate the fp32 master weights of {t.name} under optimizer "
+                                   f"{type(opt).__name__}; fishds supports DeepSpeed ZeRO 0-3 in fp32 and bf16")
+    return out
+
+
+class MaskEnforcer:
+    """Gradient hooks + optimizer-step wrapper that keep every masked pool entry at its fixed value."""
+
+    def __init__(self, engine, pool: Pool, masks: dict[str, torch.Tensor]):
+        self.engine = engine
+        self.pool = pool
+        dev = fdist.device()
+        self.masks = {n: m.to(dev) for n, m in masks.items()}
+        self._hooks = [t.param.register_hook(self._grad_hook(self.masks[t.name])) for t in pool.tensors
+                       if not bool(self.masks[t.name].all())]
+        self.fragments = self._fragments()
+        opt = engine.basic_optimizer
+        self._inner_step = opt.step
+
+        def step(*args, **kwargs):
+            result = self._inner_step(*args, **kwargs)
+            self.restore()
+            return result
+
+        opt.step = step
+
+    @staticmethod
+    def _grad_hook(mask: torch.Tensor):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            return grad.masked_fill(~mask, 0) if grad.shape == mask.shape else grad
+        return hook
+
+    def _fragments(self) -> list[_Fragment]:
+        frags = []
+        for name, master, start, local_weights in _master_fragments(self.engine, self.pool):
+            if not torch.equal(master[:local_weights.numel()].to(local_weights.dtype), local_weights):
+                raise UnsupportedSetup(
+                    f"DeepSpeed's fp32 master layout for {name} does not match the model weights; this DeepSpeed "
+                    "version is not supported by fishds' mask enforcement (pinned: 0.19.8)")
+            flat_mask = self.masks[name].reshape(-1).cpu()
+            padded = torch.ones(max(flat_mask.numel(), start + master.numel()), dtype=torch.bool)
+            padded[:flat_mask.numel()] = flat_mask
+            keep = padded[start:start + master.numel()].to(master.device)
+            pos = (~keep).nonzero().reshape(-1)
+            frags.append(_Fragment(name, master, start, pos, master[pos].clone()))
+        return frags
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the fixed values back into the masked fp32 master entries (runs after every inner step)."""
+        for f in self.fragments:
+            if f.frozen_pos.numel():
+                f.master.index_copy_(0, f.frozen_pos, f.frozen_val)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.engine.basic_optimizer.step = self._inner_step
+
+
+@torch.no_grad()
+def reset_unselected(engine, pool: Pool, masks: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]) -> None:
+    """Set unselected entries back to `initial` (full tensors) in the model weights and the fp32 masters.
+
+    Used after a dense FISH warm-up, before the mask takes over.
+    """
+    for name, master, start, _ in _master_fragments(engine, pool):
+        flat_init = initial[name].reshape(-1).to(master.device, torch.float32)
+        flat_mask = masks[name].reshape(-1).to(master.device)
+        n = max(0, min(master.numel(), flat_init.numel() - start))
+        m, v = flat_mask[start:start + n], flat_init[start:start + n]
+        master[:n] = torch.where(m, master[:n], v)
+    for t in pool.tensors:
+        p, init, m = t.param, initial[t.name], masks[t.name]
+        if hasattr(p, "ds_tensor"):
+            local = p.ds_tensor.reshape(-1)
+            start = fdist.rank() * local.numel()
+            n = max(0, min(local.numel(), t.numel - start))
+            lm = m.reshape(-1)[start:start + n].to(local.device)
+            lv = init.reshape(-1)[start:start + n].to(local.device, local.dtype)
+            local[:n] = torch.where(lm, local[:n], lv)
+        else:
+            p.data.copy_(torch.where(m.to(p.device), p.data, init.to(p.device, p.dtype)))

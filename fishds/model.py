@@ -1,0 +1,76 @@
+"""Loading the base model and tokenizer and adding the PEFT adapter.
+
+`check_model_and_targets` runs before any weights load: it reads config.json, builds the model on
+the meta device and checks that peft.target_modules matches at least one module.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError
+
+_LINEAR_SKIP = ("lm_head", "score", "classifier")
+
+
+def resolve_model_path(cfg: Config) -> str:
+    name = cfg.model.name_or_path
+    if name == "smollm2-135m-instruct":
+        from .assets import smollm2_135m_instruct
+        return str(smollm2_135m_instruct())
+    return name
+
+
+def check_model_and_targets(cfg: Config, model_path: str) -> list[str]:
+    """Validate model.name_or_path and peft.target_modules without loading weights; return matched modules."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = Path(model_path)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path={model_path!r} is not a model folder (no config.json); give a local "
+                          "folder saved with save_pretrained, or 'smollm2-135m-instruct'")
+    try:
+        hf_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - report any loader failure as a config error
+        raise ConfigError(f"model.name_or_path={model_path!r}: config.json cannot be read ({e})") from None
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
+    names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = cfg.peft.target_modules
+    if targets == "all-linear":
+        matched = [n for n in names if n.split(".")[-1] not in _LINEAR_SKIP]
+    else:
+        wanted = [targets] if isinstance(targets, str) else list(targets)
+        matched = [n for n in names if n.split(".")[-1] in wanted]
+        missing = [w for w in wanted if not any(n.split(".")[-1] == w for n in names)]
+        if missing:
+            present = sorted({n.split(".")[-1] for n in names})
+            raise ConfigError(f"peft.target_modules: {missing} match no linear module of {model_path}; "
+                              f"available: {present}")
+    if not matched:
+        raise ConfigError(f"peft.target_modules={targets!r} matches no module of {model_path}")
+    return matched
+
+
+def load_tokenizer(model_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype):
+    """The base model with a LoRA adapter; only adapter parameters require gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.train.seed)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    base.config.use_cache = False
+    lora = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+                      target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(base, lora)

@@ -1,0 +1,114 @@
+"""Everything fishds writes into output_dir, written atomically (temporary name, then rename).
+
+- adapter_model.safetensors + adapter_config.json: a normal PEFT adapter, full shapes under ZeRO-3
+- fish_mask.safetensors: masks in fishds-packbits-v1 (see mask.py), keyed like the adapter
+- init_adapter_model.safetensors: the adapter when the mask was fixed (save_initial_adapter)
+- fish_report.json: what was selected, where, and what it cost
+- metrics.jsonl: one JSON object per optimizer step (rank 0 appends)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from . import dist as fdist
+from .mask import save_masks
+from .pool import Pool
+
+FINISHED_MARKER = "fish_report.json"
+
+
+def _atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+@torch.no_grad()
+def gather_adapter(pool: Pool) -> dict[str, torch.Tensor]:
+    """Full adapter tensors on every rank (gathers only the pool parameters under ZeRO-3)."""
+    import deepspeed
+
+    params = [t.param for t in pool.tensors]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        return {t.name: t.param.detach().to("cpu", copy=True).reshape(t.shape) for t in pool.tensors}
+
+
+def adapter_keys(model, by_param_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename parameter-name keys to the keys PEFT writes into adapter_model.safetensors."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=by_param_name)
+
+
+def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
+    """PEFT save_pretrained with the gathered tensors, into a temporary folder, then moved in place."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
+    try:
+        model.save_pretrained(str(tmp), state_dict=adapter, safe_serialization=True)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_mask_file(model, out: Path, masks: dict[str, torch.Tensor]) -> None:
+    keyed = adapter_keys(model, masks)
+    _atomic(out / "fish_mask.safetensors", lambda t: save_masks(t, keyed))
+
+
+def save_initial_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
+    keyed = {k: v.contiguous() for k, v in adapter_keys(model, adapter).items()}
+    _atomic(out / "init_adapter_model.safetensors", lambda t: save_file(keyed, str(t), metadata={"format": "pt"}))
+
+
+class MetricsLog:
+    """Appends one JSON line per call to metrics.jsonl on rank 0."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if fdist.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def write(self, record: dict) -> None:
+        if fdist.is_main():
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def mask_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:
+    """Per-tensor and per-module counts and the lora_A / lora_B shares of the mask."""
+    per_tensor, per_module, per_kind = {}, {}, {"lora_A": 0, "lora_B": 0, "other": 0}
+    total = 0
+    for t in pool.tensors:
+        sel = int(masks[t.name].sum())
+        total += sel
+        per_tensor[t.name] = {"selected": sel, "numel": t.numel}
+        parts = t.name.split(".")
+        kind = next((p for p in parts if p in ("lora_A", "lora_B")), "other")
+        module = parts[parts.index(kind) - 1] if kind != "other" else parts[-2]
+        m = per_module.setdefault(module, {"selected": 0, "numel": 0})
+        m["selected"] += sel
+        m["numel"] += t.numel
+        per_kind[kind] += sel
+    share = {k: (v / total if total else 0.0) for k, v in per_kind.items() if k != "other" or v}
+    return {"selected": total, "per_tensor": per_tensor, "per_module": per_module, "share": share}

@@ -1,0 +1,287 @@
+"""The FISH-LoRA training run, start to finish. Read top to bottom:
+
+1. preflight: every check that can fail without weights (config, files, model, target modules)
+2. model + LoRA, DeepSpeed engine (ZeRO 0-3, "auto" values filled from the config)
+3. optional dense warm-up, then the Fisher pass and the exact distributed top-k -> masks on every rank
+4. masked training: gradient hooks + optimizer wrapper keep unselected entries fixed
+5. evaluation and outputs (adapter, mask, initial adapter, report, metrics)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import dist as fdist
+from .config import Config, ConfigError
+from .data import Collator, ShardedBatches, load_examples, read_rows
+from .dsconfig import read_ds_config, resolve_ds_config
+from .enforce import MaskEnforcer, reset_unselected
+from .fisher import collect_scores, gather_scores
+from .mask import share_selection
+from .model import check_model_and_targets, load_peft_model, load_tokenizer, resolve_model_path
+from .outputs import (FINISHED_MARKER, MetricsLog, gather_adapter, mask_report, save_adapter, save_initial_adapter,
+                      save_mask_file, write_json)
+from .pool import Pool
+from .select import exact_topk, float_keys, key_to_float, random_keys
+
+
+@dataclass
+class Plan:
+    """What preflight resolved: paths and checked inputs."""
+    model_path: str
+    data_path: str
+    eval_path: str | None
+    ds_path: str | None
+    output_dir: Path
+
+
+@dataclass
+class RunResult:
+    engine: object
+    pool: Pool
+    masks: dict
+    report: dict
+    eval_metrics: dict = field(default_factory=dict)
+    collate: object = None
+    eval_examples: list = field(default_factory=list)
+
+
+def preflight(cfg: Config, ds_path: str | None) -> Plan:
+    """All checks that need no weights; raises ConfigError naming the key."""
+    ds_path = ds_path or cfg.ds_config
+    read_ds_config(ds_path)
+    data_path, eval_path = cfg.data.path, cfg.data.eval_path
+    if data_path == "rotten_tomatoes":
+        from .assets import rotten_tomatoes
+        files = rotten_tomatoes("alpaca")
+        data_path, eval_path = str(files["train"]), eval_path or str(files["validation"])
+    read_rows(data_path, "data.path")
+    if eval_path:
+        read_rows(eval_path, "data.eval_path")
+    out = Path(cfg.output_dir)
+    if (out / FINISHED_MARKER).exists() and not cfg.overwrite:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} already holds a finished run ({FINISHED_MARKER}); choose "
+                          "another output_dir or set overwrite=true")
+    model_path = resolve_model_path(cfg)
+    check_model_and_targets(cfg, model_path)
+    return Plan(model_path, data_path, eval_path, ds_path, out)
+
+
+def _schedule(cfg: Config, total_steps: int):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.lr_warmup_steps:
+            return (step + 1) / (t.lr_warmup_steps + 1)
+        progress = (step - t.lr_warmup_steps) / max(1, total_steps - t.lr_warmup_steps)
+        if t.scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if t.scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _client_optimizer(cfg: Config, ds: dict):
+    if "optimizer" in ds:
+        return None  # DeepSpeed builds the one named in the JSON
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
+    """One optimizer step over grad_accum micro-batches; returns loss and token counts (this rank)."""
+    dev = fdist.device()
+    loss_sum, tokens, grad_norm = 0.0, 0, None
+    lr = engine.get_lr()[0]
+    for micro in range(grad_accum):
+        batch = {k: v.to(dev) for k, v in collate(batches.next()).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
+            grad_norm = _dense_grad_norm(engine)  # stage 0 keeps no global norm; grads are reduced here
+        engine.step()
+        loss_sum += float(loss.detach())
+        tokens += int(batch["attention_mask"].sum())
+    if grad_norm is None:
+        n = engine.get_global_grad_norm()
+        grad_norm = None if n is None else float(n.item() if torch.is_tensor(n) else n)
+    return {"loss": loss_sum / grad_accum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
+
+
+def _dense_grad_norm(engine) -> float:
+    sq = sum(float(p.grad.float().square().sum()) for p in engine.module.parameters() if p.grad is not None)
+    return math.sqrt(sq)
+
+
+@torch.no_grad()
+def evaluate(engine, examples: list[dict], collate, micro_batch_size: int) -> dict:
+    """Eval loss, perplexity and response-token accuracy, summed over ranks."""
+    if not examples:
+        return {}
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    dev = fdist.device()
+    mine = examples[fdist.rank()::fdist.world_size()]
+    n_batches = math.ceil(math.ceil(len(examples) / fdist.world_size()) / micro_batch_size)
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, correct
+    for b in range(n_batches):
+        chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+        batch = {k: v.to(dev) for k, v in collate(chunk or examples[:1]).items()}
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        if not chunk:
+            continue  # padding pass keeps ZeRO-3 collectives matched
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1]
+        valid = labels != -100
+        loss = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
+        totals += torch.tensor([float(loss), float(valid.sum()), float((logits.argmax(-1)[valid] == labels[valid]).sum())],
+                               dtype=torch.float64)
+    fdist.all_reduce_(totals)
+    model.train(was_training)
+    loss = float(totals[0] / totals[1])
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": float(totals[2] / totals[1]),
+            "eval_tokens": int(totals[1])}
+
+
+def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, collate) -> tuple[dict, dict]:
+    """Scores -> exact global top-k -> full boolean masks on every rank, with report entries."""
+    f = cfg.fish
+    info = {"selection": f.selection, "pool_size": pool.size, "k": k}
+    start, end = pool.chunk(fdist.rank(), fdist.world_size())
+    if f.selection == "dense":
+        return {t.name: torch.ones(t.shape, dtype=torch.bool) for t in pool.tensors}, info
+    if f.selection == "random":
+        keys = random_keys(start, end, f.seed)
+        info["collect_seconds"] = 0.0
+    else:
+        scores, stats = collect_scores(engine, pool, scoring_examples, f.granularity, cfg.train.micro_batch_size,
+                                       collate)
+        info.update(stats, num_samples=len(scoring_examples), granularity=f.granularity)
+        keys = float_keys(scores) if f.selection == "fisher" else -float_keys(scores) - 1
+        info["score_stats"] = _score_stats(scores)
+        if f.save_scores:
+            full = gather_scores(pool, scores)
+            if full is not None:
+                from safetensors.torch import save_file
+                save_file({n: v.contiguous() for n, v in full.items()}, str(Path(cfg.output_dir) / "fisher_scores.safetensors"))
+    t0 = time.perf_counter()
+    local_sel, threshold = exact_topk(keys, k)
+    masks = share_selection(pool, local_sel)
+    info["select_seconds"] = time.perf_counter() - t0
+    if f.selection in ("fisher", "lowest"):
+        info["threshold_score"] = key_to_float(threshold if f.selection == "fisher" else -threshold - 1)
+    return masks, info
+
+
+def _score_stats(local: torch.Tensor) -> dict:
+    s = torch.tensor([float(local.sum()), float(local.numel()), float((local == 0).sum())], dtype=torch.float64)
+    fdist.all_reduce_(s)
+    mx = torch.tensor([float(local.max()) if local.numel() else 0.0])
+    fdist.all_reduce_(mx, op=torch.distributed.ReduceOp.MAX)
+    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2])}
+
+
+def run(cfg: Config, ds_path: str | None = None) -> RunResult:
+    plan = preflight(cfg, ds_path)
+    fdist.init_distributed()
+    import deepspeed
+
+    t = cfg.train
+    dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
+    tokenizer = load_tokenizer(plan.model_path, cfg.model.trust_remote_code)
+    examples = load_examples(tokenizer, plan.data_path, "data.path", cfg.data.max_length, cfg.data.max_examples)
+    eval_examples = (load_examples(tokenizer, plan.eval_path, "data.eval_path", cfg.data.max_length,
+                                   cfg.data.max_eval_examples) if plan.eval_path else [])
+    if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < fdist.world_size():
+        raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {fdist.world_size()} ranks; "
+                          "every rank needs at least one scoring example")
+    model = load_peft_model(cfg, plan.model_path, dtype)
+    pool_before = Pool.from_model(model)
+    k = pool_before.num_selected(cfg.fish.keep_ratio, cfg.fish.num_selected) if cfg.fish.selection != "dense" \
+        else pool_before.size
+    ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
+    total_steps = cfg.fish.warmup_steps + t.max_steps
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
+                                      config=ds)
+    pool = Pool.from_model(engine.module)
+    collate = Collator(tokenizer.pad_token_id)
+    batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
+    out = plan.output_dir
+    metrics = MetricsLog(out / "metrics.jsonl")
+    fdist.print0(f"[fishds] model {plan.model_path} | pool {pool.size:,} LoRA entries in {len(pool.tensors)} tensors | "
+                 f"selection {cfg.fish.selection}, k={k:,} | ZeRO-{engine.zero_optimization_stage()} | "
+                 f"{fdist.world_size()} rank(s) | {t.precision}")
+
+    def log_step(step: int, phase: str, stats: dict, seconds: float):
+        tokens = torch.tensor([stats["tokens"]], dtype=torch.int64)
+        fdist.all_reduce_(tokens)
+        loss = torch.tensor([stats["loss"]], dtype=torch.float64)
+        fdist.all_reduce_(loss)
+        rec = {"step": step, "phase": phase, "loss": float(loss[0]) / fdist.world_size(),
+               "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens": int(tokens[0]),
+               "seconds": seconds}
+        metrics.write(rec)
+        if step % t.log_every == 0 or step == total_steps:
+            left = (total_steps - step) * seconds
+            fdist.print0(f"[fishds] {phase} step {step}/{total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                         f"{rec['tokens'] / max(seconds, 1e-9):,.0f} tok/s, {left:.0f}s left")
+
+    # 3. dense warm-up (optional), then scoring and selection
+    initial = gather_adapter(pool) if cfg.fish.warmup_steps else None
+    for step in range(1, cfg.fish.warmup_steps + 1):
+        t0 = time.perf_counter()
+        stats = train_step(engine, batches, collate, t.grad_accum)
+        log_step(step, "warmup", stats, time.perf_counter() - t0)
+    g = torch.Generator().manual_seed(cfg.fish.seed)
+    order = torch.randperm(len(examples), generator=g).tolist()[:cfg.fish.num_samples]
+    masks, report = select_masks(cfg, engine, pool, k, [examples[i] for i in order], collate)
+    if initial is not None:
+        reset_unselected(engine, pool, masks, initial)
+    report.update(mask_report(pool, masks))
+    report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
+                  warmup_steps=cfg.fish.warmup_steps)
+    enforcer = MaskEnforcer(engine, pool, masks) if cfg.fish.selection != "dense" else None
+    fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{pool.size:,} entries "
+                 f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
+                 f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report['select_seconds'] if 'select_seconds' in report else 0:.2f}s")
+    if fdist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    fixed = gather_adapter(pool)
+    if fdist.is_main():
+        save_mask_file(engine.module, out, masks)
+        if cfg.save_initial_adapter:
+            save_initial_adapter(engine.module, out, fixed)
+
+    # 4. masked training
+    eval_metrics: dict = {}
+    for step in range(cfg.fish.warmup_steps + 1, total_steps + 1):
+        t0 = time.perf_counter()
+        stats = train_step(engine, batches, collate, t.grad_accum)
+        log_step(step, "train", stats, time.perf_counter() - t0)
+        if t.eval_every and step % t.eval_every == 0 and step != total_steps:
+            eval_metrics = evaluate(engine, eval_examples, collate, t.micro_batch_size)
+            metrics.write({"step": step, **eval_metrics})
+
+    # 5. evaluation and outputs
+    eval_metrics = evaluate(engine, eval_examples, collate, t.micro_batch_size)
+    if eval_metrics:
+        metrics.write({"step": total_steps, **eval_metrics})
+        fdist.print0(f"[fishds] eval loss {eval_metrics['eval_loss']:.4f}, response-token accuracy "
+                     f"{eval_metrics['eval_token_acc']:.1%} on {len(eval_examples)} examples")
+    adapter = gather_adapter(pool)
+    report["eval"] = eval_metrics
+    if fdist.is_main():
+        save_adapter(engine.module, out, adapter)
+        write_json(out / FINISHED_MARKER, report)
+        print(f"[fishds] adapter written to {out.resolve()} (load with peft.PeftModel.from_pretrained)", flush=True)
+    fdist.barrier()
+    return RunResult(engine, pool, masks, report, eval_metrics, collate, eval_examples)
