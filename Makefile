@@ -1,0 +1,31 @@
+# fishds: `make demo` runs the embedded default job, `make test` the test suite.
+# Both create or reuse .venv and install what is needed: requirements/cpu.txt (CPU torch build) on
+# machines without an NVIDIA GPU, requirements/gpu.txt (keeps your CUDA torch) where nvidia-smi works.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+REQS := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo requirements/gpu.txt; else echo requirements/cpu.txt; fi)
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.fishds-installed
+
+$(VENV)/.fishds-installed: pyproject.toml requirements/cpu.txt requirements/gpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r $(REQS)
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py \
+		--ds_config ds_configs/zero3.json --config configs/demo.yaml $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests $(ARGS)
+
+bench: setup
+	$(PY) bench/step_time.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs

