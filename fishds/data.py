@@ -33,7 +33,7 @@ def read_rows(path: str | Path, key: str, required=("instruction", "output")) ->
         numbered = list(enumerate(rows if isinstance(rows, list) else [], start=1))
     else:
         numbered = []
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
             if line.strip():
                 try:
                     numbered.append((i, json.loads(line)))

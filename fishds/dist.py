@@ -40,8 +40,23 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
     deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+    quiet_logs()
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())
+
+
+def quiet_logs() -> None:
+    """Rank 0 prints progress; the other ranks print only errors. Known-harmless library warnings are hidden."""
+    import warnings
+
+    for pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`torch\.jit\.script_method` is deprecated",
+                    r"`is_gradient_checkpointing` is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
+    if not is_main():
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore")
 
 
 def _free_port() -> int:

@@ -19,6 +19,7 @@ set-up and a mismatch stops the run instead of training with a wrong mask.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,7 @@ class MaskEnforcer:
         opt = engine.basic_optimizer
         self._inner_step = opt.step
 
+        @functools.wraps(self._inner_step)  # keeps torch's LR-scheduler marker on the step
         def step(*args, **kwargs):
             result = self._inner_step(*args, **kwargs)
             self.restore()
