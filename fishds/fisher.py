@@ -51,23 +51,25 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     params = [t.param for t in pool.tensors]
     flat = torch.zeros(pool.size, dtype=torch.float32, device=dev)
     acc = [flat[t.offset:t.offset + t.numel].view(t.shape) for t in pool.tensors]
+    zero3 = engine.optimizer.parameter_offload.get_param_coordinator() if engine.zero_optimization_stage() == 3 \
+        else None
     groups = _passes(len(examples), granularity, micro_batch_size)
     for i, group in enumerate(groups):
         batch = collate([examples[j] for j in group] or [examples[0]])
         batch = {k: v.to(dev) for k, v in batch.items()}
         loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        if engine.zero_optimization_stage() == 3:
-            # autograd.grad skips the hooks that end a ZeRO-3 backward: release the gathered weights
-            engine.optimizer.parameter_offload.get_param_coordinator().release_backward_leftovers()
-            engine.empty_partition_cache()
-            engine.optimizer.parameter_offload.get_param_coordinator().reset_step()
+        if zero3:  # autograd.grad skips the hooks that end a ZeRO-3 backward: release what it left gathered
+            zero3.release_backward_leftovers()
         if group:
             for a, g in zip(acc, grads):
                 if g is not None:
                     a.add_(g.detach().to(torch.float32).square())
         if progress is not None:
             progress(i + 1, len(groups))
+    if zero3:
+        engine.empty_partition_cache()
+        zero3.reset_step()
     model.train(was_training)
     t_local = time.perf_counter() - t0
 

@@ -189,7 +189,22 @@ def _score_stats(local: torch.Tensor) -> dict:
     return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2])}
 
 
-def run(cfg: Config, ds_path: str | None = None) -> RunResult:
+@dataclass
+class Session:
+    """A ready DeepSpeed engine with its pool, data and helpers (built by `setup`)."""
+    cfg: Config
+    plan: Plan
+    engine: object
+    pool: Pool
+    k: int
+    examples: list
+    eval_examples: list
+    collate: Collator
+    batches: ShardedBatches
+
+
+def setup(cfg: Config, ds_path: str | None = None) -> Session:
+    """Preflight, process group, tokenizer and data, model + LoRA, DeepSpeed engine."""
     plan = preflight(cfg, ds_path)
     fdist.init_distributed()
     import deepspeed
@@ -212,9 +227,23 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
                                       config=ds)
-    pool = Pool.from_model(engine.module)
-    collate = Collator(tokenizer.pad_token_id)
     batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
+    return Session(cfg, plan, engine, Pool.from_model(engine.module), k, examples, eval_examples,
+                   Collator(tokenizer.pad_token_id), batches)
+
+
+def scoring_examples(cfg: Config, examples: list) -> list:
+    """The N examples the Fisher pass uses: a fish.seed permutation of the training set, first N."""
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.fish.seed)).tolist()
+    return [examples[i] for i in order[:cfg.fish.num_samples]]
+
+
+def run(cfg: Config, ds_path: str | None = None) -> RunResult:
+    s = setup(cfg, ds_path)
+    engine, pool, k, collate, batches, eval_examples = s.engine, s.pool, s.k, s.collate, s.batches, s.eval_examples
+    t = cfg.train
+    total_steps = cfg.fish.warmup_steps + t.max_steps
+    plan = s.plan
     out = plan.output_dir
     metrics = MetricsLog(out / "metrics.jsonl")
     fdist.print0(f"[fishds] model {plan.model_path} | pool {pool.size:,} LoRA entries in {len(pool.tensors)} tensors | "
@@ -241,9 +270,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         t0 = time.perf_counter()
         stats = train_step(engine, batches, collate, t.grad_accum)
         log_step(step, "warmup", stats, time.perf_counter() - t0)
-    g = torch.Generator().manual_seed(cfg.fish.seed)
-    order = torch.randperm(len(examples), generator=g).tolist()[:cfg.fish.num_samples]
-    masks, report = select_masks(cfg, engine, pool, k, [examples[i] for i in order], collate)
+    masks, report = select_masks(cfg, engine, pool, k, scoring_examples(cfg, s.examples), collate)
     if initial is not None:
         reset_unselected(engine, pool, masks, initial)
     report.update(mask_report(pool, masks))
