@@ -218,11 +218,20 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < fdist.world_size():
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {fdist.world_size()} ranks; "
                           "every rank needs at least one scoring example")
+    ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
+    zero3_loading = None
+    if ds["zero_optimization"].get("stage", 0) == 3:
+        # transformers loads the weights straight into ZeRO-3 partitions (zero.Init) while this object lives
+        from transformers.integrations import HfDeepSpeedConfig
+        zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841
     model = load_peft_model(cfg, plan.model_path, dtype)
+    if zero3_loading is not None:
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
+                     "tensors partitioned as they loaded")
     pool_before = Pool.from_model(model)
     k = pool_before.num_selected(cfg.fish.keep_ratio, cfg.fish.num_selected) if cfg.fish.selection != "dense" \
         else pool_before.size
-    ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
     total_steps = cfg.fish.warmup_steps + t.max_steps
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
