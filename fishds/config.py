@@ -52,6 +52,8 @@ class FishSection(_Section):
     warmup_steps: int = Field(0, ge=0, description="Dense training steps before scoring (0 = score at "
                               "initialisation). Unselected entries are then reset to their initial values.")
     seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
+    mask_path: Optional[str] = Field(None, description="Use this fish_mask.safetensors (from an earlier run) instead "
+                                     "of scoring; its keys and shapes must match the adapter.")
     save_scores: bool = Field(False, description="Also write fisher_scores.safetensors (gathers all scores on "
                               "rank 0: for inspection on small pools only).")
 
@@ -99,6 +101,9 @@ class TrainSection(_Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (fp16 is not offered).")
     log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every this many optimizer steps after the mask is fixed "
+                            "(0 = none). Checkpoints go to output_dir/checkpoints/step-N.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints.")
 
 
 class Config(_Section):
@@ -112,7 +117,10 @@ class Config(_Section):
                                      "Default: ds_configs/zero0.json semantics built in.")
     save_initial_adapter: bool = Field(True, description="Write init_adapter_model.safetensors: the adapter when the "
                                        "mask was fixed, to verify that masked entries never moved.")
-    overwrite: bool = Field(False, description="Allow writing into an output_dir that already holds a finished run.")
+    overwrite: bool = Field(False, description="Start afresh in an output_dir that holds a finished run or "
+                            "checkpoints (old checkpoints are moved aside to checkpoints.replaced-<time>, not deleted).")
+    resume: str = Field("auto", description="auto: continue from the latest complete checkpoint in output_dir if there "
+                        "is one; none: never; or the path of a checkpoint folder.")
 
     @field_validator("output_dir")
     @classmethod

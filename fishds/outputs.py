@@ -5,6 +5,7 @@
 - init_adapter_model.safetensors: the adapter when the mask was fixed (save_initial_adapter)
 - fish_report.json: what was selected, where, and what it cost
 - metrics.jsonl: one JSON object per optimizer step (rank 0 appends)
+- fish_selection.json: the report when the mask was fixed (fish_report.json adds eval at the end)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .mask import save_masks
 from .pool import Pool
 
 FINISHED_MARKER = "fish_report.json"
+SELECTION_REPORT = "fish_selection.json"  # the report as of the mask being fixed (read back on resume)
 
 
 def _atomic(path: Path, write) -> None:
@@ -83,11 +85,18 @@ def save_initial_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> 
 class MetricsLog:
     """Appends one JSON line per call to metrics.jsonl on rank 0."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
         if fdist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            if not append:
+                path.write_text("")
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (a resumed run logs those steps again)."""
+        if fdist.is_main() and self.path.is_file():
+            keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+            _atomic(self.path, lambda t: t.write_text("".join(line + "\n" for line in keep)))
 
     def write(self, record: dict) -> None:
         if fdist.is_main():

@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +25,9 @@ from .enforce import MaskEnforcer, reset_unselected
 from .fisher import collect_scores, gather_scores
 from .mask import share_selection
 from .model import check_model_and_targets, load_peft_model, load_tokenizer, resolve_model_path
-from .outputs import (FINISHED_MARKER, MetricsLog, gather_adapter, mask_report, save_adapter, save_initial_adapter,
-                      save_mask_file, write_json)
+from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
+from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, adapter_keys, gather_adapter, mask_report,
+                      save_adapter, save_initial_adapter, save_mask_file, write_json)
 from .pool import Pool
 from .select import exact_topk, float_keys, key_to_float, random_keys
 
@@ -37,6 +40,7 @@ class Plan:
     eval_path: str | None
     ds_path: str | None
     output_dir: Path
+    resume_from: Path | None = None
 
 
 @dataclass
@@ -62,13 +66,26 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     read_rows(data_path, "data.path")
     if eval_path:
         read_rows(eval_path, "data.eval_path")
+    if cfg.fish.mask_path and not Path(cfg.fish.mask_path).is_file():
+        raise ConfigError(f"fish.mask_path={cfg.fish.mask_path!r}: file not found")
     out = Path(cfg.output_dir)
     if (out / FINISHED_MARKER).exists() and not cfg.overwrite:
         raise ConfigError(f"output_dir={cfg.output_dir!r} already holds a finished run ({FINISHED_MARKER}); choose "
                           "another output_dir or set overwrite=true")
+    try:
+        resume_from = None if cfg.overwrite and cfg.resume == "auto" else find_resume(cfg.resume, out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     model_path = resolve_model_path(cfg)
     check_model_and_targets(cfg, model_path)
-    return Plan(model_path, data_path, eval_path, ds_path, out)
+    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from)
+
+
+def start_fresh(plan: Plan) -> None:
+    """Rank 0: move an earlier run's checkpoints aside (never deleted) so resume=auto cannot pick them up."""
+    old = checkpoint_root(plan.output_dir)
+    if plan.resume_from is None and fdist.is_main() and old.is_dir():
+        os.replace(old, old.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 def _schedule(cfg: Config, total_steps: int):
@@ -207,6 +224,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     """Preflight, process group, tokenizer and data, model + LoRA, DeepSpeed engine."""
     plan = preflight(cfg, ds_path)
     fdist.init_distributed()
+    start_fresh(plan)
     import deepspeed
 
     t = cfg.train
@@ -247,65 +265,101 @@ def scoring_examples(cfg: Config, examples: list) -> list:
     return [examples[i] for i in order[:cfg.fish.num_samples]]
 
 
+def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
+    """Dense warm-up (optional), then scoring and selection, or a mask file: the masks and the report."""
+    cfg, engine, pool = s.cfg, s.engine, s.pool
+    if cfg.fish.mask_path:
+        masks = load_mask_for_pool(s.engine.module, pool, cfg.fish.mask_path)
+        return masks, {"selection": f"file {cfg.fish.mask_path}", "pool_size": pool.size, "k": s.k}
+    initial = gather_adapter(pool) if cfg.fish.warmup_steps else None
+    for step in range(1, cfg.fish.warmup_steps + 1):
+        t0 = time.perf_counter()
+        log_step(step, "warmup", train_step(engine, s.batches, s.collate, cfg.train.grad_accum),
+                 time.perf_counter() - t0)
+    masks, report = select_masks(cfg, engine, pool, s.k, scoring_examples(cfg, s.examples), s.collate)
+    if initial is not None:
+        reset_unselected(engine, pool, masks, initial)
+    return masks, report
+
+
+def load_mask_for_pool(model, pool: Pool, path: str) -> dict[str, torch.Tensor]:
+    """A fish_mask.safetensors keyed like the adapter, checked against the pool, keyed by parameter name."""
+    from .mask import load_masks
+
+    try:
+        by_key = load_masks(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"fish.mask_path={path!r}: {e}") from None
+    key_of = {n: k for k, n in adapter_keys(model, {t.name: t.name for t in pool.tensors}).items()}
+    missing = sorted(set(key_of.values()) - set(by_key))
+    extra = sorted(set(by_key) - set(key_of.values()))
+    if missing or extra:
+        raise ConfigError(f"fish.mask_path={path!r}: keys do not match the adapter (missing {missing[:3]}, "
+                          f"unexpected {extra[:3]}); was it made with the same model, peft.r and target_modules?")
+    masks = {}
+    for t in pool.tensors:
+        m = by_key[key_of[t.name]]
+        if tuple(m.shape) != t.shape:
+            raise ConfigError(f"fish.mask_path={path!r}: {key_of[t.name]} has shape {list(m.shape)}, the adapter "
+                              f"tensor has {list(t.shape)}")
+        masks[t.name] = m
+    return masks
+
+
 def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     s = setup(cfg, ds_path)
     engine, pool, k, collate, batches, eval_examples = s.engine, s.pool, s.k, s.collate, s.batches, s.eval_examples
     t = cfg.train
     total_steps = cfg.fish.warmup_steps + t.max_steps
-    plan = s.plan
-    out = plan.output_dir
-    metrics = MetricsLog(out / "metrics.jsonl")
-    fdist.print0(f"[fishds] model {plan.model_path} | pool {pool.size:,} LoRA entries in {len(pool.tensors)} tensors | "
-                 f"selection {cfg.fish.selection}, k={k:,} | ZeRO-{engine.zero_optimization_stage()} | "
+    out = s.plan.output_dir
+    resume_from = s.plan.resume_from
+    metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None)
+    fdist.print0(f"[fishds] model {s.plan.model_path} | pool {pool.size:,} LoRA entries in {len(pool.tensors)} "
+                 f"tensors | selection {cfg.fish.selection}, k={k:,} | ZeRO-{engine.zero_optimization_stage()} | "
                  f"{fdist.world_size()} rank(s) | {t.precision}")
 
     def log_step(step: int, phase: str, stats: dict, seconds: float):
-        tokens = torch.tensor([stats["tokens"]], dtype=torch.int64)
-        fdist.all_reduce_(tokens)
-        loss = torch.tensor([stats["loss"]], dtype=torch.float64)
-        fdist.all_reduce_(loss)
-        rec = {"step": step, "phase": phase, "loss": float(loss[0]) / fdist.world_size(),
-               "lr": stats["lr"], "grad_norm": stats["grad_norm"], "tokens": int(tokens[0]),
-               "seconds": seconds}
+        sums = torch.tensor([stats["tokens"], stats["loss"]], dtype=torch.float64)
+        fdist.all_reduce_(sums)
+        rec = {"step": step, "phase": phase, "loss": float(sums[1]) / fdist.world_size(), "lr": stats["lr"],
+               "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "seconds": seconds}
         metrics.write(rec)
         if step % t.log_every == 0 or step == total_steps:
-            left = (total_steps - step) * seconds
             fdist.print0(f"[fishds] {phase} step {step}/{total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                         f"{rec['tokens'] / max(seconds, 1e-9):,.0f} tok/s, {left:.0f}s left")
+                         f"{rec['tokens'] / max(seconds, 1e-9):,.0f} tok/s, {(total_steps - step) * seconds:.0f}s left")
 
-    # 3. dense warm-up (optional), then scoring and selection
-    initial = gather_adapter(pool) if cfg.fish.warmup_steps else None
-    for step in range(1, cfg.fish.warmup_steps + 1):
-        t0 = time.perf_counter()
-        stats = train_step(engine, batches, collate, t.grad_accum)
-        log_step(step, "warmup", stats, time.perf_counter() - t0)
-    masks, report = select_masks(cfg, engine, pool, k, scoring_examples(cfg, s.examples), collate)
-    if initial is not None:
-        reset_unselected(engine, pool, masks, initial)
-    report.update(mask_report(pool, masks))
-    report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                  warmup_steps=cfg.fish.warmup_steps)
-    enforcer = MaskEnforcer(engine, pool, masks) if cfg.fish.selection != "dense" else None
+    # 3. the mask: from a checkpoint, or warm-up + Fisher pass + exact top-k (or a mask file)
+    if resume_from is not None:
+        state, masks = load_checkpoint(engine, resume_from)
+        first_step, batches.position = state["step"] + 1, state["data_position"]
+        metrics.truncate_after(state["step"])
+        report = json.loads((out / SELECTION_REPORT).read_text())
+        fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
+    else:
+        masks, report = fix_mask(s, log_step)
+        first_step = cfg.fish.warmup_steps + 1
+        report.update(mask_report(pool, masks))
+        report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
+                      warmup_steps=cfg.fish.warmup_steps)
+        fixed = gather_adapter(pool)
+        if fdist.is_main():
+            save_mask_file(engine.module, out, masks)
+            write_json(out / SELECTION_REPORT, report)
+            if cfg.save_initial_adapter:
+                save_initial_adapter(engine.module, out, fixed)
+    enforcer = MaskEnforcer(engine, pool, masks) if cfg.fish.selection != "dense" else None  # noqa: F841
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{pool.size:,} entries "
                  f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
-                 f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report['select_seconds'] if 'select_seconds' in report else 0:.2f}s")
-    if fdist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-    fixed = gather_adapter(pool)
-    if fdist.is_main():
-        save_mask_file(engine.module, out, masks)
-        if cfg.save_initial_adapter:
-            save_initial_adapter(engine.module, out, fixed)
+                 f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report.get('select_seconds', 0):.2f}s")
 
     # 4. masked training
-    eval_metrics: dict = {}
-    for step in range(cfg.fish.warmup_steps + 1, total_steps + 1):
+    for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
-        stats = train_step(engine, batches, collate, t.grad_accum)
-        log_step(step, "train", stats, time.perf_counter() - t0)
+        log_step(step, "train", train_step(engine, batches, collate, t.grad_accum), time.perf_counter() - t0)
         if t.eval_every and step % t.eval_every == 0 and step != total_steps:
-            eval_metrics = evaluate(engine, eval_examples, collate, t.micro_batch_size)
-            metrics.write({"step": step, **eval_metrics})
+            metrics.write({"step": step, **evaluate(engine, eval_examples, collate, t.micro_batch_size)})
+        if t.save_every and step % t.save_every == 0 and step != total_steps:
+            save_checkpoint(engine, out, step, batches.position, masks, t.keep_checkpoints)
 
     # 5. evaluation and outputs
     eval_metrics = evaluate(engine, eval_examples, collate, t.micro_batch_size)

@@ -34,9 +34,18 @@ def base_overrides(toy: dict, out: Path, **extra) -> list[str]:
 
 
 def launch(ranks: int, overrides: list[str], ds_config: str | None = None, script: str = "tests/dist_case.py",
-           timeout: int = 300, expect_ok: bool = True) -> subprocess.CompletedProcess:
+           timeout: int = 300, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a fishds job with `ranks` real processes (torchrun, gloo on CPU) and return the finished process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    cmd = launch_command(ranks, overrides, ds_config, script)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if expect_ok and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def launch_command(ranks: int, overrides: list[str], ds_config: str | None = None,
+                   script: str = "tests/dist_case.py") -> list[str]:
     if ranks == 1:
         cmd = [sys.executable, script]
     else:
@@ -44,8 +53,4 @@ def launch(ranks: int, overrides: list[str], ds_config: str | None = None, scrip
                script]
     if ds_config:
         cmd += ["--ds_config", str(ROOT / "ds_configs" / ds_config)]
-    cmd += overrides
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-    return proc
+    return cmd + overrides
