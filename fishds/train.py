@@ -199,11 +199,17 @@ def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, coll
 
 
 def _score_stats(local: torch.Tensor) -> dict:
+    """Sum, mean, max, count of zeros and a log10 histogram of the scores, reduced over ranks (no gather)."""
     s = torch.tensor([float(local.sum()), float(local.numel()), float((local == 0).sum())], dtype=torch.float64)
     fdist.all_reduce_(s)
     mx = torch.tensor([float(local.max()) if local.numel() else 0.0])
     fdist.all_reduce_(mx, op=torch.distributed.ReduceOp.MAX)
-    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2])}
+    edges = list(range(-20, 6))  # log10 bin edges; bin i holds scores in [10^edges[i], 10^edges[i+1])
+    pos = local[local > 0].double().log10().clamp(edges[0], edges[-1] - 1e-9)
+    hist = torch.histc(pos, bins=len(edges) - 1, min=edges[0], max=edges[-1]).to(torch.float64)
+    fdist.all_reduce_(hist)
+    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2]),
+            "log10_histogram": {"edges": edges, "counts": [int(c) for c in hist]}}
 
 
 @dataclass
