@@ -29,11 +29,16 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
 
 
+PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera")
+
+
 class PeftSection(_Section):
-    method: Literal["lora"] = Field("lora", description="PEFT method whose added tensors form the FISH pool.")
-    r: int = Field(8, gt=0, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scaling = alpha / r).")
-    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout probability (off during the Fisher pass).")
+    method: Literal[PEFT_METHODS] = Field(
+        "lora", description="PEFT method whose added tensors form the FISH pool: lora, dora (magnitude vector in the "
+        "pool), rslora (alpha/sqrt(r) scaling), pissa and olora (non-zero B at init), ia3, loha, lokr, vera.")
+    r: int = Field(8, gt=0, description="Rank (lora, dora, rslora, pissa, olora, loha, lokr, vera).")
+    alpha: float = Field(16.0, gt=0, description="Alpha (lora-family scaling = alpha / r; loha, lokr).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout probability (off during the Fisher pass).")
     target_modules: Union[list[str], str] = Field(
         "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
 
@@ -49,6 +54,15 @@ class FishSection(_Section):
     granularity: Literal["sample", "batch"] = Field(
         "sample", description="sample: sum of per-example squared gradients (the paper's definition); "
         "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.")
+    budget: Literal["keep_ratio", "match_rank"] = Field(
+        "keep_ratio", description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count of "
+        "the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).")
+    match_r: Optional[int] = Field(None, gt=0, description="The plain-PEFT rank whose trainable count k must equal "
+                                   "(fish.budget=match_rank); must be below peft.r.")
+    pool_include: list[str] = Field(default_factory=list, description="Regular expressions: only trainable tensors "
+                                    "whose name matches one form the pool (empty = all trainable tensors).")
+    pool_exclude: list[str] = Field(default_factory=list, description="Regular expressions: trainable tensors left out "
+                                    "of the pool; they train fully and count towards k (e.g. a task head).")
     warmup_steps: int = Field(0, ge=0, description="Dense training steps before scoring (0 = score at "
                               "initialisation). Unselected entries are then reset to their initial values.")
     seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
@@ -64,6 +78,10 @@ class FishSection(_Section):
         if self.keep_ratio is not None and self.num_selected is not None:
             raise ValueError("fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
                              "(an absolute count)")
+        if self.budget == "match_rank":
+            if self.match_r is None or self.keep_ratio is not None or self.num_selected is not None:
+                raise ValueError("fish.budget=match_rank needs fish.match_r and no fish.keep_ratio / fish.num_selected")
+            return self
         if self.keep_ratio is None and self.num_selected is None:
             self.__dict__["keep_ratio"] = 0.5
         if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0 and math.isfinite(self.keep_ratio)):

@@ -62,15 +62,52 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tok
 
 
+# Methods whose initialisation reads the base weights (DoRA's norms, PiSSA's and OLoRA's decompositions):
+# under ZeRO-3 these load the base model whole on every rank and partition it at deepspeed.initialize.
+NEEDS_BASE_WEIGHTS_AT_INIT = ("dora", "pissa", "olora")
+
+
+def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
+    """The peft config object for peft.method (r overrides peft.r, e.g. to count a baseline's parameters)."""
+    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
+
+    p = cfg.peft
+    r = r or p.r
+    common = {"target_modules": p.target_modules, "task_type": "CAUSAL_LM"}
+    if p.method in ("lora", "dora", "rslora", "pissa", "olora"):
+        init = {"pissa": "pissa", "olora": "olora"}.get(p.method, True)
+        return LoraConfig(r=r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method == "dora",
+                          use_rslora=p.method == "rslora", init_lora_weights=True if for_counting else init, **common)
+    if p.method == "ia3":
+        return IA3Config(feedforward_modules=[], **common)
+    if p.method == "loha":
+        return LoHaConfig(r=r, alpha=p.alpha, module_dropout=p.dropout, **common)
+    if p.method == "lokr":
+        return LoKrConfig(r=r, alpha=p.alpha, module_dropout=p.dropout, **common)
+    if p.method == "vera":
+        return VeraConfig(r=r, vera_dropout=p.dropout, **common)
+    raise ConfigError(f"peft.method={p.method!r} is not supported")
+
+
+def count_trainable(cfg: Config, model_path: str, r: int) -> int:
+    """Trainable parameters of plain peft.method at rank r, counted on the meta device (no weights read)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
+        model = get_peft_model(base, peft_config(cfg, r=r, for_counting=True))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype):
-    """The base model with a LoRA adapter; only adapter parameters require gradients."""
-    from peft import LoraConfig, get_peft_model
+    """The base model with the PEFT adapter; only adapter parameters require gradients."""
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.train.seed)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     base.config.use_cache = False
-    lora = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-                      target_modules=cfg.peft.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(base, lora)
+    return get_peft_model(base, peft_config(cfg))

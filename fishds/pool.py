@@ -7,6 +7,7 @@ rank, each a multiple of 8 entries long so that packed bit masks concatenate wit
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,15 @@ class Pool:
         self.size = offset
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "Pool":
-        return cls([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    def from_model(cls, model: torch.nn.Module, include=(), exclude=()) -> "Pool":
+        """Trainable parameters whose name matches an `include` regex (all if none) and no `exclude` regex."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad
+                 and (not include or any(re.search(pat, n) for pat in include))
+                 and not any(re.search(pat, n) for pat in exclude)]
+        if not named:
+            raise ValueError(f"the FISH pool is empty: no trainable tensor matches fish.pool_include={list(include)} "
+                             f"minus fish.pool_exclude={list(exclude)}")
+        return cls(named)
 
     def chunk(self, rank: int, world: int) -> tuple[int, int]:
         """[start, end) of the global indices owned by `rank` for scoring and selection."""

@@ -24,7 +24,8 @@ from .dsconfig import read_ds_config, resolve_ds_config
 from .enforce import MaskEnforcer, reset_unselected
 from .fisher import collect_scores, gather_scores
 from .mask import share_selection
-from .model import check_model_and_targets, load_peft_model, load_tokenizer, resolve_model_path
+from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, load_peft_model,
+                    load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
 from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, adapter_keys, gather_adapter, mask_report,
                       save_adapter, save_initial_adapter, save_mask_file, write_json)
@@ -41,6 +42,7 @@ class Plan:
     ds_path: str | None
     output_dir: Path
     resume_from: Path | None = None
+    baselines: dict = field(default_factory=dict)  # plain-PEFT rank -> trainable count
 
 
 @dataclass
@@ -78,7 +80,22 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         raise ConfigError(str(e)) from None
     model_path = resolve_model_path(cfg)
     check_model_and_targets(cfg, model_path)
-    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from)
+    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from, baseline_counts(cfg, model_path))
+
+
+def baseline_counts(cfg: Config, model_path: str) -> dict[int, int]:
+    """Trainable counts of plain PEFT at the ranks the budget compares with (meta device, no weights)."""
+    f, r = cfg.fish, cfg.peft.r
+    if f.selection == "dense":
+        return {}
+    if f.budget == "match_rank":
+        if f.match_r >= r:
+            raise ConfigError(f"fish.match_r={f.match_r} must be below peft.r={r} (protocol 1: a larger pool masked "
+                              "down to the count of a smaller rank)")
+        return {f.match_r: count_trainable(cfg, model_path, f.match_r)}
+    if f.keep_ratio is not None and (r * f.keep_ratio).is_integer() and 0 < r * f.keep_ratio < r:
+        return {int(r * f.keep_ratio): count_trainable(cfg, model_path, int(r * f.keep_ratio))}
+    return {}
 
 
 def start_fresh(plan: Plan) -> None:
@@ -218,8 +235,10 @@ class Session:
     cfg: Config
     plan: Plan
     engine: object
-    pool: Pool
+    pool: Pool  # the tensors the mask selects in
+    trainable: Pool  # every trainable tensor (the pool plus fish.pool_exclude), what the adapter saves
     k: int
+    budget: dict
     examples: list
     eval_examples: list
     collate: Collator
@@ -244,7 +263,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
                           "every rank needs at least one scoring example")
     ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
     zero3_loading = None
-    if ds["zero_optimization"].get("stage", 0) == 3:
+    if ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT:
         # transformers loads the weights straight into ZeRO-3 partitions (zero.Init) while this object lives
         from transformers.integrations import HfDeepSpeedConfig
         zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841
@@ -253,16 +272,37 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
                      "tensors partitioned as they loaded")
-    pool_before = Pool.from_model(model)
-    k = pool_before.num_selected(cfg.fish.keep_ratio, cfg.fish.num_selected) if cfg.fish.selection != "dense" \
-        else pool_before.size
+    pool_before = Pool.from_model(model, cfg.fish.pool_include, cfg.fish.pool_exclude)
+    budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
+    k = budget["k"]
     total_steps = cfg.fish.warmup_steps + t.max_steps
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
                                       config=ds)
     batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
-    return Session(cfg, plan, engine, Pool.from_model(engine.module), k, examples, eval_examples,
-                   Collator(tokenizer.pad_token_id), batches)
+    return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, cfg.fish.pool_exclude),
+                   Pool.from_model(engine.module), k, budget, examples, eval_examples, Collator(tokenizer.pad_token_id),
+                   batches)
+
+
+def plan_budget(cfg: Config, baselines: dict[int, int], pool: Pool, trainable: int) -> dict:
+    """k, and the plain-PEFT baselines it compares with (../shared/FISH_TUNING.md section 1), counted by fishds."""
+    f = cfg.fish
+    always = trainable - pool.size  # tensors outside the pool train fully and count towards the budget
+    out = {"protocol": f.budget, "pool": pool.size, "always_trained": always, "dense_same_rank": trainable}
+    if f.selection == "dense":
+        k = pool.size
+    elif f.budget == "match_rank":  # protocol 1: rank r masked down to the count of plain rank match_r
+        k = baselines[f.match_r] - always
+        out.update(baseline_r=f.match_r, baseline_trainable=baselines[f.match_r])
+    else:
+        k = pool.num_selected(f.keep_ratio, f.num_selected)
+        for br, count in baselines.items():  # protocol 2: rank r at keep p vs plain rank r*p
+            out.update(baseline_r=br, baseline_trainable=count)
+    if not 1 <= k <= pool.size:
+        raise ConfigError(f"the budget gives k={k}, outside 1..{pool.size} (pool) for fish.budget={f.budget}")
+    out.update(k=k, trainable=k + always)
+    return out
 
 
 def scoring_examples(cfg: Config, examples: list) -> list:
@@ -275,8 +315,9 @@ def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
     """Dense warm-up (optional), then scoring and selection, or a mask file: the masks and the report."""
     cfg, engine, pool = s.cfg, s.engine, s.pool
     if cfg.fish.mask_path:
-        masks = load_mask_for_pool(s.engine.module, pool, cfg.fish.mask_path)
-        return masks, {"selection": f"file {cfg.fish.mask_path}", "pool_size": pool.size, "k": s.k}
+        masks = load_mask_for_pool(s.engine.module, s.trainable, cfg.fish.mask_path)
+        return masks, {"selection": f"file {cfg.fish.mask_path}", "pool_size": pool.size,
+                       "k": sum(int(m.sum()) for m in masks.values())}
     initial = gather_adapter(pool) if cfg.fish.warmup_steps else None
     for step in range(1, cfg.fish.warmup_steps + 1):
         t0 = time.perf_counter()
@@ -320,8 +361,9 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     out = s.plan.output_dir
     resume_from = s.plan.resume_from
     metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None)
-    fdist.print0(f"[fishds] model {s.plan.model_path} | pool {pool.size:,} LoRA entries in {len(pool.tensors)} "
-                 f"tensors | selection {cfg.fish.selection}, k={k:,} | ZeRO-{engine.zero_optimization_stage()} | "
+    fdist.print0(f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {pool.size:,} entries in "
+                 f"{len(pool.tensors)} tensors | selection {cfg.fish.selection}, k={k:,} | "
+                 f"ZeRO-{engine.zero_optimization_stage()} | "
                  f"{fdist.world_size()} rank(s) | {t.precision}")
 
     def log_step(step: int, phase: str, stats: dict, seconds: float):
@@ -343,18 +385,20 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
     else:
         masks, report = fix_mask(s, log_step)
+        # tensors outside the pool (fish.pool_exclude) train fully: all-ones masks
+        masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in s.trainable.tensors}
         first_step = cfg.fish.warmup_steps + 1
-        report.update(mask_report(pool, masks))
+        report.update(mask_report(s.trainable, masks))
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      warmup_steps=cfg.fish.warmup_steps)
-        fixed = gather_adapter(pool)
+                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget)
+        fixed = gather_adapter(s.trainable)
         if fdist.is_main():
             save_mask_file(engine.module, out, masks)
             write_json(out / SELECTION_REPORT, report)
             if cfg.save_initial_adapter:
                 save_initial_adapter(engine.module, out, fixed)
-    enforcer = MaskEnforcer(engine, pool, masks) if cfg.fish.selection != "dense" else None  # noqa: F841
-    fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{pool.size:,} entries "
+    enforcer = MaskEnforcer(engine, s.trainable, masks) if cfg.fish.selection != "dense" else None  # noqa: F841
+    fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
                  f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
                  f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report.get('select_seconds', 0):.2f}s")
 
@@ -373,7 +417,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         metrics.write({"step": total_steps, **eval_metrics})
         fdist.print0(f"[fishds] eval loss {eval_metrics['eval_loss']:.4f}, response-token accuracy "
                      f"{eval_metrics['eval_token_acc']:.1%} on {len(eval_examples)} examples")
-    adapter = gather_adapter(pool)
+    adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
