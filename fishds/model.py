@@ -62,9 +62,10 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tok
 
 
-# Methods whose initialisation reads the base weights (DoRA's norms, PiSSA's and OLoRA's decompositions):
-# under ZeRO-3 these load the base model whole on every rank and partition it at deepspeed.initialize.
-NEEDS_BASE_WEIGHTS_AT_INIT = ("dora", "pissa", "olora")
+# Methods whose adapter creation reads the base weights (DoRA's norms, PiSSA's and OLoRA's decompositions,
+# the weight shapes LoHa, LoKr and VeRA take from the tensor): under ZeRO-3 these load the base model whole
+# on every rank and partition it at deepspeed.initialize, instead of loading it straight into partitions.
+NEEDS_BASE_WEIGHTS_AT_INIT = ("dora", "pissa", "olora", "loha", "lokr", "vera")
 
 
 def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):

@@ -53,11 +53,25 @@ def gather_adapter(pool: Pool) -> dict[str, torch.Tensor]:
         return {t.name: t.param.detach().to("cpu", copy=True).reshape(t.shape) for t in pool.tensors}
 
 
-def adapter_keys(model, by_param_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename parameter-name keys to the keys PEFT writes into adapter_model.safetensors."""
+def _adapter_buffers(model) -> dict[str, torch.Tensor]:
+    """Adapter buffers PEFT saves with the adapter (VeRA's shared projections); ZeRO never partitions buffers."""
+    return {n: b.detach().cpu() for n, b in model.named_buffers(remove_duplicate=False) if n.endswith(".default")}
+
+
+def key_map(model, names: list[str]) -> dict[str, str]:
+    """Parameter name -> the key PEFT writes for it into adapter_model.safetensors."""
     from peft.utils import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(model, state_dict=by_param_name)
+    markers = {n: torch.tensor([i, -7], dtype=torch.int64) for i, n in enumerate(names)}
+    renamed = get_peft_model_state_dict(model, state_dict={**_adapter_buffers(model), **markers})
+    return {names[int(v[0])]: k for k, v in renamed.items()
+            if v.dtype == torch.int64 and v.shape == (2,) and int(v[1]) == -7}
+
+
+def adapter_keys(model, by_param_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename parameter-name keys to the keys PEFT writes into adapter_model.safetensors."""
+    names = list(by_param_name)
+    return {key: by_param_name[name] for name, key in key_map(model, names).items()}
 
 
 def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
@@ -65,7 +79,7 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
-        model.save_pretrained(str(tmp), state_dict=adapter, safe_serialization=True)
+        model.save_pretrained(str(tmp), state_dict={**_adapter_buffers(model), **adapter}, safe_serialization=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:

@@ -27,7 +27,7 @@ from .mask import share_selection
 from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, load_peft_model,
                     load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
-from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, adapter_keys, gather_adapter, mask_report,
+from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, gather_adapter, key_map, mask_report,
                       save_adapter, save_initial_adapter, save_mask_file, write_json)
 from .pool import Pool
 from .select import exact_topk, float_keys, key_to_float, random_keys
@@ -337,7 +337,7 @@ def load_mask_for_pool(model, pool: Pool, path: str) -> dict[str, torch.Tensor]:
         by_key = load_masks(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"fish.mask_path={path!r}: {e}") from None
-    key_of = {n: k for k, n in adapter_keys(model, {t.name: t.name for t in pool.tensors}).items()}
+    key_of = key_map(model, [t.name for t in pool.tensors])
     missing = sorted(set(key_of.values()) - set(by_key))
     extra = sorted(set(by_key) - set(key_of.values()))
     if missing or extra:
