@@ -29,16 +29,20 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
 
 
-PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera")
+PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera", "bottleneck")
 
 
 class PeftSection(_Section):
     method: Literal[PEFT_METHODS] = Field(
         "lora", description="PEFT method whose added tensors form the FISH pool: lora, dora (magnitude vector in the "
-        "pool), rslora (alpha/sqrt(r) scaling), pissa and olora (non-zero B at init), ia3, loha, lokr, vera.")
+        "pool), rslora (alpha/sqrt(r) scaling), pissa and olora (non-zero B at init), ia3, loha, lokr, vera, "
+        "bottleneck (Houlsby/Pfeiffer adapters built by fishds).")
     r: int = Field(8, gt=0, description="Rank (lora, dora, rslora, pissa, olora, loha, lokr, vera).")
     alpha: float = Field(16.0, gt=0, description="Alpha (lora-family scaling = alpha / r; loha, lokr).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout probability (off during the Fisher pass).")
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="bottleneck only: houlsby = after attention and MLP outputs, pfeiffer = after the MLP "
+        "output; peft.r is the bottleneck width and target_modules is not used.")
     target_modules: Union[list[str], str] = Field(
         "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
 

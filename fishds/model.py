@@ -37,6 +37,13 @@ def check_model_and_targets(cfg: Config, model_path: str) -> list[str]:
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
+    if cfg.peft.method == "bottleneck":
+        from .bottleneck import PLACEMENT
+        matched = [n for n in names if n.split(".")[-1] in PLACEMENT[cfg.peft.placement]]
+        if not matched:
+            raise ConfigError(f"peft.placement={cfg.peft.placement!r}: {model_path} has no {PLACEMENT[cfg.peft.placement]} "
+                              "projection to put bottleneck adapters after")
+        return matched
     targets = cfg.peft.target_modules
     if targets == "all-linear":
         matched = [n for n in names if n.split(".")[-1] not in _LINEAR_SKIP]
@@ -74,6 +81,8 @@ def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
 
     p = cfg.peft
     r = r or p.r
+    if p.method == "bottleneck":
+        return None
     common = {"target_modules": p.target_modules, "task_type": "CAUSAL_LM"}
     if p.method in ("lora", "dora", "rslora", "pissa", "olora"):
         init = {"pissa": "pissa", "olora": "olora"}.get(p.method, True)
@@ -98,7 +107,11 @@ def count_trainable(cfg: Config, model_path: str, r: int) -> int:
     hf_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         base = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
-        model = get_peft_model(base, peft_config(cfg, r=r, for_counting=True))
+        if cfg.peft.method == "bottleneck":
+            from .bottleneck import add_bottlenecks
+            model = add_bottlenecks(base, r, cfg.peft.placement)
+        else:
+            model = get_peft_model(base, peft_config(cfg, r=r, for_counting=True))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -111,4 +124,7 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype):
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     base.config.use_cache = False
+    if cfg.peft.method == "bottleneck":
+        from .bottleneck import add_bottlenecks
+        return add_bottlenecks(base, cfg.peft.r, cfg.peft.placement, dtype)
     return get_peft_model(base, peft_config(cfg))

@@ -62,6 +62,8 @@ def key_map(model, names: list[str]) -> dict[str, str]:
     """Parameter name -> the key PEFT writes for it into adapter_model.safetensors."""
     from peft.utils import get_peft_model_state_dict
 
+    if hasattr(model, "bottleneck_config"):
+        return {n: n for n in names}  # bottleneck adapters are saved under their parameter names
     markers = {n: torch.tensor([i, -7], dtype=torch.int64) for i, n in enumerate(names)}
     renamed = get_peft_model_state_dict(model, state_dict={**_adapter_buffers(model), **markers})
     return {names[int(v[0])]: k for k, v in renamed.items()
@@ -79,7 +81,11 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
-        model.save_pretrained(str(tmp), state_dict={**_adapter_buffers(model), **adapter}, safe_serialization=True)
+        if hasattr(model, "bottleneck_config"):
+            from .bottleneck import save_bottleneck
+            save_bottleneck(model, tmp, adapter)
+        else:
+            model.save_pretrained(str(tmp), state_dict={**_adapter_buffers(model), **adapter}, safe_serialization=True)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:

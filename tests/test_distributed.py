@@ -13,8 +13,14 @@ from fishds.mask import load_masks
 from reference import initial_model, reference_mask, reference_scores
 
 
+def adapter_file(out):
+    """The saved adapter: PEFT's adapter_model.safetensors, or fishds' bottleneck_adapter.safetensors."""
+    peft_file = out / "adapter_model.safetensors"
+    return peft_file if peft_file.exists() else out / "bottleneck_adapter.safetensors"
+
+
 def outputs(out):
-    adapter = load_file(str(out / "adapter_model.safetensors"))
+    adapter = load_file(str(adapter_file(out)))
     init = load_file(str(out / "init_adapter_model.safetensors"))
     masks = load_masks(out / "fish_mask.safetensors")
     report = json.loads((out / "fish_report.json").read_text())
@@ -27,7 +33,8 @@ def assert_mask_enforced(out, k: int, *, bitwise_moved: bool = True):
     assert sorted(init) == sorted(masks)
     extra = set(adapter) - set(masks)  # only frozen buffers saved with the adapter (VeRA's projections)
     assert all(".vera_" in k for k in extra), extra
-    assert sum(int(m.sum()) for m in masks.values()) == k == report["selected"] == report["k"]
+    assert sum(int(m.sum()) for m in masks.values()) == k == report["selected"]
+    assert report["k"] == k - report.get("budget", {}).get("always_trained", 0)  # k counts the pool only
     moved = total_sel = 0
     for key, m in masks.items():
         assert adapter[key].shape == m.shape, key
@@ -48,7 +55,11 @@ def assert_logits_reproduced(out, cfg_overrides, atol=1e-5):
     probe = load_file(str(out / "probe_logits.safetensors"))
     cfg = load_config(None, cfg_overrides)
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(out)).eval()
+    if (out / "bottleneck_config.json").exists():
+        from fishds.bottleneck import load_bottleneck
+        model = load_bottleneck(base, out).eval()
+    else:
+        model = PeftModel.from_pretrained(base, str(out)).eval()
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=atol, rtol=1e-4)

@@ -9,7 +9,7 @@ import pytest
 from conftest import base_overrides, launch
 from test_distributed import assert_logits_reproduced, assert_mask_enforced, outputs
 
-METHODS = ["dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera"]
+METHODS = ["dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera", "bottleneck"]
 
 
 @pytest.mark.parametrize("ranks,ds", [(1, None), (2, "zero3.json")], ids=["single", "zero3x2"])
@@ -23,6 +23,8 @@ def test_method(toy, tmp_path, method, ranks, ds):
     assert_mask_enforced(out, k, bitwise_moved=False)
     assert report["method"] == method
     assert_logits_reproduced(out, ov, atol=1e-4)
+    if method == "bottleneck":
+        assert any(".o_proj.bottleneck.up." in key for key in masks), "houlsby places adapters after attention too"
     if method == "dora":
         mags = [key for key in masks if "magnitude" in key]
         assert mags, "DoRA's magnitude vectors belong to the pool"
