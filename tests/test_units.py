@@ -90,3 +90,11 @@ def test_overrides_are_typed_and_unknown_keys_suggest(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_readme_config_reference_is_current():
+    from pathlib import Path
+
+    from fishds.config import config_reference
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert config_reference() in readme, "regenerate the README's config reference from fishds/config.py"
