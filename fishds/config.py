@@ -121,6 +121,8 @@ class TrainSection(_Section):
     scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (fp16 is not offered).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to "
+                                         "save memory; the Fisher pass works with it too.")
     log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")
     save_every: int = Field(0, ge=0, description="Checkpoint every this many optimizer steps after the mask is fixed "

@@ -124,6 +124,9 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype):
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
                                                 trust_remote_code=cfg.model.trust_remote_code)
     base.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
     if cfg.peft.method == "bottleneck":
         from .bottleneck import add_bottlenecks
         return add_bottlenecks(base, cfg.peft.r, cfg.peft.placement, dtype)

@@ -103,14 +103,18 @@ def save_initial_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> 
 
 
 class MetricsLog:
-    """Appends one JSON line per call to metrics.jsonl on rank 0."""
+    """Rank 0: one JSON line per record in metrics.jsonl, and the numeric fields as TensorBoard scalars
+    (output_dir/tensorboard, tag = phase/field)."""
 
     def __init__(self, path: Path, append: bool = False):
         self.path = path
+        self.tb = None
         if fdist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             if not append:
                 path.write_text("")
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run logs those steps again)."""
@@ -122,6 +126,17 @@ class MetricsLog:
         if fdist.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            phase = record.get("phase", "eval")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(f"{phase}/{key}", value, record.get("step", 0))
+            self.tb.flush()
+
+    def text(self, tag: str, value: str) -> None:
+        """A text entry in TensorBoard (the mask statistics, once)."""
+        if self.tb is not None:
+            self.tb.add_text(tag, value)
+            self.tb.flush()
 
 
 def mask_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:

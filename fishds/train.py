@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,8 +197,14 @@ def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, coll
         keys = random_keys(start, end, f.seed)
         info["collect_seconds"] = 0.0
     else:
+        fisher_bar = progress_bar(0, f"Fisher pass ({f.granularity})")
+
+        def advance(done: int, total: int):
+            fisher_bar.total = total
+            fisher_bar.update(1)
         scores, stats = collect_scores(engine, pool, scoring_examples, f.granularity, cfg.train.micro_batch_size,
-                                       collate)
+                                       collate, progress=advance)
+        fisher_bar.close()
         info.update(stats, num_samples=len(scoring_examples), granularity=f.granularity)
         keys = float_keys(scores) if f.selection == "fisher" else -float_keys(scores) - 1
         info["score_stats"] = _score_stats(scores)
@@ -353,6 +360,17 @@ def load_mask_for_pool(model, pool: Pool, path: str) -> dict[str, torch.Tensor]:
     return masks
 
 
+def progress_bar(total: int, desc: str):
+    """A tqdm bar on rank 0 when stderr is a terminal; otherwise disabled (progress lines are printed instead)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not (fdist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
+
+
+def first_step_after(resume_from: Path | None) -> int:
+    return json.loads((resume_from / "fishds_state.json").read_text())["step"] + 1 if resume_from else 1
+
+
 def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     s = setup(cfg, ds_path)
     engine, pool, k, collate, batches, eval_examples = s.engine, s.pool, s.k, s.collate, s.batches, s.eval_examples
@@ -361,6 +379,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     out = s.plan.output_dir
     resume_from = s.plan.resume_from
     metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None)
+    bar = progress_bar(total_steps, "train")
     fdist.print0(f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {pool.size:,} entries in "
                  f"{len(pool.tensors)} tensors | selection {cfg.fish.selection}, k={k:,} | "
                  f"ZeRO-{engine.zero_optimization_stage()} | "
@@ -372,9 +391,13 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         rec = {"step": step, "phase": phase, "loss": float(sums[1]) / fdist.world_size(), "lr": stats["lr"],
                "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "seconds": seconds}
         metrics.write(rec)
-        if step % t.log_every == 0 or step == total_steps:
+        bar.update(1)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens'] / max(seconds, 1e-9):,.0f}")
+        if (step % t.log_every == 0 or step == total_steps) and bar.disable:
             fdist.print0(f"[fishds] {phase} step {step}/{total_steps} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                          f"{rec['tokens'] / max(seconds, 1e-9):,.0f} tok/s, {(total_steps - step) * seconds:.0f}s left")
+
+    bar.update(first_step_after(resume_from) - 1)
 
     # 3. the mask: from a checkpoint, or warm-up + Fisher pass + exact top-k (or a mask file)
     if resume_from is not None:
@@ -398,6 +421,8 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
             if cfg.save_initial_adapter:
                 save_initial_adapter(engine.module, out, fixed)
     enforcer = MaskEnforcer(engine, s.trainable, masks) if cfg.fish.selection != "dense" else None  # noqa: F841
+    metrics.text("fish/mask", "```\n" + json.dumps({k: v for k, v in report.items() if k != "per_tensor"},
+                                                    indent=1) + "\n```")
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
                  f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
                  f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report.get('select_seconds', 0):.2f}s")
