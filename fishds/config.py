@@ -43,6 +43,9 @@ class PeftSection(_Section):
     placement: Literal["houlsby", "pfeiffer"] = Field(
         "houlsby", description="bottleneck only: houlsby = after attention and MLP outputs, pfeiffer = after the MLP "
         "output; peft.r is the bottleneck width and target_modules is not used.")
+    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapter "
+                                       "(e.g. [lm_head] or a classifier head); add them to fish.pool_exclude to keep them "
+                                       "out of the mask while counting them in the budget.")
     target_modules: Union[list[str], str] = Field(
         "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
 

@@ -83,7 +83,8 @@ def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
     r = r or p.r
     if p.method == "bottleneck":
         return None
-    common = {"target_modules": p.target_modules, "task_type": "CAUSAL_LM"}
+    common = {"target_modules": p.target_modules, "task_type": "CAUSAL_LM",
+              "modules_to_save": list(p.modules_to_save) or None}
     if p.method in ("lora", "dora", "rslora", "pissa", "olora"):
         init = {"pissa": "pissa", "olora": "olora"}.get(p.method, True)
         return LoraConfig(r=r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method == "dora",

@@ -270,7 +270,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
                           "every rank needs at least one scoring example")
     ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
     zero3_loading = None
-    if ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT:
+    if (ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT
+            and not cfg.peft.modules_to_save):  # PEFT copies modules_to_save from the loaded weights
         # transformers loads the weights straight into ZeRO-3 partitions (zero.Init) while this object lives
         from transformers.integrations import HfDeepSpeedConfig
         zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841

@@ -44,3 +44,19 @@ def test_pfeiffer_bottleneck_sits_after_the_mlp_only(toy, tmp_path):
     launch(1, base_overrides(toy, out, **{"peft.method": "bottleneck", "peft.placement": "pfeiffer"}))
     masks = outputs(out)[2]
     assert masks and all(".mlp.down_proj.bottleneck." in k for k in masks)
+
+
+def test_head_trains_fully_and_counts_in_the_budget(toy, tmp_path):
+    """FISH Mask's convention: the task head is always trainable and counted in the budget."""
+    out = tmp_path / "head"
+    ov = base_overrides(toy, out, **{"peft.modules_to_save": "[lm_head]", "fish.pool_exclude": "[lm_head]",
+                                     "train.weight_decay": 0.1})
+    launch(2, ov, "zero3.json")
+    adapter, init, masks, report = outputs(out)
+    head = [k for k in masks if "lm_head" in k]
+    assert head and all(bool(masks[k].all()) for k in head)
+    head_numel = sum(masks[k].numel() for k in head)
+    assert report["budget"]["always_trained"] == head_numel
+    assert report["budget"]["trainable"] == report["budget"]["k"] + head_numel
+    assert all(not torch.equal(adapter[k], init[k]) for k in head)
+    assert_mask_enforced(out, report["budget"]["trainable"], bitwise_moved=False)
