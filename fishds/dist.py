@@ -18,12 +18,46 @@ def prefer_cpu_accelerator_if_no_cuda() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> None:
+TIMEOUT_ENV = "FISHDS_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout(timeout_minutes: float | None = None) -> datetime.timedelta:
+    """The collective timeout: `timeout_minutes` if given, else $FISHDS_COLLECTIVE_TIMEOUT_S seconds, else 1800 s.
+
+    Raises ConfigError (naming the variable) for a value that is not a positive, finite number.
+    """
+    from .config import ConfigError
+
+    if timeout_minutes is not None:
+        seconds = float(timeout_minutes) * 60.0
+        source = f"timeout_minutes={timeout_minutes!r}"
+    else:
+        raw = os.environ.get(TIMEOUT_ENV, "").strip()
+        source = f"{TIMEOUT_ENV}={raw!r}"
+        try:
+            seconds = float(raw) if raw else 1800.0
+        except ValueError:
+            raise ConfigError(f"{source} is not a number of seconds") from None
+    if not (seconds > 0 and seconds != float("inf")):
+        raise ConfigError(f"{source}: the collective timeout must be a positive, finite number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init_distributed(timeout_minutes: float | None = None) -> None:
     """Start the process group through DeepSpeed (env:// rendezvous), single process included.
+
+    Collective timeout: a rank blocked in a collective (all-reduce, barrier, ...) whose peer died or
+    hangs raises an error after this long instead of waiting forever. It is `timeout_minutes` when
+    given, otherwise the environment variable FISHDS_COLLECTIVE_TIMEOUT_S in seconds (default 1800,
+    i.e. 30 minutes; e.g. FISHDS_COLLECTIVE_TIMEOUT_S=600). Keep it well above the longest time a
+    healthy rank can wait for the others at one collective (rank 0 saving while the others wait at a
+    barrier, a slow node loading the model or tokenizing the data). On gloo (CPU) every collective
+    raises after it; on NCCL PyTorch's watchdog enforces it (async error handling is on by default).
 
     On the CPU accelerator DeepSpeed would compile a shared-memory all-reduce op at start-up
     (about a minute) that only its inference path uses; fishds skips that build.
     """
+    timeout = collective_timeout(timeout_minutes)
     prefer_cpu_accelerator_if_no_cuda()
     import sys
 
@@ -39,7 +73,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(_free_port())
-    deepspeed.init_distributed(timeout=datetime.timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(timeout=timeout)
     quiet_logs()
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(local_rank())

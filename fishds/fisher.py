@@ -81,14 +81,27 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
                 dist.reduce(flat[s:e], dst=r)
     local = flat[start:end].to("cpu").clone()
     del flat, acc
+    flag = torch.tensor([float(not bool(torch.isfinite(local).all()))])
+    fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)  # every rank stops, not only the chunk's owner
+    check_finite(pool, local, start)
+    if flag.item():
+        raise FisherError("Fisher scores contain NaN or Inf on another rank (its error names the parameter); lower "
+                          "train.lr for the warm-up, check the data, or use train.precision=fp32")
+    stats = {"collect_seconds": time.perf_counter() - t0, "local_pass_seconds": t_local,
+             "passes_per_rank": len(groups)}
+    return local, stats
+
+
+def check_finite(pool: Pool, local: torch.Tensor, start: int) -> None:
+    """Raise FisherError naming the first parameter whose scores in this rank's chunk are NaN or Inf.
+
+    `local` holds the scores of global pool indices [start, start + local.numel()).
+    """
     bad = ~torch.isfinite(local)
     if bool(bad.any()):
         t = pool.tensor_at(start + int(bad.nonzero()[0, 0]))
         raise FisherError(f"Fisher scores of {t.name} contain NaN or Inf; lower train.lr for the warm-up, check "
                           "the data for empty or broken examples, or use train.precision=fp32")
-    stats = {"collect_seconds": time.perf_counter() - t0, "local_pass_seconds": t_local,
-             "passes_per_rank": len(groups)}
-    return local, stats
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 from . import dist as fdist
 from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
-from .dsconfig import read_ds_config, resolve_ds_config
+from .dsconfig import resolve_ds_config
 from .enforce import MaskEnforcer, reset_unselected
 from .fisher import collect_scores, gather_scores
 from .mask import share_selection
@@ -60,7 +60,11 @@ class RunResult:
 def preflight(cfg: Config, ds_path: str | None) -> Plan:
     """All checks that need no weights; raises ConfigError naming the key."""
     ds_path = ds_path or cfg.ds_config
-    read_ds_config(ds_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
+    resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
+        raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
+                          "every rank needs at least one scoring example")
     data_path, eval_path = cfg.data.path, cfg.data.eval_path
     if data_path == "rotten_tomatoes":
         from .assets import rotten_tomatoes
@@ -265,9 +269,6 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     examples = load_examples(tokenizer, plan.data_path, "data.path", cfg.data.max_length, cfg.data.max_examples)
     eval_examples = (load_examples(tokenizer, plan.eval_path, "data.eval_path", cfg.data.max_length,
                                    cfg.data.max_eval_examples) if plan.eval_path else [])
-    if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < fdist.world_size():
-        raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {fdist.world_size()} ranks; "
-                          "every rank needs at least one scoring example")
     ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
     zero3_loading = None
     if (ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT
