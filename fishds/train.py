@@ -449,6 +449,11 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
         write_json(out / FINISHED_MARKER, report)
+        try:  # the run is finished; a failed plot must not fail it
+            from .report import write_report_png
+            print(f"[fishds] mask report: {write_report_png(out)}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"[fishds] warning: fish_mask_report.png not written ({e})", flush=True)
         print(f"[fishds] adapter written to {out.resolve()} (load with peft.PeftModel.from_pretrained)", flush=True)
     fdist.barrier()
     return RunResult(engine, pool, masks, report, eval_metrics, collate, eval_examples)

@@ -1,0 +1,101 @@
+"""The `fishds` command (console script, pyproject `fishds = "fishds.cli:main"`).
+
+    fishds train [--config X] [--ds_config Y] [section.key=value ...]   # the same run as launch/train.py
+    fishds report OUTPUT_DIR                                           # OUTPUT_DIR/fish_mask_report.png
+    fishds merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype float32|bfloat16|float16] [--overwrite]
+
+Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
+`deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
+the argument and returns 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _error(msg: str) -> int:
+    print(f"fishds: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge}")
+
+    t = sub.add_parser("train", help="run a FISH training job (same as launch/train.py)")
+    t.add_argument("--config", help="fishds YAML config")
+    t.add_argument("--ds_config", help="DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json)")
+    t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    t.add_argument("overrides", nargs="*", help="section.key=value overrides")
+
+    r = sub.add_parser("report", help="draw OUTPUT_DIR/fish_mask_report.png from a finished run")
+    r.add_argument("output_dir", metavar="OUTPUT_DIR",
+                   help="a fishds output_dir (fish_report.json, fish_mask.safetensors)")
+
+    m = sub.add_parser("merge", help="merge an adapter into its base model (a plain Hugging Face model folder)")
+    m.add_argument("--base", required=True, help="base model folder")
+    m.add_argument("--adapter", required=True, help="adapter folder (a fishds output_dir)")
+    m.add_argument("--out", required=True, help="where to write the merged model (must not exist or be empty)")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return ap
+
+
+def _train(args) -> int:
+    from .dist import prefer_cpu_accelerator_if_no_cuda
+
+    prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
+    from .config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from .train import run
+        run(cfg, args.ds_config)
+    except ConfigError as e:
+        return _error(str(e))
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report_png
+
+    try:
+        path = write_report_png(args.output_dir)
+    except (FileNotFoundError, ValueError) as e:
+        return _error(f"OUTPUT_DIR {args.output_dir}: {_strip(e, str(Path(args.output_dir)))}")
+    print(path)
+    return 0
+
+
+def _merge(args) -> int:
+    from .merge import MergeError, check_inputs, merge_adapter
+
+    flags = {"base_model_path": "--base", "adapter_dir": "--adapter", "out_dir": "--out", "dtype": "--dtype"}
+    try:
+        check_inputs(args.base, args.adapter, args.out, args.dtype, args.overwrite)  # fail before loading torch models
+        out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    except MergeError as e:
+        return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
+    print(out)
+    return 0
+
+
+def _strip(e: Exception, prefix: str) -> str:
+    """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return msg[len(prefix) + 2:] if msg.startswith(f"{prefix}: ") else msg
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
+        return e.code if isinstance(e.code, int) else 2
+    return {"train": _train, "report": _report, "merge": _merge}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

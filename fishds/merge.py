@@ -1,0 +1,127 @@
+"""Merge a trained PEFT adapter into its base model: a plain Hugging Face model folder, no PEFT needed to load it.
+
+    merge_adapter(base_model_path, adapter_dir, out_dir, dtype="float32") -> out_dir
+
+The base is loaded with AutoModelForCausalLM (trust_remote_code off), the adapter with
+PeftModel.from_pretrained, then merge_and_unload() folds it into the weights (every PEFT method fishds
+trains supports merging; a fishds bottleneck adapter adds layers and cannot be merged). The model and the
+tokenizer (the adapter folder's when it has one, else the base's) are written into a temporary folder
+next to out_dir, which is renamed into place only when complete: out_dir is never left half written.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class MergeError(ValueError):
+    """A bad argument of merge_adapter: `arg` names it (base_model_path, adapter_dir, out_dir, dtype)."""
+
+    def __init__(self, arg: str, value, reason: str):
+        super().__init__(f"{arg}={str(value)!r}: {reason}")
+        self.arg, self.value, self.reason = arg, value, reason
+
+
+def _inside(a: Path, b: Path) -> bool:
+    """a is b or inside b."""
+    return a == b or b in a.parents
+
+
+def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> None:
+    """Every check that needs no weights; raises MergeError naming the argument."""
+    base, adapter, out = Path(base_model_path), Path(adapter_dir), Path(out_dir)
+    if not base.is_dir():
+        raise MergeError("base_model_path", base, "no such folder")
+    if not (base / "config.json").is_file():
+        raise MergeError("base_model_path", base, "not a model folder (no config.json)")
+    if not adapter.is_dir():
+        raise MergeError("adapter_dir", adapter, "no such folder")
+    if (adapter / "bottleneck_config.json").is_file() and not (adapter / ADAPTER_CONFIG).is_file():
+        raise MergeError("adapter_dir", adapter, "a fishds bottleneck adapter adds layers and cannot be merged into "
+                         "the base weights; load it with fishds.bottleneck.load_bottleneck")
+    if not (adapter / ADAPTER_CONFIG).is_file():
+        raise MergeError("adapter_dir", adapter, f"no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
+    if not any((adapter / w).is_file() for w in ADAPTER_WEIGHTS):
+        raise MergeError("adapter_dir", adapter, f"no {ADAPTER_WEIGHTS[0]}")
+    if dtype not in DTYPES:
+        raise MergeError("dtype", dtype, f"must be one of {', '.join(DTYPES)}")
+    if out.exists() and not out.is_dir():
+        raise MergeError("out_dir", out, "exists and is not a folder")
+    o = out.resolve()
+    for what, p in (("base model", base), ("adapter", adapter)):
+        if _inside(p.resolve(), o):  # writing there would replace (or hide) an input
+            raise MergeError("out_dir", out, f"is or contains the {what} folder {p}; choose a separate folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MergeError("out_dir", out, "exists and is not empty; choose another folder or pass overwrite=True "
+                         "(--overwrite)")
+
+
+def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Base + adapter -> merged model and tokenizer in out_dir (safetensors). Returns out_dir."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_inputs(base_model_path, adapter_dir, out_dir, dtype, overwrite)
+    base_path, adapter, out = Path(base_model_path), Path(adapter_dir), Path(out_dir)
+    torch_dtype = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - report the loader's failure against the argument
+        raise MergeError("base_model_path", base_path, f"cannot be loaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except Exception as e:  # noqa: BLE001 - a mismatched adapter (other base, shapes) is the usual cause
+        raise MergeError("adapter_dir", adapter, f"cannot be applied to {base_path} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    merged = peft_model.merge_and_unload()
+    merged.eval()
+    tok_src = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base_path
+    has_tokenizer = any((tok_src / f).is_file() for f in TOKENIZER_FILES)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.merging-"))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary folder
+        kwargs = {}
+        if "safe_serialization" in inspect.signature(merged.save_pretrained).parameters:
+            kwargs["safe_serialization"] = True  # transformers < 5; 5.x writes safetensors only
+        merged.save_pretrained(str(tmp), **kwargs)
+        if has_tokenizer:
+            AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False).save_pretrained(str(tmp))
+        _move_into_place(tmp, out, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished tmp folder to out; an existing out (checked empty, or overwrite) is moved aside first
+    and deleted only after the rename."""
+    old = None
+    if out.is_dir():
+        if any(out.iterdir()) and not overwrite:  # appeared while merging
+            raise MergeError("out_dir", out, "exists and is not empty; pass overwrite=True (--overwrite)")
+        old = out.with_name(f".{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)  # put the earlier folder back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
