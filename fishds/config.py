@@ -24,8 +24,9 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    name_or_path: str = Field(description="Local folder of a Hugging Face causal LM (config.json + weights + tokenizer). "
-                              "The special value 'smollm2-135m-instruct' prepares the embedded default.")
+    name_or_path: str = Field(description="Local folder of a Hugging Face model (config.json + weights + tokenizer): "
+                              "a causal LM, or an encoder/decoder for data.format=classification. Special values: "
+                              "'smollm2-135m-instruct' (the embedded default) and 'all-minilm-l6-v2' (a BERT encoder).")
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
 
 
@@ -100,14 +101,38 @@ class FishSection(_Section):
 
 
 class DataSection(_Section):
-    path: str = Field(description="Training data: a local jsonl/json file. The special value 'rotten_tomatoes' "
-                      "prepares the embedded default (Rotten Tomatoes as alpaca jsonl).")
-    format: Literal["alpaca"] = Field("alpaca", description="alpaca: rows with instruction, input (optional) and "
-                                      "output; the loss covers the output tokens only.")
-    eval_path: Optional[str] = Field(None, description="Evaluation data in the same format (optional).")
+    path: str = Field(description="Training data: a local .jsonl, .json, .csv or .parquet file, or a folder saved by "
+                      "datasets (save_to_disk; a DatasetDict folder gives its 'train' split). The special value "
+                      "'rotten_tomatoes' prepares the embedded default (Rotten Tomatoes as alpaca jsonl).")
+    format: Literal["alpaca", "chat", "text", "classification"] = Field(
+        "alpaca", description="alpaca: instruction, input (optional), output; loss on the output. chat: messages "
+        "rendered with the tokenizer's chat template; loss on assistant turns. text: causal-LM loss on every token. "
+        "classification: text + label; trains a sequence-classification head (encoder or decoder), the head "
+        "always trained and counted in the budget.")
+    eval_path: Optional[str] = Field(None, description="Evaluation data in the same format (optional; a DatasetDict "
+                                     "folder gives its 'validation' split, else 'test').")
+    eval_split: float = Field(0.0, ge=0, lt=1, description="Without eval_path: hold out this fraction of the "
+                              "training rows (fixed seed 0, the same for every train.seed) as evaluation data.")
+    test_path: Optional[str] = Field(None, description="Test data in the same format, evaluated once at the end "
+                                     "(metrics prefixed test_); never used for selection or during training.")
+    text_field: str = Field("text", description="Column with the text (text and classification formats).")
+    label_field: str = Field("label", description="Column with the class, an int or a string (classification).")
+    messages_field: str = Field("messages", description="Column with the conversation (chat format).")
+    packing: bool = Field(False, description="Concatenate short training examples into sequences of max_length "
+                          "tokens (alpaca, chat, text). Not for classification.")
     max_length: int = Field(256, gt=8, description="Token limit per example; longer examples are truncated.")
     max_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the training file.")
-    max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")
+    max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval and test "
+                                             "files.")
+
+    @model_validator(mode="after")
+    def _packing_format(self):
+        if self.packing and self.format == "classification":
+            raise ValueError("data.packing=true does not apply to data.format=classification (one label per "
+                             "example); set data.packing=false")
+        if self.eval_split and self.eval_path:
+            raise ValueError("data.eval_split and data.eval_path are both set; give one of them")
+        return self
 
 
 class TrainSection(_Section):

@@ -1,27 +1,29 @@
-"""Instruction data: alpaca jsonl rows -> token ids with the loss on the response only.
+"""Training data: local files -> checked rows -> cached token ids -> micro-batches.
 
-A row is {"instruction": str, "input": str (optional), "output": str}. With a tokenizer that has a
-chat template, the prompt is the user turn (instruction, blank line, input) rendered by that template;
-otherwise the Stanford Alpaca prompt. Labels are -100 on the prompt and on padding.
+Inputs (data.path, data.eval_path, data.test_path): a .jsonl / .json / .csv / .parquet file, or a folder
+written by `datasets.Dataset.save_to_disk` (a DatasetDict folder: its "train" split for data.path, its
+"validation" or "test" split for the others). Rows are checked for the fields of data.format before any
+weights load (`read_rows`), with the row number in the message. Formats and tokenisation: fishds/formats.py.
+Tokenisation runs once per (file content, tokenizer, settings) and is cached by `datasets` (an arrow
+file under the fishds cache), rank 0 first, the other ranks read the cache.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from . import dist as fdist
+from .config import ConfigError, DataSection
+from .formats import check_row, tokenize_row
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+CACHE_VERSION = "fishds-data-2"
 
 
-def read_rows(path: str | Path, key: str, required=("instruction", "output")) -> list[dict]:
-    """Rows of a jsonl (or json list) file, each checked for the required fields."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: file not found")
+def _read_json_lines(p: Path, key: str, path) -> list[tuple[int, object]]:
     text = p.read_text(encoding="utf-8")
     if not text.strip():
         raise ConfigError(f"{key}={str(path)!r}: the file is empty")
@@ -30,74 +32,148 @@ def read_rows(path: str | Path, key: str, required=("instruction", "output")) ->
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{key}={str(path)!r}: not valid JSON ({e})") from None
-        numbered = list(enumerate(rows if isinstance(rows, list) else [], start=1))
+        return list(enumerate(rows if isinstance(rows, list) else [], start=1))
+    numbered = []
+    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
+        if line.strip():
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{key}={str(path)!r}: line {i} is not valid JSON ({e})") from None
+    return numbered
+
+
+def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                wanted = ["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path" else ["test"]
+                split = next((s for s in wanted if s in ds), None)
+                if split is None:
+                    raise ConfigError(f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
+                                      f"{wanted}; give the split's own folder ({str(path)}/<split>)")
+                ds = ds[split]
+        elif p.suffix == ".csv":
+            import pandas as pd
+            ds = datasets.Dataset.from_pandas(pd.read_csv(p, keep_default_na=False), preserve_index=False)
+        else:
+            ds = datasets.Dataset.from_parquet(str(p))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
+        raise ConfigError(f"{key}={str(path)!r}: cannot be read ({type(e).__name__}: {e})") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{key}={str(path)!r}: the file is empty")
+    return list(enumerate(ds.to_list(), start=1))
+
+
+def read_rows(path: str | Path, key: str, data: DataSection, limit: int | None = None) -> list[dict]:
+    """Rows of a data file or `datasets` folder, each checked against data.format (no tokenizer needed)."""
+    p = Path(path)
+    if p.is_dir():
+        if not ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+            raise ConfigError(f"{key}={str(path)!r} is a folder but not one saved by datasets (save_to_disk)")
+        numbered = _read_datasets(p, key, path)
+    elif not p.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: file not found")
+    elif p.suffix in (".jsonl", ".json"):
+        numbered = _read_json_lines(p, key, path)
+    elif p.suffix in (".csv", ".parquet"):
+        numbered = _read_datasets(p, key, path)
     else:
-        numbered = []
-        for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
-            if line.strip():
-                try:
-                    numbered.append((i, json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{key}={str(path)!r}: line {i} is not valid JSON ({e})") from None
+        raise ConfigError(f"{key}={str(path)!r}: unknown file type {p.suffix!r}; use one of {list(TABLE_SUFFIXES)} "
+                          "or a folder saved by datasets")
+    if limit:
+        numbered = numbered[:limit]
     out = []
     for i, row in numbered:
-        missing = [f for f in required if not isinstance(row, dict) or not isinstance(row.get(f), str)]
-        if missing:
-            raise ConfigError(f"{key}={str(path)!r}: row {i} lacks the text field(s) {missing} of the alpaca format")
+        problem = check_row(row, data)
+        if problem:
+            raise ConfigError(f"{key}={str(path)!r}: row {i} {problem}")
         out.append(row)
     if not out:
         raise ConfigError(f"{key}={str(path)!r}: no rows")
     return out
 
 
-def _prompt(tokenizer, row: dict) -> str:
-    user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
-    block = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
-    return ALPACA_PROMPT.format(instruction=row["instruction"], input_block=block)
+def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_key: str) -> str:
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())[:2000])  # cheap identity of the tokenizer
+    h.update(json.dumps([data.model_dump(), limit, labels, split_key, type(tokenizer).__name__, len(tokenizer),
+                         getattr(tokenizer, "chat_template", None), tokenizer.eos_token, tokenizer.pad_token,
+                         vocab], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:24]
 
 
-def tokenize_alpaca(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """Token ids and labels; examples whose response is cut away entirely by max_length are dropped."""
-    out = []
-    eos = tokenizer.eos_token or ""
-    for row in rows:
-        prompt_ids = tokenizer(_prompt(tokenizer, row), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(row["output"] + eos, add_special_tokens=False)["input_ids"]
-        ids = (prompt_ids + answer_ids)[:max_length]
-        labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
-        if any(label != -100 for label in labels):
-            out.append({"input_ids": ids, "labels": labels})
-    return out
+def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
+                  labels: list | None = None, cache: Path | None = None) -> list[dict]:
+    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache)."""
+    import datasets
 
+    from .assets import cache_dir
 
-def load_examples(tokenizer, path: str, key: str, max_length: int, limit: int | None) -> list[dict]:
-    rows = read_rows(path, key)
-    if limit:
-        rows = rows[:limit]
-    examples = tokenize_alpaca(tokenizer, rows, max_length)
+    if data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
+                          "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")
+    cache = cache or cache_dir() / "tokenized"
+    cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
+
+    def build() -> list[dict]:
+        cache.mkdir(parents=True, exist_ok=True)
+        rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
+        label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
+        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
+        tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
+                       remove_columns=["row"], cache_file_name=str(cache_file), desc=f"tokenizing {key}")
+        return [e for e in tok.to_list() if e["input_ids"]]
+
+    datasets.disable_progress_bars()
+    if fdist.world_size() > 1 and not fdist.is_main():
+        fdist.barrier()  # rank 0 writes the cache first
+        examples = build()
+    else:
+        try:
+            examples = build()
+        finally:
+            if fdist.world_size() > 1:
+                fdist.barrier()
     if not examples:
-        raise ConfigError(f"{key}={path!r}: every example's prompt is longer than data.max_length={max_length}, so "
-                          "no response token is left to learn; raise data.max_length")
+        what = ("no response token is left to learn" if data.format in ("alpaca", "chat")
+                else "no token is left")
+        raise ConfigError(f"{key}={path!r}: every example's prompt is longer than data.max_length={data.max_length}, "
+                          f"so {what}; raise data.max_length")
     return examples
 
 
 class Collator:
+    """Right-padded batches; per-token labels (-100 on padding) or one class label per example."""
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), n), -100, dtype=torch.long)
         attn = torch.zeros((len(examples), n), dtype=torch.long)
+        per_token = isinstance(examples[0]["labels"], list)
+        labels = (torch.full((len(examples), n), -100, dtype=torch.long) if per_token
+                  else torch.tensor([e["labels"] for e in examples], dtype=torch.long))
         for i, e in enumerate(examples):
             L = len(e["input_ids"])
             ids[i, :L] = torch.tensor(e["input_ids"])
-            labels[i, :L] = torch.tensor(e["labels"])
             attn[i, :L] = 1
+            if per_token:
+                labels[i, :L] = torch.tensor(e["labels"])
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 

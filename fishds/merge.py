@@ -2,7 +2,8 @@
 
     merge_adapter(base_model_path, adapter_dir, out_dir, dtype="float32") -> out_dir
 
-The base is loaded with AutoModelForCausalLM (trust_remote_code off), the adapter with
+The base is loaded with AutoModelForCausalLM, or AutoModelForSequenceClassification for a SEQ_CLS adapter
+(classes from the run's fish_report.json labels; trust_remote_code off), the adapter with
 PeftModel.from_pretrained, then merge_and_unload() folds it into the weights (every PEFT method fishds
 trains supports merging; a fishds bottleneck adapter adds layers and cannot be merged). The model and the
 tokenizer (the adapter folder's when it has one, else the base's) are written into a temporary folder
@@ -69,13 +70,25 @@ def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32",
     """Base + adapter -> merged model and tokenizer in out_dir (safetensors). Returns out_dir."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     check_inputs(base_model_path, adapter_dir, out_dir, dtype, overwrite)
     base_path, adapter, out = Path(base_model_path), Path(adapter_dir), Path(out_dir)
     torch_dtype = getattr(torch, dtype)
+    auto, kwargs = AutoModelForCausalLM, {}
+    if json.loads((adapter / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS":
+        report = adapter / "fish_report.json"
+        labels = json.loads(report.read_text()).get("labels") if report.is_file() else None
+        if not labels:
+            raise MergeError("adapter_dir", adapter, "is a sequence-classification adapter without the "
+                             "fish_report.json that names its classes; merge it with peft and num_labels yourself")
+        auto = AutoModelForSequenceClassification
+        kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
+                  "label2id": {str(v): i for i, v in enumerate(labels)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch_dtype, trust_remote_code=False)
+        model = auto.from_pretrained(str(base_path), dtype=torch_dtype, trust_remote_code=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - report the loader's failure against the argument
         raise MergeError("base_model_path", base_path, f"cannot be loaded ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
@@ -95,10 +108,10 @@ def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32",
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary folder
-        kwargs = {}
+        save_kwargs = {}
         if "safe_serialization" in inspect.signature(merged.save_pretrained).parameters:
-            kwargs["safe_serialization"] = True  # transformers < 5; 5.x writes safetensors only
-        merged.save_pretrained(str(tmp), **kwargs)
+            save_kwargs["safe_serialization"] = True  # transformers < 5; 5.x writes safetensors only
+        merged.save_pretrained(str(tmp), **save_kwargs)
         if has_tokenizer:
             AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False).save_pretrained(str(tmp))
         _move_into_place(tmp, out, overwrite)

@@ -19,23 +19,53 @@ def resolve_model_path(cfg: Config) -> str:
     if name == "smollm2-135m-instruct":
         from .assets import smollm2_135m_instruct
         return str(smollm2_135m_instruct())
+    if name == "all-minilm-l6-v2":
+        from .assets import all_minilm_l6_v2
+        return str(all_minilm_l6_v2())
     return name
 
 
-def check_model_and_targets(cfg: Config, model_path: str) -> list[str]:
-    """Validate model.name_or_path and peft.target_modules without loading weights; return matched modules."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def is_classification(cfg: Config) -> bool:
+    return cfg.data.format == "classification"
 
+
+def auto_class(cfg: Config):
+    """AutoModelForSequenceClassification for data.format=classification, else AutoModelForCausalLM."""
+    import transformers
+
+    return (transformers.AutoModelForSequenceClassification if is_classification(cfg)
+            else transformers.AutoModelForCausalLM)
+
+
+def hf_config(cfg: Config, model_path: str, num_labels: int | None = None):
+    from transformers import AutoConfig
+
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    return AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+
+
+def head_patterns(cfg: Config) -> list[str]:
+    """Pool-exclude patterns for the classification head: trained in full, counted in the budget (as in FISH Mask)."""
+    return [r"\.modules_to_save\."] if is_classification(cfg) else []
+
+
+def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None = None) -> list[str]:
+    """Validate model.name_or_path and peft.target_modules without loading weights; return matched modules."""
     p = Path(model_path)
     if not (p / "config.json").is_file():
         raise ConfigError(f"model.name_or_path={model_path!r} is not a model folder (no config.json); give a local "
                           "folder saved with save_pretrained, or 'smollm2-135m-instruct'")
     try:
-        hf_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        hf_cfg = hf_config(cfg, model_path, num_labels)
     except Exception as e:  # noqa: BLE001 - report any loader failure as a config error
         raise ConfigError(f"model.name_or_path={model_path!r}: config.json cannot be read ({e})") from None
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            meta = auto_class(cfg).from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
+    except ValueError as e:
+        task = "sequence classification" if is_classification(cfg) else "causal language modelling"
+        raise ConfigError(f"model.name_or_path={model_path!r}: a {hf_cfg.model_type} model has no {task} head in "
+                          f"transformers (data.format={cfg.data.format!r}); {e}") from None
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
     if cfg.peft.method == "bottleneck":
         from .bottleneck import PLACEMENT
@@ -83,7 +113,7 @@ def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
     r = r or p.r
     if p.method == "bottleneck":
         return None
-    common = {"target_modules": p.target_modules, "task_type": "CAUSAL_LM",
+    common = {"target_modules": p.target_modules, "task_type": "SEQ_CLS" if is_classification(cfg) else "CAUSAL_LM",
               "modules_to_save": list(p.modules_to_save) or None}
     if p.method in ("lora", "dora", "rslora", "pissa", "olora"):
         init = {"pissa": "pissa", "olora": "olora"}.get(p.method, True)
@@ -100,14 +130,13 @@ def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
     raise ConfigError(f"peft.method={p.method!r} is not supported")
 
 
-def count_trainable(cfg: Config, model_path: str, r: int) -> int:
+def count_trainable(cfg: Config, model_path: str, r: int, num_labels: int | None = None) -> int:
     """Trainable parameters of plain peft.method at rank r, counted on the meta device (no weights read)."""
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    hf_cfg = hf_config(cfg, model_path, num_labels)
     with torch.device("meta"):
-        base = AutoModelForCausalLM.from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
+        base = auto_class(cfg).from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
         if cfg.peft.method == "bottleneck":
             from .bottleneck import add_bottlenecks
             model = add_bottlenecks(base, r, cfg.peft.placement)
@@ -116,14 +145,20 @@ def count_trainable(cfg: Config, model_path: str, r: int) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype):
-    """The base model with the PEFT adapter; only adapter parameters require gradients."""
+def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None,
+                    pad_token_id: int | None = None):
+    """The base model with the PEFT adapter; only adapter parameters (and a classification head) require gradients."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(cfg.train.seed)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    kwargs = {}
+    if labels:
+        kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
+                  "label2id": {str(v): i for i, v in enumerate(labels)}}
+    base = auto_class(cfg).from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                           **kwargs)
+    if base.config.pad_token_id is None and pad_token_id is not None:
+        base.config.pad_token_id = pad_token_id  # a decoder's classification head reads the last non-pad token
     base.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -22,11 +22,12 @@ from . import dist as fdist
 from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
+from .formats import label_list, pack
 from .enforce import MaskEnforcer, reset_unselected
 from .fisher import collect_scores, gather_scores
 from .mask import share_selection
-from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, load_peft_model,
-                    load_tokenizer, resolve_model_path)
+from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
+                    is_classification, load_peft_model, load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
 from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, gather_adapter, key_map, mask_report,
                       save_adapter, save_initial_adapter, save_mask_file, write_json)
@@ -44,6 +45,8 @@ class Plan:
     output_dir: Path
     resume_from: Path | None = None
     baselines: dict = field(default_factory=dict)  # plain-PEFT rank -> trainable count
+    test_path: str | None = None
+    labels: list | None = None  # classification: the classes, in class-id order
 
 
 @dataclass
@@ -55,6 +58,7 @@ class RunResult:
     eval_metrics: dict = field(default_factory=dict)
     collate: object = None
     eval_examples: list = field(default_factory=list)
+    test_examples: list = field(default_factory=list)
 
 
 def preflight(cfg: Config, ds_path: str | None) -> Plan:
@@ -65,14 +69,24 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")
-    data_path, eval_path = cfg.data.path, cfg.data.eval_path
+    d = cfg.data
+    data_path, eval_path = d.path, d.eval_path
     if data_path == "rotten_tomatoes":
         from .assets import rotten_tomatoes
-        files = rotten_tomatoes("alpaca")
-        data_path, eval_path = str(files["train"]), eval_path or str(files["validation"])
-    read_rows(data_path, "data.path")
-    if eval_path:
-        read_rows(eval_path, "data.eval_path")
+        files = rotten_tomatoes("classification" if d.format == "classification" else "alpaca")
+        data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
+    if cfg.peft.method == "bottleneck" and is_classification(cfg):
+        raise ConfigError("peft.method=bottleneck does not train a classification head; use a PEFT method (e.g. lora) "
+                          "with data.format=classification")
+    rows = read_rows(data_path, "data.path", d, d.max_examples)
+    labels = label_list(rows, d) if is_classification(cfg) else None
+    for key, path in (("data.eval_path", eval_path), ("data.test_path", d.test_path)):
+        if path:
+            rows = read_rows(path, key, d, d.max_eval_examples)
+            unknown = sorted({str(r[d.label_field]) for r in rows} - {str(v) for v in labels}) if labels else []
+            if unknown:
+                raise ConfigError(f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
+                                  f"occur in the training file, whose labels are {labels}")
     if cfg.fish.mask_path and not Path(cfg.fish.mask_path).is_file():
         raise ConfigError(f"fish.mask_path={cfg.fish.mask_path!r}: file not found")
     out = Path(cfg.output_dir)
@@ -84,11 +98,13 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     model_path = resolve_model_path(cfg)
-    check_model_and_targets(cfg, model_path)
-    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from, baseline_counts(cfg, model_path))
+    n_labels = len(labels) if labels else None
+    check_model_and_targets(cfg, model_path, n_labels)
+    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from,
+                baseline_counts(cfg, model_path, n_labels), d.test_path, labels)
 
 
-def baseline_counts(cfg: Config, model_path: str) -> dict[int, int]:
+def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None) -> dict[int, int]:
     """Trainable counts of plain PEFT at the ranks the budget compares with (meta device, no weights)."""
     f, r = cfg.fish, cfg.peft.r
     if f.selection == "dense":
@@ -97,9 +113,9 @@ def baseline_counts(cfg: Config, model_path: str) -> dict[int, int]:
         if f.match_r >= r:
             raise ConfigError(f"fish.match_r={f.match_r} must be below peft.r={r} (protocol 1: a larger pool masked "
                               "down to the count of a smaller rank)")
-        return {f.match_r: count_trainable(cfg, model_path, f.match_r)}
+        return {f.match_r: count_trainable(cfg, model_path, f.match_r, num_labels)}
     if f.keep_ratio is not None and (r * f.keep_ratio).is_integer() and 0 < r * f.keep_ratio < r:
-        return {int(r * f.keep_ratio): count_trainable(cfg, model_path, int(r * f.keep_ratio))}
+        return {int(r * f.keep_ratio): count_trainable(cfg, model_path, int(r * f.keep_ratio), num_labels)}
     return {}
 
 
@@ -160,8 +176,8 @@ def _dense_grad_norm(engine) -> float:
 
 
 @torch.no_grad()
-def evaluate(engine, examples: list[dict], collate, micro_batch_size: int) -> dict:
-    """Eval loss, perplexity and response-token accuracy, summed over ranks."""
+def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefix: str = "eval") -> dict:
+    """Loss and accuracy summed over ranks: per example (classification) or per label token (with perplexity)."""
     if not examples:
         return {}
     model = engine.module
@@ -170,24 +186,27 @@ def evaluate(engine, examples: list[dict], collate, micro_batch_size: int) -> di
     dev = fdist.device()
     mine = examples[fdist.rank()::fdist.world_size()]
     n_batches = math.ceil(math.ceil(len(examples) / fdist.world_size()) / micro_batch_size)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens, correct
+    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens (or examples), correct
+    classify = not isinstance(examples[0]["labels"], list)
     for b in range(n_batches):
         chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
         batch = {k: v.to(dev) for k, v in collate(chunk or examples[:1]).items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         if not chunk:
             continue  # padding pass keeps ZeRO-3 collectives matched
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1]
+        labels = batch["labels"] if classify else batch["labels"][:, 1:]
+        logits = logits if classify else logits[:, :-1]
         valid = labels != -100
         loss = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
         totals += torch.tensor([float(loss), float(valid.sum()), float((logits.argmax(-1)[valid] == labels[valid]).sum())],
                                dtype=torch.float64)
     fdist.all_reduce_(totals)
     model.train(was_training)
-    loss = float(totals[0] / totals[1])
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_token_acc": float(totals[2] / totals[1]),
-            "eval_tokens": int(totals[1])}
+    loss, acc = float(totals[0] / totals[1]), float(totals[2] / totals[1])
+    if classify:
+        return {f"{prefix}_loss": loss, f"{prefix}_accuracy": acc, f"{prefix}_examples": int(totals[1])}
+    return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0)), f"{prefix}_token_acc": acc,
+            f"{prefix}_tokens": int(totals[1])}
 
 
 def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, collate) -> tuple[dict, dict]:
@@ -254,6 +273,7 @@ class Session:
     eval_examples: list
     collate: Collator
     batches: ShardedBatches
+    test_examples: list = field(default_factory=list)
 
 
 def setup(cfg: Config, ds_path: str | None = None) -> Session:
@@ -266,22 +286,21 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     t = cfg.train
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     tokenizer = load_tokenizer(plan.model_path, cfg.model.trust_remote_code)
-    examples = load_examples(tokenizer, plan.data_path, "data.path", cfg.data.max_length, cfg.data.max_examples)
-    eval_examples = (load_examples(tokenizer, plan.eval_path, "data.eval_path", cfg.data.max_length,
-                                   cfg.data.max_eval_examples) if plan.eval_path else [])
+    examples, eval_examples, test_examples = load_data(cfg, plan, tokenizer)
     ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
     zero3_loading = None
     if (ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT
-            and not cfg.peft.modules_to_save):  # PEFT copies modules_to_save from the loaded weights
+            and not cfg.peft.modules_to_save and not plan.labels):  # PEFT copies modules_to_save (heads) from weights
         # transformers loads the weights straight into ZeRO-3 partitions (zero.Init) while this object lives
         from transformers.integrations import HfDeepSpeedConfig
         zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841
-    model = load_peft_model(cfg, plan.model_path, dtype)
+    model = load_peft_model(cfg, plan.model_path, dtype, plan.labels, tokenizer.pad_token_id)
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
                      "tensors partitioned as they loaded")
-    pool_before = Pool.from_model(model, cfg.fish.pool_include, cfg.fish.pool_exclude)
+    exclude = cfg.fish.pool_exclude + head_patterns(cfg)
+    pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
     k = budget["k"]
     total_steps = cfg.fish.warmup_steps + t.max_steps
@@ -289,9 +308,30 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
                                       optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
                                       config=ds)
     batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
-    return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, cfg.fish.pool_exclude),
+    return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
                    Pool.from_model(engine.module), k, budget, examples, eval_examples, Collator(tokenizer.pad_token_id),
-                   batches)
+                   batches, test_examples)
+
+
+def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
+    """Training, evaluation and test examples (eval from data.eval_path, or data.eval_split of the training rows)."""
+    d = cfg.data
+
+    def load(path, key, limit):
+        return load_examples(tokenizer, path, key, d, limit, plan.labels) if path else []
+    examples = load(plan.data_path, "data.path", d.max_examples)
+    eval_examples = load(plan.eval_path, "data.eval_path", d.max_eval_examples)
+    if d.eval_split:
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
+        n_eval = max(1, round(len(examples) * d.eval_split))
+        if n_eval >= len(examples):
+            raise ConfigError(f"data.eval_split={d.eval_split} leaves no training examples of {len(examples)}")
+        held = set(order[:n_eval])
+        eval_examples = [examples[i] for i in sorted(held)][:d.max_eval_examples]
+        examples = [e for i, e in enumerate(examples) if i not in held]
+    if d.packing:
+        examples = pack(examples, d.max_length)
+    return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_eval_examples)
 
 
 def plan_budget(cfg: Config, baselines: dict[int, int], pool: Pool, trainable: int) -> dict:
@@ -416,6 +456,8 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         report.update(mask_report(s.trainable, masks))
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
                       warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget)
+        if s.plan.labels:
+            report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         fixed = gather_adapter(s.trainable)
         if fdist.is_main():
             save_mask_file(engine.module, out, masks)
@@ -440,10 +482,15 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
 
     # 5. evaluation and outputs
     eval_metrics = evaluate(engine, eval_examples, collate, t.micro_batch_size)
+    eval_metrics.update(evaluate(engine, s.test_examples, collate, t.micro_batch_size, prefix="test"))
     if eval_metrics:
         metrics.write({"step": total_steps, **eval_metrics})
-        fdist.print0(f"[fishds] eval loss {eval_metrics['eval_loss']:.4f}, response-token accuracy "
-                     f"{eval_metrics['eval_token_acc']:.1%} on {len(eval_examples)} examples")
+        for prefix, n in (("eval", len(eval_examples)), ("test", len(s.test_examples))):
+            if f"{prefix}_loss" in eval_metrics:
+                acc = eval_metrics.get(f"{prefix}_accuracy", eval_metrics.get(f"{prefix}_token_acc"))
+                what = "accuracy" if f"{prefix}_accuracy" in eval_metrics else "response-token accuracy"
+                fdist.print0(f"[fishds] {prefix} loss {eval_metrics[f'{prefix}_loss']:.4f}, {what} {acc:.1%} on "
+                             f"{n} examples")
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
     if fdist.is_main():
@@ -456,4 +503,4 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
             print(f"[fishds] warning: fish_mask_report.png not written ({e})", flush=True)
         print(f"[fishds] adapter written to {out.resolve()} (load with peft.PeftModel.from_pretrained)", flush=True)
     fdist.barrier()
-    return RunResult(engine, pool, masks, report, eval_metrics, collate, eval_examples)
+    return RunResult(engine, pool, masks, report, eval_metrics, collate, eval_examples, s.test_examples)

@@ -29,7 +29,7 @@ import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # a hung
 args = ap.parse_args()
 cfg = load_config(None, args.overrides)
 result = run(cfg, args.ds_config)
-probe = result.collate(result.eval_examples[:4])
+probe = result.collate((result.eval_examples or result.test_examples)[:4])
 model = result.engine.module
 model.eval()
 with torch.no_grad():

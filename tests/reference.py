@@ -18,7 +18,7 @@ def initial_model(cfg: Config):
 
 def reference_scores(cfg: Config) -> dict[str, torch.Tensor]:
     tok = load_tokenizer(cfg.model.name_or_path)
-    examples = load_examples(tok, cfg.data.path, "data.path", cfg.data.max_length, cfg.data.max_examples)
+    examples = load_examples(tok, cfg.data.path, "data.path", cfg.data, cfg.data.max_examples)
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.fish.seed)).tolist()
     model = initial_model(cfg)
     model.eval()

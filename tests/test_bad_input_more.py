@@ -154,3 +154,37 @@ def test_fisher_check_reports_the_first_bad_parameter_and_accepts_empty_chunks()
     local[[1, 6, 11]] = float("nan")
     with pytest.raises(FisherError, match="Fisher scores of a.weight"):
         check_finite(pool, local, 0)
+
+
+def _cls_file(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("missing_label", ["data.path=", "row 2 lacks the label field 'label'"]),
+    ("unseen_eval_label", ["data.eval_path=", "labels ['maybe']", "do not occur in the training file"]),
+    ("one_class", ["data.path: the training rows have 1 distinct value(s)", "at least 2"]),
+    ("bottleneck", ["peft.method=bottleneck does not train a classification head"]),
+    ("packing", ["data.packing=true does not apply to data.format=classification"]),
+    ("chat_no_assistant", ["data.path=", "row 1 has no assistant turn"]),
+])
+def test_bad_data_format_inputs(toy, tmp_path, capsys, broken_weights_model, case, expected):
+    good = [{"text": "good movie", "label": "fresh"}, {"text": "awful", "label": "rotten"}]
+    extra = {"data.format": "classification", "data.path": _cls_file(tmp_path / "train.jsonl", good),
+             "data.eval_path": _cls_file(tmp_path / "eval.jsonl", good)}
+    if case == "missing_label":
+        extra["data.path"] = _cls_file(tmp_path / "bad.jsonl", [good[0], {"text": "no label"}])
+    elif case == "unseen_eval_label":
+        extra["data.eval_path"] = _cls_file(tmp_path / "e2.jsonl", [{"text": "hm", "label": "maybe"}])
+    elif case == "one_class":
+        extra["data.path"] = _cls_file(tmp_path / "one.jsonl", [good[0], good[0]])
+    elif case == "bottleneck":
+        extra["peft.method"] = "bottleneck"
+    elif case == "packing":
+        extra["data.packing"] = "true"
+    elif case == "chat_no_assistant":
+        extra = {"data.format": "chat", "data.eval_path": "null",
+                 "data.path": _cls_file(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])}
+    _fails(_overrides(toy, tmp_path, broken_weights_model, **extra), capsys, *expected)
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,33 @@ def write_alpaca(path: Path, n: int, seed: int = 0) -> Path:
     return path
 
 
+def write_classification(path: Path, n: int, seed: int = 0) -> Path:
+    """{"text", "label"} rows, labels the strings fresh / rotten (jsonl)."""
+    rows = [json.loads(line) for line in write_alpaca(path, n, seed).read_text().splitlines()]
+    path.write_text("".join(json.dumps({"text": r["input"], "label": r["output"]}) + "\n" for r in rows))
+    return path
+
+
+def make_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised BERT encoder (seeded) with a WordPiece tokenizer over the toy words."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    BertTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+                      mask_token="[MASK]").save_pretrained(folder)
+    cfg = BertConfig(vocab_size=5 + len(WORDS), hidden_size=hidden, intermediate_size=2 * hidden,
+                     num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
 def make_tiny_llama(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """Save a randomly initialised Llama (seeded) and a word-level tokenizer into `folder`."""
     import torch

@@ -1,0 +1,86 @@
+"""Sequence classification on real DeepSpeed ranks: a decoder (toy Llama) and an encoder (toy BERT).
+
+The head is trained in full and counted in the budget; the mask is exact; masked entries never move;
+accuracy is reported for eval and test data; the saved adapter reproduces the logits.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import base_overrides, launch
+from test_distributed import assert_mask_enforced
+from toy import make_tiny_bert, write_classification
+
+
+def _data(toy) -> dict:
+    root = toy["root"]
+    if not (root / "cls_train.jsonl").exists():
+        write_classification(root / "cls_train.jsonl", 256, seed=0)
+        write_classification(root / "cls_eval.jsonl", 32, seed=1)
+        write_classification(root / "cls_test.jsonl", 24, seed=2)
+    return {"data.format": "classification", "data.path": str(root / "cls_train.jsonl"),
+            "data.eval_path": str(root / "cls_eval.jsonl"), "data.test_path": str(root / "cls_test.jsonl")}
+
+
+def _check(out, model_path: str, head: str):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    report = json.loads((out / "fish_report.json").read_text())
+    adapter, masks, _ = assert_mask_enforced(out, report["selected"])
+    init = load_file(str(out / "init_adapter_model.safetensors"))
+    head_keys = [k for k in masks if f".{head}." in k]
+    assert head_keys, sorted(masks)
+    for k in head_keys:  # the head trains in full: every entry selected, every entry moved
+        assert bool(masks[k].all()) and bool((adapter[k] != init[k]).all()), k
+    head_size = sum(masks[k].numel() for k in head_keys)
+    assert report["budget"]["always_trained"] == head_size
+    assert report["selected"] == report["k"] + head_size
+    assert report["labels"] == ["fresh", "rotten"]
+    ev = report["eval"]
+    assert ev["eval_examples"] == 32 and ev["test_examples"] == 24
+    assert 0 <= ev["eval_accuracy"] <= 1 and 0 <= ev["test_accuracy"] <= 1
+    probe = load_file(str(out / "probe_logits.safetensors"))
+    base = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    assert logits.shape == (4, 2)
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-4)
+    return report
+
+
+def test_decoder_classification_zero3(toy, tmp_path):
+    """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks."""
+    out = tmp_path / "dec"
+    ov = base_overrides(toy, out, **_data(toy), **{"train.weight_decay": 0.1, "data.max_eval_examples": 32})
+    launch(2, ov, "zero3.json")
+    report = _check(out, toy["model"], "score")
+    assert report["zero_stage"] == 3
+
+
+def test_encoder_classification_match_rank_zero2(toy, tmp_path):
+    """Toy BERT, LoRA r=4 on query/value masked to the trainable count of plain r=2 (head included), ZeRO-2."""
+    bert = make_tiny_bert(toy["root"] / "bert") if not (toy["root"] / "bert" / "config.json").exists() \
+        else toy["root"] / "bert"
+    out = tmp_path / "enc"
+    ov = base_overrides(toy, out, **_data(toy), **{
+        "model.name_or_path": str(bert), "peft.target_modules": "[query,value]", "fish.keep_ratio": "null",
+        "fish.budget": "match_rank", "fish.match_r": 2, "train.weight_decay": 0.1, "data.max_eval_examples": 32})
+    launch(2, ov, "zero2.json")
+    report = _check(out, str(bert), "classifier")
+    b = report["budget"]
+    assert b["trainable"] == b["baseline_trainable"] == report["selected"]
+    # fishds merge folds the adapter and the trained head into a plain classification model
+    from transformers import AutoModelForSequenceClassification
+
+    from fishds.merge import merge_adapter
+    merged = AutoModelForSequenceClassification.from_pretrained(merge_adapter(bert, out, tmp_path / "merged")).eval()
+    assert merged.config.id2label == {0: "fresh", 1: "rotten"}
+    probe = load_file(str(out / "probe_logits.safetensors"))
+    with torch.no_grad():
+        logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-4)
