@@ -1,4 +1,4 @@
-"""FISH-Tuning inside a Hugging Face Trainer (or a TRL trainer built on it), with or without DeepSpeed.
+"""FISH-Tuning inside a Hugging Face Trainer (TRL trainers subclass it; untested), with or without DeepSpeed.
 
     fish = FishCallback(keep_ratio=0.1, num_samples=64)
     trainer = Trainer(model=peft_model, args=TrainingArguments(..., deepspeed="ds_configs/zero3.json"),
@@ -52,10 +52,9 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
     accelerate only starts DeepSpeed's process group with a backend it detects from a GPU-like device, so on CPU the
     Trainer would see one rank per process. This starts accelerate's shared state with gloo and DeepSpeed itself
     (skipping the ~1 min compile of a shared-memory op that only inference uses), so that the Trainer's
-    accelerator_config={"use_configured_state": True} picks it up.
+    accelerator_config={"use_configured_state": True} picks it up. The collective timeout is fishds' (timeout_minutes,
+    else $FISHDS_COLLECTIVE_TIMEOUT_S, else 30 min), not TrainingArguments.ddp_timeout.
     """
-    import datetime
-
     fdist.prefer_cpu_accelerator_if_no_cuda()
     import deepspeed.comm.torch  # noqa: F401
     from deepspeed.accelerator import get_accelerator
@@ -69,8 +68,7 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
         before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         try:
-            timeout = fdist.collective_timeout(timeout_minutes)
-            PartialState(backend="gloo", timeout=datetime.timedelta(seconds=timeout.total_seconds()))
+            PartialState(backend="gloo", timeout=fdist.collective_timeout(timeout_minutes))
         finally:
             if before is None:
                 del os.environ["ACCELERATE_USE_DEEPSPEED"]

@@ -1,5 +1,5 @@
-"""fishds.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (torchrun, gloo):
-DeepSpeed ZeRO-2 (with a dense warm-up step, checkpoints and a resume), ZeRO-3, and no DeepSpeed (DDP).
+"""fishds.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2 (torchrun; with a
+dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed (DDP, torchrun).
 
 Each run: exactly k entries selected; every masked entry of the saved adapter equals the adapter before
 training bit for bit (AdamW with weight decay 0.1, so enforcement is needed: masked lora_A entries are
@@ -18,14 +18,22 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
+from fishds.dist import _free_port
 from fishds.mask import load_masks
 
 K = 224  # floor(0.25 * 896): LoRA r=4 on q,v of the 2-layer toy Llama
 
 
-def _run(toy, out, *extra, timeout=300):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/hf_case.py",
-           "--model", toy["model"], "--train", toy["train"], "--out", str(out), *map(str, extra)]
+def _run(toy, out, *extra, accelerate=False, timeout=300):
+    if accelerate:  # accelerate's launcher (its multi-process launch works on CPU ranks too)
+        port = str(_free_port())
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                    port]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd = [*launcher, "tests/hf_case.py", "--model", toy["model"], "--train", toy["train"], "--out", str(out),
+           *map(str, extra)]
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -64,10 +72,8 @@ def test_hf_trainer_without_deepspeed_matches_fishds(ddp_and_fishds):
 
 
 def test_hf_trainer_deepspeed_zero3_matches_fishds(toy, tmp_path, ddp_and_fishds):
-    cfg = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True  # trainer.save_model under ZeRO-3
-    (tmp_path / "zero3.json").write_text(json.dumps(cfg))
-    proc = _run(toy, tmp_path / "out", "--ds_config", tmp_path / "zero3.json")
+    # stage3_gather_16bit_weights_on_model_save stays false: trainer.save_model gathers the PEFT adapter itself
+    proc = _run(toy, tmp_path / "out", "--ds_config", ROOT / "ds_configs" / "zero3.json", accelerate=True)
     assert "engine DeepSpeedEngine" in proc.stdout
     report = json.loads((tmp_path / "out" / "fish_selection.json").read_text())
     assert report["zero_stage"] == 3 and report["world_size"] == 2 and report["k"] == K
