@@ -52,7 +52,8 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
     accelerate only starts DeepSpeed's process group with a backend it detects from a GPU-like device, so on CPU the
     Trainer would see one rank per process. This starts accelerate's shared state with gloo and DeepSpeed itself
     (skipping the ~1 min compile of a shared-memory op that only inference uses), so that the Trainer's
-    accelerator_config={"use_configured_state": True} picks it up. The collective timeout is fishds' (timeout_minutes,
+    accelerator_config={"use_configured_state": True} picks it up. Without a launcher (plain `python script.py`) it
+    sets up a world of one process. The collective timeout is fishds' (timeout_minutes,
     else $FISHDS_COLLECTIVE_TIMEOUT_S, else 30 min), not TrainingArguments.ddp_timeout.
     """
     fdist.prefer_cpu_accelerator_if_no_cuda()
@@ -62,20 +63,22 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
     if get_accelerator().device_name() != "cpu":
         return None
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    if "LOCAL_RANK" in os.environ:  # launched with torchrun / deepspeed / accelerate launch
-        from accelerate import PartialState
+    if "LOCAL_RANK" not in os.environ:  # one process without a launcher: a world of one (DeepSpeed would try MPI)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(fdist._free_port()))
+    from accelerate import PartialState
 
-        before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
-        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-        try:
-            PartialState(backend="gloo", timeout=fdist.collective_timeout(timeout_minutes))
-        finally:
-            if before is None:
-                del os.environ["ACCELERATE_USE_DEEPSPEED"]
-            else:
-                os.environ["ACCELERATE_USE_DEEPSPEED"] = before
-        return {"use_configured_state": True}
-    return None
+    before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo", timeout=fdist.collective_timeout(timeout_minutes))
+    finally:
+        if before is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = before
+    return {"use_configured_state": True}
 
 
 class _TorchOptimizerEngine:
