@@ -9,6 +9,7 @@ for the same model, data, seeds and N (fishds' run is started in the DDP launch,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -34,7 +35,7 @@ def _run(toy, out, *extra, accelerate=False, timeout=300):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     cmd = [*launcher, "tests/hf_case.py", "--model", toy["model"], "--train", toy["train"], "--out", str(out),
            *map(str, extra)]
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
