@@ -1,0 +1,313 @@
+"""FISH-Tuning inside a Hugging Face Trainer (TRL trainers subclass it; untested), with or without DeepSpeed.
+
+    fish = FishCallback(keep_ratio=0.1, num_samples=64)
+    trainer = Trainer(model=peft_model, args=TrainingArguments(..., deepspeed="ds_configs/zero3.json"),
+                      train_dataset=ds, data_collator=collator, callbacks=[fish])
+    trainer.train()
+
+At `on_train_begin` the Trainer has built its optimizer and, under DeepSpeed, the engine
+(`trainer.model_wrapped`). The callback then runs fishds' own pieces on that engine: the Fisher pass
+(fisher.collect_scores, ZeRO-3 aware), the exact distributed top-k (train.select_masks: select.exact_topk
++ mask.share_selection) and enforce.MaskEnforcer (gradient hooks + wrapper of the inner torch optimizer's
+step). Without DeepSpeed (one process or DDP) the Trainer's torch optimizer is wrapped the same way, through
+a small stand-in that answers what those functions ask of a DeepSpeed engine (ZeRO stage 0, fp32 weights).
+
+Callbacks do not receive the Trainer; the callback finds it by walking up the call stack to the Trainer
+method that fired the event (or take it explicitly with `FishCallback.attach(trainer)`).
+Files (rank 0): fish_mask.safetensors (fishds-packbits-v1, keyed like adapter_model.safetensors) and
+init_adapter_model.safetensors (the adapter when the mask was fixed) in `output_dir` (default
+args.output_dir) and fish_mask.safetensors in every checkpoint folder the Trainer writes. Resuming from such
+a checkpoint reloads its mask instead of scoring again.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from . import dist as fdist
+
+fdist.prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
+
+from transformers import TrainerCallback  # noqa: E402
+
+from .enforce import MaskEnforcer, reset_unselected  # noqa: E402
+from .outputs import gather_adapter, mask_report, save_initial_adapter, save_mask_file, write_json  # noqa: E402
+from .pool import Pool  # noqa: E402
+
+MASK_FILE = "fish_mask.safetensors"
+
+
+class FishError(RuntimeError):
+    """A FishCallback set-up problem, with what to change."""
+
+
+def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
+    """Let a Trainer run DeepSpeed on CPU-only ranks (gloo); call before TrainingArguments and pass the result as
+    TrainingArguments(accelerator_config=...). Returns None (and does nothing) where DeepSpeed has a GPU accelerator.
+
+    accelerate only starts DeepSpeed's process group with a backend it detects from a GPU-like device, so on CPU the
+    Trainer would see one rank per process. This starts accelerate's shared state with gloo and DeepSpeed itself
+    (skipping the ~1 min compile of a shared-memory op that only inference uses), so that the Trainer's
+    accelerator_config={"use_configured_state": True} picks it up. Without a launcher (plain `python script.py`) it
+    sets up a world of one process. The collective timeout is fishds' (timeout_minutes,
+    else $FISHDS_COLLECTIVE_TIMEOUT_S, else 30 min), not TrainingArguments.ddp_timeout.
+    """
+    fdist.prefer_cpu_accelerator_if_no_cuda()
+    import deepspeed.comm.torch  # noqa: F401
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return None
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    if "LOCAL_RANK" not in os.environ:  # one process without a launcher: a world of one (DeepSpeed would try MPI)
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(fdist._free_port()))
+    from accelerate import PartialState
+
+    before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo", timeout=fdist.collective_timeout(timeout_minutes))
+    finally:
+        if before is None:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = before
+    return {"use_configured_state": True}
+
+
+class _TorchOptimizerEngine:
+    """What fisher.collect_scores and enforce.MaskEnforcer use of a DeepSpeed engine, for a plain torch
+    optimizer (Trainer without DeepSpeed: one process or DDP). Behaves as ZeRO stage 0 in fp32: the
+    optimizer updates the parameters themselves, which are the fp32 masters."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.module = module
+        self.optimizer = self.basic_optimizer = optimizer
+
+    @staticmethod
+    def zero_optimization_stage() -> int:
+        return 0
+
+
+def _torch_optimizer(opt):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper(s)."""
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+class FishCallback(TrainerCallback):
+    """Fix a FISH mask over the Trainer model's trainable PEFT tensors and keep every other entry frozen.
+
+    keep_ratio / num_selected: k = floor(keep_ratio * pool) or k itself (keep_ratio 0.5 if neither).
+    num_samples: N examples for the Fisher scores, a `seed` permutation of the scoring dataset
+        (default: the Trainer's train_dataset), collated with the Trainer's data_collator.
+    selection: fisher (top-k Fisher, the paper), random, lowest (ablations), dense (no mask).
+    granularity: sample (per-example squared gradients) or batch (per micro-batch of
+        per_device_train_batch_size examples, cheaper).
+    warmup_steps: dense Trainer steps before scoring; unselected entries are then reset to their values at
+        the start of training.
+    pool_include / pool_exclude: regexes on parameter names; excluded trainable tensors train fully.
+    mask_path: use this fish_mask.safetensors instead of scoring.
+    """
+
+    def __init__(self, keep_ratio: float | None = None, num_selected: int | None = None, num_samples: int = 64,
+                 selection: str = "fisher", granularity: str = "sample", warmup_steps: int = 0, seed: int = 0,
+                 scoring_dataset=None, pool_include=(), pool_exclude=(), mask_path: str | None = None,
+                 output_dir: str | None = None, save_initial_adapter: bool = True):
+        if keep_ratio is not None and num_selected is not None:
+            raise FishError("FishCallback: give keep_ratio or num_selected, not both")
+        if keep_ratio is not None and not 0 < keep_ratio <= 1:
+            raise FishError(f"FishCallback: keep_ratio={keep_ratio} must be in (0, 1]")
+        if selection not in ("fisher", "random", "lowest", "dense"):
+            raise FishError(f"FishCallback: selection={selection!r} must be fisher, random, lowest or dense")
+        if granularity not in ("sample", "batch"):
+            raise FishError(f"FishCallback: granularity={granularity!r} must be sample or batch")
+        if num_samples < 1 or warmup_steps < 0:
+            raise FishError("FishCallback: num_samples must be >= 1 and warmup_steps >= 0")
+        self.keep_ratio = 0.5 if keep_ratio is None and num_selected is None else keep_ratio
+        self.num_selected = num_selected
+        self.num_samples, self.selection, self.granularity = num_samples, selection, granularity
+        self.warmup_steps, self.seed, self.scoring_dataset = warmup_steps, seed, scoring_dataset
+        self.pool_include, self.pool_exclude = tuple(pool_include), tuple(pool_exclude)
+        self.mask_path, self.output_dir, self.save_initial = mask_path, output_dir, save_initial_adapter
+        self.masks: dict[str, torch.Tensor] | None = None  # parameter name -> bool mask, once fixed
+        self.report: dict = {}
+        self.enforcer: MaskEnforcer | None = None
+        self._trainer = None
+        self._initial = None
+
+    # ---- finding the Trainer and its engine -------------------------------------------------------------
+    def attach(self, trainer) -> "FishCallback":
+        """Register with `trainer` and remember it (instead of finding it on the call stack)."""
+        self._trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        return self
+
+    def _find_trainer(self):
+        if self._trainer is not None:
+            return self._trainer
+        from transformers import Trainer
+
+        frame = sys._getframe(1)
+        while frame is not None:
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, Trainer):
+                self._trainer = obj
+                return obj
+            frame = frame.f_back
+        raise FishError("FishCallback could not find its Trainer: pass it in Trainer(callbacks=[...]) and let "
+                        "trainer.train() call it, or call fish.attach(trainer)")
+
+    def _engine(self, trainer):
+        """The DeepSpeed engine, or the torch-optimizer stand-in; FishError if the Trainer is not ready."""
+        if trainer.optimizer is None:
+            raise FishError("FishCallback was called before the Trainer created its optimizer (and DeepSpeed "
+                            "engine); the mask is fixed at on_train_begin, inside trainer.train()")
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            from deepspeed import DeepSpeedEngine
+
+            engine = trainer.model_wrapped
+            if not isinstance(engine, DeepSpeedEngine):
+                raise FishError("FishCallback was called before the Trainer built its DeepSpeed engine "
+                                f"(trainer.model_wrapped is a {type(engine).__name__}); it must run at on_train_begin")
+            return engine
+        if getattr(trainer, "is_fsdp_enabled", False):
+            raise FishError("FishCallback supports DeepSpeed (ZeRO 0-3), DDP and one process, not FSDP")
+        opt = _torch_optimizer(trainer.optimizer)
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise FishError(f"FishCallback cannot find the torch optimizer inside {type(trainer.optimizer).__name__}")
+        return _TorchOptimizerEngine(trainer.model, opt)
+
+    # ---- pool, data, selection --------------------------------------------------------------------------
+    def _pools(self, model) -> tuple[Pool, Pool]:
+        if not any(p.requires_grad for p in model.parameters()):
+            raise FishError("the Trainer's model has no trainable parameters: FishCallback selects inside PEFT "
+                            "adapter tensors; wrap the model with peft.get_peft_model(model, LoraConfig(...)) first")
+        if not hasattr(model, "peft_config"):
+            raise FishError(f"the Trainer's model ({type(model).__name__}) is not a PEFT model: FishCallback selects "
+                            "inside PEFT adapter tensors; wrap it with peft.get_peft_model(model, LoraConfig(...))")
+        try:
+            pool = Pool.from_model(model, self.pool_include, self.pool_exclude)
+        except ValueError as e:
+            raise FishError(str(e).replace("fish.", "FishCallback ")) from None
+        return pool, Pool.from_model(model)
+
+    def _cfg(self, trainer, out: Path):
+        """The fields of a fishds Config that train.select_masks / scoring_examples read."""
+        fish = SimpleNamespace(selection=self.selection, seed=self.seed, granularity=self.granularity,
+                               num_samples=self.num_samples, save_scores=False)
+        return SimpleNamespace(fish=fish, train=SimpleNamespace(micro_batch_size=trainer.args.per_device_train_batch_size),
+                               output_dir=str(out))
+
+    def _scoring_data(self, trainer):
+        data = self.scoring_dataset if self.scoring_dataset is not None else trainer.train_dataset
+        if data is None or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+            raise FishError("FishCallback needs a map-style dataset (len and indexing) to draw the Fisher examples "
+                            "from: pass scoring_dataset=... (the Trainer's train_dataset is missing or iterable)")
+        try:
+            import datasets
+            if isinstance(data, datasets.Dataset) and hasattr(trainer, "_remove_unused_columns"):
+                data = trainer._remove_unused_columns(data, description="FISH scoring")
+        except ImportError:
+            pass
+        collator = trainer.data_collator
+        labels = list(getattr(trainer, "label_names", None) or ["labels"])
+
+        def collate(examples):
+            batch = {k: v for k, v in dict(collator(examples)).items() if torch.is_tensor(v)}
+            if not any(n in batch for n in labels):
+                raise FishError(f"the Trainer's data_collator gives no {labels} for the Fisher pass: the scores need "
+                                "the model's loss on true labels (model(**batch).loss)")
+            return batch
+        return data, collate
+
+    @staticmethod
+    def _check_args(args) -> None:
+        gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+        if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant") is True:
+            raise FishError("the Fisher pass takes gradients with torch.autograd.grad, which reentrant gradient "
+                            "checkpointing does not support: set gradient_checkpointing_kwargs={'use_reentrant': False}")
+
+    def _out_dir(self, args) -> Path:
+        return Path(self.output_dir or args.output_dir)
+
+    def fix_mask(self, trainer, mask_path: str | None = None) -> dict[str, torch.Tensor]:
+        """Score and select (or read `mask_path`), then start enforcing. Called by the events; public for loops
+        that drive a Trainer's engine themselves (after the optimizer / DeepSpeed engine exists)."""
+        from .train import load_mask_for_pool, scoring_examples, select_masks
+
+        engine = self._engine(trainer)
+        model = engine.module
+        pool, trainable = self._pools(model)
+        self._check_args(trainer.args)
+        out = self._out_dir(trainer.args)
+        mask_path = mask_path or self.mask_path
+        if mask_path:
+            if not Path(mask_path).is_file():
+                raise FishError(f"no FISH mask file at {mask_path} (resuming at step {trainer.state.global_step}: "
+                                "pass FishCallback(mask_path=<checkpoint>/fish_mask.safetensors) of the run resumed)")
+            try:
+                masks = load_mask_for_pool(model, trainable, mask_path)
+            except ValueError as e:
+                raise FishError(str(e)) from None
+            report = {"selection": f"file {mask_path}", "pool_size": pool.size}
+        else:
+            k = pool.size if self.selection == "dense" else pool.num_selected(self.keep_ratio, self.num_selected)
+            cfg = self._cfg(trainer, out)
+            data, collate = self._scoring_data(trainer)
+            masks, report = select_masks(cfg, engine, pool, k, scoring_examples(cfg, data), collate)
+            if self._initial is not None:  # after a dense warm-up: unselected entries back to their start values
+                reset_unselected(engine, pool, masks, self._initial)
+                self._initial = None
+        masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in trainable.tensors}
+        report.update(mask_report(trainable, masks), warmup_steps=self.warmup_steps, world_size=fdist.world_size(),
+                      zero_stage=engine.zero_optimization_stage(), step=trainer.state.global_step)
+        fixed = gather_adapter(trainable) if self.save_initial and not mask_path else None
+        if fdist.is_main() and not mask_path:
+            save_mask_file(model, out, masks)
+            write_json(out / "fish_selection.json", report)
+            if fixed is not None:
+                save_initial_adapter(model, out, fixed)
+        self.masks, self.report = masks, report
+        if self.selection != "dense" or mask_path:
+            self.enforcer = MaskEnforcer(engine, trainable, masks)
+        fdist.print0(f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
+                     f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
+                     f"lora_B {report['share'].get('lora_B', 0):.1%})")
+        return masks
+
+    # ---- Trainer events --------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._find_trainer()
+        if self.masks is not None:
+            raise FishError("this FishCallback already fixed a mask; use a new FishCallback for another train()")
+        if state.global_step > 0 and state.global_step >= self.warmup_steps and not self.mask_path:
+            # resumed from a checkpoint written after the mask was fixed: its mask, not new scores
+            self.fix_mask(trainer, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / MASK_FILE))
+        elif self.warmup_steps and state.global_step < self.warmup_steps and not self.mask_path:
+            engine = self._engine(trainer)
+            self._initial = gather_adapter(self._pools(engine.module)[0])
+            fdist.print0(f"[fishds] FISH warm-up: {self.warmup_steps} dense steps before scoring")
+        else:
+            self.fix_mask(trainer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.masks is None and state.global_step >= self.warmup_steps:
+            self.fix_mask(self._find_trainer())
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.masks is not None and fdist.is_main():
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                save_mask_file(self._find_trainer().model, ckpt, self.masks)
+
+
+__all__ = ["FishCallback", "FishError", "prepare_cpu_deepspeed", "MASK_FILE"]
