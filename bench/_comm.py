@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-# collective -> position of the tensor (or list of tensors) this rank sends
-SENT_ARG = {"all_reduce": 0, "all_gather": 1, "all_gather_into_tensor": 1, "gather": 0, "broadcast": 0,
-            "reduce": 0, "reduce_scatter": 1, "reduce_scatter_tensor": 1}
-
+# collective -> (position, keyword) of the tensor (or list of tensors) this rank sends
+SENT_ARG = {"all_reduce": (0, "tensor"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input_tensor"),
+            "gather": (0, "tensor"), "broadcast": (0, "tensor"), "reduce": (0, "tensor"),
+            "reduce_scatter": (1, "input_list"), "reduce_scatter_tensor": (1, "input")}
 
 def _nbytes(x) -> int:
     if isinstance(x, (list, tuple)):
@@ -33,7 +33,8 @@ class CommCounter:
             orig = self._orig[name] = getattr(dist, name)
 
             def wrapped(*args, _orig=orig, _arg=arg, _name=name, **kwargs):
-                n = _nbytes(args[_arg])
+                pos, kw = _arg
+                n = _nbytes(args[pos] if len(args) > pos else kwargs[kw])
                 self.bytes += n
                 self.calls += 1
                 self.by_op[_name] = self.by_op.get(_name, 0) + n
