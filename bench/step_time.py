@@ -25,8 +25,8 @@ from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 prefer_cpu_accelerator_if_no_cuda()
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
+from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
 from fishds.config import load_config  # noqa: E402
 from fishds.enforce import MaskEnforcer  # noqa: E402
@@ -34,29 +34,6 @@ from fishds.fisher import collect_scores  # noqa: E402
 from fishds.mask import save_masks, share_selection  # noqa: E402
 from fishds.select import exact_topk, float_keys  # noqa: E402
 from fishds.train import scoring_examples, setup, train_step  # noqa: E402
-
-
-class CommCounter:
-    """Counts bytes this rank passes to all_reduce / all_gather while active."""
-
-    def __init__(self):
-        self.bytes = 0
-        self._orig = {}
-
-    def __enter__(self):
-        for name in ("all_reduce", "all_gather"):
-            orig = self._orig[name] = getattr(dist, name)
-
-            def wrapped(*args, _orig=orig, _name=name, **kwargs):
-                t = args[1] if _name == "all_gather" else args[0]
-                self.bytes += t.numel() * t.element_size()
-                return _orig(*args, **kwargs)
-            setattr(dist, name, wrapped)
-        return self
-
-    def __exit__(self, *exc):
-        for name, orig in self._orig.items():
-            setattr(dist, name, orig)
 
 
 def timed_steps(s, n: int) -> list[float]:

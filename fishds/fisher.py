@@ -6,10 +6,18 @@ F[j] = sum over micro-batches b of (dL_b/d theta_j)^2                     (granu
 The N examples are dealt round-robin to the ranks, so each counts exactly once. Each rank calls the wrapped module
 (ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters with torch.autograd.grad: it has full shape on every ZeRO stage
 (ZeRO-3 gathers the weights for the forward and backward), is never reduced across ranks, and no
-gradient of the frozen base weights is computed. Squares are summed into one flat fp32 accumulator
-in pool order; at the end each chunk of it is reduced once to the rank that owns it (pool.chunk), so
-after the pass a rank keeps only its share of the scores. Ranks with fewer examples run the same
-number of forward/backward passes (weight 0) so that ZeRO-3's collectives stay matched.
+gradient of the frozen base weights is computed. Squares are summed into an fp32 accumulator in pool
+order, held as one tensor per owner chunk (pool.chunk). At the end each chunk is reduced once to the
+rank that owns it, in pieces of at most REDUCE_PIECE entries, and a rank frees every chunk it does not
+own right after reducing it, so the accumulator never grows during the reduction and after the pass a
+rank keeps only its own chunk of the scores (<= ceil(pool / world) rounded up to 8 entries, fp32).
+Ranks with fewer examples run the same number of forward/backward passes (weight 0) so that ZeRO-3's
+collectives stay matched.
+
+Memory during the pass, per rank: the accumulator (pool x 4 bytes: a local per-example gradient has
+the full shape, so its squares cannot be split before the one reduction without reducing every pass)
+plus the gradients of one pass (pool x the parameter dtype's bytes, freed after each pass). The
+statistics collect_scores returns record both peaks and what is held after the reduction.
 """
 from __future__ import annotations
 
@@ -24,8 +32,24 @@ from . import dist as fdist
 from .pool import Pool
 
 
+REDUCE_PIECE = 1 << 24  # entries per reduce call (64 MiB of fp32): bounds any staging buffer of the backend
+
+
 class FisherError(RuntimeError):
     pass
+
+
+def _segments(pool: Pool, bounds: list[tuple[int, int]]) -> list[list[tuple[int, int, int, int, int]]]:
+    """Per pool tensor: (owner rank, start and end in the owner's chunk, start and end in the flat tensor)."""
+    out = []
+    for t in pool.tensors:
+        parts = []
+        for r, (s, e) in enumerate(bounds):
+            a, b = max(s, t.offset), min(e, t.offset + t.numel)
+            if a < b:
+                parts.append((r, a - s, b - s, a - t.offset, b - t.offset))
+        out.append(parts)
+    return out
 
 
 def _passes(n: int, granularity: str, micro_batch_size: int) -> list[list[int]]:
@@ -48,9 +72,13 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     was_training = model.training
     model.eval()  # dropout off: scores are a deterministic function of the examples
     dev = fdist.device()
+    world, rank = fdist.world_size(), fdist.rank()
     params = [t.param for t in pool.tensors]
-    flat = torch.zeros(pool.size, dtype=torch.float32, device=dev)
-    acc = [flat[t.offset:t.offset + t.numel].view(t.shape) for t in pool.tensors]
+    bounds = [pool.chunk(r, world) for r in range(world)]
+    chunks = [torch.zeros(e - s, dtype=torch.float32, device=dev) for s, e in bounds]  # the accumulator
+    segments = _segments(pool, bounds)
+    acc_peak = sum(c.numel() for c in chunks) * 4
+    grad_peak = 0
     zero3 = engine.optimizer.parameter_offload.get_param_coordinator() if engine.zero_optimization_stage() == 3 \
         else None
     groups = _passes(len(examples), granularity, micro_batch_size)
@@ -58,13 +86,17 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
         batch = collate([examples[j] for j in group] or [examples[0]])
         batch = {k: v.to(dev) for k, v in batch.items()}
         loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         if zero3:  # autograd.grad skips the hooks that end a ZeRO-3 backward: release what it left gathered
             zero3.release_backward_leftovers()
-        if group:
-            for a, g in zip(acc, grads):
-                if g is not None:
-                    a.add_(g.detach().to(torch.float32).square())
+        grad_peak = max(grad_peak, sum(g.numel() * g.element_size() for g in grads if g is not None))
+        for n, parts in enumerate(segments):
+            g, grads[n] = grads[n], None  # free each gradient once it is added
+            if group and g is not None:
+                g = g.detach().reshape(-1)
+                for r, a, b, c, d in parts:
+                    chunks[r][a:b].add_(g[c:d].to(torch.float32).square())
+        del grads, loss
         if progress is not None:
             progress(i + 1, len(groups))
     if zero3:
@@ -73,22 +105,29 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     model.train(was_training)
     t_local = time.perf_counter() - t0
 
-    start, end = pool.chunk(fdist.rank(), fdist.world_size())
-    if fdist.world_size() > 1:
-        for r in range(fdist.world_size()):
-            s, e = pool.chunk(r, fdist.world_size())
-            if e > s:
-                dist.reduce(flat[s:e], dst=r)
-    local = flat[start:end].to("cpu").clone()
-    del flat, acc
-    flag = torch.tensor([float(not bool(torch.isfinite(local).all()))])
-    fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)  # every rank stops, not only the chunk's owner
+    start, end = bounds[rank]
+    if world > 1:
+        for r in range(world):
+            for a in range(0, chunks[r].numel(), REDUCE_PIECE):
+                dist.reduce(chunks[r][a:a + REDUCE_PIECE], dst=r)
+            if r != rank:
+                chunks[r] = None  # not ours: free it as soon as it is reduced
+    local = chunks[rank].to("cpu")
+    chunks.clear()
+    held = local.numel()
+    # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
+    flag = torch.tensor([int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held],
+                        dtype=torch.int64)
+    fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)
     check_finite(pool, local, start)
-    if flag.item():
+    if flag[0].item():
         raise FisherError("Fisher scores contain NaN or Inf on another rank (its error names the parameter); lower "
                           "train.lr for the warm-up, check the data, or use train.precision=fp32")
     stats = {"collect_seconds": time.perf_counter() - t0, "local_pass_seconds": t_local,
-             "passes_per_rank": len(groups)}
+             "passes_per_rank": len(groups),
+             # bytes and entries per rank, max over ranks
+             "accumulator_peak_bytes": int(flag[1]), "grad_peak_bytes": int(flag[2]),
+             "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4])}
     return local, stats
 
 

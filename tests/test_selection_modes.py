@@ -29,6 +29,10 @@ def test_world_size_1_and_2_give_the_same_mask_bit_for_bit(toy, tmp_path):
     assert_same_masks(one, two)
     _, _, masks, report = outputs(two)
     assert report["k"] == POOL // 2
+    # Fisher memory: after the reduction each rank holds only its chunk of the scores (max over ranks)
+    assert report["scores_held_entries"] <= -(-POOL // 2) and report["scores_held_bytes"] == 4 * (POOL // 2)
+    assert report["accumulator_peak_bytes"] == 4 * POOL  # the full-pool fp32 accumulator, during the pass only
+    assert report["grad_peak_bytes"] == 4 * POOL  # fp32 gradients of the pool in one pass
     assert report["share"]["lora_A"] == (POOL // 2 - B_ENTRIES) / (POOL // 2)
     first_a = min(k for k in masks if "lora_A" in k)  # the tie winners: lowest global index = first A tensor
     assert int(masks[first_a].sum()) == POOL // 2 - B_ENTRIES

@@ -11,8 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_selection_scale_bench_two_ranks():
     sizes = [20000, 100003]  # 100003: uneven chunks, not a multiple of 8
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "bench/selection_scale.py", "--sizes", ",".join(map(str, sizes)), "--keep_ratio", "0.01",
-           "--prototype"]
+           "bench/selection_scale.py", "--sizes", ",".join(map(str, sizes)), "--keep_ratio", "0.01"]
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -21,7 +20,6 @@ def test_selection_scale_bench_two_ranks():
     for r in rows:
         assert r["world"] == 2 and r["k"] == int(0.01 * r["pool"])
         assert r["same_selection"] is True, r
-        assert r["proto_same_selection"] is True, r
         assert r["n_above"] < r["k"] < r["n_above"] + r["n_tied"], r  # the boundary cuts a tie group
         assert r["mask_share_bytes"] == -(-(-(-r["pool"] // 2)) // 8)  # one packed chunk per rank
         assert r["gather_bytes"] >= 4 * r["pool"] // 2
