@@ -122,8 +122,9 @@ class DataSection(_Section):
                           "tokens (alpaca, chat, text). Not for classification.")
     max_length: int = Field(256, gt=8, description="Token limit per example; longer examples are truncated.")
     max_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the training file.")
-    max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval and test "
-                                             "files.")
+    max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")
+    max_test_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the test file "
+                                             "(default: all).")
 
     @model_validator(mode="after")
     def _packing_format(self):

@@ -130,10 +130,21 @@ def device() -> torch.device:
     return torch.device(name) if name == "cpu" else torch.device(name, local_rank())
 
 
+def comm_device() -> torch.device:
+    """Where collective buffers must live: the GPU under NCCL (which refuses CPU tensors), else the CPU."""
+    return device() if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce that is a no-op without a process group."""
+    """In-place all-reduce that is a no-op without a process group (a CPU tensor goes through the GPU under NCCL)."""
     if dist.is_initialized() and world_size() > 1:
-        dist.all_reduce(t, op=op)
+        dev = comm_device()
+        if t.device == dev:
+            dist.all_reduce(t, op=op)
+        else:
+            buf = t.to(dev)
+            dist.all_reduce(buf, op=op)
+            t.copy_(buf)
     return t
 
 

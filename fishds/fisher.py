@@ -150,11 +150,12 @@ def gather_scores(pool: Pool, local: torch.Tensor) -> dict[str, torch.Tensor] | 
     if world == 1:
         return pool.split(local)
     per = pool.chunk(0, world)[1]
-    buf = torch.zeros(per, dtype=torch.float32)
-    buf[:local.numel()] = local
+    buf = torch.zeros(per, dtype=torch.float32, device=fdist.comm_device())
+    buf[:local.numel()] = local.to(buf.device)
     parts = [torch.empty_like(buf) for _ in range(world)] if fdist.is_main() else None
     dist.gather(buf, parts, dst=0)
     if not fdist.is_main():
         return None
+    parts = [p.cpu() for p in parts]
     full = torch.cat([parts[r][:e - s] for r, (s, e) in enumerate(pool.chunk(r, world) for r in range(world))])
     return pool.split(full)

@@ -43,11 +43,12 @@ def share_selection(pool: Pool, local_selected: torch.Tensor) -> dict[str, torch
     world = fdist.world_size()
     packed = pack_bits(local_selected)
     per = -(-(-(-pool.size // world)) // 8)  # bytes of the largest chunk
-    buf = torch.zeros(per, dtype=torch.uint8)
-    buf[:packed.numel()] = packed
+    buf = torch.zeros(per, dtype=torch.uint8, device=fdist.comm_device())
+    buf[:packed.numel()] = packed.to(buf.device)
     if world > 1:
         parts = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(parts, buf)
+        parts = [p.cpu() for p in parts]
     else:
         parts = [buf]
     chunks = []

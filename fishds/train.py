@@ -24,6 +24,7 @@ from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
 from .formats import label_list, pack
 from .enforce import MaskEnforcer, reset_unselected
+from .evaluate import evaluate
 from .fisher import collect_scores, gather_scores
 from .mask import share_selection
 from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
@@ -80,9 +81,10 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
                           "with data.format=classification")
     rows = read_rows(data_path, "data.path", d, d.max_examples)
     labels = label_list(rows, d) if is_classification(cfg) else None
-    for key, path in (("data.eval_path", eval_path), ("data.test_path", d.test_path)):
+    for key, path, limit in (("data.eval_path", eval_path, d.max_eval_examples),
+                             ("data.test_path", d.test_path, d.max_test_examples)):
         if path:
-            rows = read_rows(path, key, d, d.max_eval_examples)
+            rows = read_rows(path, key, d, limit)
             unknown = sorted({str(r[d.label_field]) for r in rows} - {str(v) for v in labels}) if labels else []
             if unknown:
                 raise ConfigError(f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
@@ -173,40 +175,6 @@ def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dic
 def _dense_grad_norm(engine) -> float:
     sq = sum(float(p.grad.float().square().sum()) for p in engine.module.parameters() if p.grad is not None)
     return math.sqrt(sq)
-
-
-@torch.no_grad()
-def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefix: str = "eval") -> dict:
-    """Loss and accuracy summed over ranks: per example (classification) or per label token (with perplexity)."""
-    if not examples:
-        return {}
-    model = engine.module
-    was_training = model.training
-    model.eval()
-    dev = fdist.device()
-    mine = examples[fdist.rank()::fdist.world_size()]
-    n_batches = math.ceil(math.ceil(len(examples) / fdist.world_size()) / micro_batch_size)
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens (or examples), correct
-    classify = not isinstance(examples[0]["labels"], list)
-    for b in range(n_batches):
-        chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
-        batch = {k: v.to(dev) for k, v in collate(chunk or examples[:1]).items()}
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        if not chunk:
-            continue  # padding pass keeps ZeRO-3 collectives matched
-        labels = batch["labels"] if classify else batch["labels"][:, 1:]
-        logits = logits if classify else logits[:, :-1]
-        valid = labels != -100
-        loss = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
-        totals += torch.tensor([float(loss), float(valid.sum()), float((logits.argmax(-1)[valid] == labels[valid]).sum())],
-                               dtype=torch.float64)
-    fdist.all_reduce_(totals)
-    model.train(was_training)
-    loss, acc = float(totals[0] / totals[1]), float(totals[2] / totals[1])
-    if classify:
-        return {f"{prefix}_loss": loss, f"{prefix}_accuracy": acc, f"{prefix}_examples": int(totals[1])}
-    return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0)), f"{prefix}_token_acc": acc,
-            f"{prefix}_tokens": int(totals[1])}
 
 
 def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, collate) -> tuple[dict, dict]:
@@ -331,7 +299,7 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
         examples = [e for i, e in enumerate(examples) if i not in held]
     if d.packing:
         examples = pack(examples, d.max_length)
-    return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_eval_examples)
+    return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
 
 
 def plan_budget(cfg: Config, baselines: dict[int, int], pool: Pool, trainable: int) -> dict:

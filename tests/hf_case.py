@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
+from fishds.config import DataSection  # noqa: E402
 from fishds.data import Collator, load_examples  # noqa: E402
 from fishds.model import load_tokenizer  # noqa: E402
 from fishds.outputs import adapter_keys  # noqa: E402
@@ -56,7 +57,7 @@ def training_args():
 
 targs = training_args()
 tok = load_tokenizer(args.model)
-examples = load_examples(tok, args.train, "train", 64, None)
+examples = load_examples(tok, args.train, "data.path", DataSection(path=args.train, max_length=64), None)
 
 
 def make_model():

@@ -49,7 +49,7 @@ def test_text_format_from_csv_with_test_file(toy, tmp_path):
     out = tmp_path / "out"
     ov = base_overrides(toy, out, **{"data.path": str(tmp_path / "train.csv"), "data.format": "text",
                                      "data.eval_path": "null", "data.test_path": str(tmp_path / "test.parquet"),
-                                     "data.max_eval_examples": 56})
+                                     "data.max_test_examples": 56})
     launch(1, ov, "zero0.json")
     _, _, report = assert_mask_enforced(out, 224)
     ev = report["eval"]
