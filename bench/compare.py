@@ -8,6 +8,11 @@ A thin driver over the real entry point (launch/train.py, one process per arm, O
 (validation: picks the learning rate) and data.test_path (reported, never used for selection); the
 built-in tasks `data.path: rotten_tomatoes | spam_assassin` are expanded to their cached jsonl files.
 
+Selections: fisher, random, lowest (the paper's ablations), dense (plain PEFT at the matched rank) and
+fisher_warmup (fisher scored after `--warmup` dense steps, unselected entries then reset; those steps come out
+of train.max_steps). At LoRA's initialisation B = 0, so every lora_A entry scores exactly zero and a mask
+scored there lands in B only (FISH_TUNING.md trap 1); fisher_warmup is the remedy the FISH Mask authors used.
+
 Budgets (../shared/FISH_TUNING.md section 1):
 - p1:R:r  protocol 1: rank R masked down to the trainable count of plain rank r (fish.budget=match_rank);
 - p2:R:p  protocol 2: rank R at keep ratio p, against plain rank R*p.
@@ -37,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from fishds.config import load_config  # noqa: E402
 
-SELECTIONS = ("fisher", "random", "lowest", "dense")
+SELECTIONS = ("fisher", "random", "lowest", "dense", "fisher_warmup")
 
 
 def task_files(cfg) -> dict[str, str]:
@@ -68,15 +73,18 @@ def parse_budget(spec: str) -> dict:
     raise SystemExit(f"compare: budget {spec!r}: use p1:R:r or p2:R:p")
 
 
-def arms(budgets, seeds, lrs) -> list[dict]:
+def arms(budgets, seeds, lrs, selections, steps: int, warmup: int) -> list[dict]:
     out = []
     for b in budgets:
-        for sel in SELECTIONS:
+        for sel in selections:
             for lr in lrs:
                 for seed in seeds:
                     ov = dict(b["dense"] if sel == "dense" else b["fish"])
                     ov.update({"fish.selection": sel, "train.seed": seed, "fish.seed": seed, "train.lr": lr,
                                "peft.alpha": 2 * ov["peft.r"]})  # alpha/r = 2 in every arm: the same LoRA scaling
+                    if sel == "fisher_warmup":  # dense warm-up, then score: the same total steps as every arm
+                        ov.update({"fish.selection": "fisher", "fish.warmup_steps": warmup,
+                                   "train.max_steps": steps - warmup})
                     out.append({"budget": b["name"], "selection": sel, "seed": seed, "lr": lr, "overrides": ov})
     return out
 
@@ -187,6 +195,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
     ap.add_argument("--budgets", nargs="+", default=["p1:16:4", "p2:8:0.25"])
+    ap.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
+    ap.add_argument("--warmup", type=int, default=20, help="fisher_warmup: dense steps before scoring (taken "
+                    "out of train.max_steps, so every arm trains the same number of steps)")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--runs", default=str(ROOT / "runs/compare"), help="where the arms' output_dirs go")
     ap.add_argument("--results", default=str(ROOT / "bench/results"))
@@ -197,10 +208,10 @@ def main(argv=None) -> int:
     common = {**dict(o.split("=", 1) for o in args.overrides), **task_files(cfg)}
     metric = "accuracy" if cfg.data.format == "classification" else "token_acc"
     budgets = [parse_budget(b) for b in args.budgets]
-    todo = arms(budgets, args.seeds, args.lrs)
+    todo = arms(budgets, args.seeds, args.lrs, args.selections, cfg.train.max_steps, args.warmup)
     out_root, log_dir = Path(args.runs) / task, Path(args.runs) / task / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[compare] {task}: {len(todo)} arms ({len(budgets)} budgets x {len(SELECTIONS)} selections x "
+    print(f"[compare] {task}: {len(todo)} arms ({len(budgets)} budgets x {len(args.selections)} selections x "
           f"{len(args.lrs)} lrs x {len(args.seeds)} seeds), {args.parallel} at a time", flush=True)
     t0 = time.time()
     results = []
