@@ -193,6 +193,13 @@ def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
             opt.select(p, torch.zeros(0, dtype=torch.int32))
 
 
+def check_resumed_state(engine, compact: bool) -> None:
+    """After loading a checkpoint: a compact optimizer state cannot continue in a dense AdamW."""
+    if not compact and any("idx" in st for st in engine.basic_optimizer.state.values()):
+        raise ConfigError("this checkpoint holds a compact optimizer state (written with fish.compact_optimizer=true); "
+                          "resume it with fish.compact_optimizer=true")
+
+
 def _state_bytes(state: dict) -> int:
     return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
 

@@ -23,7 +23,7 @@ from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
-from .compact import client_optimizer as compact_optimizer, memory_report
+from .compact import check_resumed_state, client_optimizer as compact_optimizer, memory_report
 from .enforce import MaskEnforcer, reset_unselected
 from .fisher import collect_scores, gather_scores
 from .mask import share_selection
@@ -408,6 +408,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     # 3. the mask: from a checkpoint, or warm-up + Fisher pass + exact top-k (or a mask file)
     if resume_from is not None:
         state, masks = load_checkpoint(engine, resume_from)
+        check_resumed_state(engine, cfg.fish.compact_optimizer)
         first_step, batches.position = state["step"] + 1, state["data_position"]
         metrics.truncate_after(state["step"])
         report = json.loads((out / SELECTION_REPORT).read_text())

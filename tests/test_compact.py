@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -70,6 +69,19 @@ def test_compact_refused_where_it_cannot_work(toy, tmp_path, extra, ds_opt, need
         path.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}))
     with pytest.raises(ConfigError, match=needle):
         check_config(cfg, resolve_ds_config(cfg, str(path) if path else None, 1))
+
+
+def test_compact_checkpoint_refused_by_a_dense_resume():
+    from types import SimpleNamespace
+
+    from fishds.compact import check_resumed_state
+    p = torch.zeros(10, requires_grad=True)
+    opt = CompactAdamW([p], lr=0.1)
+    opt.select(p, torch.tensor([1, 4]))
+    engine = SimpleNamespace(basic_optimizer=opt)
+    check_resumed_state(engine, True)
+    with pytest.raises(ConfigError, match="fish.compact_optimizer=true"):
+        check_resumed_state(engine, False)
 
 
 def _adapters_equal(a, b):
