@@ -78,6 +78,11 @@ class FishSection(_Section):
                                      "of scoring; its keys and shapes must match the adapter.")
     save_scores: bool = Field(False, description="Also write fisher_scores.safetensors (gathers all scores on "
                               "rank 0: for inspection on small pools only).")
+    compact_optimizer: bool = Field(False, description="Keep AdamW moments only for the selected entries of each "
+                                    "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters and "
+                                    "gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked AdamW. "
+                                    "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
+                                    "offload, a mask (not selection=dense).")
 
     @model_validator(mode="after")
     def _budget(self):
