@@ -121,9 +121,12 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from . import quant
+
     torch.manual_seed(cfg.train.seed)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                trust_remote_code=cfg.model.trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                                **quant.load_kwargs(cfg))
+    quant.after_load(base)
     base.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

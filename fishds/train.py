@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import dist as fdist
+from . import memory, quant
 from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
@@ -62,6 +63,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     ds_path = ds_path or cfg.ds_config
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
     resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    quant.check(cfg)
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")
@@ -423,6 +425,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
             if cfg.save_initial_adapter:
                 save_initial_adapter(engine.module, out, fixed)
     enforcer = MaskEnforcer(engine, s.trainable, masks) if cfg.fish.selection != "dense" else None  # noqa: F841
+    fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
     metrics.text("fish/mask", "```\n" + json.dumps({k: v for k, v in report.items() if k != "per_tensor"},
                                                     indent=1) + "\n```")
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
@@ -446,6 +449,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
                      f"{eval_metrics['eval_token_acc']:.1%} on {len(eval_examples)} examples")
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
+    report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
         write_json(out / FINISHED_MARKER, report)
