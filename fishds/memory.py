@@ -12,7 +12,7 @@
 - masks: the boolean masks (full shape on every rank) plus the enforcer's frozen positions and values;
 - largest_gathered_param: under ZeRO-3 the largest single parameter at full size (what a rank must hold
   when it gathers that layer); otherwise the largest parameter (nothing is gathered);
-- rss: this process's resident set size.
+- rss, peak_rss: this process's resident set size now and at its peak (Linux ru_maxrss).
 """
 from __future__ import annotations
 
@@ -120,6 +120,7 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
         out["largest_gathered_param"] = 0  # nothing is gathered below ZeRO-3
     out["model_states"] = out["frozen"] + out["trainable"] + out["optimizer"] + out["masks"]
     out["rss"] = _rss()
+    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     out["zero_stage"] = engine.zero_optimization_stage()
     return out
 

@@ -105,9 +105,11 @@ def plan(arch: Arch, s: Setup) -> dict:
         qstate = blocks + blocks / 256 * 4 if s.double_quant else blocks * 4
         qstate += arch.layers * len(shapes) * (64 + (1024 if s.double_quant else 0))  # code tables per layer
         frozen = (lin / 2 + other * p) / (W if z == 3 else 1) + qstate
+        frozen_full = lin / 2 + other * p + qstate
         largest_linear = max(i * o for i, o in shapes.values()) / 2
     else:
         frozen = (lin + other) * p / (W if z == 3 else 1)
+        frozen_full = (lin + other) * p
         largest_linear = max(i * o for i, o in shapes.values()) * p
     tgt = _targets(s)
     n = arch.layers * sum(s.r * (shapes[t][0] + shapes[t][1]) for t in tgt)
@@ -132,6 +134,9 @@ def plan(arch: Arch, s: Setup) -> dict:
     out["total"] = states + out["activations"]
     out["total_gc"] = states + out["activations_gc"]
     out["adapter_entries"] = n
+    # transformers 5.x loads a quantized model whole on every rank (no zero.Init); DeepSpeed partitions it at
+    # initialize, so until then each rank holds the full 4-bit backbone (host memory without a device_map)
+    out["load_peak"] = frozen_full if (s.quant_bits == 4 or z != 3) else 0
     return out
 
 
@@ -140,7 +145,11 @@ def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
             ("optimizer state", "optimizer"), ("masks", "masks"), ("largest gathered layer", "largest_gathered"),
             ("activations (no checkpointing)", "activations"), ("activations (checkpointing)", "activations_gc"),
             ("total (no checkpointing)", "total"), ("total (checkpointing)", "total_gc")]
-    return "\n".join(f"{name:<32}{res[k] / unit:>12.3f} {label}" for name, k in rows)
+    lines = [f"{name:<32}{res[k] / unit:>12.3f} {label}" for name, k in rows]
+    if res["load_peak"]:
+        lines.append(f"{'backbone held while loading':<32}{res['load_peak'] / unit:>12.3f} {label}  (before "
+                     "deepspeed.initialize; under ZeRO-3 only a 4-bit backbone is loaded whole on every rank)")
+    return "\n".join(lines)
 
 
 def add_arguments(ap) -> None:
