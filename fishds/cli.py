@@ -90,10 +90,15 @@ def _merge(args) -> int:
 def _plan(args) -> int:
     from .plan import from_args, plan, table
 
+    from .config import ConfigError
+
     try:
         arch, setup = from_args(args)
+    except ConfigError as e:
+        return _error(str(e))
     except (ValueError, KeyError) as e:
-        return _error(f"MODEL {args.model}: {e}" if not str(e).startswith("--") else str(e))
+        return _error(f"MODEL {args.model}: {e}" if args.model and not str(e).startswith("--") else str(e))
+    args.model = args.model or args.config
     print(f"{args.model}: ZeRO-{setup.zero}, {setup.world} rank(s), {setup.precision}, "
           f"{'4-bit' if setup.quant_bits else 'unquantized'} backbone, LoRA r={setup.r} on {setup.targets}, "
           f"keep {setup.keep_ratio if setup.keep_ratio is not None else 'all (plain LoRA)'}, "

@@ -154,7 +154,11 @@ def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
 
 def add_arguments(ap) -> None:
     """The `fishds plan` options."""
-    ap.add_argument("model", help=f"a preset ({', '.join(PRESETS)}), a config.json, or a model folder")
+    ap.add_argument("model", nargs="?", help=f"a preset ({', '.join(PRESETS)}), a config.json, or a model folder")
+    ap.add_argument("--config", help="plan a fishds run config instead (model, peft, quant, fish, train, data.max_length); "
+                    "only --world, --ds_config and --set apply then")
+    ap.add_argument("--ds_config", help="with --config: the DeepSpeed JSON (its ZeRO stage)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: an override")
     ap.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
     ap.add_argument("--world", type=int, default=1, help="ranks (GPUs) in all")
     ap.add_argument("--quant", type=int, default=None, choices=(4,), help="4: QLoRA backbone")
@@ -168,7 +172,29 @@ def add_arguments(ap) -> None:
     ap.add_argument("--seq_len", type=int, default=2048)
 
 
+def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
+    """The plan of a fishds run config (no weights read): LoRA-family methods only."""
+    from .config import ConfigError
+    from .dsconfig import resolve_ds_config
+    from .model import resolve_model_path
+
+    if cfg.peft.method not in ("lora", "rslora", "dora"):
+        raise ConfigError(f"peft.method={cfg.peft.method!r}: fishds plan models LoRA-family adapters only")
+    ds = resolve_ds_config(cfg, ds_path or cfg.ds_config, world)
+    t = cfg.peft.target_modules
+    targets = "all-linear" if t == "all-linear" else tuple(x for x in ([t] if isinstance(t, str) else t) if x in PROJ)
+    keep = None if cfg.fish.selection == "dense" else (cfg.fish.keep_ratio or 0.5)
+    return load_arch(resolve_model_path(cfg)), Setup(
+        ds["zero_optimization"].get("stage", 0), world, cfg.quant.bits, cfg.quant.double_quant, cfg.train.precision,
+        cfg.peft.r, targets, keep, cfg.train.optimizer, cfg.train.micro_batch_size, cfg.data.max_length)
+
+
 def from_args(args) -> tuple[Arch, Setup]:
+    if args.config:
+        from .config import load_config
+        return from_config(load_config(args.config, args.set), args.ds_config, args.world)
+    if not args.model:
+        raise ValueError("give MODEL (a preset, config.json or model folder) or --config")
     targets = args.targets if args.targets == "all-linear" else tuple(t for t in args.targets.split(",") if t)
     bad = [t for t in ([] if targets == "all-linear" else targets) if t not in PROJ]
     if bad:

@@ -54,3 +54,17 @@ def test_plan_within_20_percent_of_measured_lora(toy, tmp_path):
     for key, mkey in (("frozen", "frozen"), ("adapter", "trainable"), ("optimizer", "optimizer"), ("masks", "masks")):
         assert abs(est[key] - m[mkey]) <= 0.2 * m[mkey], (key, est[key], m[mkey])
     assert abs(est["measurable"] - m["model_states"]) / m["model_states"] < 0.20
+
+
+def test_plan_from_run_config(toy, tmp_path, capsys):
+    """`fishds plan --config` plans the run a config describes (ZeRO stage from the DeepSpeed JSON, no weights)."""
+    import yaml
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text(yaml.safe_dump({"model": {"name_or_path": toy["model"]}, "data": {"path": toy["train"]},
+                                        "peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                        "quant": {"bits": 4}, "output_dir": str(tmp_path / "o")}))
+    assert main(["plan", "--config", str(cfg_file), "--world", "2", "--ds_config", "ds_configs/zero3.json"]) == 0
+    text = capsys.readouterr().out
+    assert "ZeRO-3, 2 rank(s)" in text and "4-bit backbone" in text and "keep 0.5" in text
+    assert main(["plan", "--config", str(cfg_file), "--set", "peft.method=ia3"]) == 2
