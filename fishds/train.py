@@ -282,7 +282,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
-                     "tensors partitioned as they loaded")
+                     "tensors partitioned as they loaded" + (" (transformers loads a 4-bit model whole on every rank; "
+                     "deepspeed.initialize partitions it)" if quant.enabled(cfg) else ""))
     pool_before = Pool.from_model(model, cfg.fish.pool_include, cfg.fish.pool_exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
     k = budget["k"]
