@@ -1,7 +1,8 @@
 """QLoRA: the frozen backbone in 4 bits (bitsandbytes Linear4bit), and the checks that run before weights load.
 
 What works was measured here (bitsandbytes 0.50.2, peft 0.21, DeepSpeed 0.19.8, CPU, 2 ranks):
-- lora, rslora, dora, ia3 and vera train over Linear4bit layers; pissa, loha and lokr fail in their
+- lora, rslora, dora, ia3 and vera train over Linear4bit layers (dora not under ZeRO-3, where DeepSpeed meets
+  a 4-bit weight it did not partition: refused); pissa, loha and lokr fail in their
   forward on a 4-bit weight, olora rewrites the base weight into a residual (re-quantized), and fishds'
   bottleneck adapters were not tried on 4 bits: all refused in preflight.
 - transformers 5.x never loads a quantized model through zero.Init (modeling_utils skips it when a
@@ -38,7 +39,7 @@ def storage_dtype(cfg: Config) -> str:
     return cfg.quant.storage_dtype or compute_dtype(cfg)
 
 
-def check(cfg: Config) -> None:
+def check(cfg: Config, zero_stage: int) -> None:
     """Refuse, before any weights load, a quant.* combination that cannot work; names the field to change."""
     if not enabled(cfg):
         return
@@ -50,6 +51,10 @@ def check(cfg: Config) -> None:
     if cfg.peft.method not in QUANT_METHODS:
         raise ConfigError(f"quant.bits=4 does not work with peft.method={cfg.peft.method!r} (its adapter cannot wrap "
                           f"or rewrites a 4-bit weight); use one of {', '.join(QUANT_METHODS)} or set quant.bits=null")
+    if cfg.peft.method == "dora" and zero_stage == 3:
+        raise ConfigError("quant.bits=4 with peft.method='dora' fails under ZeRO-3 (DeepSpeed meets a 4-bit weight it "
+                          "did not partition: 'Params4bit' object has no attribute 'ds_status'); use ZeRO-2 "
+                          "(ds_configs/zero2.json), peft.method=lora, or quant.bits=null")
     storage = storage_dtype(cfg)
     if storage == "fp32" and cfg.train.precision == "bf16":
         raise ConfigError(f"quant.storage_dtype={storage} (null follows quant.compute_dtype) with train.precision=bf16: DeepSpeed casts every floating "

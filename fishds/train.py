@@ -62,8 +62,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     """All checks that need no weights; raises ConfigError naming the key."""
     ds_path = ds_path or cfg.ds_config
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
-    resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
-    quant.check(cfg)
+    ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")

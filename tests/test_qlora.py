@@ -123,8 +123,17 @@ def test_qlora_refused_in_preflight(toy, tmp_path, extra, needle):
     from fishds.train import preflight
 
     cfg = load_config(None, base_overrides(toy, tmp_path / "x", **{"quant.bits": 4, **extra}))
-    with pytest.raises(ConfigError, match=needle.replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=needle):
         preflight(cfg, None)
+
+
+def test_qlora_dora_refused_under_zero3_only(toy, tmp_path):
+    from fishds.train import preflight
+
+    cfg = load_config(None, base_overrides(toy, tmp_path / "x", **{"quant.bits": 4, "peft.method": "dora"}))
+    with pytest.raises(ConfigError, match="peft.method='dora'.*ZeRO-3"):
+        preflight(cfg, "ds_configs/zero3.json")
+    preflight(cfg, "ds_configs/zero2.json")
 
 
 def test_quant_bits_values(toy, tmp_path):
