@@ -40,15 +40,20 @@ class Arch:
     intermediate: int
     vocab: int
     tied: bool = False
+    head_dim: int | None = None  # config.json's head_dim when it is not hidden / heads
 
     @property
     def kv(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return (self.head_dim or self.hidden // self.heads) * self.kv_heads
+
+    @property
+    def q(self) -> int:
+        return (self.head_dim or self.hidden // self.heads) * self.heads
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one layer."""
-        h, kv, i = self.hidden, self.kv, self.intermediate
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "gate_proj": (h, i),
+        h, kv, i, q = self.hidden, self.kv, self.intermediate, self.q
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
                 "up_proj": (h, i), "down_proj": (i, h)}
 
 
@@ -71,7 +76,7 @@ def load_arch(model: str) -> Arch:
     c = json.loads(p.read_text())
     heads = c["num_attention_heads"]
     return Arch(c["hidden_size"], c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads,
-                c["intermediate_size"], c["vocab_size"], bool(c.get("tie_word_embeddings", False)))
+                c["intermediate_size"], c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("head_dim"))
 
 
 @dataclass
