@@ -146,6 +146,7 @@ def line(m: dict, world: int) -> str:
         shard = f" (4-bit weights {_mib(m['frozen_4bit'])} of {_mib(m['frozen_4bit_full'])}, " \
                 f"{m['frozen_4bit'] / m['frozen_4bit_full']:.0%} on this rank)"
     state = "" if m["optimizer_state_allocated"] else " (moments projected, allocated at the first step)"
-    return (f"[fishds] memory per rank (rank 0 of {world}, ZeRO-{m['zero_stage']}): frozen {_mib(m['frozen'])}{shard} | "
+    return (f"[fishds] memory per rank (rank 0 of {world}, ZeRO-{m['zero_stage']}): "
+            f"frozen {_mib(m['frozen'])}{shard} | "
             f"trainable {_mib(m['trainable'])} | optimizer {_mib(m['optimizer'])}{state} | masks {_mib(m['masks'])} | "
             f"largest gathered layer {_mib(m['largest_gathered_param'])}")

@@ -3,19 +3,19 @@
 Components, in bytes per rank (p = parameter bytes: 4 for fp32, 2 for bf16; W = world size; n = adapter
 entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
 - frozen: the projections, 4-bit: numel/2 packed + quant state (fp32 absmax per 64-entry block, or with
-  double_quant 1 byte per block + fp32 per 256 blocks, plus the code tables; never partitioned, as measured), else numel x p;
-  embeddings, lm_head (unless tied) and norms x p. ZeRO-3 divides everything but the quant state by W.
+  double_quant 1 byte per block + fp32 per 256 blocks, plus the code tables; never partitioned, as
+  measured), else numel x p; embeddings, lm_head (unless tied) and norms x p. ZeRO-3 divides everything but the quant state by W.
 - adapter: n x p (LoRA: r x (in + out) per targeted projection); / W under ZeRO-3.
 - gradients: n x p; / W under ZeRO-2 and 3.
 - optimizer: fp32 masters (4n; none at ZeRO-0 in fp32, where the parameters are the masters) and AdamW's
   two fp32 moments (8n) or SGD's momentum (4n); / W under ZeRO 1-3 and in bf16 (DeepSpeed's bf16
   optimizer partitions its fp32 state like ZeRO-1).
-- masks (FISH only; keep_ratio None = plain PEFT): n bytes of torch.bool on every rank, plus 12 bytes (int64 position + fp32 value) per masked entry
-  of the masters this rank holds (fishds' enforcer).
+- masks (FISH only; keep_ratio None = plain PEFT): n bytes of torch.bool on every rank, plus 12 bytes
+  (int64 position + fp32 value) per masked entry of the masters this rank holds (fishds' enforcer).
 - largest gathered layer (ZeRO-3 only): the largest single parameter at full size.
 - activations, per micro-batch of b sequences of s tokens, a = p bytes per element, SDPA/flash attention
   (no s x s term), hidden h, key/value width kv, MLP width I, vocab V, L layers:
-    one layer keeps  b s (7h + 3kv + 4I + 2 r t) a   (norm in/out x2, q, k, v, rotated q and k, attention
+    one layer keeps  b s (7h + 3kv + 4I + r t) a     (norm in/out x2, q, k, v, rotated q and k, attention
                                                        out, gate, up, act(gate), act(gate) x up; r per LoRA
                                                        target t for the A outputs)
     without gradient checkpointing: L x one layer;  with: L x b s h a (layer inputs) + one layer (recompute)
@@ -129,7 +129,7 @@ def plan(arch: Arch, s: Setup) -> dict:
         "largest_gathered": max(arch.vocab * arch.hidden * p, largest_linear) if z == 3 else 0,
     }
     tokens, a = s.micro_batch * s.seq_len, p
-    one_layer = tokens * (7 * arch.hidden + 3 * arch.kv + 4 * arch.intermediate + 2 * s.r * len(tgt)) * a
+    one_layer = tokens * (7 * arch.hidden + 3 * arch.kv + 4 * arch.intermediate + s.r * len(tgt)) * a
     logits = tokens * arch.vocab * (a + 8)
     out["activations"] = arch.layers * one_layer + logits
     out["activations_gc"] = arch.layers * tokens * arch.hidden * a + one_layer + logits
@@ -160,7 +160,8 @@ def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
 def add_arguments(ap) -> None:
     """The `fishds plan` options."""
     ap.add_argument("model", nargs="?", help=f"a preset ({', '.join(PRESETS)}), a config.json, or a model folder")
-    ap.add_argument("--config", help="plan a fishds run config instead (model, peft, quant, fish, train, data.max_length); "
+    ap.add_argument("--config", help="plan a fishds run config instead (model, peft, quant, fish, train, "
+                    "data.max_length); "
                     "only --world, --ds_config and --set apply then")
     ap.add_argument("--ds_config", help="with --config: the DeepSpeed JSON (its ZeRO stage)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: an override")

@@ -57,7 +57,8 @@ def check(cfg: Config, zero_stage: int) -> None:
                           "(ds_configs/zero2.json), peft.method=lora, or quant.bits=null")
     storage = storage_dtype(cfg)
     if storage == "fp32" and cfg.train.precision == "bf16":
-        raise ConfigError(f"quant.storage_dtype={storage} (null follows quant.compute_dtype) with train.precision=bf16: DeepSpeed casts every floating "
+        raise ConfigError(f"quant.storage_dtype={storage} (null follows quant.compute_dtype) with "
+                          "train.precision=bf16: DeepSpeed casts every floating "
                           "parameter to bf16, which would corrupt the packed 4-bit values; set quant.storage_dtype "
                           "to bf16 or uint8")
 
