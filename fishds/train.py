@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import dist as fdist
+from . import memory, quant
 from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
@@ -68,7 +69,9 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     """All checks that need no weights; raises ConfigError naming the key."""
     ds_path = ds_path or cfg.ds_config
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
-    check_compact(cfg, resolve_ds_config(cfg, ds_path, world))  # fp16, ZeRO stage, scheduler, contradictions
+    ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    check_compact(cfg, ds)
+    quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")
@@ -270,7 +273,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
-                     "tensors partitioned as they loaded")
+                     "tensors partitioned as they loaded" + (" (transformers loads a 4-bit model whole on every rank; "
+                     "deepspeed.initialize partitions it)" if quant.enabled(cfg) else ""))
     exclude = cfg.fish.pool_exclude + head_patterns(cfg)
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
@@ -441,6 +445,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     enforcer = MaskEnforcer(engine, s.trainable, masks, restore=not compact) if cfg.fish.selection != "dense" else None
     if compact:
         apply_compact_mask(engine, s.trainable, masks)
+    fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
     metrics.text("fish/mask", "```\n" + json.dumps({k: v for k, v in report.items() if k != "per_tensor"},
                                                     indent=1) + "\n```")
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
@@ -470,6 +475,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
     report["optimizer_state_bytes_per_rank"] = memory_report(engine, enforcer)
+    report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
         write_json(out / FINISHED_MARKER, report)
