@@ -10,7 +10,7 @@ One arm per launch (the client optimizer is chosen when the engine is built). De
 with LoRA r=16 on all linear layers, keep ratio 1%, a random mask (no Fisher pass: the mask's origin
 does not change the memory), fp32. After `--warm` untimed steps, `--steps` steps are timed (median of
 the whole train step, and of the torch optimizer step inside DeepSpeed alone). The bytes are those of
-fishds.compact.memory_report: the torch optimizer state (moments, steps, compact indices), the mask
+fishds.memory.measure: the torch optimizer state (moments, steps, compact indices), the mask
 enforcer's copies of frozen fp32 master entries (dense arm only), and the fp32 tensors the optimizer
 updates (masters; the same in both arms). Appends one JSON line per arm to
 bench/results/optimizer_state.jsonl.
@@ -40,7 +40,7 @@ def table() -> None:
         d = by.get(key[:-1] + ("dense",))
         st = max(x["optimizer_state"] for x in r["per_rank"])
         mr = max(x["mask_restore_copies"] for x in r["per_rank"])
-        ma = max(x["fp32_masters"] for x in r["per_rank"])
+        ma = max(x.get("optimizer_masters", x.get("fp32_masters", 0)) for x in r["per_rank"])
         ratio = ""
         if d is not None and r["arm"] == "compact":
             dst = max(x["optimizer_state"] for x in d["per_rank"])
@@ -70,7 +70,8 @@ def main() -> None:
     import torch  # noqa: F401
 
     from fishds import dist as fdist
-    from fishds.compact import apply_mask, memory_report
+    from fishds import memory
+    from fishds.compact import apply_mask
     from fishds.config import load_config
     from fishds.enforce import MaskEnforcer
     from fishds.train import scoring_examples, select_masks, setup, train_step
@@ -102,7 +103,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train_step(s.engine, s.batches, s.collate, cfg.train.grad_accum)
         steps.append(time.perf_counter() - t0)
-    per_rank = memory_report(s.engine, enforcer)
+    per_rank = memory.gather(memory.measure(s.engine, masks, enforcer))
     if fdist.is_main():
         n = args.warm
         rec = {"model": s.plan.model_path.rstrip("/").split("/")[-1], "ds_config": args.ds_config, "arm": args.arm,

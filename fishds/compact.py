@@ -198,29 +198,3 @@ def check_resumed_state(engine, compact: bool) -> None:
     if not compact and any("idx" in st for st in engine.basic_optimizer.state.values()):
         raise ConfigError("this checkpoint holds a compact optimizer state (written with fish.compact_optimizer=true); "
                           "resume it with fish.compact_optimizer=true")
-
-
-def _state_bytes(state: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
-
-
-def memory_report(engine, enforcer=None) -> list[dict]:
-    """Per rank (all ranks call this): bytes of the torch optimizer state, the enforcer's frozen copies,
-    and the fp32 tensors the optimizer updates (masters), with the local entry counts."""
-    opt = engine.basic_optimizer
-    tensors = _updated_tensors(engine)
-    frags = getattr(enforcer, "fragments", []) if enforcer is not None else []
-    row = [sum(_state_bytes(opt.state[p]) for p in tensors if p in opt.state),
-           sum(f.frozen_pos.numel() * f.frozen_pos.element_size() + f.frozen_val.numel() * f.frozen_val.element_size()
-               for f in frags),
-           sum(p.numel() * p.element_size() for p in tensors),
-           sum(p.numel() for p in tensors),
-           sum(opt.state[p]["idx"].numel() if "idx" in opt.state.get(p, {}) else p.numel() for p in tensors)]
-    t = torch.tensor(row, dtype=torch.int64, device=fdist.device())
-    if fdist.world_size() > 1:
-        parts = [torch.zeros_like(t) for _ in range(fdist.world_size())]
-        torch.distributed.all_gather(parts, t)
-    else:
-        parts = [t]
-    keys = ("optimizer_state", "mask_restore_copies", "fp32_masters", "local_entries", "updated_entries")
-    return [dict(zip(keys, (int(x) for x in r.tolist()))) for r in parts]

@@ -9,7 +9,10 @@
   partitions under ZeRO 1-3 and bf16) plus its state (Adam moments, momentum). The state exists only
   after the first step; before it, `optimizer_state_allocated` is false and the state is projected from
   the masters' size (2 x for Adam, 1 x for SGD with momentum);
-- masks: the boolean masks (full shape on every rank) plus the enforcer's frozen positions and values;
+- masks: the boolean masks (full shape on every rank) plus the enforcer's frozen positions and values
+  (those alone: mask_restore_copies; none with fish.compact_optimizer);
+- local_entries / updated_entries: entries of the tensors the torch optimizer updates on this rank, and how
+  many of them it keeps state for and writes (all of them, or the selected ones with fish.compact_optimizer);
 - largest_gathered_param: under ZeRO-3 the largest single parameter at full size (what a rank must hold
   when it gathers that layer); otherwise the largest parameter (nothing is gathered);
 - rss, peak_rss: this process's resident set size now and at its peak (Linux ru_maxrss).
@@ -94,7 +97,7 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
                 out["frozen_4bit_full"] += _full(p)
         out["largest_gathered_param"] = max(out["largest_gathered_param"], _full(p))
     opt = inner_optimizer(engine)
-    masters_numel, factor = 0, 0
+    masters_numel, updated, factor = 0, 0, 0
     if opt is not None:
         seen = set()
         for p in _master_tensors(engine, opt):
@@ -104,18 +107,22 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
             if id(p) not in own:
                 out["optimizer_masters"] += _bytes(p)
             masters_numel += p.numel()
+            idx = opt.state.get(p, {}).get("idx") if p in opt.state else None
+            updated += p.numel() if idx is None else idx.numel()
         for state in opt.state.values():
             out["optimizer_state"] += sum(_bytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
         factor = 2 if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else (
             1 if opt.defaults.get("momentum") else 0)
+    out["local_entries"], out["updated_entries"] = masters_numel, updated
     out["optimizer_state_allocated"] = bool(opt is not None and opt.state)
     if not out["optimizer_state_allocated"]:
         out["optimizer_state"] = masters_numel * 4 * factor  # projected: fp32 moments, allocated at the first step
     out["optimizer"] = out["optimizer_masters"] + out["optimizer_state"]
     if masks:
         out["masks"] = sum(_bytes(m) for m in masks.values())
-    for f in getattr(enforcer, "fragments", []) or []:
-        out["masks"] += _bytes(f.frozen_pos) + _bytes(f.frozen_val)
+    out["mask_restore_copies"] = sum(_bytes(f.frozen_pos) + _bytes(f.frozen_val)
+                                     for f in getattr(enforcer, "fragments", []) or [])
+    out["masks"] += out["mask_restore_copies"]
     if not zero3:
         out["largest_gathered_param"] = 0  # nothing is gathered below ZeRO-3
     out["model_states"] = out["frozen"] + out["trainable"] + out["optimizer"] + out["masks"]

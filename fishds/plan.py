@@ -12,6 +12,8 @@ entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
   optimizer partitions its fp32 state like ZeRO-1).
 - masks (FISH only; keep_ratio None = plain PEFT): n bytes of torch.bool on every rank, plus 12 bytes
   (int64 position + fp32 value) per masked entry of the masters this rank holds (fishds' enforcer).
+- compact (fish.compact_optimizer): the two AdamW moments plus an int32 index for the selected entries
+  only (12 x keep_ratio x n instead of 8n) and no enforcer copies; masters and gradients unchanged.
 - largest gathered layer (ZeRO-3 only): the largest single parameter at full size.
 - activations, per micro-batch of b sequences of s tokens, a = p bytes per element, SDPA/flash attention
   (no s x s term), hidden h, key/value width kv, MLP width I, vocab V, L layers:
@@ -92,6 +94,7 @@ class Setup:
     optimizer: str = "adamw"
     micro_batch: int = 1
     seq_len: int = 2048
+    compact: bool = False  # fish.compact_optimizer: AdamW moments (+ int32 index) for the selected entries only
 
 
 def _targets(s: Setup) -> tuple[str, ...]:
@@ -119,13 +122,14 @@ def plan(arch: Arch, s: Setup) -> dict:
     tgt = _targets(s)
     n = arch.layers * sum(s.r * (shapes[t][0] + shapes[t][1]) for t in tgt)
     masters_split = W if (z >= 1 or s.precision == "bf16") else 1
+    compact = s.compact and s.keep_ratio is not None and s.optimizer == "adamw"
     out = {
         "frozen": frozen,
         "adapter": n * p / (W if z == 3 else 1),
         "gradients": n * p / (W if z >= 2 else 1),
         "optimizer": (0 if (z == 0 and s.precision == "fp32") else 4 * n / masters_split)
-        + (8 if s.optimizer == "adamw" else 4) * n / masters_split,
-        "masks": 0 if s.keep_ratio is None else n + 12 * n * (1 - s.keep_ratio) / masters_split,
+        + (12 * s.keep_ratio if compact else 8 if s.optimizer == "adamw" else 4) * n / masters_split,
+        "masks": 0 if s.keep_ratio is None else n + (0 if compact else 12 * n * (1 - s.keep_ratio) / masters_split),
         "largest_gathered": max(arch.vocab * arch.hidden * p, largest_linear) if z == 3 else 0,
     }
     tokens, a = s.micro_batch * s.seq_len, p
@@ -174,6 +178,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--targets", default="all-linear", help="all-linear or a comma list, e.g. q_proj,v_proj")
     ap.add_argument("--keep_ratio", type=float, default=None, help="FISH keep ratio (omit for plain LoRA)")
     ap.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    ap.add_argument("--compact", action="store_true", help="fish.compact_optimizer (needs --keep_ratio, adamw)")
     ap.add_argument("--micro_batch", type=int, default=1)
     ap.add_argument("--seq_len", type=int, default=2048)
 
@@ -192,7 +197,8 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
     keep = None if cfg.fish.selection == "dense" else (cfg.fish.keep_ratio or 0.5)
     return load_arch(resolve_model_path(cfg)), Setup(
         ds["zero_optimization"].get("stage", 0), world, cfg.quant.bits, cfg.quant.double_quant, cfg.train.precision,
-        cfg.peft.r, targets, keep, cfg.train.optimizer, cfg.train.micro_batch_size, cfg.data.max_length)
+        cfg.peft.r, targets, keep, cfg.train.optimizer, cfg.train.micro_batch_size, cfg.data.max_length,
+        cfg.fish.compact_optimizer)
 
 
 def from_args(args) -> tuple[Arch, Setup]:
@@ -208,4 +214,5 @@ def from_args(args) -> tuple[Arch, Setup]:
     if args.keep_ratio is not None and not 0 < args.keep_ratio <= 1:
         raise ValueError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
     return load_arch(args.model), Setup(args.zero, args.world, args.quant, args.double_quant, args.precision, args.r,
-                                        targets, args.keep_ratio, args.optimizer, args.micro_batch, args.seq_len)
+                                        targets, args.keep_ratio, args.optimizer, args.micro_batch, args.seq_len,
+                                        args.compact)

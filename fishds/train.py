@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
-from .compact import check_resumed_state, client_optimizer as compact_optimizer, memory_report
+from .compact import check_resumed_state, client_optimizer as compact_optimizer
 from .formats import label_list, pack
 from .enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
@@ -474,7 +474,6 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
                              f"{n} examples")
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
-    report["optimizer_state_bytes_per_rank"] = memory_report(engine, enforcer)
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)

@@ -106,11 +106,11 @@ def test_compact_matches_dense_masked_adamw_two_ranks(toy, tmp_path, ds_config):
     k = int(0.1 * 896)
     _, _, rep = assert_mask_enforced(comp, k)
     _, _, rep_dense = assert_mask_enforced(dense, k)
-    mem_c, mem_d = rep["optimizer_state_bytes_per_rank"], rep_dense["optimizer_state_bytes_per_rank"]
+    mem_c, mem_d = rep["memory_per_rank"], rep_dense["memory_per_rank"]
     assert len(mem_c) == len(mem_d) == 2
     assert sum(r["updated_entries"] for r in mem_c) == k  # each selected entry lives on exactly one rank
     for c, d in zip(mem_c, mem_d):
-        assert c["fp32_masters"] == d["fp32_masters"] and c["local_entries"] == d["local_entries"]
+        assert c["optimizer_masters"] == d["optimizer_masters"] and c["local_entries"] == d["local_entries"]
         assert c["mask_restore_copies"] == 0 and d["mask_restore_copies"] > 0
         # exp_avg + exp_avg_sq + int32 index per selected local entry, plus one step counter per tensor
         assert 12 * c["updated_entries"] <= c["optimizer_state"] <= 12 * c["updated_entries"] + 4 * 8
