@@ -3,6 +3,7 @@
     fishds train [--config X] [--ds_config Y] [section.key=value ...]   # the same run as launch/train.py
     fishds report OUTPUT_DIR                                           # OUTPUT_DIR/fish_mask_report.png
     fishds merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype float32|bfloat16|float16] [--overwrite]
+    fishds plan MODEL --zero 3 --world 2 --quant 4 --r 8 --keep_ratio 0.1 ...  # memory per rank, no weights read
 
 Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
 `deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
@@ -23,7 +24,7 @@ def _error(msg: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan}")
 
     t = sub.add_parser("train", help="run a FISH training job (same as launch/train.py)")
     t.add_argument("--config", help="fishds YAML config")
@@ -41,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="where to write the merged model (must not exist or be empty)")
     m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    from .plan import add_arguments
+    add_arguments(sub.add_parser("plan", help="memory per rank from a model config alone (fishds/plan.py)"))
     return ap
 
 
@@ -83,6 +87,26 @@ def _merge(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from .plan import from_args, plan, table
+
+    from .config import ConfigError
+
+    try:
+        arch, setup = from_args(args)
+    except ConfigError as e:
+        return _error(str(e))
+    except (ValueError, KeyError) as e:
+        return _error(f"MODEL {args.model}: {e}" if args.model and not str(e).startswith("--") else str(e))
+    args.model = args.model or args.config
+    print(f"{args.model}: ZeRO-{setup.zero}, {setup.world} rank(s), {setup.precision}, "
+          f"{'4-bit' if setup.quant_bits else 'unquantized'} backbone, LoRA r={setup.r} on {setup.targets}, "
+          f"keep {setup.keep_ratio if setup.keep_ratio is not None else 'all (plain LoRA)'}, "
+          f"micro-batch {setup.micro_batch} x {setup.seq_len} tokens; per rank:")
+    print(table(plan(arch, setup)))
+    return 0
+
+
 def _strip(e: Exception, prefix: str) -> str:
     """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -94,7 +118,7 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
-    return {"train": _train, "report": _report, "merge": _merge}[args.command](args)
+    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan}[args.command](args)
 
 
 if __name__ == "__main__":

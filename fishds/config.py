@@ -51,6 +51,20 @@ class PeftSection(_Section):
         "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
 
 
+class QuantSection(_Section):
+    bits: Optional[Literal[4]] = Field(None, description="4: load the frozen backbone quantized to 4 bits with "
+                                       "bitsandbytes (QLoRA); null (the default): no quantization.")
+    type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4.")
+    double_quant: bool = Field(False, description="Quantize the per-block scales too (bnb_4bit_use_double_quant): "
+                               "about 0.37 fewer bits per weight.")
+    compute_dtype: Optional[Literal["fp32", "bf16"]] = Field(
+        None, description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision).")
+    storage_dtype: Optional[Literal["uint8", "fp32", "bf16"]] = Field(
+        None, description="dtype the packed 4-bit values are stored in (bnb_4bit_quant_storage; null = the compute "
+        "dtype). uint8, fp32 and bf16 all partition under ZeRO-3 here; fp32 is refused with train.precision=bf16 "
+        "(DeepSpeed would cast the packed values).")
+
+
 class FishSection(_Section):
     selection: Literal["fisher", "random", "lowest", "dense"] = Field(
         "fisher", description="fisher: top-k empirical Fisher (the paper); random: k entries at random (ablation); "
@@ -78,6 +92,11 @@ class FishSection(_Section):
                                      "of scoring; its keys and shapes must match the adapter.")
     save_scores: bool = Field(False, description="Also write fisher_scores.safetensors (gathers all scores on "
                               "rank 0: for inspection on small pools only).")
+    compact_optimizer: bool = Field(False, description="Keep AdamW moments only for the selected entries of each "
+                                    "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters and "
+                                    "gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked AdamW. "
+                                    "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
+                                    "offload, a mask (not selection=dense).")
 
     @model_validator(mode="after")
     def _budget(self):
@@ -162,6 +181,7 @@ class TrainSection(_Section):
 class Config(_Section):
     model: ModelSection
     peft: PeftSection = PeftSection()
+    quant: QuantSection = QuantSection()
     fish: FishSection = FishSection()
     data: DataSection
     train: TrainSection = TrainSection()

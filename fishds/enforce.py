@@ -80,14 +80,14 @@ def _master_fragments(engine, pool: Pool) -> list[tuple[str, torch.Tensor, int, 
 class MaskEnforcer:
     """Gradient hooks + optimizer-step wrapper that keep every masked pool entry at its fixed value."""
 
-    def __init__(self, engine, pool: Pool, masks: dict[str, torch.Tensor]):
+    def __init__(self, engine, pool: Pool, masks: dict[str, torch.Tensor], restore: bool = True):
         self.engine = engine
         self.pool = pool
         dev = fdist.device()
         self.masks = {n: m.to(dev) for n, m in masks.items()}
         self._hooks = [t.param.register_hook(self._grad_hook(self.masks[t.name])) for t in pool.tensors
                        if not bool(self.masks[t.name].all())]
-        self.fragments = self._fragments()
+        self.fragments = self._fragments() if restore else []  # restore=False: fishds.compact never moves them
         opt = engine.basic_optimizer
         self._inner_step = opt.step
 

@@ -150,13 +150,16 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype, labels: li
     """The base model with the PEFT adapter; only adapter parameters (and a classification head) require gradients."""
     from peft import get_peft_model
 
+    from . import quant
+
     torch.manual_seed(cfg.train.seed)
-    kwargs = {}
+    kwargs = quant.load_kwargs(cfg)
     if labels:
-        kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
-                  "label2id": {str(v): i for i, v in enumerate(labels)}}
+        kwargs.update(num_labels=len(labels), id2label={i: str(v) for i, v in enumerate(labels)},
+                      label2id={str(v): i for i, v in enumerate(labels)})
     base = auto_class(cfg).from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
                                            **kwargs)
+    quant.after_load(base)
     if base.config.pad_token_id is None and pad_token_id is not None:
         base.config.pad_token_id = pad_token_id  # a decoder's classification head reads the last non-pad token
     base.config.use_cache = False

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 from . import dist as fdist
+from . import memory, quant
 from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
+from .compact import apply_mask as apply_compact_mask, check_config as check_compact
+from .compact import check_resumed_state, client_optimizer as compact_optimizer
 from .formats import label_list, pack
 from .enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
@@ -66,7 +69,9 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     """All checks that need no weights; raises ConfigError naming the key."""
     ds_path = ds_path or cfg.ds_config
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
-    resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    check_compact(cfg, ds)
+    quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")
@@ -147,6 +152,8 @@ def _client_optimizer(cfg: Config, ds: dict):
     if "optimizer" in ds:
         return None  # DeepSpeed builds the one named in the JSON
     t = cfg.train
+    if cfg.fish.compact_optimizer:
+        return compact_optimizer(cfg)
     if t.optimizer == "sgd":
         return lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -266,7 +273,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
-                     "tensors partitioned as they loaded")
+                     "tensors partitioned as they loaded" + (" (transformers loads a 4-bit model whole on every rank; "
+                     "deepspeed.initialize partitions it)" if quant.enabled(cfg) else ""))
     exclude = cfg.fish.pool_exclude + head_patterns(cfg)
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
@@ -412,6 +420,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     # 3. the mask: from a checkpoint, or warm-up + Fisher pass + exact top-k (or a mask file)
     if resume_from is not None:
         state, masks = load_checkpoint(engine, resume_from)
+        check_resumed_state(engine, cfg.fish.compact_optimizer)
         first_step, batches.position = state["step"] + 1, state["data_position"]
         metrics.truncate_after(state["step"])
         report = json.loads((out / SELECTION_REPORT).read_text())
@@ -432,7 +441,11 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
             write_json(out / SELECTION_REPORT, report)
             if cfg.save_initial_adapter:
                 save_initial_adapter(engine.module, out, fixed)
-    enforcer = MaskEnforcer(engine, s.trainable, masks) if cfg.fish.selection != "dense" else None  # noqa: F841
+    compact = cfg.fish.compact_optimizer
+    enforcer = MaskEnforcer(engine, s.trainable, masks, restore=not compact) if cfg.fish.selection != "dense" else None
+    if compact:
+        apply_compact_mask(engine, s.trainable, masks)
+    fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
     metrics.text("fish/mask", "```\n" + json.dumps({k: v for k, v in report.items() if k != "per_tensor"},
                                                     indent=1) + "\n```")
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
@@ -461,6 +474,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
                              f"{n} examples")
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
+    report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
         write_json(out / FINISHED_MARKER, report)
