@@ -10,7 +10,8 @@ Two mechanisms, both needed (../shared/FISH_TUNING.md traps 2 and 4):
 
 Where the fp32 masters live depends on the stage; `_master_fragments` finds, per parameter, a view of
 this rank's master entries and which flat indices of the parameter they hold:
-- stage 0 in fp32: the optimizer updates the parameters themselves;
+- stage 0 in fp32: the optimizer updates the parameters themselves; stage 0 in bf16: DeepSpeed's
+  FP16_UnfusedOptimizer keeps one fp32 copy per parameter (fp32_groups beside fp16_groups);
 - ZeRO 1/2 and DeepSpeed's bf16 optimizer: `param._hp_mapping` (a view into the flat fp32 partition);
 - ZeRO 3: the optimizer's `fp32_partitioned_groups_flat` at `grad_position[param id]`, which holds
   partition `rank` of the flattened, padded parameter.
@@ -60,8 +61,14 @@ def _master_fragments(engine, pool: Pool) -> list[tuple[str, torch.Tensor, int, 
             rank = opt._get_param_partition_rank(p) if hasattr(opt, "_get_param_partition_rank") else fdist.rank()
             out.append((t.name, master, rank * numel, p.ds_tensor.reshape(-1)[:numel]))
         return out
+    # DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer) keeps one fp32 copy per parameter
+    unfused = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", None) or [], getattr(opt, "fp32_groups", None)
+                                              or []) for lp, hp in zip(lps, hps)}
     for t in pool.tensors:
         p = t.param
+        if id(p) in unfused:
+            out.append((t.name, unfused[id(p)].data.reshape(-1), 0, p.data.reshape(-1)))
+            continue
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is not None:
             addr = mapping.lp_fragment_address

@@ -110,3 +110,11 @@ def test_optimizer_named_in_ds_json_zero1_bf16(toy, tmp_path):
     ov = base_overrides(toy, out, **{"train.weight_decay": 0.1, "train.precision": "bf16"})
     launch(2, ov, str(path))
     assert_mask_enforced(out, 224, bitwise_moved=False)
+
+
+def test_zero0_bf16_one_process(toy, tmp_path):
+    """ZeRO-0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer keeps fp32 copies): masked entries bit-identical, wd 0.1."""
+    out = tmp_path / "z0bf16"
+    ov = base_overrides(toy, out, **{"train.weight_decay": 0.1, "train.precision": "bf16"})
+    launch(1, ov, "zero0.json")
+    assert_mask_enforced(out, 224, bitwise_moved=False)
