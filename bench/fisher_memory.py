@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,9 +32,9 @@ import torch.distributed as dist  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.config import load_config  # noqa: E402
 from fishds.fisher import collect_scores  # noqa: E402
-from fishds.train import scoring_examples, setup  # noqa: E402
+from bench._session import session  # noqa: E402
+from fishds.train import scoring_examples  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -69,9 +68,7 @@ def main():
     ap.add_argument("--local_rank", type=int)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = load_config(args.config, ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix="fishds-fmem-")]
-                      + args.overrides)
-    s = setup(cfg, args.ds_config)
+    cfg, s = session(args, "fishds-fmem-")
     samples = scoring_examples(cfg, s.examples)
     cuda = torch.cuda.is_available()
     gc.collect()

@@ -19,7 +19,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -72,17 +71,15 @@ def main() -> None:
     from fishds import dist as fdist
     from fishds import memory
     from fishds.compact import apply_mask
-    from fishds.config import load_config
     from fishds.enforce import MaskEnforcer
-    from fishds.train import scoring_examples, select_masks, setup, train_step
+    from bench._session import record, session
+    from fishds.train import scoring_examples, select_masks, train_step
 
     defaults = ["peft.r=16", "peft.alpha=32", "peft.target_modules=all-linear", "fish.selection=random",
                 "fish.keep_ratio=0.01", "train.micro_batch_size=2", "data.max_length=64", "train.weight_decay=0.01",
                 "data.max_examples=256", "data.eval_path=null"]
     compact = args.arm == "compact"
-    cfg = load_config(args.config, defaults + ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix="fishds-bench-"),
-                                               f"fish.compact_optimizer={str(compact).lower()}"] + args.overrides)
-    s = setup(cfg, args.ds_config)
+    cfg, s = session(args, "fishds-bench-", defaults + [f"fish.compact_optimizer={str(compact).lower()}"])
     masks, _ = select_masks(cfg, s.engine, s.pool, s.k, scoring_examples(cfg, s.examples), s.collate)
     masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in s.trainable.tensors}
     enforcer = MaskEnforcer(s.engine, s.trainable, masks, restore=not compact)
@@ -111,10 +108,7 @@ def main() -> None:
                "precision": cfg.train.precision, "pool": s.pool.size, "k": s.k,
                "train_step_s": round(statistics.median(steps[n:]), 4),
                "optimizer_step_s": round(statistics.median(opt_times[-args.steps:]), 5), "per_rank": per_rank}
-        print(json.dumps(rec), flush=True)
-        RESULTS.parent.mkdir(exist_ok=True)
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        record("optimizer_state", rec)
     fdist.barrier()
 
 

@@ -12,7 +12,6 @@ written to measure bits per pool entry. Prints one JSON object (rank 0) and appe
 bench/results/step_time.jsonl.
 """
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -28,12 +27,12 @@ import torch  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.config import load_config  # noqa: E402
 from fishds.enforce import MaskEnforcer  # noqa: E402
 from fishds.fisher import collect_scores  # noqa: E402
 from fishds.mask import save_masks, share_selection  # noqa: E402
 from fishds.select import exact_topk, float_keys  # noqa: E402
-from fishds.train import scoring_examples, setup, train_step  # noqa: E402
+from bench._session import record, session  # noqa: E402
+from fishds.train import scoring_examples, train_step  # noqa: E402
 
 
 def timed_steps(s, n: int) -> list[float]:
@@ -55,9 +54,7 @@ def main():
     ap.add_argument("--local_rank", type=int)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = load_config(args.config, ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix="fishds-bench-")]
-                      + args.overrides)
-    s = setup(cfg, args.ds_config)
+    cfg, s = session(args, "fishds-bench-")
     samples = scoring_examples(cfg, s.examples)
     mbs = cfg.train.micro_batch_size
 
@@ -103,11 +100,7 @@ def main():
             "mask_bits_per_entry_on_disk": round(8 * mask_bytes / s.pool.size, 4),
             "mask_bits_per_entry_in_memory": 8,  # torch.bool masks while training
         }
-        print(json.dumps(rec), flush=True)
-        out = Path(__file__).resolve().parent / "results" / "step_time.jsonl"
-        out.parent.mkdir(exist_ok=True)
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        record("step_time", rec)
     fdist.barrier()
 
 

@@ -129,6 +129,8 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
 
     def build() -> list[dict]:
+        if cache_file.is_file():  # the arrow file datasets' map wrote: no need to read and parse the rows again
+            return [e for e in datasets.Dataset.from_file(str(cache_file)).to_list() if e["input_ids"]]
         cache.mkdir(parents=True, exist_ok=True)
         rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
         label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))

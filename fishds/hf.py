@@ -35,7 +35,7 @@ fdist.prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
 from transformers import TrainerCallback  # noqa: E402
 
 from .enforce import MaskEnforcer, reset_unselected  # noqa: E402
-from .outputs import gather_adapter, mask_report, save_initial_adapter, save_mask_file, write_json  # noqa: E402
+from .outputs import gather_adapter, save_mask_file  # noqa: E402
 from .pool import Pool  # noqa: E402
 
 MASK_FILE = "fish_mask.safetensors"
@@ -242,7 +242,7 @@ class FishCallback(TrainerCallback):
     def fix_mask(self, trainer, mask_path: str | None = None) -> dict[str, torch.Tensor]:
         """Score and select (or read `mask_path`), then start enforcing. Called by the events; public for loops
         that drive a Trainer's engine themselves (after the optimizer / DeepSpeed engine exists)."""
-        from .train import load_mask_for_pool, scoring_examples, select_masks
+        from .train import load_mask_for_pool, publish_mask, scoring_examples, select_masks
 
         engine = self._engine(trainer)
         model = engine.module
@@ -267,15 +267,9 @@ class FishCallback(TrainerCallback):
             if self._initial is not None:  # after a dense warm-up: unselected entries back to their start values
                 reset_unselected(engine, pool, masks, self._initial)
                 self._initial = None
-        masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in trainable.tensors}
-        report.update(mask_report(trainable, masks), warmup_steps=self.warmup_steps, world_size=fdist.world_size(),
+        report.update(warmup_steps=self.warmup_steps, world_size=fdist.world_size(),
                       zero_stage=engine.zero_optimization_stage(), step=trainer.state.global_step)
-        fixed = gather_adapter(trainable) if self.save_initial and not mask_path else None
-        if fdist.is_main() and not mask_path:
-            save_mask_file(model, out, masks)
-            write_json(out / "fish_selection.json", report)
-            if fixed is not None:
-                save_initial_adapter(model, out, fixed)
+        masks = publish_mask(model, trainable, masks, report, out, self.save_initial, write=not mask_path)
         self.masks, self.report = masks, report
         if self.selection != "dense" or mask_path:
             self.enforcer = MaskEnforcer(engine, trainable, masks)

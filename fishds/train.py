@@ -354,6 +354,22 @@ def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
     return masks, report
 
 
+def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool,
+                 write: bool = True) -> dict[str, torch.Tensor]:
+    """The masks of every trainable tensor (tensors outside the pool train fully: all ones), their statistics
+    added to `report`, and, with `write`, on rank 0 the mask file, the selection report and the initial adapter.
+    All ranks call it (gathering the initial adapter is a collective)."""
+    masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in trainable.tensors}
+    report.update(mask_report(trainable, masks))
+    fixed = gather_adapter(trainable) if write and save_initial else None
+    if write and fdist.is_main():
+        save_mask_file(model, out, masks)
+        write_json(out / SELECTION_REPORT, report)
+        if fixed is not None:
+            save_initial_adapter(model, out, fixed)
+    return masks
+
+
 def load_mask_for_pool(model, pool: Pool, path: str) -> dict[str, torch.Tensor]:
     """A fish_mask.safetensors keyed like the adapter, checked against the pool, keyed by parameter name."""
     from .mask import load_masks
@@ -427,20 +443,12 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
     else:
         masks, report = fix_mask(s, log_step)
-        # tensors outside the pool (fish.pool_exclude) train fully: all-ones masks
-        masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in s.trainable.tensors}
         first_step = cfg.fish.warmup_steps + 1
-        report.update(mask_report(s.trainable, masks))
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
                       warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget)
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
-        fixed = gather_adapter(s.trainable)
-        if fdist.is_main():
-            save_mask_file(engine.module, out, masks)
-            write_json(out / SELECTION_REPORT, report)
-            if cfg.save_initial_adapter:
-                save_initial_adapter(engine.module, out, fixed)
+        masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
     compact = cfg.fish.compact_optimizer
     enforcer = MaskEnforcer(engine, s.trainable, masks, restore=not compact) if cfg.fish.selection != "dense" else None
     if compact:

@@ -1,0 +1,27 @@
+"""What the in-process bench scripts share: a fishds session from --config / --ds_config / overrides, and
+result lines appended to bench/results/<name>.jsonl."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def session(args, prefix: str, extra: list[str] = ()):
+    """(cfg, fishds.train.Session) for args.config + `extra` + args.overrides, writing into a fresh temp folder."""
+    from fishds.config import load_config
+    from fishds.train import setup
+
+    cfg = load_config(args.config, list(extra) + ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix=prefix)]
+                      + list(args.overrides))
+    return cfg, setup(cfg, args.ds_config)
+
+
+def record(name: str, rec: dict) -> None:
+    """Print `rec` as one JSON line and append it to bench/results/<name>.jsonl."""
+    print(json.dumps(rec), flush=True)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    with (RESULTS_DIR / f"{name}.jsonl").open("a") as f:
+        f.write(json.dumps(rec) + "\n")
