@@ -31,6 +31,7 @@ from torch.optim.optimizer import _get_scalar_dtype
 from . import dist as fdist
 from .config import Config, ConfigError
 from .enforce import UnsupportedSetup, _master_fragments
+from .memory import optimizer_tensors
 from .pool import Pool
 
 
@@ -134,24 +135,6 @@ def check_config(cfg: Config, ds: dict) -> None:
                           "DeepSpeed JSON; remove the offload or set fish.compact_optimizer=false")
 
 
-def client_optimizer(cfg: Config):
-    t = cfg.train
-    return lambda params: CompactAdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def _updated_tensors(engine) -> list[torch.Tensor]:
-    """The tensors the torch optimizer inside DeepSpeed updates (ZeRO-3 only lists them during its step)."""
-    opt = engine.basic_optimizer
-    out = [p for g in opt.param_groups for p in g["params"]]
-    out += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []))
-    seen, uniq = set(), []
-    for p in out:
-        if id(p) not in seen:
-            seen.add(id(p))
-            uniq.append(p)
-    return uniq
-
-
 def _owner(tensors: list[torch.Tensor], view: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The updated tensor whose memory holds `view`, and the flat offset of view[0] in it."""
     ptr = view.untyped_storage().data_ptr()
@@ -170,7 +153,7 @@ def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
     opt = engine.basic_optimizer
     if not isinstance(opt, CompactAdamW):
         raise UnsupportedSetup(f"fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found {type(opt).__name__}")
-    tensors = _updated_tensors(engine)
+    tensors = optimizer_tensors(engine)
     chosen: dict[int, list[torch.Tensor]] = {}
     owner_of: dict[int, torch.Tensor] = {}
     for name, master, start, local in _master_fragments(engine, pool):

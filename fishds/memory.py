@@ -59,13 +59,16 @@ def inner_optimizer(engine):
 _MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
 
 
-def _master_tensors(engine, opt):
-    for attr in _MASTER_ATTRS:
-        for t in getattr(engine.optimizer, attr, None) or []:
-            if torch.is_tensor(t):
-                yield t
-    for group in opt.param_groups:
-        yield from group["params"]
+def optimizer_tensors(engine) -> list[torch.Tensor]:
+    """The tensors the torch optimizer inside DeepSpeed updates on this rank, each once: its fp32 masters
+    (stage 0 in fp32: the parameters themselves). ZeRO-3 lists its flat partitions in the optimizer's
+    param_groups only during its step, hence the DeepSpeed attributes as well."""
+    opt = inner_optimizer(engine)
+    if opt is None:
+        return []
+    found = [t for attr in _MASTER_ATTRS for t in getattr(engine.optimizer, attr, None) or [] if torch.is_tensor(t)]
+    found += [p for group in opt.param_groups for p in group["params"]]
+    return list({id(t): t for t in found}.values())
 
 
 def _rss() -> int:
@@ -99,11 +102,7 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
     opt = inner_optimizer(engine)
     masters_numel, updated, factor = 0, 0, 0
     if opt is not None:
-        seen = set()
-        for p in _master_tensors(engine, opt):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
+        for p in optimizer_tensors(engine):
             if id(p) not in own:
                 out["optimizer_masters"] += _bytes(p)
             masters_numel += p.numel()

@@ -24,7 +24,7 @@ from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
-from .compact import check_resumed_state, client_optimizer as compact_optimizer
+from .compact import CompactAdamW, check_resumed_state
 from .formats import label_list, pack
 from .enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
@@ -152,11 +152,10 @@ def _client_optimizer(cfg: Config, ds: dict):
     if "optimizer" in ds:
         return None  # DeepSpeed builds the one named in the JSON
     t = cfg.train
-    if cfg.fish.compact_optimizer:
-        return compact_optimizer(cfg)
     if t.optimizer == "sgd":
         return lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    adamw = CompactAdamW if cfg.fish.compact_optimizer else torch.optim.AdamW
+    return lambda params: adamw(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
