@@ -121,12 +121,13 @@ def ensure_package(dist_name: str, version: str,
     return dist
 
 
-def _record_problem(dist: importlib.metadata.Distribution, relpath: str) -> str | None:
-    """What is wrong with an installed file against the distribution's RECORD (size and sha256), or None."""
+def _record_problem(dist: importlib.metadata.Distribution, relpath: str, path: Path | None = None) -> str | None:
+    """What is wrong with an installed file (or its copy ``path``) against the distribution's RECORD (size and
+    sha256), or None."""
     entry = next((f for f in dist.files or () if f.as_posix() == relpath), None)
     if entry is None:
         return f"{relpath} is not in its RECORD"
-    path = Path(dist.locate_file(entry))
+    path = path or Path(dist.locate_file(entry))
     if not path.is_file():
         return f"{relpath} is missing"
     if entry.size is not None and path.stat().st_size != entry.size:
@@ -136,29 +137,28 @@ def _record_problem(dist: importlib.metadata.Distribution, relpath: str) -> str 
     return None
 
 
-def _package_files(dist_name: str, version: str, *relpaths: str) -> list[Path]:
-    """Paths of files inside an installed distribution, each checked against its RECORD (without importing it)."""
+def _package_files(dist_name: str, version: str, *relpaths: str
+                   ) -> tuple[importlib.metadata.Distribution, list[Path]]:
+    """An installed distribution and paths of files in it, each checked against its RECORD (not imported)."""
     def check(dist):
         return next(filter(None, (_record_problem(dist, r) for r in relpaths)), None)
     dist = ensure_package(dist_name, version, check)
-    return [Path(dist.locate_file(r)) for r in relpaths]
+    return dist, [Path(dist.locate_file(r)) for r in relpaths]
 
 
 def _package_file(dist_name: str, version: str, relpath: str) -> Path:
-    return _package_files(dist_name, version, relpath)[0]
+    return _package_files(dist_name, version, relpath)[1][0]
 
 
 def _copy_checked(dist_name: str, version: str, relpaths: list[str], out: Path) -> None:
     """Copy files of an installed distribution into ``out`` and check each copy against RECORD."""
-    srcs = _package_files(dist_name, version, *relpaths)
-    dist = _installed(dist_name)
+    dist, srcs = _package_files(dist_name, version, *relpaths)
     for rel, src in zip(relpaths, srcs):
-        dest = out / src.name
-        shutil.copy2(src, dest)
-        entry = next(f for f in dist.files if f.as_posix() == rel)
-        if dest.stat().st_size != entry.size or fcache.sha256_file(dest) != fcache.record_hash_hex(entry.hash.value):
-            raise RuntimeError(f"copying {src} to {dest} did not give the file {dist_name}'s RECORD lists; check "
-                               "the disk (free space)")
+        shutil.copy2(src, out / src.name)
+        why = _record_problem(dist, rel, out / src.name)
+        if why:
+            raise RuntimeError(f"copying {src} into {out} gave a file that differs from {dist_name}'s RECORD "
+                               f"({why}); check the disk (free space)")
 
 
 @contextlib.contextmanager
@@ -213,7 +213,7 @@ def _label(final: Path) -> str:
         return str(final)
 
 
-def _cached(final: Path, build: Callable[[Path], object]) -> Path:
+def _cached(final: Path, build: Callable[[Path], None]) -> Path:
     """``final`` if complete and it passes its check, else built (or rebuilt once) through :func:`atomic_dir`,
     by one process at a time: the lock file ``<final>.lock`` beside it."""
     if _problem(final) is None:
@@ -225,6 +225,7 @@ def _cached(final: Path, build: Callable[[Path], object]) -> Path:
         if (final / MARKER).exists():  # (an unmarked leftover is replaced by atomic_dir)
             print(f"[fishds.assets] cached {_label(final)} failed its check ({problem}): rebuilding", flush=True)
             bad = final.with_name(f".{final.name}.bad-{os.getpid()}")
+            shutil.rmtree(bad, ignore_errors=True)
             os.replace(final, bad)
             shutil.rmtree(bad, ignore_errors=True)
         with atomic_dir(final) as tmp:

@@ -238,3 +238,22 @@ def test_two_training_runs_share_an_empty_tokenised_cache(toy, tmp_path):
     assert len(stems) == 2 and cached == sorted(f"{s}.{ext}" for s in stems for ext in ("arrow", "json", "lock"))
     a1, a2 = (load_file(str(out / "adapter_model.safetensors")) for out in outs)
     assert sorted(a1) == sorted(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)  # same data, same seed: same bits
+
+
+def test_a_damaged_converted_file_is_never_marked_complete(tmp_path):
+    from safetensors.torch import save_file
+
+    final = tmp_path / "models" / "converted"
+
+    def build(out: Path, cut: int) -> None:  # as a conversion that wrote a short file (a full disk)
+        save_file({"w": torch.ones(64, 64), "b": torch.zeros(64)}, str(out / "model.safetensors"))
+        size = (out / "model.safetensors").stat().st_size
+        with open(out / "model.safetensors", "r+b") as f:
+            f.truncate(size - cut)
+    with pytest.raises(RuntimeError, match=r"building .*converted wrote a damaged file \(model.safetensors: "
+                                           r"\d+ bytes, its safetensors header needs \d+\)"):
+        assets._cached(final, lambda out: build(out, 100))
+    assert not final.exists() and sorted(p.name for p in final.parent.iterdir()) == ["converted.lock"]
+    assets._cached(final, lambda out: build(out, 0))
+    files = json.loads((final / assets.MARKER).read_text())["files"]
+    assert files["model.safetensors"]["tensors"] == 2
