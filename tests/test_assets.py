@@ -89,7 +89,7 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     for _ in range(2):
         assets._cached(final, lambda out: (built.append(1), (out / "a.txt").write_text("ok")))
     assert built == [1] and sorted(p.name for p in final.iterdir()) == [assets.MARKER, "a.txt"]
-    assert list(tmp_path.iterdir()) == [final]
+    assert sorted(tmp_path.iterdir()) == [final, tmp_path / "out.lock"]  # the entry and its lock file only
 
     old, recent = tmp_path / ".other.tmp-old", tmp_path / ".other.tmp-recent"  # from killed builds
     for d in (old, recent):
@@ -100,7 +100,7 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     assert not old.exists() and recent.exists() and (tmp_path / "other" / "b.txt").exists()
 
 
-def test_ensure_package_failure_names_package(monkeypatch):
+def test_ensure_package_failure_names_package(monkeypatch, cache):
     monkeypatch.setattr(assets.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1))
     with pytest.raises(RuntimeError, match="no-such-fishds-pkg==9.9"):
         assets.ensure_package("no-such-fishds-pkg", "9.9")
