@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/fisher_memory.py \\
         --ds_config ds_configs/zero3.json [--config configs/demo.yaml] [key=value ...]
 
-Sets up the run as fishds does (model, LoRA, DeepSpeed engine), then runs fishds.fisher.collect_scores once
+Sets up the run as fishds does (model, LoRA, DeepSpeed engine), then runs fishds.fish.fisher.collect_scores once
 on the fish.num_samples scoring examples. Rank 0 prints one JSON object:
   pool, world, zero_stage, ceil_pool_over_world        the pool and the ideal share per rank
   accumulator_peak_bytes, grad_peak_bytes              from collect_scores' statistics (max over ranks):
@@ -32,9 +32,9 @@ import torch.distributed as dist  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.fisher import collect_scores  # noqa: E402
+from fishds.fish.fisher import collect_scores  # noqa: E402
 from bench._session import session  # noqa: E402
-from fishds.train import scoring_examples  # noqa: E402
+from fishds.run.train import scoring_examples  # noqa: E402
 
 
 def _status_kb(field: str) -> int:

@@ -70,10 +70,10 @@ def main() -> None:
 
     from fishds import dist as fdist
     from fishds import memory
-    from fishds.compact import apply_mask
-    from fishds.enforce import MaskEnforcer
+    from fishds.fish.compact import apply_mask
+    from fishds.fish.enforce import MaskEnforcer
     from bench._session import record, session
-    from fishds.train import scoring_examples, select_masks, train_step
+    from fishds.run.train import scoring_examples, select_masks, train_step
 
     defaults = ["peft.r=16", "peft.alpha=32", "peft.target_modules=all-linear", "fish.selection=random",
                 "fish.keep_ratio=0.01", "train.micro_batch_size=2", "data.max_length=64", "train.weight_decay=0.01",

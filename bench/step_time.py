@@ -27,12 +27,12 @@ import torch  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.enforce import MaskEnforcer  # noqa: E402
-from fishds.fisher import collect_scores  # noqa: E402
-from fishds.mask import save_masks, share_selection  # noqa: E402
-from fishds.select import exact_topk, float_keys  # noqa: E402
+from fishds.fish.enforce import MaskEnforcer  # noqa: E402
+from fishds.fish.fisher import collect_scores  # noqa: E402
+from fishds.fish.mask import save_masks, share_selection  # noqa: E402
+from fishds.fish.select import exact_topk, float_keys  # noqa: E402
 from bench._session import record, session  # noqa: E402
-from fishds.train import scoring_examples, train_step  # noqa: E402
+from fishds.run.train import scoring_examples, train_step  # noqa: E402
 
 
 def timed_steps(s, n: int) -> list[float]:

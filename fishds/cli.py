@@ -56,7 +56,7 @@ def _train(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from .train import run
+        from .run.train import run
         run(cfg, args.ds_config)
     except ConfigError as e:
         return _error(str(e))

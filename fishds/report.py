@@ -109,7 +109,7 @@ def write_report_png(output_dir: str | Path, out_path: str | Path | None = None)
     if not (out / MASK_FILE).is_file():
         raise FileNotFoundError(f"{out}: no {MASK_FILE}; is it a fishds output_dir?")
     report = _read_report(out)
-    from .mask import load_masks
+    from .fish.mask import load_masks
 
     try:
         masks = load_masks(out / MASK_FILE)

@@ -14,16 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fishds.hf import FishCallback, prepare_cpu_deepspeed  # noqa: E402
+from fishds.integrations.hf import FishCallback, prepare_cpu_deepspeed  # noqa: E402
 
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from fishds.config import DataSection  # noqa: E402
-from fishds.data import Collator, load_examples  # noqa: E402
+from fishds.run.data import Collator, load_examples  # noqa: E402
 from fishds.model import load_tokenizer  # noqa: E402
-from fishds.outputs import adapter_keys  # noqa: E402
+from fishds.run.outputs import adapter_keys  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -97,7 +97,7 @@ if args.resume_from:
 
 if args.then_fishds:  # fishds' own trainer, for the mask comparison (saves a second launch of the test)
     from fishds.config import load_config
-    from fishds.train import run
+    from fishds.run.train import run
 
     run(load_config(None, [
         f"model.name_or_path={args.model}", f"data.path={args.train}", "data.max_length=64", "peft.r=4",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fishds.config import Config
-from fishds.data import Collator, load_examples
+from fishds.run.data import Collator, load_examples
 from fishds.model import load_peft_model, load_tokenizer
 
 

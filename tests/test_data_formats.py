@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fishds.config import ConfigError, DataSection
-from fishds.data import Collator, load_examples, read_rows
-from fishds.formats import label_list, pack, tokenize_row
+from fishds.run.data import Collator, load_examples, read_rows
+from fishds.run.formats import label_list, pack, tokenize_row
 from fishds.model import load_tokenizer
 
 ROWS = [{"text": "good movie", "label": 1}, {"text": "awful plot, slow", "label": 0},
@@ -123,7 +123,7 @@ def test_classification_examples_and_collation(toy, tmp_path):
 
 
 def test_tokenisation_is_cached_and_keyed_by_content(toy, tmp_path, monkeypatch):
-    import fishds.data
+    import fishds.run.data
 
     tok = load_tokenizer(toy["model"])
     data = DataSection(path=toy["train"], max_length=64)
@@ -132,7 +132,7 @@ def test_tokenisation_is_cached_and_keyed_by_content(toy, tmp_path, monkeypatch)
 
     def boom(*a, **k):
         raise AssertionError("tokenized again instead of reading the cache")
-    monkeypatch.setattr(fishds.data, "tokenize_row", boom)
+    monkeypatch.setattr(fishds.run.data, "tokenize_row", boom)
     assert load_examples(tok, toy["train"], "data.path", data, 20, cache=tmp_path / "c") == first
     changed = tmp_path / "changed.jsonl"
     changed.write_text(open(toy["train"]).read().replace("fresh", "rotten", 1))

@@ -1,4 +1,4 @@
-"""fishds.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2 (torchrun; with a
+"""fishds.integrations.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2 (torchrun; with a
 dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed (DDP, torchrun).
 
 Each run: exactly k entries selected; every masked entry of the saved adapter equals the adapter before
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import ROOT
 from fishds.dist import _free_port
-from fishds.mask import load_masks
+from fishds.fish.mask import load_masks
 
 K = 224  # floor(0.25 * 896): LoRA r=4 on q,v of the 2-layer toy Llama
 
@@ -112,7 +112,7 @@ def _tiny(toy, peft: bool):
 
 
 def test_hf_callback_errors(toy):
-    from fishds.hf import FishCallback, FishError
+    from fishds.integrations.hf import FishCallback, FishError
 
     fish = FishCallback(num_selected=4)
     with pytest.raises(FishError, match="before the Trainer created its optimizer"):

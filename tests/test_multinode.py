@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, base_overrides, launch, launch_command
-from fishds.mask import load_masks
+from fishds.fish.mask import load_masks
 
 TIMEOUT_S = 300
 

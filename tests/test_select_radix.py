@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fishds.select import exact_topk, float_keys, key_to_float, random_keys
+from fishds.fish.select import exact_topk, float_keys, key_to_float, random_keys
 
 
 def _reference(keys: torch.Tensor, k: int) -> torch.Tensor:

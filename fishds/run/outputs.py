@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from . import dist as fdist
-from .mask import save_masks
-from .pool import Pool
+from .. import dist as fdist
+from ..fish.mask import save_masks
+from ..fish.pool import Pool
 
 FINISHED_MARKER = "fish_report.json"
 SELECTION_REPORT = "fish_selection.json"  # the report as of the mask being fixed (read back on resume)
@@ -82,7 +82,7 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
         if hasattr(model, "bottleneck_config"):
-            from .bottleneck import save_bottleneck
+            from ..bottleneck import save_bottleneck
             save_bottleneck(model, tmp, adapter)
         else:
             model.save_pretrained(str(tmp), state_dict={**_adapter_buffers(model), **adapter}, safe_serialization=True)

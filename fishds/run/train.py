@@ -18,25 +18,26 @@ from pathlib import Path
 
 import torch
 
-from . import dist as fdist
-from . import memory, quant
-from .config import Config, ConfigError
+from .. import dist as fdist
+from .. import memory
+from .. import quant
+from ..config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
-from .dsconfig import resolve_ds_config
-from .compact import apply_mask as apply_compact_mask, check_config as check_compact
-from .compact import CompactAdamW, check_resumed_state
+from ..dsconfig import resolve_ds_config
+from ..fish.compact import apply_mask as apply_compact_mask, check_config as check_compact
+from ..fish.compact import CompactAdamW, check_resumed_state
 from .formats import label_list, pack
-from .enforce import MaskEnforcer, reset_unselected
+from ..fish.enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
-from .fisher import collect_scores, gather_scores
-from .mask import share_selection
-from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
+from ..fish.fisher import collect_scores, gather_scores
+from ..fish.mask import share_selection
+from ..model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
                     is_classification, load_peft_model, load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
 from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, gather_adapter, key_map, mask_report,
                       save_adapter, save_initial_adapter, save_mask_file, write_json)
-from .pool import Pool
-from .select import exact_topk, float_keys, key_to_float, random_keys
+from ..fish.pool import Pool
+from ..fish.select import exact_topk, float_keys, key_to_float, random_keys
 
 
 @dataclass
@@ -78,7 +79,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     d = cfg.data
     data_path, eval_path = d.path, d.eval_path
     if data_path == "rotten_tomatoes":
-        from .assets import rotten_tomatoes
+        from ..assets import rotten_tomatoes
         files = rotten_tomatoes("classification" if d.format == "classification" else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
     if cfg.peft.method == "bottleneck" and is_classification(cfg):
@@ -371,7 +372,7 @@ def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, s
 
 def load_mask_for_pool(model, pool: Pool, path: str) -> dict[str, torch.Tensor]:
     """A fish_mask.safetensors keyed like the adapter, checked against the pool, keyed by parameter name."""
-    from .mask import load_masks
+    from ..fish.mask import load_masks
 
     try:
         by_key = load_masks(path)
@@ -486,7 +487,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         save_adapter(engine.module, out, adapter)
         write_json(out / FINISHED_MARKER, report)
         try:  # the run is finished; a failed plot must not fail it
-            from .report import write_report_png
+            from ..report import write_report_png
             print(f"[fishds] mask report: {write_report_png(out)}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"[fishds] warning: fish_mask_report.png not written ({e})", flush=True)

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import dist as fdist
-from .mask import load_masks, save_masks
+from .. import dist as fdist
+from ..fish.mask import load_masks, save_masks
 
 MARKER = "fishds_state.json"
 

@@ -28,10 +28,10 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import dist as fdist
-from .config import Config, ConfigError
+from .. import dist as fdist
+from ..config import Config, ConfigError
 from .enforce import UnsupportedSetup, _master_fragments
-from .memory import optimizer_tensors
+from ..memory import optimizer_tensors
 from .pool import Pool
 
 

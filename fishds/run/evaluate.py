@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import dist as fdist
+from .. import dist as fdist
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dist as fdist
+from .. import dist as fdist
 from .pool import Pool
 
 
@@ -94,7 +94,7 @@ class MaskEnforcer:
         self.masks = {n: m.to(dev) for n, m in masks.items()}
         self._hooks = [t.param.register_hook(self._grad_hook(self.masks[t.name])) for t in pool.tensors
                        if not bool(self.masks[t.name].all())]
-        self.fragments = self._fragments() if restore else []  # restore=False: fishds.compact never moves them
+        self.fragments = self._fragments() if restore else []  # restore=False: fishds.fish.compact never moves them
         opt = engine.basic_optimizer
         self._inner_step = opt.step
 

@@ -13,7 +13,7 @@ Examples a too-small data.max_length leaves without a single label token come ba
 """
 from __future__ import annotations
 
-from .config import ConfigError, DataSection
+from ..config import ConfigError, DataSection
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")

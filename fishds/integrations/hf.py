@@ -28,15 +28,15 @@ from types import SimpleNamespace
 
 import torch
 
-from . import dist as fdist
+from .. import dist as fdist
 
 fdist.prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
 
 from transformers import TrainerCallback  # noqa: E402
 
-from .enforce import MaskEnforcer, reset_unselected  # noqa: E402
-from .outputs import gather_adapter, save_mask_file  # noqa: E402
-from .pool import Pool  # noqa: E402
+from ..fish.enforce import MaskEnforcer, reset_unselected  # noqa: E402
+from ..run.outputs import gather_adapter, save_mask_file  # noqa: E402
+from ..fish.pool import Pool  # noqa: E402
 
 MASK_FILE = "fish_mask.safetensors"
 
@@ -242,7 +242,7 @@ class FishCallback(TrainerCallback):
     def fix_mask(self, trainer, mask_path: str | None = None) -> dict[str, torch.Tensor]:
         """Score and select (or read `mask_path`), then start enforcing. Called by the events; public for loops
         that drive a Trainer's engine themselves (after the optimizer / DeepSpeed engine exists)."""
-        from .train import load_mask_for_pool, publish_mask, scoring_examples, select_masks
+        from ..run.train import load_mask_for_pool, publish_mask, scoring_examples, select_masks
 
         engine = self._engine(trainer)
         model = engine.module

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import dist as fdist
+from .. import dist as fdist
 from .pool import Pool
 
 

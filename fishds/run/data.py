@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import dist as fdist
-from .config import ConfigError, DataSection
+from .. import dist as fdist
+from ..config import ConfigError, DataSection
 from .formats import check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -120,7 +120,7 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache)."""
     import datasets
 
-    from .assets import cache_dir
+    from ..assets import cache_dir
 
     if data.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
