@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from .. import dist as fdist
+from .. import zero
 from .pool import Pool
 
 
@@ -79,16 +80,14 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     segments = _segments(pool, bounds)
     acc_peak = sum(c.numel() for c in chunks) * 4
     grad_peak = 0
-    zero3 = engine.optimizer.parameter_offload.get_param_coordinator() if engine.zero_optimization_stage() == 3 \
-        else None
+    zero3 = zero.zero3_coordinator(engine)
     groups = _passes(len(examples), granularity, micro_batch_size)
     for i, group in enumerate(groups):
         batch = collate([examples[j] for j in group] or [examples[0]])
         batch = {k: v.to(dev) for k, v in batch.items()}
         loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
         grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-        if zero3:  # autograd.grad skips the hooks that end a ZeRO-3 backward: release what it left gathered
-            zero3.release_backward_leftovers()
+        zero.release_backward_leftovers(zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
         grad_peak = max(grad_peak, sum(g.numel() * g.element_size() for g in grads if g is not None))
         for n, parts in enumerate(segments):
             g, grads[n] = grads[n], None  # free each gradient once it is added
@@ -99,9 +98,7 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
         del grads, loss
         if progress is not None:
             progress(i + 1, len(groups))
-    if zero3:
-        engine.empty_partition_cache()
-        zero3.reset_step()
+    zero.end_gradient_pass(engine, zero3)
     model.train(was_training)
     t_local = time.perf_counter() - t0
 

@@ -37,6 +37,7 @@ from transformers import TrainerCallback  # noqa: E402
 from ..fish.enforce import MaskEnforcer, reset_unselected  # noqa: E402
 from ..run.outputs import gather_adapter, save_mask_file  # noqa: E402
 from ..fish.pool import Pool  # noqa: E402
+from .. import zero  # noqa: E402
 
 MASK_FILE = "fish_mask.safetensors"
 
@@ -57,16 +58,10 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
     else $FISHDS_COLLECTIVE_TIMEOUT_S, else 30 min), not TrainingArguments.ddp_timeout.
     """
     fdist.prefer_cpu_accelerator_if_no_cuda()
-    import deepspeed.comm.torch  # noqa: F401
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
+    if not zero.skip_shm_op_build():
         return None
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     if "LOCAL_RANK" not in os.environ:  # one process without a launcher: a world of one (DeepSpeed would try MPI)
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(fdist._free_port()))
+        zero.default_rendezvous_env()
     from accelerate import PartialState
 
     before = os.environ.get("ACCELERATE_USE_DEEPSPEED")

@@ -21,6 +21,7 @@ import torch
 from .. import dist as fdist
 from .. import memory
 from .. import quant
+from .. import zero
 from ..config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from ..dsconfig import resolve_ds_config
@@ -272,7 +273,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     model = load_peft_model(cfg, plan.model_path, dtype, plan.labels, tokenizer.pad_token_id)
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        fdist.print0(f"[fishds] ZeRO-3 loading: {sum(hasattr(p, 'ds_id') for p in frozen)}/{len(frozen)} frozen "
+        fdist.print0(f"[fishds] ZeRO-3 loading: {sum(zero.is_partitioned(p) for p in frozen)}/{len(frozen)} frozen "
                      "tensors partitioned as they loaded" + (" (transformers loads a 4-bit model whole on every rank; "
                      "deepspeed.initialize partitions it)" if quant.enabled(cfg) else ""))
     exclude = cfg.fish.pool_exclude + head_patterns(cfg)
