@@ -34,7 +34,7 @@ from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
 from fishds.fish.fisher import collect_scores  # noqa: E402
 from bench._session import session  # noqa: E402
-from fishds.run.train import scoring_examples  # noqa: E402
+from fishds.fish.selection import scoring_examples  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg, s = session(args, "fishds-fmem-")
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     cuda = torch.cuda.is_available()
     gc.collect()
     fdist.barrier()

@@ -32,7 +32,8 @@ from fishds.fish.fisher import collect_scores  # noqa: E402
 from fishds.fish.mask import save_masks, share_selection  # noqa: E402
 from fishds.fish.select import exact_topk, float_keys  # noqa: E402
 from bench._session import record, session  # noqa: E402
-from fishds.run.train import scoring_examples, train_step  # noqa: E402
+from fishds.fish.selection import scoring_examples  # noqa: E402
+from fishds.run.train import train_step  # noqa: E402
 
 
 def timed_steps(s, n: int) -> list[float]:
@@ -55,7 +56,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg, s = session(args, "fishds-bench-")
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     mbs = cfg.train.micro_batch_size
 
     timed_steps(s, 2)  # warm-up: allocator, ZeRO-3 trace

@@ -14,6 +14,9 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .fish.selection import RULES
+from .methods import METHODS
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any heavy work starts."""
@@ -30,7 +33,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
 
 
-PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera", "bottleneck")
+PEFT_METHODS = tuple(METHODS)  # the table of PEFT methods: fishds/methods.py
 
 
 class PeftSection(_Section):
@@ -66,9 +69,8 @@ class QuantSection(_Section):
 
 
 class FishSection(_Section):
-    selection: Literal["fisher", "random", "lowest", "dense"] = Field(
-        "fisher", description="fisher: top-k empirical Fisher (the paper); random: k entries at random (ablation); "
-        "lowest: the k lowest Fisher scores (ablation); dense: plain PEFT, no mask.")
+    selection: Literal[tuple(RULES)] = Field(
+        "fisher", description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ".")
     keep_ratio: Optional[float] = Field(None, description="Fraction of the pool to train, in (0, 1]: "
                                         "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.")
     num_selected: Optional[int] = Field(None, description="Absolute number k of entries to train (1..pool size).")
@@ -100,11 +102,11 @@ class FishSection(_Section):
 
     @model_validator(mode="after")
     def _budget(self):
-        if self.selection == "dense":
+        if RULES[self.selection].dense:
             return self
         if self.keep_ratio is not None and self.num_selected is not None:
             raise ValueError("fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
-                             "(an absolute count)")
+                             "(an absolute count), not both")
         if self.budget == "match_rank":
             if self.match_r is None or self.keep_ratio is not None or self.num_selected is not None:
                 raise ValueError("fish.budget=match_rank needs fish.match_r and no fish.keep_ratio / fish.num_selected")

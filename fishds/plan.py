@@ -187,14 +187,16 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
     """The plan of a fishds run config (no weights read): LoRA-family methods only."""
     from .config import ConfigError
     from .dsconfig import resolve_ds_config
+    from .fish.selection import rule
+    from .methods import METHODS
     from .model import resolve_model_path
 
-    if cfg.peft.method not in ("lora", "rslora", "dora"):
+    if not METHODS[cfg.peft.method].lora_shapes:
         raise ConfigError(f"peft.method={cfg.peft.method!r}: fishds plan models LoRA-family adapters only")
     ds = resolve_ds_config(cfg, ds_path or cfg.ds_config, world)
     t = cfg.peft.target_modules
     targets = "all-linear" if t == "all-linear" else tuple(x for x in ([t] if isinstance(t, str) else t) if x in PROJ)
-    keep = None if cfg.fish.selection == "dense" else (cfg.fish.keep_ratio or 0.5)
+    keep = None if rule(cfg.fish.selection).dense else (cfg.fish.keep_ratio or 0.5)
     return load_arch(resolve_model_path(cfg)), Setup(
         ds["zero_optimization"].get("stage", 0), world, cfg.quant.bits, cfg.quant.double_quant, cfg.train.precision,
         cfg.peft.r, targets, keep, cfg.train.optimizer, cfg.train.micro_batch_size, cfg.data.max_length,

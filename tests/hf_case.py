@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noq
 from fishds.config import DataSection  # noqa: E402
 from fishds.run.data import Collator, load_examples  # noqa: E402
 from fishds.model import load_tokenizer  # noqa: E402
-from fishds.run.outputs import adapter_keys  # noqa: E402
+from fishds.fish.adapter import adapter_keys  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 ap = argparse.ArgumentParser()

@@ -120,7 +120,7 @@ def test_qlora_fish_single_process_fp4_double_quant(toy, tmp_path):
 ])
 def test_qlora_refused_in_preflight(toy, tmp_path, extra, needle):
     """Combinations measured to fail are refused before any weights load, naming the field to change."""
-    from fishds.run.train import preflight
+    from fishds.run.preflight import preflight
 
     cfg = load_config(None, base_overrides(toy, tmp_path / "x", **{"quant.bits": 4, **extra}))
     with pytest.raises(ConfigError, match=needle):
@@ -128,7 +128,7 @@ def test_qlora_refused_in_preflight(toy, tmp_path, extra, needle):
 
 
 def test_qlora_dora_refused_under_zero3_only(toy, tmp_path):
-    from fishds.run.train import preflight
+    from fishds.run.preflight import preflight
 
     cfg = load_config(None, base_overrides(toy, tmp_path / "x", **{"quant.bits": 4, "peft.method": "dora"}))
     with pytest.raises(ConfigError, match="peft.method='dora'.*ZeRO-3"):

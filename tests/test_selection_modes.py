@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from conftest import base_overrides, launch
 from fishds.fish.mask import load_masks
 from fishds.config import load_config
-from fishds.run.outputs import adapter_keys
+from fishds.fish.adapter import adapter_keys
 from reference import initial_model
 from test_distributed import assert_mask_enforced, outputs
 

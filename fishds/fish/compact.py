@@ -32,6 +32,7 @@ from .. import dist as fdist
 from ..config import Config, ConfigError
 from .. import zero
 from ..zero import UnsupportedSetup
+from .selection import rule
 from ..memory import optimizer_tensors
 from .pool import Pool
 
@@ -122,7 +123,7 @@ def check_config(cfg: Config, ds: dict) -> None:
     """Refuse fish.compact_optimizer where it cannot work (before any weights load)."""
     if not cfg.fish.compact_optimizer:
         return
-    if cfg.fish.selection == "dense":
+    if rule(cfg.fish.selection).dense:
         raise ConfigError("fish.compact_optimizer=true needs a mask; with fish.selection=dense every entry trains "
                           "(set fish.compact_optimizer=false)")
     if cfg.train.optimizer != "adamw":

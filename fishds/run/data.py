@@ -116,8 +116,9 @@ def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_
 
 
 def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
-                  labels: list | None = None, cache: Path | None = None) -> list[dict]:
-    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache)."""
+                  labels: list | None = None, cache: Path | None = None, rows: list[dict] | None = None) -> list[dict]:
+    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache).
+    rows: the checked rows of `path` when the caller has read them already (preflight), else they are read here."""
     import datasets
 
     from ..assets import cache_dir
@@ -132,10 +133,11 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
         if cache_file.is_file():  # the arrow file datasets' map wrote: no need to read and parse the rows again
             return [e for e in datasets.Dataset.from_file(str(cache_file)).to_list() if e["input_ids"]]
         cache.mkdir(parents=True, exist_ok=True)
-        rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
+        checked = rows if rows is not None else read_rows(path, key, data, limit)
+        table = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in checked])
         label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
         features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
-        tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
+        tok = table.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
                        remove_columns=["row"], cache_file_name=str(cache_file), desc=f"tokenizing {key}")
         return [e for e in tok.to_list() if e["input_ids"]]
 
