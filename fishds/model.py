@@ -11,6 +11,7 @@ import torch
 
 from .config import Config, ConfigError
 from .methods import METHODS, PeftMethod
+from .run.formats import FORMATS
 
 _LINEAR_SKIP = ("lm_head", "score", "classifier")
 
@@ -27,7 +28,7 @@ def resolve_model_path(cfg: Config) -> str:
 
 
 def is_classification(cfg: Config) -> bool:
-    return cfg.data.format == "classification"
+    return FORMATS[cfg.data.format].classification
 
 
 def auto_class(cfg: Config):
@@ -72,8 +73,8 @@ def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None
         from .bottleneck import PLACEMENT
         matched = [n for n in names if n.split(".")[-1] in PLACEMENT[cfg.peft.placement]]
         if not matched:
-            raise ConfigError(f"peft.placement={cfg.peft.placement!r}: {model_path} has no {PLACEMENT[cfg.peft.placement]} "
-                              "projection to put bottleneck adapters after")
+            raise ConfigError(f"peft.placement={cfg.peft.placement!r}: {model_path} has no "
+                              f"{PLACEMENT[cfg.peft.placement]} projection to put bottleneck adapters after")
         return matched
     targets = cfg.peft.target_modules
     if targets == "all-linear":

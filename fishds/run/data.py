@@ -17,7 +17,7 @@ import torch
 
 from .. import dist as fdist
 from ..config import ConfigError, DataSection
-from .formats import check_row, tokenize_row
+from .formats import FORMATS, check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CACHE_VERSION = "fishds-data-2"
@@ -51,7 +51,8 @@ def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
-                wanted = ["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path" else ["test"]
+                wanted = (["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path"
+                          else ["test"])
                 split = next((s for s in wanted if s in ds), None)
                 if split is None:
                     raise ConfigError(f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
@@ -123,7 +124,7 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
 
     from ..assets import cache_dir
 
-    if data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+    if FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
                           "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")
     cache = cache or cache_dir() / "tokenized"
@@ -135,7 +136,8 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
         cache.mkdir(parents=True, exist_ok=True)
         checked = rows if rows is not None else read_rows(path, key, data, limit)
         table = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in checked])
-        label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
+        label_type = (datasets.Value("int64") if FORMATS[data.format].classification
+                      else datasets.List(datasets.Value("int64")))
         features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
         tok = table.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
                        remove_columns=["row"], cache_file_name=str(cache_file), desc=f"tokenizing {key}")
@@ -152,7 +154,7 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
             if fdist.world_size() > 1:
                 fdist.barrier()
     if not examples:
-        what = ("no response token is left to learn" if data.format in ("alpaca", "chat")
+        what = ("no response token is left to learn" if FORMATS[data.format].response_only
                 else "no token is left")
         raise ConfigError(f"{key}={path!r}: every example's prompt is longer than data.max_length={data.max_length}, "
                           f"so {what}; raise data.max_length")

@@ -14,7 +14,7 @@ from ..dsconfig import resolve_ds_config
 from ..files import REPORT_FILE
 from ..fish.compact import check_config as check_compact
 from ..fish.selection import rule
-from ..model import check_model_and_targets, count_trainable, is_classification, peft_method, resolve_model_path
+from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
 from .checkpoint import find_resume
 from .data import read_rows
 from .formats import label_list
@@ -50,11 +50,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     data_path, eval_path = d.path, d.eval_path
     if data_path == "rotten_tomatoes":
         from ..assets import rotten_tomatoes
-        files = rotten_tomatoes("classification" if d.format == "classification" else "alpaca")
+        files = rotten_tomatoes("classification" if is_classification(cfg) else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
-    if not peft_method(cfg).trains_head and is_classification(cfg):
-        raise ConfigError(f"peft.method={cfg.peft.method} does not train a classification head; use a PEFT method "
-                          "(e.g. lora) with data.format=classification")
     rows = {"data.path": read_rows(data_path, "data.path", d, d.max_examples)}
     labels = label_list(rows["data.path"], d) if is_classification(cfg) else None
     for key, path, limit in (("data.eval_path", eval_path, d.max_eval_examples),
@@ -87,10 +84,7 @@ def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None)
     f, r = cfg.fish, cfg.peft.r
     if rule(f.selection).dense:
         return {}
-    if f.budget == "match_rank":
-        if f.match_r >= r:
-            raise ConfigError(f"fish.match_r={f.match_r} must be below peft.r={r} (protocol 1: a larger pool masked "
-                              "down to the count of a smaller rank)")
+    if f.budget == "match_rank":  # match_r < peft.r: checked by config.Config
         return {f.match_r: count_trainable(cfg, model_path, f.match_r, num_labels)}
     if f.keep_ratio is not None and (r * f.keep_ratio).is_integer() and 0 < r * f.keep_ratio < r:
         return {int(r * f.keep_ratio): count_trainable(cfg, model_path, int(r * f.keep_ratio), num_labels)}
