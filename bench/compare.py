@@ -16,10 +16,10 @@ scored there lands in B only (FISH_TUNING.md trap 1); fisher_warmup is the remed
 Budgets (../shared/FISH_TUNING.md section 1):
 - p1:R:r  protocol 1: rank R masked down to the trainable count of plain rank r (fish.budget=match_rank);
 - p2:R:p  protocol 2: rank R at keep ratio p, against plain rank R*p.
-Every arm uses peft.alpha = 2 x rank. Each budget runs selection fisher, random and lowest at rank R, and dense = plain PEFT at the matched
-rank, so every arm trains the same number of entries (up to the rounding the report shows). Every arm
-uses the same steps, seeds (adapter init, data order, Fisher sample) and learning-rate grid; for each
-(budget, selection) the learning rate with the best mean validation metric over seeds is chosen, and
+Every arm uses peft.alpha = 2 x rank. Each budget runs selection fisher, random and lowest at rank R, and
+dense = plain PEFT at the matched rank, so every arm trains the same number of entries (up to the rounding the
+report shows). Every arm uses the same steps, seeds (adapter init, data order, Fisher sample) and learning-rate
+grid; for each (budget, selection) the learning rate with the best mean validation metric over seeds is chosen, and
 its test metric is reported.
 
 Writes bench/results/compare-<task>.json ({"rows": [...]}, one row per run and split), .md (mean and

@@ -31,9 +31,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
+from bench._session import session  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
 from fishds.fish.fisher import collect_scores  # noqa: E402
-from bench._session import session  # noqa: E402
 from fishds.fish.selection import scoring_examples  # noqa: E402
 
 

@@ -68,11 +68,11 @@ def main() -> None:
     prefer_cpu_accelerator_if_no_cuda()
     import torch  # noqa: F401
 
+    from bench._session import record, session
     from fishds import dist as fdist
     from fishds import memory
     from fishds.fish.compact import apply_mask
     from fishds.fish.enforce import MaskEnforcer
-    from bench._session import record, session
     from fishds.fish.selection import scoring_examples, select_masks
     from fishds.run.train import train_step
 
@@ -97,7 +97,7 @@ def main() -> None:
         return r
     opt.step = timed
     steps = []
-    for i in range(args.warm + args.steps):
+    for _ in range(args.warm + args.steps):
         fdist.barrier()
         t0 = time.perf_counter()
         train_step(s.engine, s.batches, s.collate, cfg.train.grad_accum)

@@ -88,9 +88,8 @@ def _merge(args) -> int:
 
 
 def _plan(args) -> int:
-    from .plan import from_args, plan, table
-
     from .config import ConfigError
+    from .plan import from_args, plan, table
 
     try:
         arch, setup = from_args(args)

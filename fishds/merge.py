@@ -68,10 +68,10 @@ def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", 
 
 def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Base + adapter -> merged model and tokenizer in out_dir (safetensors). Returns out_dir."""
-    import torch
-    from peft import PeftModel
     import json
 
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     check_inputs(base_model_path, adapter_dir, out_dir, dtype, overwrite)

@@ -4,7 +4,8 @@ Components, in bytes per rank (p = parameter bytes: 4 for fp32, 2 for bf16; W = 
 entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
 - frozen: the projections, 4-bit: numel/2 packed + quant state (fp32 absmax per 64-entry block, or with
   double_quant 1 byte per block + fp32 per 256 blocks, plus the code tables; never partitioned, as
-  measured), else numel x p; embeddings, lm_head (unless tied) and norms x p. ZeRO-3 divides everything but the quant state by W.
+  measured), else numel x p; embeddings, lm_head (unless tied) and norms x p. ZeRO-3 divides everything but the
+  quant state by W.
 - adapter: n x p (LoRA: r x (in + out) per targeted projection); / W under ZeRO-3.
 - gradients: n x p; / W under ZeRO-2 and 3.
 - optimizer: fp32 masters (4n; none at ZeRO-0 in fp32, where the parameters are the masters) and AdamW's

@@ -117,8 +117,8 @@ def _title(report: dict, counts: dict, title_dir: str) -> str:
 
 def _draw(report: dict, counts: dict, title_dir: str):
     import numpy as np
-    from matplotlib.figure import Figure
     from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     cells, kinds = counts["cells"], counts["kinds"]
     layers = _layer_order({layer for layer, _ in cells})

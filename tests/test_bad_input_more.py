@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import base_overrides, launch
 from test_bad_input import broken_weights_model, launch_train  # noqa: F401 - fixture reused
 

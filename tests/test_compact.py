@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
-from fishds.fish.compact import CompactAdamW, check_config
+from safetensors.torch import load_file
+from test_distributed import assert_mask_enforced
+
 from fishds.config import ConfigError, load_config
 from fishds.dsconfig import resolve_ds_config
-from test_distributed import assert_mask_enforced
+from fishds.fish.compact import CompactAdamW, check_config
 
 
 def _dense_masked_step(p, opt, mask, frozen):

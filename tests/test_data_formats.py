@@ -6,9 +6,9 @@ import json
 import pytest
 
 from fishds.config import ConfigError, DataSection
+from fishds.model import load_tokenizer
 from fishds.run.data import Collator, load_examples, read_rows
 from fishds.run.formats import label_list, pack, tokenize_row
-from fishds.model import load_tokenizer
 
 ROWS = [{"text": "good movie", "label": 1}, {"text": "awful plot, slow", "label": 0},
         {"text": "fine \"quoted\" story", "label": 1}]
@@ -37,7 +37,8 @@ def test_every_file_type_reads_the_same_rows(tmp_path):
         assert read_rows(tmp_path / name, "data.path", data) == ROWS, name
     # a DatasetDict folder: data.path takes "train", data.test_path "test"
     assert read_rows(tmp_path / "dict", "data.test_path", data) == ROWS[:1]
-    with pytest.raises(ConfigError, match=r"data.eval_path=.*splits \['other', 'train'\], none of \['validation', 'test'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"data.eval_path=.*splits \['other', 'train'\], none of \['validation', 'test'\]"):
         import datasets
         datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
                               "other": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dict2"))

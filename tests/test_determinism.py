@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import base_overrides, launch
 from safetensors.torch import load_file
 
-from conftest import base_overrides, launch
 from fishds.fish.mask import load_masks
 
 

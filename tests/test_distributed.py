@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import base_overrides, launch
+from reference import initial_model, reference_mask, reference_scores
 from safetensors.torch import load_file
 
-from conftest import base_overrides, launch
 from fishds.config import load_config
 from fishds.fish.mask import load_masks
-from reference import initial_model, reference_mask, reference_scores
 
 
 def adapter_file(out):

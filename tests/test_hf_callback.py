@@ -1,5 +1,6 @@
-"""fishds.integrations.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2 (torchrun; with a
-dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed (DDP, torchrun).
+"""fishds.integrations.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2
+(torchrun; with a dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed
+(DDP, torchrun).
 
 Each run: exactly k entries selected; every masked entry of the saved adapter equals the adapter before
 training bit for bit (AdamW with weight decay 0.1, so enforcement is needed: masked lora_A entries are
@@ -16,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from fishds.dist import _free_port
 from fishds.fish.mask import load_masks
 
@@ -118,7 +119,8 @@ def test_hf_callback_errors(toy):
     with pytest.raises(FishError, match="before the Trainer created its optimizer"):
         fish.fix_mask(SimpleNamespace(optimizer=None))  # e.g. called before trainer.train()
     with pytest.raises(FishError, match="before the Trainer built its DeepSpeed engine"):
-        fish._engine(SimpleNamespace(optimizer=object(), is_deepspeed_enabled=True, model_wrapped=torch.nn.Linear(1, 1)))
+        fish._engine(SimpleNamespace(optimizer=object(), is_deepspeed_enabled=True,
+                                     model_wrapped=torch.nn.Linear(1, 1)))
     with pytest.raises(FishError, match="could not find its Trainer"):
         fish.on_train_begin(None, SimpleNamespace(global_step=0), None)
     with pytest.raises(FishError, match="not a PEFT model"):

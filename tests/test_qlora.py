@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
-from fishds.config import ConfigError, load_config
+from safetensors.torch import load_file
 from test_distributed import assert_mask_enforced
+
+from fishds.config import ConfigError, load_config
 
 K = 224  # keep 0.25 of the 896-entry pool (LoRA r=4 on q_proj, v_proj of the 2-layer toy)
 

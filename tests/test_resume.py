@@ -8,9 +8,9 @@ import time
 
 import psutil
 import torch
+from conftest import ROOT, base_overrides, launch, launch_command
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_overrides, launch, launch_command
 from fishds.run.checkpoint import complete_checkpoints
 
 STEPS = {"train.max_steps": 40, "train.save_every": 10, "train.keep_checkpoints": 2, "train.weight_decay": 0.1,

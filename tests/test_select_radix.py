@@ -1,4 +1,5 @@
-"""exact_topk (radix select) against a reference sort with index tie-break: heavy ties, k at the edges, 1 and 2 ranks."""
+"""exact_topk (radix select) against a reference sort with index tie-break: heavy ties, k at the edges, 1 and 2
+ranks."""
 from __future__ import annotations
 
 import os

@@ -28,13 +28,12 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.optimizer import _get_scalar_dtype
 
-from .. import dist as fdist
-from ..config import Config, ConfigError
 from .. import zero
-from ..zero import UnsupportedSetup
-from .selection import rule
+from ..config import Config, ConfigError
 from ..memory import optimizer_tensors
+from ..zero import UnsupportedSetup
 from .pool import Pool
+from .selection import rule
 
 
 class CompactAdamW(torch.optim.AdamW):
@@ -154,7 +153,8 @@ def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
     """Tell the CompactAdamW inside `engine` the local selected entries of every tensor it updates."""
     opt = zero.torch_optimizer(engine)
     if not isinstance(opt, CompactAdamW):
-        raise UnsupportedSetup(f"fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found {type(opt).__name__}")
+        raise UnsupportedSetup("fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found "
+                               f"{type(opt).__name__}")
     tensors = optimizer_tensors(engine)
     chosen: dict[int, list[torch.Tensor]] = {}
     owner_of: dict[int, torch.Tensor] = {}

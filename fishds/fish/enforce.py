@@ -22,7 +22,8 @@ import torch
 
 from .. import dist as fdist
 from .. import zero
-from ..zero import UnsupportedSetup, master_fragments as _master_fragments
+from ..zero import UnsupportedSetup
+from ..zero import master_fragments as _master_fragments
 from .pool import Pool
 
 

@@ -4,7 +4,8 @@ F[j] = sum over the N scoring examples of (dL(x_i, y_i)/d theta_j)^2   (granular
 F[j] = sum over micro-batches b of (dL_b/d theta_j)^2                     (granularity "batch", cheaper)
 
 The N examples are dealt round-robin to the ranks, so each counts exactly once. Each rank calls the wrapped module
-(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters with torch.autograd.grad: it has full shape on every ZeRO stage
+(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters
+with torch.autograd.grad: it has full shape on every ZeRO stage
 (ZeRO-3 gathers the weights for the forward and backward), is never reduced across ranks, and no
 gradient of the frozen base weights is computed. Squares are summed into an fp32 accumulator in pool
 order, held as one tensor per owner chunk (pool.chunk). At the end each chunk is reduced once to the
@@ -31,7 +32,6 @@ import torch.distributed as dist
 from .. import dist as fdist
 from .. import zero
 from .pool import Pool
-
 
 REDUCE_PIECE = 1 << 24  # entries per reduce call (64 MiB of fp32): bounds any staging buffer of the backend
 

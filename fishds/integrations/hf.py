@@ -9,7 +9,8 @@ At `on_train_begin` the Trainer has built its optimizer and, under DeepSpeed, th
 (`trainer.model_wrapped`). The callback then runs the FISH method core (fishds/fish/) on that engine, the same
 flow `fishds train` runs: fish.selection.select_masks (the Fisher pass, ZeRO-3 aware, and the exact distributed
 top-k), fish.selection.publish_mask, and enforce.MaskEnforcer (gradient hooks + wrapper of the inner torch
-optimizer's step). Its arguments are validated as the `fish:` section of a fishds config (config.FishSection). Without DeepSpeed (one process or DDP) the Trainer's torch optimizer is wrapped the same way, through
+optimizer's step). Its arguments are validated as the `fish:` section of a fishds config (config.FishSection).
+Without DeepSpeed (one process or DDP) the Trainer's torch optimizer is wrapped the same way, through
 a small stand-in that answers what those functions ask of a DeepSpeed engine (ZeRO stage 0, fp32 weights).
 
 Callbacks do not receive the Trainer; the callback finds it by walking up the call stack to the Trainer
@@ -31,9 +32,8 @@ from .. import dist as fdist
 
 fdist.prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
 
-from transformers import TrainerCallback  # noqa: E402
-
 from pydantic import ValidationError  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from .. import zero  # noqa: E402
 from ..config import FishSection  # noqa: E402
@@ -41,8 +41,15 @@ from ..files import MASK_FILE  # noqa: E402
 from ..fish.adapter import gather_adapter, save_mask_file  # noqa: E402
 from ..fish.enforce import MaskEnforcer, reset_unselected  # noqa: E402
 from ..fish.pool import Pool  # noqa: E402
-from ..fish.selection import (MaskFileError, allocate_k, load_mask_for_pool, publish_mask, rule,  # noqa: E402
-                              scoring_examples, select_masks)
+from ..fish.selection import (  # noqa: E402
+    MaskFileError,
+    allocate_k,
+    load_mask_for_pool,
+    publish_mask,
+    rule,
+    scoring_examples,
+    select_masks,
+)
 
 
 class FishError(RuntimeError):
@@ -230,7 +237,8 @@ class FishCallback(TrainerCallback):
         gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
         if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant") is True:
             raise FishError("the Fisher pass takes gradients with torch.autograd.grad, which reentrant gradient "
-                            "checkpointing does not support: set gradient_checkpointing_kwargs={'use_reentrant': False}")
+                            "checkpointing does not support: set "
+                            "gradient_checkpointing_kwargs={'use_reentrant': False}")
 
     def _out_dir(self, args) -> Path:
         return Path(self.output_dir or args.output_dir)

@@ -15,6 +15,7 @@ from .. import dist as fdist
 from ..files import TENSORBOARD_DIR, atomic
 from ..fish.adapter import adapter_buffers
 
+
 def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     """PEFT save_pretrained with the gathered tensors, into a temporary folder, then moved in place."""
     out.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,15 @@ from ..fish.compact import CompactAdamW, check_resumed_state
 from ..fish.compact import apply_mask as apply_compact_mask
 from ..fish.enforce import MaskEnforcer, reset_unselected
 from ..fish.pool import Pool
-from ..fish.selection import (MaskFileError, load_mask_for_pool, progress_bar, publish_mask, rule,
-                              scoring_examples, select_masks)
+from ..fish.selection import (
+    MaskFileError,
+    load_mask_for_pool,
+    progress_bar,
+    publish_mask,
+    rule,
+    scoring_examples,
+    select_masks,
+)
 from ..model import head_patterns, load_peft_model, load_tokenizer, peft_method
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .data import Collator, ShardedBatches, load_examples
