@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fishds.config import load_config  # noqa: E402
+from fishds.files import METRICS_FILE, REPORT_FILE  # noqa: E402
 
 SELECTIONS = ("fisher", "random", "lowest", "dense", "fisher_warmup")
 
@@ -92,7 +93,7 @@ def arms(budgets, seeds, lrs, selections, steps: int, warmup: int) -> list[dict]
 def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path) -> dict:
     name = f"{arm['budget'].replace(':', '-')}_{arm['selection']}_lr{arm['lr']:g}_s{arm['seed']}"
     out = out_root / name
-    if (out / "fish_report.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
+    if (out / REPORT_FILE).is_file():  # finished earlier: reuse (delete the folder to rerun)
         return {**arm, "name": name, "out": str(out), "seconds": json.loads((out / "arm.json").read_text())["seconds"]}
     ov = {**common, **{k: v for k, v in arm["overrides"].items()}, "output_dir": str(out), "overwrite": "true"}
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", config,
@@ -110,8 +111,8 @@ def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path)
 
 def rows_of(result: dict, task: str, model: str, method: str, metric: str) -> list[dict]:
     out = Path(result["out"])
-    report = json.loads((out / "fish_report.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report = json.loads((out / REPORT_FILE).read_text())
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     curve = [(r["step"], r[f"eval_{metric}"]) for r in records if f"eval_{metric}" in r]
     base = {"task": task, "model": model, "method": method, "selection": result["selection"],
             "budget": result["budget"], "trainable": report["budget"]["trainable"], "seed": result["seed"],
