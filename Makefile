@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 REQS := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo requirements/gpu.txt; else echo requirements/cpu.txt; fi)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo lint test bench clean
 
 setup: $(VENV)/.fishds-installed
 
@@ -21,7 +21,13 @@ demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py \
 		--ds_config ds_configs/zero3.json --config configs/demo.yaml $(ARGS)
 
-test: setup
+LINT_PATHS := fishds launch bench tests
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+test: lint
 	$(PY) -m pytest -q tests $(ARGS)
 
 bench: setup

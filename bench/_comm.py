@@ -5,7 +5,7 @@
     c.bytes, c.calls, c.by_op   # bytes sent per rank (the tensor argument each call sends), per collective
 
 Patches the module attributes of torch.distributed while active, so calls written as `dist.all_reduce(...)`
-(fishds.dist and fishds.mask do) are counted; code holding its own reference to the function is not.
+(fishds.dist and fishds.fish.mask do) are counted; code holding its own reference to the function is not.
 """
 from __future__ import annotations
 

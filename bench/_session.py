@@ -10,9 +10,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def session(args, prefix: str, extra: list[str] = ()):
-    """(cfg, fishds.train.Session) for args.config + `extra` + args.overrides, writing into a fresh temp folder."""
+    """(cfg, fishds.run.train.Session) for args.config + `extra` + args.overrides, writing into a fresh temp folder."""
     from fishds.config import load_config
-    from fishds.train import setup
+    from fishds.run.train import setup
 
     cfg = load_config(args.config, list(extra) + ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix=prefix)]
                       + list(args.overrides))

@@ -31,8 +31,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"Per rank, MB: LoRA r={args.r} on all linear projections, keep {args.keep_ratio:g}, ZeRO-{args.zero}, "
           f"{args.world} ranks, {args.precision} (plan)\n")
-    print("| model | pool entries | masks, bool (both) | optimizer, fp32 masters + AdamW state: dense | compact | enforcer copies: dense | "
-          "compact | gradients (both) |")
+    print("| model | pool entries | masks, bool (both) | optimizer, fp32 masters + AdamW state: dense | compact | "
+          "enforcer copies: dense | compact | gradients (both) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("llama-7b", "llama-13b", "llama-70b"):
         s = dict(zero=args.zero, world=args.world, precision=args.precision, r=args.r, keep_ratio=args.keep_ratio)

@@ -16,10 +16,10 @@ scored there lands in B only (FISH_TUNING.md trap 1); fisher_warmup is the remed
 Budgets (../shared/FISH_TUNING.md section 1):
 - p1:R:r  protocol 1: rank R masked down to the trainable count of plain rank r (fish.budget=match_rank);
 - p2:R:p  protocol 2: rank R at keep ratio p, against plain rank R*p.
-Every arm uses peft.alpha = 2 x rank. Each budget runs selection fisher, random and lowest at rank R, and dense = plain PEFT at the matched
-rank, so every arm trains the same number of entries (up to the rounding the report shows). Every arm
-uses the same steps, seeds (adapter init, data order, Fisher sample) and learning-rate grid; for each
-(budget, selection) the learning rate with the best mean validation metric over seeds is chosen, and
+Every arm uses peft.alpha = 2 x rank. Each budget runs selection fisher, random and lowest at rank R, and
+dense = plain PEFT at the matched rank, so every arm trains the same number of entries (up to the rounding the
+report shows). Every arm uses the same steps, seeds (adapter init, data order, Fisher sample) and learning-rate
+grid; for each (budget, selection) the learning rate with the best mean validation metric over seeds is chosen, and
 its test metric is reported.
 
 Writes bench/results/compare-<task>.json ({"rows": [...]}, one row per run and split), .md (mean and
@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fishds.config import load_config  # noqa: E402
+from fishds.files import METRICS_FILE, REPORT_FILE  # noqa: E402
 
 SELECTIONS = ("fisher", "random", "lowest", "dense", "fisher_warmup")
 
@@ -92,7 +93,7 @@ def arms(budgets, seeds, lrs, selections, steps: int, warmup: int) -> list[dict]
 def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path) -> dict:
     name = f"{arm['budget'].replace(':', '-')}_{arm['selection']}_lr{arm['lr']:g}_s{arm['seed']}"
     out = out_root / name
-    if (out / "fish_report.json").is_file():  # finished earlier: reuse (delete the folder to rerun)
+    if (out / REPORT_FILE).is_file():  # finished earlier: reuse (delete the folder to rerun)
         return {**arm, "name": name, "out": str(out), "seconds": json.loads((out / "arm.json").read_text())["seconds"]}
     ov = {**common, **{k: v for k, v in arm["overrides"].items()}, "output_dir": str(out), "overwrite": "true"}
     cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", config,
@@ -110,8 +111,8 @@ def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path)
 
 def rows_of(result: dict, task: str, model: str, method: str, metric: str) -> list[dict]:
     out = Path(result["out"])
-    report = json.loads((out / "fish_report.json").read_text())
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report = json.loads((out / REPORT_FILE).read_text())
+    records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     curve = [(r["step"], r[f"eval_{metric}"]) for r in records if f"eval_{metric}" in r]
     base = {"task": task, "model": model, "method": method, "selection": result["selection"],
             "budget": result["budget"], "trainable": report["budget"]["trainable"], "seed": result["seed"],

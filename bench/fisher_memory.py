@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 bench/fisher_memory.py \\
         --ds_config ds_configs/zero3.json [--config configs/demo.yaml] [key=value ...]
 
-Sets up the run as fishds does (model, LoRA, DeepSpeed engine), then runs fishds.fisher.collect_scores once
+Sets up the run as fishds does (model, LoRA, DeepSpeed engine), then runs fishds.fish.fisher.collect_scores once
 on the fish.num_samples scoring examples. Rank 0 prints one JSON object:
   pool, world, zero_stage, ceil_pool_over_world        the pool and the ideal share per rank
   accumulator_peak_bytes, grad_peak_bytes              from collect_scores' statistics (max over ranks):
@@ -31,10 +31,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
-from fishds import dist as fdist  # noqa: E402
-from fishds.fisher import collect_scores  # noqa: E402
 from bench._session import session  # noqa: E402
-from fishds.train import scoring_examples  # noqa: E402
+from fishds import dist as fdist  # noqa: E402
+from fishds.fish.fisher import collect_scores  # noqa: E402
+from fishds.fish.selection import scoring_examples  # noqa: E402
 
 
 def _status_kb(field: str) -> int:
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg, s = session(args, "fishds-fmem-")
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     cuda = torch.cuda.is_available()
     gc.collect()
     fdist.barrier()

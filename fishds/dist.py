@@ -59,20 +59,13 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
     """
     timeout = collective_timeout(timeout_minutes)
     prefer_cpu_accelerator_if_no_cuda()
-    import sys
-
     import deepspeed
-    import deepspeed.comm.torch  # noqa: F401
     from deepspeed.accelerator import get_accelerator
 
-    if get_accelerator().device_name() == "cpu":
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    from . import zero
+
+    zero.skip_shm_op_build()
+    zero.default_rendezvous_env()
     deepspeed.init_distributed(timeout=timeout)
     quiet_logs()
     if get_accelerator().device_name() != "cpu":

@@ -1,7 +1,7 @@
 """Per-rank byte accounting of a running engine: what this rank really holds, read from the tensors.
 
 `measure(engine, masks, enforcer)` counts, on this rank:
-- frozen: frozen parameters' local storage (under ZeRO-3 the partition `ds_tensor`, so a sharded backbone
+- frozen: frozen parameters' local storage (under ZeRO-3 the partition, so a sharded backbone
   shows 1/world of its bytes), plus bitsandbytes quant states (absmax, code; never partitioned);
 - frozen_4bit / frozen_4bit_full: the packed 4-bit weights held locally / at full size;
 - trainable: the adapter parameters' local storage (model dtype);
@@ -23,17 +23,19 @@ import resource
 
 import torch
 
+from . import zero
+
 
 def _bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
 def _local(p) -> int:
-    return _bytes(p.ds_tensor) if hasattr(p, "ds_tensor") else _bytes(p.data)
+    return _bytes(zero.local_tensor(p))
 
 
 def _full(p) -> int:
-    return p.ds_numel * p.element_size() if hasattr(p, "ds_numel") else _bytes(p.data)
+    return zero.full_bytes(p)
 
 
 def _quant_state_bytes(p) -> int:
@@ -47,26 +49,14 @@ def _quant_state_bytes(p) -> int:
     return total
 
 
-def inner_optimizer(engine):
-    opt = engine.optimizer
-    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
-        opt = getattr(opt, "optimizer", None)
-    return opt
-
-
-# where DeepSpeed keeps this rank's fp32 masters: ZeRO-3 (swapped into the torch optimizer only during its
-# step), ZeRO-1/2, the bf16 optimizer; plus whatever the torch optimizer's groups hold (stage 0: the params)
-_MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
-
-
 def optimizer_tensors(engine) -> list[torch.Tensor]:
     """The tensors the torch optimizer inside DeepSpeed updates on this rank, each once: its fp32 masters
     (stage 0 in fp32: the parameters themselves). ZeRO-3 lists its flat partitions in the optimizer's
-    param_groups only during its step, hence the DeepSpeed attributes as well."""
-    opt = inner_optimizer(engine)
+    param_groups only during its step, hence zero.master_partitions as well."""
+    opt = zero.inner_optimizer(engine)
     if opt is None:
         return []
-    found = [t for attr in _MASTER_ATTRS for t in getattr(engine.optimizer, attr, None) or [] if torch.is_tensor(t)]
+    found = zero.master_partitions(engine)  # plus whatever the torch optimizer's groups hold (stage 0: the params)
     found += [p for group in opt.param_groups for p in group["params"]]
     return list({id(t): t for t in found}.values())
 
@@ -99,7 +89,7 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
                 out["frozen_4bit"] += local
                 out["frozen_4bit_full"] += _full(p)
         out["largest_gathered_param"] = max(out["largest_gathered_param"], _full(p))
-    opt = inner_optimizer(engine)
+    opt = zero.inner_optimizer(engine)
     masters_numel, updated, factor = 0, 0, 0
     if opt is not None:
         for p in optimizer_tensors(engine):

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .files import REPORT_FILE
+
 DTYPES = ("float32", "bfloat16", "float16")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -68,10 +70,10 @@ def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", 
 
 def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Base + adapter -> merged model and tokenizer in out_dir (safetensors). Returns out_dir."""
-    import torch
-    from peft import PeftModel
     import json
 
+    import torch
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     check_inputs(base_model_path, adapter_dir, out_dir, dtype, overwrite)
@@ -79,11 +81,11 @@ def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32",
     torch_dtype = getattr(torch, dtype)
     auto, kwargs = AutoModelForCausalLM, {}
     if json.loads((adapter / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS":
-        report = adapter / "fish_report.json"
+        report = adapter / REPORT_FILE
         labels = json.loads(report.read_text()).get("labels") if report.is_file() else None
         if not labels:
             raise MergeError("adapter_dir", adapter, "is a sequence-classification adapter without the "
-                             "fish_report.json that names its classes; merge it with peft and num_labels yourself")
+                             f"{REPORT_FILE} that names its classes; merge it with peft and num_labels yourself")
         auto = AutoModelForSequenceClassification
         kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
                   "label2id": {str(v): i for i, v in enumerate(labels)}}

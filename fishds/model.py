@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError
+from .methods import METHODS, PeftMethod
+from .run.formats import FORMATS
 
 _LINEAR_SKIP = ("lm_head", "score", "classifier")
 
@@ -26,7 +28,7 @@ def resolve_model_path(cfg: Config) -> str:
 
 
 def is_classification(cfg: Config) -> bool:
-    return cfg.data.format == "classification"
+    return FORMATS[cfg.data.format].classification
 
 
 def auto_class(cfg: Config):
@@ -67,12 +69,12 @@ def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None
         raise ConfigError(f"model.name_or_path={model_path!r}: a {hf_cfg.model_type} model has no {task} head in "
                           f"transformers (data.format={cfg.data.format!r}); {e}") from None
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
-    if cfg.peft.method == "bottleneck":
+    if peft_method(cfg).build is None:  # bottleneck adapters go after fixed projections
         from .bottleneck import PLACEMENT
         matched = [n for n in names if n.split(".")[-1] in PLACEMENT[cfg.peft.placement]]
         if not matched:
-            raise ConfigError(f"peft.placement={cfg.peft.placement!r}: {model_path} has no {PLACEMENT[cfg.peft.placement]} "
-                              "projection to put bottleneck adapters after")
+            raise ConfigError(f"peft.placement={cfg.peft.placement!r}: {model_path} has no "
+                              f"{PLACEMENT[cfg.peft.placement]} projection to put bottleneck adapters after")
         return matched
     targets = cfg.peft.target_modules
     if targets == "all-linear":
@@ -99,35 +101,21 @@ def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     return tok
 
 
-# Methods whose adapter creation reads the base weights (DoRA's norms, PiSSA's and OLoRA's decompositions,
-# the weight shapes LoHa, LoKr and VeRA take from the tensor): under ZeRO-3 these load the base model whole
-# on every rank and partition it at deepspeed.initialize, instead of loading it straight into partitions.
-NEEDS_BASE_WEIGHTS_AT_INIT = ("dora", "pissa", "olora", "loha", "lokr", "vera")
+def peft_method(cfg: Config) -> PeftMethod:
+    """The table entry of peft.method (fishds/methods.py)."""
+    return METHODS[cfg.peft.method]
 
 
 def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
-    """The peft config object for peft.method (r overrides peft.r, e.g. to count a baseline's parameters)."""
-    from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig
-
+    """The peft config object for peft.method (r overrides peft.r, e.g. to count a baseline's parameters);
+    None for a method fishds builds itself (bottleneck)."""
     p = cfg.peft
-    r = r or p.r
-    if p.method == "bottleneck":
+    build = peft_method(cfg).build
+    if build is None:
         return None
     common = {"target_modules": p.target_modules, "task_type": "SEQ_CLS" if is_classification(cfg) else "CAUSAL_LM",
               "modules_to_save": list(p.modules_to_save) or None}
-    if p.method in ("lora", "dora", "rslora", "pissa", "olora"):
-        init = {"pissa": "pissa", "olora": "olora"}.get(p.method, True)
-        return LoraConfig(r=r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method == "dora",
-                          use_rslora=p.method == "rslora", init_lora_weights=True if for_counting else init, **common)
-    if p.method == "ia3":
-        return IA3Config(feedforward_modules=[], **common)
-    if p.method == "loha":
-        return LoHaConfig(r=r, alpha=p.alpha, module_dropout=p.dropout, **common)
-    if p.method == "lokr":
-        return LoKrConfig(r=r, alpha=p.alpha, module_dropout=p.dropout, **common)
-    if p.method == "vera":
-        return VeraConfig(r=r, vera_dropout=p.dropout, **common)
-    raise ConfigError(f"peft.method={p.method!r} is not supported")
+    return build(p, r or p.r, common, for_counting)
 
 
 def count_trainable(cfg: Config, model_path: str, r: int, num_labels: int | None = None) -> int:
@@ -137,7 +125,7 @@ def count_trainable(cfg: Config, model_path: str, r: int, num_labels: int | None
     hf_cfg = hf_config(cfg, model_path, num_labels)
     with torch.device("meta"):
         base = auto_class(cfg).from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
-        if cfg.peft.method == "bottleneck":
+        if peft_method(cfg).build is None:
             from .bottleneck import add_bottlenecks
             model = add_bottlenecks(base, r, cfg.peft.placement)
         else:
@@ -166,7 +154,7 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype, labels: li
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    if cfg.peft.method == "bottleneck":
+    if peft_method(cfg).build is None:
         from .bottleneck import add_bottlenecks
         return add_bottlenecks(base, cfg.peft.r, cfg.peft.placement, dtype)
     return get_peft_model(base, peft_config(cfg))

@@ -4,7 +4,8 @@ Components, in bytes per rank (p = parameter bytes: 4 for fp32, 2 for bf16; W = 
 entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
 - frozen: the projections, 4-bit: numel/2 packed + quant state (fp32 absmax per 64-entry block, or with
   double_quant 1 byte per block + fp32 per 256 blocks, plus the code tables; never partitioned, as
-  measured), else numel x p; embeddings, lm_head (unless tied) and norms x p. ZeRO-3 divides everything but the quant state by W.
+  measured), else numel x p; embeddings, lm_head (unless tied) and norms x p. ZeRO-3 divides everything but the
+  quant state by W.
 - adapter: n x p (LoRA: r x (in + out) per targeted projection); / W under ZeRO-3.
 - gradients: n x p; / W under ZeRO-2 and 3.
 - optimizer: fp32 masters (4n; none at ZeRO-0 in fp32, where the parameters are the masters) and AdamW's
@@ -187,14 +188,16 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
     """The plan of a fishds run config (no weights read): LoRA-family methods only."""
     from .config import ConfigError
     from .dsconfig import resolve_ds_config
+    from .fish.selection import rule
+    from .methods import METHODS
     from .model import resolve_model_path
 
-    if cfg.peft.method not in ("lora", "rslora", "dora"):
+    if not METHODS[cfg.peft.method].lora_shapes:
         raise ConfigError(f"peft.method={cfg.peft.method!r}: fishds plan models LoRA-family adapters only")
     ds = resolve_ds_config(cfg, ds_path or cfg.ds_config, world)
     t = cfg.peft.target_modules
     targets = "all-linear" if t == "all-linear" else tuple(x for x in ([t] if isinstance(t, str) else t) if x in PROJ)
-    keep = None if cfg.fish.selection == "dense" else (cfg.fish.keep_ratio or 0.5)
+    keep = None if rule(cfg.fish.selection).dense else (cfg.fish.keep_ratio or 0.5)
     return load_arch(resolve_model_path(cfg)), Setup(
         ds["zero_optimization"].get("stage", 0), world, cfg.quant.bits, cfg.quant.double_quant, cfg.train.precision,
         cfg.peft.r, targets, keep, cfg.train.optimizer, cfg.train.micro_batch_size, cfg.data.max_length,

@@ -22,9 +22,10 @@ from __future__ import annotations
 import torch
 
 from .config import Config, ConfigError
+from .methods import METHODS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "uint8": torch.uint8}
-QUANT_METHODS = ("lora", "rslora", "dora", "ia3", "vera")
+QUANT_METHODS = tuple(name for name, m in METHODS.items() if m.quant_4bit)  # fishds/methods.py
 
 
 def enabled(cfg: Config) -> bool:
@@ -51,10 +52,10 @@ def check(cfg: Config, zero_stage: int) -> None:
     if cfg.peft.method not in QUANT_METHODS:
         raise ConfigError(f"quant.bits=4 does not work with peft.method={cfg.peft.method!r} (its adapter cannot wrap "
                           f"or rewrites a 4-bit weight); use one of {', '.join(QUANT_METHODS)} or set quant.bits=null")
-    if cfg.peft.method == "dora" and zero_stage == 3:
-        raise ConfigError("quant.bits=4 with peft.method='dora' fails under ZeRO-3 (DeepSpeed meets a 4-bit weight it "
-                          "did not partition: 'Params4bit' object has no attribute 'ds_status'); use ZeRO-2 "
-                          "(ds_configs/zero2.json), peft.method=lora, or quant.bits=null")
+    problem = METHODS[cfg.peft.method].quant_4bit_zero3_problem
+    if problem and zero_stage == 3:
+        raise ConfigError(f"quant.bits=4 with peft.method={cfg.peft.method!r} fails under ZeRO-3 ({problem}); use "
+                          "ZeRO-2 (ds_configs/zero2.json), peft.method=lora, or quant.bits=null")
     storage = storage_dtype(cfg)
     if storage == "fp32" and cfg.train.precision == "bf16":
         raise ConfigError(f"quant.storage_dtype={storage} (null follows quant.compute_dtype) with "

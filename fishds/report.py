@@ -20,46 +20,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-REPORT_PNG = "fish_mask_report.png"
-MASK_FILE = "fish_mask.safetensors"
-REPORT_FILES = ("fish_report.json", "fish_selection.json")  # finished run first, then the mask-time report
+from .files import MASK_FILE, REPORT_FILE, REPORT_PNG, SELECTION_REPORT
+from .fish.keys import KINDS, OTHER, parse_key
+
+REPORT_FILES = (REPORT_FILE, SELECTION_REPORT)  # finished run first, then the mask-time report
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-KINDS = ("lora_A", "lora_B", "other")
-OTHER = "other"
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-# a part that names an adapter tensor (or the adapter module holding it): the module type is the part before
-_ADAPTER_PART = re.compile(r"^(?:lora_|ia3_|hada_|lokr_|vera_|oft_|boft_|hra_|fourierft_|vblora_|bone_|c3a_|"
-                           r"shira_|miss_|road_|ln_tuning|bottleneck$|modules_to_save$|original_module$)")
-_TRAILING = {"weight", "bias", "default"}
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    layer: int | str  # the layer index, or "other"
-    module: str  # q_proj, ..., or the last meaningful name part
-    kind: str  # lora_A, lora_B or other
-
-
-def parse_key(key: str) -> KeyInfo:
-    """Layer, module type and tensor kind of an adapter / mask key (any PEFT method)."""
-    m = _LAYER.search(key)
-    layer: int | str = int(m.group(1)) if m else OTHER
-    parts = key.split(".")
-    kind = next((p for p in parts if p in ("lora_A", "lora_B")), OTHER)
-    idx = next((i for i, p in enumerate(parts) if _ADAPTER_PART.match(p)), None)
-    if idx is not None and idx > 0:
-        module = parts[idx - 1]
-    else:
-        kept = [p for p in parts if p not in _TRAILING and not p.isdigit()]
-        module = kept[-1] if kept else key
-    return KeyInfo(layer, module, kind)
 
 
 def _read_report(out: Path) -> dict:
@@ -109,7 +78,7 @@ def write_report_png(output_dir: str | Path, out_path: str | Path | None = None)
     if not (out / MASK_FILE).is_file():
         raise FileNotFoundError(f"{out}: no {MASK_FILE}; is it a fishds output_dir?")
     report = _read_report(out)
-    from .mask import load_masks
+    from .fish.mask import load_masks
 
     try:
         masks = load_masks(out / MASK_FILE)
@@ -148,8 +117,8 @@ def _title(report: dict, counts: dict, title_dir: str) -> str:
 
 def _draw(report: dict, counts: dict, title_dir: str):
     import numpy as np
-    from matplotlib.figure import Figure
     from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     cells, kinds = counts["cells"], counts["kinds"]
     layers = _layer_order({layer for layer, _ in cells})

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from fishds.train import run
+        from fishds.run.train import run
         run(cfg, args.ds_config)
     except ConfigError as e:
         print(f"fishds: error: {e}", file=sys.stderr)

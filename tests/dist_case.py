@@ -19,7 +19,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from fishds import dist as fdist  # noqa: E402
 from fishds.config import load_config  # noqa: E402
-from fishds.train import run  # noqa: E402
+from fishds.run.train import run  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ds_config")

@@ -14,17 +14,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fishds.hf import FishCallback, prepare_cpu_deepspeed  # noqa: E402
-
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
 from fishds.config import DataSection  # noqa: E402
-from fishds.data import Collator, load_examples  # noqa: E402
+from fishds.fish.adapter import adapter_keys  # noqa: E402
+from fishds.integrations.hf import FishCallback, prepare_cpu_deepspeed  # noqa: E402
 from fishds.model import load_tokenizer  # noqa: E402
-from fishds.outputs import adapter_keys  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from fishds.run.data import Collator, load_examples  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)
@@ -87,7 +86,8 @@ if args.resume_from:
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a second Trainer in this process (a new job resuming)
     targs = training_args()
-    fish2 = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps)
+    fish2 = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0,
+                         warmup_steps=args.warmup_steps)
     trainer2 = Trainer(model=make_model(), args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id),
                        callbacks=[fish2])
     trainer2.train(resume_from_checkpoint=str(Path(args.out) / f"checkpoint-{args.resume_from}"))
@@ -97,10 +97,11 @@ if args.resume_from:
 
 if args.then_fishds:  # fishds' own trainer, for the mask comparison (saves a second launch of the test)
     from fishds.config import load_config
-    from fishds.train import run
+    from fishds.run.train import run
 
     run(load_config(None, [
         f"model.name_or_path={args.model}", f"data.path={args.train}", "data.max_length=64", "peft.r=4",
         "peft.alpha=8", "peft.target_modules=[q_proj,v_proj]", f"fish.num_samples={args.num_samples}",
         f"fish.keep_ratio={args.keep_ratio}", "fish.seed=0", "train.seed=0", "train.max_steps=1",
-        "train.micro_batch_size=4", f"output_dir={args.then_fishds}"]), str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"))
+        "train.micro_batch_size=4", f"output_dir={args.then_fishds}"]),
+        str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"))

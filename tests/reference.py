@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from fishds.config import Config
-from fishds.data import Collator, load_examples
 from fishds.model import load_peft_model, load_tokenizer
+from fishds.run.data import Collator, load_examples
 
 
 def initial_model(cfg: Config):

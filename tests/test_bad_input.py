@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, base_overrides
 
 spec = importlib.util.spec_from_file_location("launch_train", ROOT / "launch" / "train.py")

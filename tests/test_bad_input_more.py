@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from conftest import base_overrides, launch
 from test_bad_input import broken_weights_model, launch_train  # noqa: F401 - fixture reused
 
@@ -121,7 +120,7 @@ def test_more_ranks_than_fisher_samples(toy, tmp_path, broken_weights_model):
 
 
 def _tiny_pool():
-    from fishds.pool import Pool
+    from fishds.fish.pool import Pool
 
     # sorted by name: a.weight holds global indices 0..3, b.weight 4..9, c.bias 10..11
     return Pool([("b.weight", torch.nn.Parameter(torch.zeros(2, 3))), ("a.weight", torch.nn.Parameter(torch.zeros(4))),
@@ -135,7 +134,7 @@ def _tiny_pool():
     (8, 0, float("nan"), "b.weight"),       # local 0 = global 8
 ])
 def test_fisher_scores_nan_or_inf_stop_with_the_parameter_name(start, bad_at, value, name):
-    from fishds.fisher import FisherError, check_finite
+    from fishds.fish.fisher import FisherError, check_finite
 
     pool = _tiny_pool()
     local = torch.rand(pool.size - start)
@@ -146,7 +145,7 @@ def test_fisher_scores_nan_or_inf_stop_with_the_parameter_name(start, bad_at, va
 
 
 def test_fisher_check_reports_the_first_bad_parameter_and_accepts_empty_chunks():
-    from fishds.fisher import FisherError, check_finite
+    from fishds.fish.fisher import FisherError, check_finite
 
     pool = _tiny_pool()
     check_finite(pool, torch.empty(0), pool.size)  # a rank that owns no entries

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import base_overrides, launch
 from test_distributed import assert_mask_enforced, outputs
 

@@ -203,7 +203,7 @@ def test_lock_of_a_killed_holder_is_released(tmp_path, capsys):
 
 def test_truncated_tokenised_cache_is_rebuilt(toy, tmp_path, capsys):
     from fishds.config import DataSection
-    from fishds.data import load_examples
+    from fishds.run.data import load_examples
     from fishds.model import load_tokenizer
 
     tok = load_tokenizer(toy["model"])

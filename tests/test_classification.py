@@ -8,9 +8,8 @@ from __future__ import annotations
 import json
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
+from safetensors.torch import load_file
 from test_distributed import assert_mask_enforced
 from toy import make_tiny_bert, write_classification
 
@@ -56,7 +55,8 @@ def _check(out, model_path: str, head: str):
 def test_decoder_classification_zero3(toy, tmp_path):
     """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks."""
     out = tmp_path / "dec"
-    ov = base_overrides(toy, out, **_data(toy), **{"train.weight_decay": 0.1, "data.max_eval_examples": 32, "data.max_test_examples": 24})
+    ov = base_overrides(toy, out, **_data(toy), **{"train.weight_decay": 0.1, "data.max_eval_examples": 32,
+                                                  "data.max_test_examples": 24})
     launch(2, ov, "zero3.json")
     report = _check(out, toy["model"], "score")
     assert report["zero_stage"] == 3
@@ -69,7 +69,8 @@ def test_encoder_classification_match_rank_zero2(toy, tmp_path):
     out = tmp_path / "enc"
     ov = base_overrides(toy, out, **_data(toy), **{
         "model.name_or_path": str(bert), "peft.target_modules": "[query,value]", "fish.keep_ratio": "null",
-        "fish.budget": "match_rank", "fish.match_r": 2, "train.weight_decay": 0.1, "data.max_eval_examples": 32, "data.max_test_examples": 24})
+        "fish.budget": "match_rank", "fish.match_r": 2, "train.weight_decay": 0.1, "data.max_eval_examples": 32,
+        "data.max_test_examples": 24})
     launch(2, ov, "zero2.json")
     report = _check(out, str(bert), "classifier")
     b = report["budget"]

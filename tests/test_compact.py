@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
-from fishds.compact import CompactAdamW, check_config
+from safetensors.torch import load_file
+from test_distributed import assert_mask_enforced
+
 from fishds.config import ConfigError, load_config
 from fishds.dsconfig import resolve_ds_config
-from test_distributed import assert_mask_enforced
+from fishds.fish.compact import CompactAdamW, check_config
 
 
 def _dense_masked_step(p, opt, mask, frozen):
@@ -74,7 +74,7 @@ def test_compact_refused_where_it_cannot_work(toy, tmp_path, extra, ds_opt, need
 def test_compact_checkpoint_refused_by_a_dense_resume():
     from types import SimpleNamespace
 
-    from fishds.compact import check_resumed_state
+    from fishds.fish.compact import check_resumed_state
     p = torch.zeros(10, requires_grad=True)
     opt = CompactAdamW([p], lr=0.1)
     opt.select(p, torch.tensor([1, 4]))

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from fishds.config import ConfigError, DataSection
-from fishds.data import Collator, load_examples, read_rows
-from fishds.formats import label_list, pack, tokenize_row
 from fishds.model import load_tokenizer
+from fishds.run.data import Collator, load_examples, read_rows
+from fishds.run.formats import label_list, pack, tokenize_row
 
 ROWS = [{"text": "good movie", "label": 1}, {"text": "awful plot, slow", "label": 0},
         {"text": "fine \"quoted\" story", "label": 1}]
@@ -37,7 +37,8 @@ def test_every_file_type_reads_the_same_rows(tmp_path):
         assert read_rows(tmp_path / name, "data.path", data) == ROWS, name
     # a DatasetDict folder: data.path takes "train", data.test_path "test"
     assert read_rows(tmp_path / "dict", "data.test_path", data) == ROWS[:1]
-    with pytest.raises(ConfigError, match=r"data.eval_path=.*splits \['other', 'train'\], none of \['validation', 'test'\]"):
+    with pytest.raises(ConfigError,
+                       match=r"data.eval_path=.*splits \['other', 'train'\], none of \['validation', 'test'\]"):
         import datasets
         datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
                               "other": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dict2"))
@@ -123,7 +124,7 @@ def test_classification_examples_and_collation(toy, tmp_path):
 
 
 def test_tokenisation_is_cached_and_keyed_by_content(toy, tmp_path, monkeypatch):
-    import fishds.data
+    import fishds.run.data
 
     tok = load_tokenizer(toy["model"])
     data = DataSection(path=toy["train"], max_length=64)
@@ -132,7 +133,7 @@ def test_tokenisation_is_cached_and_keyed_by_content(toy, tmp_path, monkeypatch)
 
     def boom(*a, **k):
         raise AssertionError("tokenized again instead of reading the cache")
-    monkeypatch.setattr(fishds.data, "tokenize_row", boom)
+    monkeypatch.setattr(fishds.run.data, "tokenize_row", boom)
     assert load_examples(tok, toy["train"], "data.path", data, 20, cache=tmp_path / "c") == first
     changed = tmp_path / "changed.jsonl"
     changed.write_text(open(toy["train"]).read().replace("fresh", "rotten", 1))

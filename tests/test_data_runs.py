@@ -29,7 +29,8 @@ def test_chat_packing_eval_split_from_datasets_folder(toy, tmp_path):
     out = tmp_path / "out"
     ov = base_overrides(toy, out, **{"model.name_or_path": str(model), "data.path": str(tmp_path / "chats"),
                                      "data.format": "chat", "data.eval_path": "null", "data.eval_split": 0.125,
-                                     "data.packing": "true", "data.max_length": 48, "data.max_eval_examples": 32, "train.weight_decay": 0.1})
+                                     "data.packing": "true", "data.max_length": 48, "data.max_eval_examples": 32,
+                                     "train.weight_decay": 0.1})
     launch(2, ov, "zero2.json")
     _, _, report = assert_mask_enforced(out, 224)
     ev = report["eval"]

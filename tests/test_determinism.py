@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 
 import torch
+from conftest import base_overrides, launch
 from safetensors.torch import load_file
 
-from conftest import base_overrides, launch
-from fishds.mask import load_masks
+from fishds.fish.mask import load_masks
 
 
 def test_same_config_twice_gives_identical_bits_zero2(toy, tmp_path):

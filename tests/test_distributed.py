@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import base_overrides, launch
+from reference import initial_model, reference_mask, reference_scores
 from safetensors.torch import load_file
 
-from conftest import base_overrides, launch
 from fishds.config import load_config
-from fishds.mask import load_masks
-from reference import initial_model, reference_mask, reference_scores
+from fishds.fish.mask import load_masks
 
 
 def adapter_file(out):
@@ -81,7 +81,7 @@ def test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked(toy, tmp_pa
     flat = torch.cat([ref[n].reshape(-1) for n in sorted(ref)]).sort(descending=True).values
     assert flat[223] > flat[224] * (1 + 1e-3), "test data must leave a clear gap at the top-k boundary"
     ref_mask = reference_mask(ref, 224)
-    from fishds.outputs import adapter_keys
+    from fishds.fish.adapter import adapter_keys
     keyed = adapter_keys(initial_model(cfg), ref_mask)
     for key in masks:
         assert torch.equal(masks[key], keyed[key]), key

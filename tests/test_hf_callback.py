@@ -1,5 +1,6 @@
-"""fishds.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2 (torchrun; with a
-dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed (DDP, torchrun).
+"""fishds.integrations.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2
+(torchrun; with a dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed
+(DDP, torchrun).
 
 Each run: exactly k entries selected; every masked entry of the saved adapter equals the adapter before
 training bit for bit (AdamW with weight decay 0.1, so enforcement is needed: masked lora_A entries are
@@ -16,11 +17,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from fishds.dist import _free_port
-from fishds.mask import load_masks
+from fishds.fish.mask import load_masks
 
 K = 224  # floor(0.25 * 896): LoRA r=4 on q,v of the 2-layer toy Llama
 
@@ -112,13 +113,14 @@ def _tiny(toy, peft: bool):
 
 
 def test_hf_callback_errors(toy):
-    from fishds.hf import FishCallback, FishError
+    from fishds.integrations.hf import FishCallback, FishError
 
     fish = FishCallback(num_selected=4)
     with pytest.raises(FishError, match="before the Trainer created its optimizer"):
         fish.fix_mask(SimpleNamespace(optimizer=None))  # e.g. called before trainer.train()
     with pytest.raises(FishError, match="before the Trainer built its DeepSpeed engine"):
-        fish._engine(SimpleNamespace(optimizer=object(), is_deepspeed_enabled=True, model_wrapped=torch.nn.Linear(1, 1)))
+        fish._engine(SimpleNamespace(optimizer=object(), is_deepspeed_enabled=True,
+                                     model_wrapped=torch.nn.Linear(1, 1)))
     with pytest.raises(FishError, match="could not find its Trainer"):
         fish.on_train_begin(None, SimpleNamespace(global_step=0), None)
     with pytest.raises(FishError, match="not a PEFT model"):

@@ -5,7 +5,6 @@ Each method runs twice: one process (ZeRO-0) and 2 ranks under ZeRO-3.
 from __future__ import annotations
 
 import pytest
-
 from conftest import base_overrides, launch
 from test_distributed import assert_logits_reproduced, assert_mask_enforced, outputs
 

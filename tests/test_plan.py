@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import base_overrides, launch
+
 from fishds.cli import main
 from fishds.config import load_config
 from fishds.plan import PRESETS, Setup, load_arch, plan

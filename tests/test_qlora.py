@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
-from fishds.config import ConfigError, load_config
+from safetensors.torch import load_file
 from test_distributed import assert_mask_enforced
+
+from fishds.config import ConfigError, load_config
 
 K = 224  # keep 0.25 of the 896-entry pool (LoRA r=4 on q_proj, v_proj of the 2-layer toy)
 
@@ -120,7 +120,7 @@ def test_qlora_fish_single_process_fp4_double_quant(toy, tmp_path):
 ])
 def test_qlora_refused_in_preflight(toy, tmp_path, extra, needle):
     """Combinations measured to fail are refused before any weights load, naming the field to change."""
-    from fishds.train import preflight
+    from fishds.run.preflight import preflight
 
     cfg = load_config(None, base_overrides(toy, tmp_path / "x", **{"quant.bits": 4, **extra}))
     with pytest.raises(ConfigError, match=needle):
@@ -128,7 +128,7 @@ def test_qlora_refused_in_preflight(toy, tmp_path, extra, needle):
 
 
 def test_qlora_dora_refused_under_zero3_only(toy, tmp_path):
-    from fishds.train import preflight
+    from fishds.run.preflight import preflight
 
     cfg = load_config(None, base_overrides(toy, tmp_path / "x", **{"quant.bits": 4, "peft.method": "dora"}))
     with pytest.raises(ConfigError, match="peft.method='dora'.*ZeRO-3"):

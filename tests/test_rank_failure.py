@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
 
 CASE = "tests/rank_failure_case.py"

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import base_overrides, launch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import base_overrides, launch
 from fishds import cli
-from fishds.mask import save_masks
+from fishds.fish.mask import save_masks
 from fishds.merge import MergeError, merge_adapter
 from fishds.report import REPORT_PNG, parse_key, write_report_png
 

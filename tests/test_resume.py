@@ -8,10 +8,10 @@ import time
 
 import psutil
 import torch
+from conftest import ROOT, base_overrides, launch, launch_command
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_overrides, launch, launch_command
-from fishds.checkpoint import complete_checkpoints
+from fishds.run.checkpoint import complete_checkpoints
 
 STEPS = {"train.max_steps": 40, "train.save_every": 10, "train.keep_checkpoints": 2, "train.weight_decay": 0.1,
          "data.max_eval_examples": 4}
@@ -73,7 +73,7 @@ def test_mask_file_reuse_and_mismatch(toy, tmp_path):
     first, second, wrong = tmp_path / "first", tmp_path / "second", tmp_path / "wrong"
     launch(1, base_overrides(toy, first, **{"fish.selection": "random"}))
     launch(1, base_overrides(toy, second, **{"fish.mask_path": first / "fish_mask.safetensors"}))
-    from fishds.mask import load_masks
+    from fishds.fish.mask import load_masks
     a, b = load_masks(first / "fish_mask.safetensors"), load_masks(second / "fish_mask.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     proc = launch(1, base_overrides(toy, wrong, **{"fish.mask_path": first / "fish_mask.safetensors", "peft.r": 8}),

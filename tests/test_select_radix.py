@@ -1,4 +1,5 @@
-"""exact_topk (radix select) against a reference sort with index tie-break: heavy ties, k at the edges, 1 and 2 ranks."""
+"""exact_topk (radix select) against a reference sort with index tie-break: heavy ties, k at the edges, 1 and 2
+ranks."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fishds.select import exact_topk, exact_topk_grouped, float_keys, key_to_float, random_keys
+from fishds.fish.select import exact_topk, exact_topk_grouped, float_keys, key_to_float, random_keys
 
 
 def _reference(keys: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
-from fishds.mask import load_masks
-from fishds.config import load_config
-from fishds.outputs import adapter_keys
 from reference import initial_model
+from safetensors.torch import load_file
 from test_distributed import assert_mask_enforced, outputs
+
+from fishds.config import load_config
+from fishds.fish.adapter import adapter_keys
+from fishds.fish.mask import load_masks
 
 POOL, B_ENTRIES = 896, 384  # toy: q (32x32) and v (16x32) in 2 layers, r=4
 
@@ -68,7 +68,8 @@ def test_dense_trains_every_entry(toy, tmp_path):
     launch(1, base_overrides(toy, out, **{"fish.selection": "dense", "train.weight_decay": 0.1}))
     _, masks, report = assert_mask_enforced(out, POOL, bitwise_moved=False)
     assert all(bool(m.all()) for m in masks.values())
-    adapter, init = load_file(str(out / "adapter_model.safetensors")), load_file(str(out / "init_adapter_model.safetensors"))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    init = load_file(str(out / "init_adapter_model.safetensors"))
     assert all(not torch.equal(adapter[k], init[k]) for k in adapter)
 
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import save_file
 
 from fishds.config import ConfigError, load_config
-from fishds.mask import FORMAT, load_masks, pack_bits, save_masks, unpack_bits
-from fishds.pool import Pool
-from fishds.select import exact_topk, float_keys, key_to_float, random_keys
+from fishds.fish.mask import FORMAT, load_masks, pack_bits, save_masks, unpack_bits
+from fishds.fish.pool import Pool
+from fishds.fish.select import exact_topk, float_keys, key_to_float, random_keys
 
 
 def _reference(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -6,10 +6,11 @@
     trainer.train()
 
 At `on_train_begin` the Trainer has built its optimizer and, under DeepSpeed, the engine
-(`trainer.model_wrapped`). The callback then runs fishds' own pieces on that engine: the Fisher pass
-(fisher.collect_scores, ZeRO-3 aware), the exact distributed top-k (train.select_masks: select.exact_topk
-+ mask.share_selection) and enforce.MaskEnforcer (gradient hooks + wrapper of the inner torch optimizer's
-step). Without DeepSpeed (one process or DDP) the Trainer's torch optimizer is wrapped the same way, through
+(`trainer.model_wrapped`). The callback then runs the FISH method core (fishds/fish/) on that engine, the same
+flow `fishds train` runs: fish.selection.select_masks (the Fisher pass, ZeRO-3 aware, and the exact distributed
+top-k), fish.selection.publish_mask, and enforce.MaskEnforcer (gradient hooks + wrapper of the inner torch
+optimizer's step). Its arguments are validated as the `fish:` section of a fishds config (config.FishSection).
+Without DeepSpeed (one process or DDP) the Trainer's torch optimizer is wrapped the same way, through
 a small stand-in that answers what those functions ask of a DeepSpeed engine (ZeRO stage 0, fp32 weights).
 
 Callbacks do not receive the Trainer; the callback finds it by walking up the call stack to the Trainer
@@ -24,21 +25,31 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from . import dist as fdist
+from .. import dist as fdist
 
 fdist.prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
 
+from pydantic import ValidationError  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from .enforce import MaskEnforcer, reset_unselected  # noqa: E402
-from .outputs import gather_adapter, save_mask_file  # noqa: E402
-from .pool import Pool  # noqa: E402
-
-MASK_FILE = "fish_mask.safetensors"
+from .. import zero  # noqa: E402
+from ..config import FishSection  # noqa: E402
+from ..files import MASK_FILE  # noqa: E402
+from ..fish.adapter import gather_adapter, save_mask_file  # noqa: E402
+from ..fish.enforce import MaskEnforcer, reset_unselected  # noqa: E402
+from ..fish.pool import Pool  # noqa: E402
+from ..fish.selection import (  # noqa: E402
+    MaskFileError,
+    allocate_k,
+    load_mask_for_pool,
+    publish_mask,
+    rule,
+    scoring_examples,
+    select_masks,
+)
 
 
 class FishError(RuntimeError):
@@ -57,16 +68,10 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
     else $FISHDS_COLLECTIVE_TIMEOUT_S, else 30 min), not TrainingArguments.ddp_timeout.
     """
     fdist.prefer_cpu_accelerator_if_no_cuda()
-    import deepspeed.comm.torch  # noqa: F401
-    from deepspeed.accelerator import get_accelerator
-
-    if get_accelerator().device_name() != "cpu":
+    if not zero.skip_shm_op_build():
         return None
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     if "LOCAL_RANK" not in os.environ:  # one process without a launcher: a world of one (DeepSpeed would try MPI)
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(fdist._free_port()))
+        zero.default_rendezvous_env()
     from accelerate import PartialState
 
     before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
@@ -102,6 +107,17 @@ def _torch_optimizer(opt):
     return opt
 
 
+def fish_section(**kwargs) -> FishSection:
+    """FishCallback's selection arguments as the validated `fish:` section (config.FishSection), or FishError."""
+    try:
+        return FishSection(**kwargs)
+    except ValidationError as e:
+        problems = "; ".join(err["msg"].removeprefix("Value error, ").replace("fish: ", "").replace("fish.", "")
+                             if err["type"] == "value_error" else
+                             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        raise FishError(f"FishCallback: {problems}") from None
+
+
 class FishCallback(TrainerCallback):
     """Fix a FISH mask over the Trainer model's trainable PEFT tensors and keep every other entry frozen.
 
@@ -121,27 +137,21 @@ class FishCallback(TrainerCallback):
                  selection: str = "fisher", granularity: str = "sample", warmup_steps: int = 0, seed: int = 0,
                  scoring_dataset=None, pool_include=(), pool_exclude=(), mask_path: str | None = None,
                  output_dir: str | None = None, save_initial_adapter: bool = True):
-        if keep_ratio is not None and num_selected is not None:
-            raise FishError("FishCallback: give keep_ratio or num_selected, not both")
-        if keep_ratio is not None and not 0 < keep_ratio <= 1:
-            raise FishError(f"FishCallback: keep_ratio={keep_ratio} must be in (0, 1]")
-        if selection not in ("fisher", "random", "lowest", "dense"):
-            raise FishError(f"FishCallback: selection={selection!r} must be fisher, random, lowest or dense")
-        if granularity not in ("sample", "batch"):
-            raise FishError(f"FishCallback: granularity={granularity!r} must be sample or batch")
-        if num_samples < 1 or warmup_steps < 0:
-            raise FishError("FishCallback: num_samples must be >= 1 and warmup_steps >= 0")
-        self.keep_ratio = 0.5 if keep_ratio is None and num_selected is None else keep_ratio
-        self.num_selected = num_selected
-        self.num_samples, self.selection, self.granularity = num_samples, selection, granularity
-        self.warmup_steps, self.seed, self.scoring_dataset = warmup_steps, seed, scoring_dataset
-        self.pool_include, self.pool_exclude = tuple(pool_include), tuple(pool_exclude)
-        self.mask_path, self.output_dir, self.save_initial = mask_path, output_dir, save_initial_adapter
+        self.fish = fish_section(keep_ratio=keep_ratio, num_selected=num_selected, num_samples=num_samples,
+                                 selection=selection, granularity=granularity, warmup_steps=warmup_steps, seed=seed,
+                                 pool_include=list(pool_include), pool_exclude=list(pool_exclude), mask_path=mask_path)
+        self.scoring_dataset, self.output_dir, self.save_initial = scoring_dataset, output_dir, save_initial_adapter
         self.masks: dict[str, torch.Tensor] | None = None  # parameter name -> bool mask, once fixed
         self.report: dict = {}
         self.enforcer: MaskEnforcer | None = None
         self._trainer = None
         self._initial = None
+
+    def __getattr__(self, name):  # keep_ratio, selection, warmup_steps, ...: the validated `fish:` section
+        fish = self.__dict__.get("fish")
+        if fish is not None and name in type(fish).model_fields:
+            return getattr(fish, name)
+        raise AttributeError(name)
 
     # ---- finding the Trainer and its engine -------------------------------------------------------------
     def attach(self, trainer) -> "FishCallback":
@@ -200,13 +210,6 @@ class FishCallback(TrainerCallback):
             raise FishError(str(e).replace("fish.", "FishCallback ")) from None
         return pool, Pool.from_model(model)
 
-    def _cfg(self, trainer, out: Path):
-        """The fields of a fishds Config that train.select_masks / scoring_examples read."""
-        fish = SimpleNamespace(selection=self.selection, seed=self.seed, granularity=self.granularity,
-                               num_samples=self.num_samples, save_scores=False)
-        return SimpleNamespace(fish=fish, train=SimpleNamespace(micro_batch_size=trainer.args.per_device_train_batch_size),
-                               output_dir=str(out))
-
     def _scoring_data(self, trainer):
         data = self.scoring_dataset if self.scoring_dataset is not None else trainer.train_dataset
         if data is None or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
@@ -234,7 +237,8 @@ class FishCallback(TrainerCallback):
         gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
         if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant") is True:
             raise FishError("the Fisher pass takes gradients with torch.autograd.grad, which reentrant gradient "
-                            "checkpointing does not support: set gradient_checkpointing_kwargs={'use_reentrant': False}")
+                            "checkpointing does not support: set "
+                            "gradient_checkpointing_kwargs={'use_reentrant': False}")
 
     def _out_dir(self, args) -> Path:
         return Path(self.output_dir or args.output_dir)
@@ -242,8 +246,6 @@ class FishCallback(TrainerCallback):
     def fix_mask(self, trainer, mask_path: str | None = None) -> dict[str, torch.Tensor]:
         """Score and select (or read `mask_path`), then start enforcing. Called by the events; public for loops
         that drive a Trainer's engine themselves (after the optimizer / DeepSpeed engine exists)."""
-        from .train import load_mask_for_pool, publish_mask, scoring_examples, select_masks
-
         engine = self._engine(trainer)
         model = engine.module
         pool, trainable = self._pools(model)
@@ -256,14 +258,14 @@ class FishCallback(TrainerCallback):
                                 "pass FishCallback(mask_path=<checkpoint>/fish_mask.safetensors) of the run resumed)")
             try:
                 masks = load_mask_for_pool(model, trainable, mask_path)
-            except ValueError as e:
+            except MaskFileError as e:
                 raise FishError(str(e)) from None
             report = {"selection": f"file {mask_path}", "pool_size": pool.size}
         else:
-            k = pool.size if self.selection == "dense" else pool.num_selected(self.keep_ratio, self.num_selected)
-            cfg = self._cfg(trainer, out)
+            k = allocate_k(self.fish, pool)
             data, collate = self._scoring_data(trainer)
-            masks, report = select_masks(cfg, engine, pool, k, scoring_examples(cfg, data), collate)
+            masks, report = select_masks(self.fish, engine, pool, k, scoring_examples(self.fish, data), collate,
+                                         trainer.args.per_device_train_batch_size)
             if self._initial is not None:  # after a dense warm-up: unselected entries back to their start values
                 reset_unselected(engine, pool, masks, self._initial)
                 self._initial = None
@@ -271,7 +273,7 @@ class FishCallback(TrainerCallback):
                       zero_stage=engine.zero_optimization_stage(), step=trainer.state.global_step)
         masks = publish_mask(model, trainable, masks, report, out, self.save_initial, write=not mask_path)
         self.masks, self.report = masks, report
-        if self.selection != "dense" or mask_path:
+        if not rule(self.selection).dense or mask_path:
             self.enforcer = MaskEnforcer(engine, trainable, masks)
         fdist.print0(f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
                      f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "

@@ -3,20 +3,15 @@
 Two mechanisms, both needed (../shared/FISH_TUNING.md traps 2 and 4):
 1. A gradient hook on each pool parameter zeroes masked positions of the local gradient before
    DeepSpeed reduces it, so clipping norms and optimizer moments see only selected entries.
-2. The torch optimizer inside DeepSpeed (engine.basic_optimizer) is wrapped: after its step, the
+2. The torch optimizer inside DeepSpeed (zero.torch_optimizer) is wrapped: after its step, the
    masked entries of the fp32 master weights are written back to their values when the mask was
    fixed. Weight decay, momentum and any optimizer rule therefore cannot move them, and DeepSpeed's
    copy from masters to model weights (bf16 included) then carries unchanged values.
 
-Where the fp32 masters live depends on the stage; `_master_fragments` finds, per parameter, a view of
-this rank's master entries and which flat indices of the parameter they hold:
-- stage 0 in fp32: the optimizer updates the parameters themselves; stage 0 in bf16: DeepSpeed's
-  FP16_UnfusedOptimizer keeps one fp32 copy per parameter (fp32_groups beside fp16_groups);
-- ZeRO 1/2 and DeepSpeed's bf16 optimizer: `param._hp_mapping` (a view into the flat fp32 partition);
-- ZeRO 3: the optimizer's `fp32_partitioned_groups_flat` at `grad_position[param id]`, which holds
-  partition `rank` of the flattened, padded parameter.
-These are DeepSpeed internals (pinned version); the layout is checked against the model weights at
-set-up and a mismatch stops the run instead of training with a wrong mask.
+Where the fp32 masters live depends on the stage; `zero.master_fragments` finds, per parameter, a view of
+this rank's master entries and which flat indices of the parameter they hold (DeepSpeed internals, all in
+fishds/zero.py); the layout is checked against the model weights at set-up and a mismatch stops the run
+instead of training with a wrong mask.
 """
 from __future__ import annotations
 
@@ -25,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from . import dist as fdist
+from .. import dist as fdist
+from .. import zero
+from ..zero import UnsupportedSetup
+from ..zero import master_fragments as _master_fragments
 from .pool import Pool
 
 
@@ -38,52 +36,6 @@ class _Fragment:
     frozen_val: torch.Tensor  # their values when the mask was fixed
 
 
-class UnsupportedSetup(RuntimeError):
-    pass
-
-
-def _is_zero3(engine) -> bool:
-    return engine.zero_optimization_stage() == 3
-
-
-def _master_fragments(engine, pool: Pool) -> list[tuple[str, torch.Tensor, int, torch.Tensor]]:
-    """(name, fp32 master view, start index, local model-weight values) for every pool tensor."""
-    opt = engine.optimizer
-    out = []
-    if _is_zero3(engine):
-        if getattr(opt, "offload_optimizer", False) and getattr(opt, "swap_optimizer", False):
-            raise UnsupportedSetup("FISH masks do not support ZeRO-3 optimizer offload to NVMe; "
-                                   "use offload_optimizer.device=cpu or none")
-        for t in pool.tensors:
-            p = t.param
-            group, offset, numel = opt.grad_position[opt.get_param_id(p)]
-            master = opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
-            rank = opt._get_param_partition_rank(p) if hasattr(opt, "_get_param_partition_rank") else fdist.rank()
-            out.append((t.name, master, rank * numel, p.ds_tensor.reshape(-1)[:numel]))
-        return out
-    # DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer) keeps one fp32 copy per parameter
-    unfused = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", None) or [], getattr(opt, "fp32_groups", None)
-                                              or []) for lp, hp in zip(lps, hps)}
-    for t in pool.tensors:
-        p = t.param
-        if id(p) in unfused:
-            out.append((t.name, unfused[id(p)].data.reshape(-1), 0, p.data.reshape(-1)))
-            continue
-        mapping = getattr(p, "_hp_mapping", None)
-        if mapping is not None:
-            addr = mapping.lp_fragment_address
-            out.append((t.name, mapping.hp_fragment.reshape(-1), addr.start,
-                        p.data.reshape(-1).narrow(0, addr.start, addr.numel)))
-        elif getattr(p, "_hp_mapping", "absent") is None:
-            continue  # this rank's partition holds no entry of p
-        elif opt is engine.basic_optimizer and p.dtype == torch.float32:
-            out.append((t.name, p.data.reshape(-1), 0, p.data.reshape(-1)))
-        else:
-            raise UnsupportedSetup(f"cannot locate the fp32 master weights of {t.name} under optimizer "
-                                   f"{type(opt).__name__}; fishds supports DeepSpeed ZeRO 0-3 in fp32 and bf16")
-    return out
-
-
 class MaskEnforcer:
     """Gradient hooks + optimizer-step wrapper that keep every masked pool entry at its fixed value."""
 
@@ -94,8 +46,8 @@ class MaskEnforcer:
         self.masks = {n: m.to(dev) for n, m in masks.items()}
         self._hooks = [t.param.register_hook(self._grad_hook(self.masks[t.name])) for t in pool.tensors
                        if not bool(self.masks[t.name].all())]
-        self.fragments = self._fragments() if restore else []  # restore=False: fishds.compact never moves them
-        opt = engine.basic_optimizer
+        self.fragments = self._fragments() if restore else []  # restore=False: fishds.fish.compact never moves them
+        opt = zero.torch_optimizer(engine)
         self._inner_step = opt.step
 
         @functools.wraps(self._inner_step)  # keeps torch's LR-scheduler marker on the step
@@ -137,7 +89,7 @@ class MaskEnforcer:
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
-        self.engine.basic_optimizer.step = self._inner_step
+        zero.torch_optimizer(self.engine).step = self._inner_step
 
 
 @torch.no_grad()
@@ -154,8 +106,8 @@ def reset_unselected(engine, pool: Pool, masks: dict[str, torch.Tensor], initial
         master[:n] = torch.where(m, master[:n], v)
     for t in pool.tensors:
         p, init, m = t.param, initial[t.name], masks[t.name]
-        if hasattr(p, "ds_tensor"):
-            local = p.ds_tensor.reshape(-1)
+        if zero.is_partitioned(p):
+            local = zero.local_tensor(p).reshape(-1)
             start = fdist.rank() * local.numel()
             n = max(0, min(local.numel(), t.numel - start))
             lm = m.reshape(-1)[start:start + n].to(local.device)

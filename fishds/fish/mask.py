@@ -14,7 +14,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import dist as fdist
+from .. import dist as fdist
 from .pool import Pool
 
 FORMAT = "fishds-packbits-v1"

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import dist as fdist
+from .. import dist as fdist
 
 _MASK32 = 0xFFFFFFFF
 RADIX_BITS = 11

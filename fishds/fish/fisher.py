@@ -4,7 +4,8 @@ F[j] = sum over the N scoring examples of (dL(x_i, y_i)/d theta_j)^2   (granular
 F[j] = sum over micro-batches b of (dL_b/d theta_j)^2                     (granularity "batch", cheaper)
 
 The N examples are dealt round-robin to the ranks, so each counts exactly once. Each rank calls the wrapped module
-(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters with torch.autograd.grad: it has full shape on every ZeRO stage
+(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters
+with torch.autograd.grad: it has full shape on every ZeRO stage
 (ZeRO-3 gathers the weights for the forward and backward), is never reduced across ranks, and no
 gradient of the frozen base weights is computed. Squares are summed into an fp32 accumulator in pool
 order, held as one tensor per owner chunk (pool.chunk). At the end each chunk is reduced once to the
@@ -28,9 +29,9 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from . import dist as fdist
+from .. import dist as fdist
+from .. import zero
 from .pool import Pool
-
 
 REDUCE_PIECE = 1 << 24  # entries per reduce call (64 MiB of fp32): bounds any staging buffer of the backend
 
@@ -79,16 +80,14 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     segments = _segments(pool, bounds)
     acc_peak = sum(c.numel() for c in chunks) * 4
     grad_peak = 0
-    zero3 = engine.optimizer.parameter_offload.get_param_coordinator() if engine.zero_optimization_stage() == 3 \
-        else None
+    zero3 = zero.zero3_coordinator(engine)
     groups = _passes(len(examples), granularity, micro_batch_size)
     for i, group in enumerate(groups):
         batch = collate([examples[j] for j in group] or [examples[0]])
         batch = {k: v.to(dev) for k, v in batch.items()}
         loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
         grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-        if zero3:  # autograd.grad skips the hooks that end a ZeRO-3 backward: release what it left gathered
-            zero3.release_backward_leftovers()
+        zero.release_backward_leftovers(zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
         grad_peak = max(grad_peak, sum(g.numel() * g.element_size() for g in grads if g is not None))
         for n, parts in enumerate(segments):
             g, grads[n] = grads[n], None  # free each gradient once it is added
@@ -99,9 +98,7 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
         del grads, loss
         if progress is not None:
             progress(i + 1, len(groups))
-    if zero3:
-        engine.empty_partition_cache()
-        zero3.reset_step()
+    zero.end_gradient_pass(engine, zero3)
     model.train(was_training)
     t_local = time.perf_counter() - t0
 

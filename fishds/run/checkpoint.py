@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from . import dist as fdist
-from .mask import load_masks, save_masks
+from .. import dist as fdist
+from ..files import CHECKPOINT_STATE, CHECKPOINTS_DIR, MASK_FILE
+from ..fish.mask import load_masks, save_masks
 
-MARKER = "fishds_state.json"
+MARKER = CHECKPOINT_STATE  # written last: a complete checkpoint
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINTS_DIR
 
 
 def complete_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -76,7 +77,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, ma
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the kill-while-saving test
     fdist.barrier()
     if fdist.is_main():
-        save_masks(tmp / "fish_mask.safetensors", masks)
+        save_masks(tmp / MASK_FILE, masks)
         (tmp / MARKER).write_text(json.dumps({"step": step, "data_position": position}) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -96,4 +97,4 @@ def load_checkpoint(engine, folder: Path) -> tuple[dict, dict[str, torch.Tensor]
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
-    return json.loads((folder / MARKER).read_text()), load_masks(folder / "fish_mask.safetensors")
+    return json.loads((folder / MARKER).read_text()), load_masks(folder / MASK_FILE)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..zero import full_shape
+
 
 @dataclass(frozen=True)
 class PoolTensor:
@@ -26,11 +28,6 @@ class PoolTensor:
         for d in self.shape:
             n *= d
         return n
-
-
-def full_shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-    """The unpartitioned shape of a parameter, ZeRO-3 shards included."""
-    return tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
 
 
 class Pool:

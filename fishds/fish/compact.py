@@ -5,7 +5,7 @@ the local partition, and the mask enforcer keeps a copy of every frozen fp32 mas
 position (4 + 8 B per unselected entry). `CompactAdamW` is the client optimizer DeepSpeed wraps; once
 the mask is fixed it is told, per tensor it updates (ZeRO 1/2: the flat fp32 partition of a group;
 ZeRO-3: the flat fp32 partition of a sub-group; stage 0: the parameters), which local entries are
-selected (int32 indices, located with `enforce._master_fragments`, the same layout logic the enforcer
+selected (int32 indices, located with `zero.master_fragments`, the same layout logic the enforcer
 uses). Its step gathers those entries of the parameter and the gradient, runs torch's own functional
 AdamW on them (same code path as torch.optim.AdamW on this device, so the same bits), and scatters
 the result back. Unselected entries are never written, so weight decay cannot move them and the
@@ -28,11 +28,12 @@ import torch
 from torch.optim.adam import adam
 from torch.optim.optimizer import _get_scalar_dtype
 
-from . import dist as fdist
-from .config import Config, ConfigError
-from .enforce import UnsupportedSetup, _master_fragments
-from .memory import optimizer_tensors
+from .. import zero
+from ..config import Config, ConfigError
+from ..memory import optimizer_tensors
+from ..zero import UnsupportedSetup
 from .pool import Pool
+from .selection import rule
 
 
 class CompactAdamW(torch.optim.AdamW):
@@ -121,7 +122,7 @@ def check_config(cfg: Config, ds: dict) -> None:
     """Refuse fish.compact_optimizer where it cannot work (before any weights load)."""
     if not cfg.fish.compact_optimizer:
         return
-    if cfg.fish.selection == "dense":
+    if rule(cfg.fish.selection).dense:
         raise ConfigError("fish.compact_optimizer=true needs a mask; with fish.selection=dense every entry trains "
                           "(set fish.compact_optimizer=false)")
     if cfg.train.optimizer != "adamw":
@@ -150,13 +151,14 @@ def _owner(tensors: list[torch.Tensor], view: torch.Tensor) -> tuple[torch.Tenso
 @torch.no_grad()
 def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
     """Tell the CompactAdamW inside `engine` the local selected entries of every tensor it updates."""
-    opt = engine.basic_optimizer
+    opt = zero.torch_optimizer(engine)
     if not isinstance(opt, CompactAdamW):
-        raise UnsupportedSetup(f"fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found {type(opt).__name__}")
+        raise UnsupportedSetup("fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found "
+                               f"{type(opt).__name__}")
     tensors = optimizer_tensors(engine)
     chosen: dict[int, list[torch.Tensor]] = {}
     owner_of: dict[int, torch.Tensor] = {}
-    for name, master, start, local in _master_fragments(engine, pool):
+    for name, master, start, local in zero.master_fragments(engine, pool):
         if master.numel() == 0:
             continue
         if not torch.equal(master[:local.numel()].to(local.dtype), local):
@@ -178,6 +180,6 @@ def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
 
 def check_resumed_state(engine, compact: bool) -> None:
     """After loading a checkpoint: a compact optimizer state cannot continue in a dense AdamW."""
-    if not compact and any("idx" in st for st in engine.basic_optimizer.state.values()):
+    if not compact and any("idx" in st for st in zero.torch_optimizer(engine).state.values()):
         raise ConfigError("this checkpoint holds a compact optimizer state (written with fish.compact_optimizer=true); "
                           "resume it with fish.compact_optimizer=true")

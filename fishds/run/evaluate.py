@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from . import dist as fdist
+from .. import dist as fdist
 
 
 @torch.no_grad()
@@ -35,8 +35,8 @@ def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefi
         logits = logits if classify else logits[:, :-1]
         valid = labels != -100
         loss = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
-        totals += torch.tensor([float(loss), float(valid.sum()), float((logits.argmax(-1)[valid] == labels[valid]).sum())],
-                               dtype=torch.float64)
+        correct = float((logits.argmax(-1)[valid] == labels[valid]).sum())
+        totals += torch.tensor([float(loss), float(valid.sum()), correct], dtype=torch.float64)
     fdist.all_reduce_(totals)
     model.train(was_training)
     loss, acc = float(totals[0] / totals[1]), float(totals[2] / totals[1])

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import cache as fcache
-from . import dist as fdist
-from .config import ConfigError, DataSection
-from .formats import check_row, tokenize_row
+from .. import cache as fcache
+from .. import dist as fdist
+from ..config import ConfigError, DataSection
+from .formats import FORMATS, check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CACHE_VERSION = "fishds-data-2"
@@ -56,7 +56,8 @@ def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
-                wanted = ["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path" else ["test"]
+                wanted = (["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path"
+                          else ["test"])
                 split = next((s for s in wanted if s in ds), None)
                 if split is None:
                     raise ConfigError(f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
@@ -121,13 +122,14 @@ def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_
 
 
 def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
-                  labels: list | None = None, cache: Path | None = None) -> list[dict]:
-    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache)."""
+                  labels: list | None = None, cache: Path | None = None, rows: list[dict] | None = None) -> list[dict]:
+    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache).
+    rows: the checked rows of `path` when the caller has read them already (preflight), else they are read here."""
     import datasets
 
-    from .assets import cache_dir
+    from ..assets import cache_dir
 
-    if data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+    if FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
                           "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")
     cache = cache or cache_dir() / "tokenized"
@@ -151,15 +153,17 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
             return None, f"{type(e).__name__}: {e}"
 
     def tokenize() -> list[dict]:
-        rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
-        print(f"[fishds.data] tokenizing {key} ({len(rows)} rows) into {cache_file}", flush=True)
-        label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
+        checked = rows if rows is not None else read_rows(path, key, data, limit)
+        table = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in checked])
+        print(f"[fishds.data] tokenizing {key} ({len(table)} rows) into {cache_file}", flush=True)
+        label_type = (datasets.Value("int64") if FORMATS[data.format].classification
+                      else datasets.List(datasets.Value("int64")))
         features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
         for stale in cache.glob(f".{cache_file.stem}.tmp-*"):  # of a killed process that held the lock
             stale.unlink(missing_ok=True)
         tmp = cache / f".{cache_file.stem}.tmp-{os.getpid()}.arrow"
         try:
-            tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
+            tok = table.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
                            remove_columns=["row"], cache_file_name=str(tmp), desc=f"tokenizing {key}")
             examples = tok.to_list()
             os.replace(tmp, cache_file)
@@ -191,7 +195,7 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
             if fdist.world_size() > 1:
                 fdist.barrier()
     if not examples:
-        what = ("no response token is left to learn" if data.format in ("alpaca", "chat")
+        what = ("no response token is left to learn" if FORMATS[data.format].response_only
                 else "no token is left")
         raise ConfigError(f"{key}={path!r}: every example's prompt is longer than data.max_length={data.max_length}, "
                           f"so {what}; raise data.max_length")

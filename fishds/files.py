@@ -1,0 +1,47 @@
+"""The name of every file fishds writes, in one place, and the atomic write they all go through.
+
+output_dir of a run (`fishds train`) or of a FishCallback:
+- adapter_model.safetensors + adapter_config.json: a normal PEFT adapter (written by PEFT's save_pretrained)
+- MASK_FILE: masks in fishds-packbits-v1 (fishds/fish/mask.py), keyed like the adapter
+- INIT_ADAPTER_FILE: the adapter when the mask was fixed (save_initial_adapter)
+- SELECTION_REPORT: the report when the mask was fixed (read back on resume)
+- REPORT_FILE: the final report, written last by a finished `fishds train` run (its completion marker)
+- METRICS_FILE, TENSORBOARD_DIR: one JSON object per optimizer step; the same as TensorBoard scalars
+- SCORES_FILE: the Fisher scores (fish.save_scores)
+- REPORT_PNG: the picture `fishds report` draws
+- CHECKPOINTS_DIR/step-N/ with CHECKPOINT_STATE written last (its completion marker)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+MASK_FILE = "fish_mask.safetensors"
+INIT_ADAPTER_FILE = "init_adapter_model.safetensors"
+SELECTION_REPORT = "fish_selection.json"
+REPORT_FILE = "fish_report.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+SCORES_FILE = "fisher_scores.safetensors"
+REPORT_PNG = "fish_mask_report.png"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_STATE = "fishds_state.json"
+
+
+def atomic(path: Path, write) -> None:
+    """Call write(tmp_path), then rename tmp_path to path: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2) + "\n"))

@@ -1,0 +1,1 @@
+"""fishds inside other trainers (Hugging Face Trainer: hf.FishCallback)."""

@@ -1,0 +1,1 @@
+"""The `fishds train` run: preflight, data, training loop, evaluation, checkpoints, outputs."""

@@ -1,0 +1,91 @@
+"""Every check of a `fishds train` run that can fail without weights, in one pass: the DeepSpeed JSON (resolved
+once, here), the data files (read once, here: the tokeniser reuses the rows), the output folder and resume point,
+the model and its target modules, the budget's plain-PEFT baselines. Raises ConfigError naming the key.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import quant
+from ..config import Config, ConfigError
+from ..dsconfig import resolve_ds_config
+from ..files import REPORT_FILE
+from ..fish.compact import check_config as check_compact
+from ..fish.selection import rule
+from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
+from .checkpoint import find_resume
+from .data import read_rows
+from .formats import label_list
+
+
+@dataclass
+class Plan:
+    """What preflight resolved: paths and checked inputs."""
+    model_path: str
+    data_path: str
+    eval_path: str | None
+    ds_path: str | None
+    output_dir: Path
+    resume_from: Path | None = None
+    baselines: dict = field(default_factory=dict)  # plain-PEFT rank -> trainable count
+    test_path: str | None = None
+    labels: list | None = None  # classification: the classes, in class-id order
+    ds: dict = field(default_factory=dict)  # the resolved DeepSpeed config
+    rows: dict = field(default_factory=dict)  # config key (data.path, ...) -> the checked rows preflight read
+
+
+def preflight(cfg: Config, ds_path: str | None) -> Plan:
+    """All checks that need no weights; raises ConfigError naming the key."""
+    ds_path = ds_path or cfg.ds_config
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
+    ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    check_compact(cfg, ds)
+    quant.check(cfg, ds["zero_optimization"].get("stage", 0))
+    if rule(cfg.fish.selection).uses_scores and cfg.fish.num_samples < world:
+        raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
+                          "every rank needs at least one scoring example")
+    d = cfg.data
+    data_path, eval_path = d.path, d.eval_path
+    if data_path == "rotten_tomatoes":
+        from ..assets import rotten_tomatoes
+        files = rotten_tomatoes("classification" if is_classification(cfg) else "alpaca")
+        data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
+    rows = {"data.path": read_rows(data_path, "data.path", d, d.max_examples)}
+    labels = label_list(rows["data.path"], d) if is_classification(cfg) else None
+    for key, path, limit in (("data.eval_path", eval_path, d.max_eval_examples),
+                             ("data.test_path", d.test_path, d.max_test_examples)):
+        if path:
+            rows[key] = read_rows(path, key, d, limit)
+            unknown = sorted({str(r[d.label_field]) for r in rows[key]} - {str(v) for v in labels}) if labels else []
+            if unknown:
+                raise ConfigError(f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
+                                  f"occur in the training file, whose labels are {labels}")
+    if cfg.fish.mask_path and not Path(cfg.fish.mask_path).is_file():
+        raise ConfigError(f"fish.mask_path={cfg.fish.mask_path!r}: file not found")
+    out = Path(cfg.output_dir)
+    if (out / REPORT_FILE).exists() and not cfg.overwrite:
+        raise ConfigError(f"output_dir={cfg.output_dir!r} already holds a finished run ({REPORT_FILE}); choose "
+                          "another output_dir or set overwrite=true")
+    try:
+        resume_from = None if cfg.overwrite and cfg.resume == "auto" else find_resume(cfg.resume, out)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    model_path = resolve_model_path(cfg)
+    n_labels = len(labels) if labels else None
+    check_model_and_targets(cfg, model_path, n_labels)
+    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from,
+                baseline_counts(cfg, model_path, n_labels), d.test_path, labels, ds, rows)
+
+
+def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None) -> dict[int, int]:
+    """Trainable counts of plain PEFT at the ranks the budget compares with (meta device, no weights)."""
+    f, r = cfg.fish, cfg.peft.r
+    if rule(f.selection).dense:
+        return {}
+    if f.budget == "match_rank":  # match_r < peft.r: checked by config.Config
+        return {f.match_r: count_trainable(cfg, model_path, f.match_r, num_labels)}
+    if f.keep_ratio is not None and (r * f.keep_ratio).is_integer() and 0 < r * f.keep_ratio < r:
+        return {int(r * f.keep_ratio): count_trainable(cfg, model_path, int(r * f.keep_ratio), num_labels)}
+    return {}

@@ -1,0 +1,80 @@
+"""Issue 12's layout rules, checked on the source tree: one module names DeepSpeed internals, the two clients of
+the method core (`fishds train`, the HF callback) do not import each other, and the tables (selection rules, PEFT
+methods, data formats) are what the config accepts."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DS_INTERNALS = re.compile(r"_hp_mapping|fp32_partitioned_groups_flat|\.ds_tensor|parameter_offload|bit16_groups")
+
+
+def test_deepspeed_internals_are_named_in_zero_py_only():
+    naming = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "fishds").rglob("*.py")
+                    if DS_INTERNALS.search(p.read_text()))
+    assert naming == ["fishds/zero.py"]
+
+
+@pytest.mark.parametrize("client,other", [("fishds.integrations.hf", "fishds.run.train"),
+                                          ("fishds.run.train", "fishds.integrations")])
+def test_clients_of_the_core_do_not_import_each_other(client, other):
+    code = (f"import sys, {client}; "
+            f"loaded = [m for m in sys.modules if m == {other!r} or m.startswith({other!r} + '.')]; "
+            "assert not loaded, loaded; assert 'fishds.fish.selection' in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_tables_are_the_config_choices():
+    from fishds.config import Config, DataSection, FishSection, PeftSection
+    from fishds.fish.selection import RULES
+    from fishds.methods import METHODS
+    from fishds.run.formats import FORMATS
+
+    for name in RULES:
+        assert FishSection(selection=name).selection == name
+        assert f"{name}: {RULES[name].doc}" in FishSection.model_fields["selection"].description
+    for name in METHODS:
+        assert PeftSection(method=name).method == name
+    for name in FORMATS:
+        assert DataSection(path="x", format=name).format == name
+    with pytest.raises(ValueError, match="fish.selection"):
+        Config.model_validate({"model": {"name_or_path": "m"}, "data": {"path": "x"}, "output_dir": "o",
+                               "fish": {"selection": "not-a-rule"}})
+
+
+def test_callback_arguments_are_validated_by_the_fish_section():
+    from fishds.integrations.hf import FishCallback, FishError
+
+    fish = FishCallback(selection="random", num_selected=5, warmup_steps=2)
+    assert (fish.selection, fish.num_selected, fish.keep_ratio, fish.warmup_steps) == ("random", 5, None, 2)
+    assert FishCallback().keep_ratio == 0.5  # the section's default, as in fishds train
+    for bad, needle in (({"selection": "best"}, "selection"), ({"keep_ratio": 1.5}, "keep_ratio=1.5"),
+                        ({"granularity": "token"}, "granularity"), ({"num_samples": 0}, "num_samples")):
+        with pytest.raises(FishError, match=needle):
+            FishCallback(**bad)
+
+
+def test_one_adapter_key_parser():
+    import torch
+
+    from fishds.fish.adapter import mask_report
+    from fishds.fish.keys import parse_key
+
+    class T:  # a pool tensor stand-in
+        def __init__(self, name, numel):
+            self.name, self.numel, self.shape = name, numel, (numel,)
+
+    class P:
+        tensors = [T("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", 4),
+                   T("base_model.model.model.layers.1.mlp.down_proj.ia3_l.default", 2)]
+
+    masks = {t.name: torch.ones(t.numel, dtype=torch.bool) for t in P.tensors}
+    report = mask_report(P, masks)
+    assert sorted(report["per_module"]) == sorted(parse_key(t.name).module for t in P.tensors) == ["down_proj",
+                                                                                                    "q_proj"]
+    assert report["share"] == {"lora_A": 4 / 6, "lora_B": 0.0, "other": 2 / 6}
