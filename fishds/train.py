@@ -200,7 +200,7 @@ def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, coll
             fisher_bar.total = total
             fisher_bar.update(1)
         scores, stats = collect_scores(engine, pool, scoring_examples, f.granularity, cfg.train.micro_batch_size,
-                                       collate, progress=advance)
+                                       collate, progress=advance, per_example=getattr(f, "per_example", "batched"))
         fisher_bar.close()
         info.update(stats, num_samples=len(scoring_examples), granularity=f.granularity)
         keys = float_keys(scores) if f.selection == "fisher" else -float_keys(scores) - 1
