@@ -279,6 +279,7 @@ class FishCallback(TrainerCallback):
         self.masks, self.report = masks, report
         if self.selection != "dense" or mask_path:
             self.enforcer = MaskEnforcer(engine, trainable, masks)
+            self.masks = self.enforcer.masks  # the same bits (1 per entry), held once
         fdist.print0(f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
                      f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
                      f"lora_B {report['share'].get('lora_B', 0):.1%})")
