@@ -100,7 +100,7 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
         for r, a, b, c, d in segments[n]:
             chunks[r][a:b].add_(sq[c:d])
 
-    state = {"done": 0, "total": 0, "grad_peak": 0, "passes": 0}
+    state = {"done": 0, "total": 0, "grad_peak": 0, "output_grad_peak": 0, "passes": 0}
 
     def tick():
         state["done"] += 1
@@ -146,7 +146,8 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     chunks.clear()
     held = local.numel()
     # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
-    flag = torch.tensor([int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held],
+    flag = torch.tensor([int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held,
+                         state["output_grad_peak"]],
                         dtype=torch.int64)
     fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)
     check_finite(pool, local, start)
@@ -157,7 +158,8 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
              "passes_per_rank": state["passes"], **per_example_stats,
              # bytes and entries per rank, max over ranks
              "accumulator_peak_bytes": int(flag[1]), "grad_peak_bytes": int(flag[2]),
-             "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4])}
+             "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4]),
+             "output_grad_peak_bytes": int(flag[5])}  # batched: the captured layer-output gradients of one pass
     return local, stats
 
 
@@ -208,8 +210,10 @@ def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, sta
             grads = list(torch.autograd.grad(loss, targets + [params[i] for i in checked], allow_unused=True))
             if zero3:
                 zero3.release_backward_leftovers()
-            state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size() for g in grads
-                                                             if g is not None))
+            state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size()
+                                                             for g in grads[len(targets):] if g is not None))
+            state["output_grad_peak"] = max(state["output_grad_peak"], sum(
+                g.numel() * g.element_size() for g in grads[:len(targets)] if g is not None))
             if gi == 0:  # the same decision on every rank: one MIN all-reduce of the flags
                 sums = bf.summed(grads[:len(targets)], spans, b)
                 flags = [int(split is not None and _close(split[1], out.loss.detach()))]
@@ -222,10 +226,13 @@ def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, sta
                     return list(range(len(params)))
                 accepted -= {i for i, ok in zip(checked, flag[1:].tolist()) if not ok}
                 del grads[len(targets):]
+            squares = bf.squares(grads, spans, b)  # pool-shaped fp32, like one pass's gradients in the loop
+            state["grad_peak"] = max(state["grad_peak"], sum(sq.numel() * 4 for sq in squares.values()))
             if group:
-                for i, sq in bf.squares(grads, spans, b).items():
+                for i, sq in squares.items():
                     if i in accepted:
                         add(i, sq.reshape(-1))
+            del squares
             del grads, loss, out
             bf.clear()
             tick()
