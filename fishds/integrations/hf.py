@@ -111,6 +111,8 @@ class FishCallback(TrainerCallback):
     selection: fisher (top-k Fisher, the paper), random, lowest (ablations), dense (no mask).
     granularity: sample (per-example squared gradients) or batch (per micro-batch of
         per_device_train_batch_size examples, cheaper).
+    per_example: batched (default: per-example gradients of a whole micro-batch from one pass, fishds/per_example.py)
+        or loop (one pass per example); same scores.
     warmup_steps: dense Trainer steps before scoring; unselected entries are then reset to their values at
         the start of training.
     pool_include / pool_exclude: regexes on parameter names; excluded trainable tensors train fully.
@@ -119,6 +121,7 @@ class FishCallback(TrainerCallback):
 
     def __init__(self, keep_ratio: float | None = None, num_selected: int | None = None, num_samples: int = 64,
                  selection: str = "fisher", granularity: str = "sample", warmup_steps: int = 0, seed: int = 0,
+                 per_example: str = "batched",
                  scoring_dataset=None, pool_include=(), pool_exclude=(), mask_path: str | None = None,
                  output_dir: str | None = None, save_initial_adapter: bool = True):
         if keep_ratio is not None and num_selected is not None:
@@ -129,11 +132,14 @@ class FishCallback(TrainerCallback):
             raise FishError(f"FishCallback: selection={selection!r} must be fisher, random, lowest or dense")
         if granularity not in ("sample", "batch"):
             raise FishError(f"FishCallback: granularity={granularity!r} must be sample or batch")
+        if per_example not in ("batched", "loop"):
+            raise FishError(f"FishCallback: per_example={per_example!r} must be batched or loop")
         if num_samples < 1 or warmup_steps < 0:
             raise FishError("FishCallback: num_samples must be >= 1 and warmup_steps >= 0")
         self.keep_ratio = 0.5 if keep_ratio is None and num_selected is None else keep_ratio
         self.num_selected = num_selected
         self.num_samples, self.selection, self.granularity = num_samples, selection, granularity
+        self.per_example = per_example
         self.warmup_steps, self.seed, self.scoring_dataset = warmup_steps, seed, scoring_dataset
         self.pool_include, self.pool_exclude = tuple(pool_include), tuple(pool_exclude)
         self.mask_path, self.output_dir, self.save_initial = mask_path, output_dir, save_initial_adapter
@@ -203,7 +209,7 @@ class FishCallback(TrainerCallback):
     def _cfg(self, trainer, out: Path):
         """The fields of a fishds Config that train.select_masks / scoring_examples read."""
         fish = SimpleNamespace(selection=self.selection, seed=self.seed, granularity=self.granularity,
-                               num_samples=self.num_samples, save_scores=False)
+                               per_example=self.per_example, num_samples=self.num_samples, save_scores=False)
         return SimpleNamespace(fish=fish, train=SimpleNamespace(micro_batch_size=trainer.args.per_device_train_batch_size),
                                output_dir=str(out))
 
@@ -273,6 +279,7 @@ class FishCallback(TrainerCallback):
         self.masks, self.report = masks, report
         if self.selection != "dense" or mask_path:
             self.enforcer = MaskEnforcer(engine, trainable, masks)
+            self.masks = self.enforcer.masks  # the same bits (1 per entry), held once
         fdist.print0(f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
                      f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
                      f"lora_B {report['share'].get('lora_B', 0):.1%})")

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import dist as fdist
-from ..fish.mask import save_masks
+from ..fish.mask import PackedMasks, save_masks
 from ..fish.pool import Pool
 
 FINISHED_MARKER = "fish_report.json"
@@ -93,7 +93,10 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
 
 
 def save_mask_file(model, out: Path, masks: dict[str, torch.Tensor]) -> None:
-    keyed = adapter_keys(model, masks)
+    if isinstance(masks, PackedMasks):  # rename the keys, keep the bits packed
+        keyed = masks.renamed(key_map(model, list(masks)))
+    else:
+        keyed = adapter_keys(model, masks)
     _atomic(out / "fish_mask.safetensors", lambda t: save_masks(t, keyed))
 
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as fdist
-from .. import memory
-from .. import quant
+from .. import memory, quant
 from ..config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from ..dsconfig import resolve_ds_config
@@ -30,7 +29,7 @@ from .formats import label_list, pack
 from ..fish.enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
 from ..fish.fisher import collect_scores, gather_scores
-from ..fish.mask import share_selection
+from ..fish.mask import PackedMasks, share_selection
 from ..model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
                     is_classification, load_peft_model, load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
@@ -201,7 +200,7 @@ def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, coll
             fisher_bar.total = total
             fisher_bar.update(1)
         scores, stats = collect_scores(engine, pool, scoring_examples, f.granularity, cfg.train.micro_batch_size,
-                                       collate, progress=advance)
+                                       collate, progress=advance, per_example=getattr(f, "per_example", "batched"))
         fisher_bar.close()
         info.update(stats, num_samples=len(scoring_examples), granularity=f.granularity)
         keys = float_keys(scores) if f.selection == "fisher" else -float_keys(scores) - 1
@@ -355,11 +354,11 @@ def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
 
 
 def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool,
-                 write: bool = True) -> dict[str, torch.Tensor]:
-    """The masks of every trainable tensor (tensors outside the pool train fully: all ones), their statistics
+                 write: bool = True) -> PackedMasks:
+    """The masks of every trainable tensor (packed, 1 bit per entry) (tensors outside the pool train fully: all ones), their statistics
     added to `report`, and, with `write`, on rank 0 the mask file, the selection report and the initial adapter.
     All ranks call it (gathering the initial adapter is a collective)."""
-    masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in trainable.tensors}
+    masks = PackedMasks.of(masks).completed([(t.name, t.shape) for t in trainable.tensors])
     report.update(mask_report(trainable, masks))
     fixed = gather_adapter(trainable) if write and save_initial else None
     if write and fdist.is_main():
@@ -450,6 +449,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
     compact = cfg.fish.compact_optimizer
+    masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry, held once (the enforcer uses the same object)
     enforcer = MaskEnforcer(engine, s.trainable, masks, restore=not compact) if cfg.fish.selection != "dense" else None
     if compact:
         apply_compact_mask(engine, s.trainable, masks)
