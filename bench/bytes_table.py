@@ -31,15 +31,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"Per rank, MB: LoRA r={args.r} on all linear projections, keep {args.keep_ratio:g}, ZeRO-{args.zero}, "
           f"{args.world} ranks, {args.precision} (plan)\n")
-    print("| model | pool entries | masks, bool (both) | optimizer, fp32 masters + AdamW state: dense | compact | "
-          "enforcer copies: dense | compact | gradients (both) |")
+    print("| model | pool entries | masks, 1 bit per entry (both) | optimizer, fp32 masters + AdamW state: dense | "
+          "compact | enforcer copies: dense | compact | gradients (both) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("llama-7b", "llama-13b", "llama-70b"):
         s = dict(zero=args.zero, world=args.world, precision=args.precision, r=args.r, keep_ratio=args.keep_ratio)
         dense, compact = plan(PRESETS[name], Setup(**s)), plan(PRESETS[name], Setup(**s, compact=True))
         n = dense["adapter_entries"]
         print(f"| {name} | {n:,.0f} | {mb(compact['masks'])} | {mb(dense['optimizer'])} | {mb(compact['optimizer'])} | "
-              f"{mb(dense['masks'] - compact['masks'])} | 0 | {mb(dense['gradients'])} |")
+              f"{mb(dense['mask_restore'])} | 0 | {mb(dense['gradients'])} |")
     res = ROOT / "bench/results/optimizer_state.jsonl"
     if res.is_file():
         rows = [json.loads(line) for line in res.read_text().splitlines() if line.strip()]
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             print(f"| {z} | {d['pool']:,} | {d['k']:,} | {d['per_rank'][0]['optimizer_state']:,} / "
                   f"{pd['optimizer'] - masters:,.0f} | {c['per_rank'][0]['optimizer_state']:,} / "
                   f"{pc['optimizer'] - masters:,.0f} | {d['per_rank'][0]['mask_restore_copies']:,} / "
-                  f"{pd['masks'] - pc['masks']:,.0f} | {c['per_rank'][0]['mask_restore_copies']:,} |")
+                  f"{pd['mask_restore']:,.0f} | {c['per_rank'][0]['mask_restore_copies']:,} |")
     return 0
 
 

@@ -92,14 +92,16 @@ def main():
             "precision": cfg.train.precision, "micro_batch_size": mbs, "pool": s.pool.size, "k": s.k,
             "plain_lora_step_s": round(step, 4), "fish_lora_step_s": round(statistics.median(fish), 4),
             "step_time_ratio": round(statistics.median(fish) / step, 4),
-            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / per_sample["passes_per_rank"] / step,
+            # per example (granularity sample, fish.per_example default: batched), in training steps
+            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / -(-n_ex // fdist.world_size()) / step,
                                              3),
+            "fisher_per_example": per_sample["per_example"],
             "fisher_per_microbatch_steps": round(per_batch["local_pass_seconds"] / n_mb / step, 3),
             "fisher_samples": n_ex, "fisher_sample_pass_s": round(per_sample["collect_seconds"], 2),
             "select_s": round(select_s, 4), "select_bytes_per_rank": topk_bytes,
             "mask_share_bytes_per_rank": share_bytes,
             "mask_bits_per_entry_on_disk": round(8 * mask_bytes / s.pool.size, 4),
-            "mask_bits_per_entry_in_memory": 8,  # torch.bool masks while training
+            "mask_bits_per_entry_in_memory": round(8 * masks.nbytes / s.pool.size, 4),  # PackedMasks while training
         }
         record("step_time", rec)
     fdist.barrier()

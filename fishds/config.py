@@ -79,6 +79,12 @@ class FishSection(_Section):
     granularity: Literal["sample", "batch"] = Field(
         "sample", description="sample: sum of per-example squared gradients (the paper's definition); "
         "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.")
+    per_example: Literal["batched", "loop"] = Field(
+        "batched", description="How granularity=sample gets its per-example gradients. batched: one forward/backward "
+        "per micro-batch of train.micro_batch_size examples, per-example gradients from module hooks (LoRA A/B, "
+        "rslora/pissa/olora, bottleneck, IA3, linear heads; other tensors, e.g. DoRA's magnitude, VeRA, LoHa, LoKr, "
+        "are scored one example at a time and named in the log); same scores as loop. loop: one forward/backward per "
+        "example (the paper's procedure, slower: under ZeRO-3 every example gathers every layer).")
     budget: Literal["keep_ratio", "match_rank"] = Field(
         "keep_ratio", description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count "
         "of the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).")

@@ -9,8 +9,9 @@
   partitions under ZeRO 1-3 and bf16) plus its state (Adam moments, momentum). The state exists only
   after the first step; before it, `optimizer_state_allocated` is false and the state is projected from
   the masters' size (2 x for Adam, 1 x for SGD with momentum);
-- masks: the boolean masks (full shape on every rank) plus the enforcer's frozen positions and values
-  (those alone: mask_restore_copies; none with fish.compact_optimizer);
+- masks: the masks every rank holds for the gradient hooks, packed at 1 bit per pool entry (mask.PackedMasks);
+- mask_restore_copies: the enforcer's fp32 values of the frozen entries of this rank's master partition (4 bytes
+  per frozen local entry, optimizer-side state kept apart from masks; none with fish.compact_optimizer);
 - local_entries / updated_entries: entries of the tensors the torch optimizer updates on this rank, and how
   many of them it keeps state for and writes (all of them, or the selected ones with fish.compact_optimizer);
 - largest_gathered_param: under ZeRO-3 the largest single parameter at full size (what a rank must hold
@@ -108,13 +109,12 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
         out["optimizer_state"] = masters_numel * 4 * factor  # projected: fp32 moments, allocated at the first step
     out["optimizer"] = out["optimizer_masters"] + out["optimizer_state"]
     if masks:
-        out["masks"] = sum(_bytes(m) for m in masks.values())
-    out["mask_restore_copies"] = sum(_bytes(f.frozen_pos) + _bytes(f.frozen_val)
-                                     for f in getattr(enforcer, "fragments", []) or [])
-    out["masks"] += out["mask_restore_copies"]
+        out["masks"] = masks.nbytes if hasattr(masks, "nbytes") else sum(_bytes(m) for m in masks.values())
+    out["mask_restore_copies"] = sum(_bytes(f.frozen_val) for f in getattr(enforcer, "fragments", []) or [])
     if not zero3:
         out["largest_gathered_param"] = 0  # nothing is gathered below ZeRO-3
-    out["model_states"] = out["frozen"] + out["trainable"] + out["optimizer"] + out["masks"]
+    out["model_states"] = (out["frozen"] + out["trainable"] + out["optimizer"] + out["masks"]
+                           + out["mask_restore_copies"])
     out["rss"] = _rss()
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     out["zero_stage"] = engine.zero_optimization_stage()
@@ -144,5 +144,6 @@ def line(m: dict, world: int) -> str:
     state = "" if m["optimizer_state_allocated"] else " (moments projected, allocated at the first step)"
     return (f"[fishds] memory per rank (rank 0 of {world}, ZeRO-{m['zero_stage']}): "
             f"frozen {_mib(m['frozen'])}{shard} | "
-            f"trainable {_mib(m['trainable'])} | optimizer {_mib(m['optimizer'])}{state} | masks {_mib(m['masks'])} | "
+            f"trainable {_mib(m['trainable'])} | optimizer {_mib(m['optimizer'])}{state} | masks {_mib(m['masks'])} "
+            f"(1 bit/entry) + frozen-entry copies {_mib(m['mask_restore_copies'])} | "
             f"largest gathered layer {_mib(m['largest_gathered_param'])}")

@@ -11,8 +11,8 @@ entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
 - optimizer: fp32 masters (4n; none at ZeRO-0 in fp32, where the parameters are the masters) and AdamW's
   two fp32 moments (8n) or SGD's momentum (4n); / W under ZeRO 1-3 and in bf16 (DeepSpeed's bf16
   optimizer partitions its fp32 state like ZeRO-1).
-- masks (FISH only; keep_ratio None = plain PEFT): n bytes of torch.bool on every rank, plus 12 bytes
-  (int64 position + fp32 value) per masked entry of the masters this rank holds (fishds' enforcer).
+- masks (FISH only; keep_ratio None = plain PEFT): n / 8 bytes on every rank (packed, 1 bit per entry);
+- mask_restore: 4 bytes (fp32 value) per masked entry of the masters this rank holds (fishds' enforcer).
 - compact (fish.compact_optimizer): the two AdamW moments plus an int32 index for the selected entries
   only (12 x keep_ratio x n instead of 8n) and no enforcer copies; masters and gradients unchanged.
 - largest gathered layer (ZeRO-3 only): the largest single parameter at full size.
@@ -130,7 +130,8 @@ def plan(arch: Arch, s: Setup) -> dict:
         "gradients": n * p / (W if z >= 2 else 1),
         "optimizer": (0 if (z == 0 and s.precision == "fp32") else 4 * n / masters_split)
         + (12 * s.keep_ratio if compact else 8 if s.optimizer == "adamw" else 4) * n / masters_split,
-        "masks": 0 if s.keep_ratio is None else n + (0 if compact else 12 * n * (1 - s.keep_ratio) / masters_split),
+        "masks": 0 if s.keep_ratio is None else n / 8,
+        "mask_restore": 0 if s.keep_ratio is None or compact else 4 * n * (1 - s.keep_ratio) / masters_split,
         "largest_gathered": max(arch.vocab * arch.hidden * p, largest_linear) if z == 3 else 0,
     }
     tokens, a = s.micro_batch * s.seq_len, p
@@ -138,9 +139,10 @@ def plan(arch: Arch, s: Setup) -> dict:
     logits = tokens * arch.vocab * (a + 8)
     out["activations"] = arch.layers * one_layer + logits
     out["activations_gc"] = arch.layers * tokens * arch.hidden * a + one_layer + logits
-    states = sum(out[k] for k in ("frozen", "adapter", "gradients", "optimizer", "masks", "largest_gathered"))
+    states = sum(out[k] for k in ("frozen", "adapter", "gradients", "optimizer", "masks", "mask_restore",
+                                  "largest_gathered"))
     out["model_states"] = states
-    out["measurable"] = sum(out[k] for k in ("frozen", "adapter", "optimizer", "masks"))  # what memory.py reads
+    out["measurable"] = sum(out[k] for k in ("frozen", "adapter", "optimizer", "masks", "mask_restore"))  # memory.py
     out["total"] = states + out["activations"]
     out["total_gc"] = states + out["activations_gc"]
     out["adapter_entries"] = n
@@ -152,7 +154,8 @@ def plan(arch: Arch, s: Setup) -> dict:
 
 def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
     rows = [("frozen weights", "frozen"), ("adapter", "adapter"), ("gradients", "gradients"),
-            ("optimizer state", "optimizer"), ("masks", "masks"), ("largest gathered layer", "largest_gathered"),
+            ("optimizer state", "optimizer"), ("masks (1 bit per entry)", "masks"),
+            ("frozen-entry copies (enforcer)", "mask_restore"), ("largest gathered layer", "largest_gathered"),
             ("activations (no checkpointing)", "activations"), ("activations (checkpointing)", "activations_gc"),
             ("total (no checkpointing)", "total"), ("total (checkpointing)", "total_gc")]
     lines = [f"{name:<32}{res[k] / unit:>12.3f} {label}" for name, k in rows]

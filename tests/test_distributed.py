@@ -65,6 +65,19 @@ def assert_logits_reproduced(out, cfg_overrides, atol=1e-5):
     torch.testing.assert_close(logits, probe["logits"], atol=atol, rtol=1e-4)
 
 
+def assert_masks_at_one_bit(report, world: int, partitioned: bool):
+    """memory_per_rank: masks <= 1.1 bits per entry on every rank; the enforcer's frozen fp32 values are counted
+    apart (mask_restore_copies), 4 bytes per frozen entry of the rank's master partition."""
+    entries = sum(t["numel"] for t in report["per_tensor"].values())
+    mem = report["memory_per_rank"]
+    assert len(mem) == world
+    for m in mem:
+        assert 0 < m["masks"] * 8 <= 1.1 * entries, (m["masks"], entries)
+    frozen = entries - report["selected"]
+    held = sum(m["mask_restore_copies"] for m in mem)
+    assert held == 4 * frozen * (1 if partitioned else world), (held, frozen)
+
+
 def test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked(toy, tmp_path):
     """ZeRO-3, AdamW wd=0.1, clipping, accumulation 2: exact mask vs the paper's formula; masked entries fixed."""
     out = tmp_path / "z3"
@@ -73,6 +86,7 @@ def test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked(toy, tmp_pa
     launch(2, ov, "zero3.json")
     adapter, masks, report = assert_mask_enforced(out, 224)
     assert report["zero_stage"] == 3 and report["world_size"] == 2
+    assert_masks_at_one_bit(report, 2, partitioned=True)
     cfg = load_config(None, ov)
     ref = reference_scores(cfg)
     got = load_file(str(out / "fisher_scores.safetensors"))
@@ -96,7 +110,8 @@ def test_masked_entries_fixed_zero0_zero2(toy, tmp_path, ds_config, extra):
     out = tmp_path / ds_config
     ov = base_overrides(toy, out, **extra)
     launch(2, ov, ds_config)
-    assert_mask_enforced(out, 224)
+    _, _, report = assert_mask_enforced(out, 224)
+    assert_masks_at_one_bit(report, 2, partitioned=ds_config != "zero0.json")
     assert_logits_reproduced(out, ov)
 
 

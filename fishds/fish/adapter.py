@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from ..files import INIT_ADAPTER_FILE, MASK_FILE, atomic
 from .keys import OTHER, parse_key
-from .mask import save_masks
+from .mask import PackedMasks, save_masks
 from .pool import Pool
 
 
@@ -49,8 +49,9 @@ def adapter_keys(model, by_param_name: dict[str, torch.Tensor]) -> dict[str, tor
     return {key: by_param_name[name] for name, key in key_map(model, names).items()}
 
 
-def save_mask_file(model, out: Path, masks: dict[str, torch.Tensor]) -> None:
-    keyed = adapter_keys(model, masks)
+def save_mask_file(model, out: Path, masks) -> None:
+    """The mask file, keyed like the adapter (masks: a dict of boolean tensors or PackedMasks, kept packed)."""
+    keyed = masks.renamed(key_map(model, list(masks))) if isinstance(masks, PackedMasks) else adapter_keys(model, masks)
     atomic(out / MASK_FILE, lambda t: save_masks(t, keyed))
 
 

@@ -8,6 +8,11 @@ Two mechanisms, both needed (../shared/FISH_TUNING.md traps 2 and 4):
    fixed. Weight decay, momentum and any optimizer rule therefore cannot move them, and DeepSpeed's
    copy from masters to model weights (bf16 included) then carries unchanged values.
 
+Memory: the masks are held packed (mask.PackedMasks, 1 bit per pool entry) and unpacked one tensor at a
+time inside the gradient hook and the restore; the restore keeps only the fp32 values of the frozen entries
+of this rank's master partition (4 bytes per frozen local entry; their positions are read from the bits).
+Those values are optimizer-side state, counted as `mask_restore_copies` by fishds/memory.py, not as masks.
+
 Where the fp32 masters live depends on the stage; `zero.master_fragments` finds, per parameter, a view of
 this rank's master entries and which flat indices of the parameter they hold (DeepSpeed internals, all in
 fishds/zero.py); the layout is checked against the model weights at set-up and a mismatch stops the run
@@ -24,6 +29,7 @@ from .. import dist as fdist
 from .. import zero
 from ..zero import UnsupportedSetup
 from ..zero import master_fragments as _master_fragments
+from .mask import PackedMasks
 from .pool import Pool
 
 
@@ -32,20 +38,18 @@ class _Fragment:
     name: str
     master: torch.Tensor  # 1-D view of this rank's fp32 master entries of one parameter
     start: int  # flat index in the (padded) parameter of master[0]
-    frozen_pos: torch.Tensor  # positions in `master` that the mask freezes
-    frozen_val: torch.Tensor  # their values when the mask was fixed
+    frozen_val: torch.Tensor  # values of the entries the mask freezes, in flat order, when the mask was fixed
 
 
 class MaskEnforcer:
     """Gradient hooks + optimizer-step wrapper that keep every masked pool entry at its fixed value."""
 
-    def __init__(self, engine, pool: Pool, masks: dict[str, torch.Tensor], restore: bool = True):
+    def __init__(self, engine, pool: Pool, masks, restore: bool = True):
         self.engine = engine
         self.pool = pool
-        dev = fdist.device()
-        self.masks = {n: m.to(dev) for n, m in masks.items()}
-        self._hooks = [t.param.register_hook(self._grad_hook(self.masks[t.name])) for t in pool.tensors
-                       if not bool(self.masks[t.name].all())]
+        self.masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry; shared with the caller when possible
+        self._hooks = [t.param.register_hook(self._grad_hook(self.masks, t.name)) for t in pool.tensors
+                       if bool(self.masks.frozen(t.name).any())]
         self.fragments = self._fragments() if restore else []  # restore=False: fishds.fish.compact never moves them
         opt = zero.torch_optimizer(engine)
         self._inner_step = opt.step
@@ -59,9 +63,11 @@ class MaskEnforcer:
         opt.step = step
 
     @staticmethod
-    def _grad_hook(mask: torch.Tensor):
+    def _grad_hook(masks: PackedMasks, name: str):
+        shape = torch.Size(masks.shape(name))
+
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            return grad.masked_fill(~mask, 0) if grad.shape == mask.shape else grad
+            return grad.masked_fill(masks.frozen(name).view(shape), 0) if grad.shape == shape else grad
         return hook
 
     def _fragments(self) -> list[_Fragment]:
@@ -71,20 +77,17 @@ class MaskEnforcer:
                 raise UnsupportedSetup(
                     f"DeepSpeed's fp32 master layout for {name} does not match the model weights; this DeepSpeed "
                     "version is not supported by fishds' mask enforcement (pinned: 0.19.8)")
-            flat_mask = self.masks[name].reshape(-1).cpu()
-            padded = torch.ones(max(flat_mask.numel(), start + master.numel()), dtype=torch.bool)
-            padded[:flat_mask.numel()] = flat_mask
-            keep = padded[start:start + master.numel()].to(master.device)
-            pos = (~keep).nonzero().reshape(-1)
-            frags.append(_Fragment(name, master, start, pos, master[pos].clone()))
+            frozen = self.masks.frozen(name, start, master.numel()).to(master.device)
+            frags.append(_Fragment(name, master, start, master[frozen].clone()))
         return frags
 
     @torch.no_grad()
     def restore(self) -> None:
         """Write the fixed values back into the masked fp32 master entries (runs after every inner step)."""
         for f in self.fragments:
-            if f.frozen_pos.numel():
-                f.master.index_copy_(0, f.frozen_pos, f.frozen_val)
+            if f.frozen_val.numel():
+                f.master.masked_scatter_(self.masks.frozen(f.name, f.start, f.master.numel()).to(f.master.device),
+                                         f.frozen_val)
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -3,9 +3,13 @@
 F[j] = sum over the N scoring examples of (dL(x_i, y_i)/d theta_j)^2   (granularity "sample", the paper)
 F[j] = sum over micro-batches b of (dL_b/d theta_j)^2                     (granularity "batch", cheaper)
 
+Granularity "sample" is computed batched by default (fish.per_example: batched): the per-example gradients of a
+micro-batch come from one forward/backward through module hooks (fishds/fish/per_example.py), so the pass costs about
+what "batch" costs; fish.per_example: loop runs one forward/backward per example (and scores the parameters no
+batched rule covers in either mode). The text below describes the accumulator, common to all modes.
+
 The N examples are dealt round-robin to the ranks, so each counts exactly once. Each rank calls the wrapped module
-(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters
-with torch.autograd.grad: it has full shape on every ZeRO stage
+(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters with torch.autograd.grad: it has full shape on every ZeRO stage
 (ZeRO-3 gathers the weights for the forward and backward), is never reduced across ranks, and no
 gradient of the frozen base weights is computed. Squares are summed into an fp32 accumulator in pool
 order, held as one tensor per owner chunk (pool.chunk). At the end each chunk is reduced once to the
@@ -31,7 +35,9 @@ import torch.distributed as dist
 
 from .. import dist as fdist
 from .. import zero
+from .per_example import CHECK_RTOL, BatchedFisher, per_example_losses
 from .pool import Pool
+
 
 REDUCE_PIECE = 1 << 24  # entries per reduce call (64 MiB of fp32): bounds any staging buffer of the backend
 
@@ -66,8 +72,16 @@ def _passes(n: int, granularity: str, micro_batch_size: int) -> list[list[int]]:
 
 
 def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
-                   collate: Callable[[list[dict]], dict], progress=None) -> tuple[torch.Tensor, dict]:
-    """Run the Fisher pass; return this rank's chunk of the scores (fp32) and timing statistics."""
+                   collate: Callable[[list[dict]], dict], progress=None,
+                   per_example: str = "batched") -> tuple[torch.Tensor, dict]:
+    """Run the Fisher pass; return this rank's chunk of the scores (fp32) and timing statistics.
+
+    granularity "sample" with per_example "batched" (the default) takes the per-example squared gradients of a
+    whole micro-batch from one forward/backward (fishds/fish/per_example.py); "loop" runs one pass per example. Both
+    give the same scores (fp32: to rounding); parameters no batched rule covers are looped in either case.
+    """
+    if per_example not in ("batched", "loop"):
+        raise ValueError(f"fish.per_example={per_example!r} must be batched or loop")
     t0 = time.perf_counter()
     model = engine.module
     was_training = model.training
@@ -79,28 +93,45 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     chunks = [torch.zeros(e - s, dtype=torch.float32, device=dev) for s, e in bounds]  # the accumulator
     segments = _segments(pool, bounds)
     acc_peak = sum(c.numel() for c in chunks) * 4
-    grad_peak = 0
     zero3 = zero.zero3_coordinator(engine)
-    groups = _passes(len(examples), granularity, micro_batch_size)
-    for i, group in enumerate(groups):
-        batch = collate([examples[j] for j in group] or [examples[0]])
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
-        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-        zero.release_backward_leftovers(zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
-        grad_peak = max(grad_peak, sum(g.numel() * g.element_size() for g in grads if g is not None))
-        for n, parts in enumerate(segments):
-            g, grads[n] = grads[n], None  # free each gradient once it is added
-            if group and g is not None:
-                g = g.detach().reshape(-1)
-                for r, a, b, c, d in parts:
-                    chunks[r][a:b].add_(g[c:d].to(torch.float32).square())
-        del grads, loss
+
+    def add(n: int, sq: torch.Tensor) -> None:
+        """Add the flat squares `sq` of pool tensor n to the accumulator chunks."""
+        for r, a, b, c, d in segments[n]:
+            chunks[r][a:b].add_(sq[c:d])
+
+    state = {"done": 0, "total": 0, "grad_peak": 0, "output_grad_peak": 0, "passes": 0}
+
+    def tick():
+        state["done"] += 1
+        state["passes"] += 1
         if progress is not None:
-            progress(i + 1, len(groups))
+            progress(state["done"], state["total"])
+
+    loop_params = list(range(len(params)))
+    batched_passes = 0
+    if granularity == "sample" and per_example == "batched":
+        groups = _passes(len(examples), "batch", micro_batch_size)
+        state["total"] = len(groups)
+        loop_params = _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick)
+        batched_passes = len(groups)
+        if loop_params:
+            fdist.print0(f"[fishds] per-example Fisher: no batched rule for {len(loop_params)} of {len(params)} "
+                         "pool tensors, scored one example at a time: "
+                         + ", ".join(pool.tensors[n].name for n in loop_params))
+    if loop_params:
+        groups = _passes(len(examples), granularity, micro_batch_size)
+        state["total"] += len(groups)
+        _loop_pass(model, zero3, [params[n] for n in loop_params], loop_params, examples, groups, collate, dev, add,
+                   state, tick)
     zero.end_gradient_pass(engine, zero3)
     model.train(was_training)
     t_local = time.perf_counter() - t0
+    grad_peak = state["grad_peak"]
+    per_example_stats = {"per_example": per_example if granularity == "sample" else None,
+                         "batched_passes_per_rank": batched_passes,
+                         "looped_tensors": len(loop_params) if granularity == "sample" and per_example == "batched"
+                         else 0}
 
     start, end = bounds[rank]
     if world > 1:
@@ -113,7 +144,8 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     chunks.clear()
     held = local.numel()
     # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
-    flag = torch.tensor([int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held],
+    flag = torch.tensor([int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held,
+                         state["output_grad_peak"]],
                         dtype=torch.int64)
     fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)
     check_finite(pool, local, start)
@@ -121,11 +153,86 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
         raise FisherError("Fisher scores contain NaN or Inf on another rank (its error names the parameter); lower "
                           "train.lr for the warm-up, check the data, or use train.precision=fp32")
     stats = {"collect_seconds": time.perf_counter() - t0, "local_pass_seconds": t_local,
-             "passes_per_rank": len(groups),
+             "passes_per_rank": state["passes"], **per_example_stats,
              # bytes and entries per rank, max over ranks
              "accumulator_peak_bytes": int(flag[1]), "grad_peak_bytes": int(flag[2]),
-             "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4])}
+             "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4]),
+             "output_grad_peak_bytes": int(flag[5])}  # batched: the captured layer-output gradients of one pass
     return local, stats
+
+
+def _loop_pass(model, zero3, params, indices, examples, groups, collate, dev, add, state, tick) -> None:
+    """One forward/backward per group; squares of the gradients of `params` (pool indices `indices`) added."""
+    for group in groups:
+        batch = collate([examples[j] for j in group] or [examples[0]])
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
+        grads = list(torch.autograd.grad(loss, params, allow_unused=True))
+        zero.release_backward_leftovers(zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
+        state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size() for g in grads if g is not None))
+        for j, n in enumerate(indices):
+            g, grads[j] = grads[j], None  # free each gradient once it is added
+            if group and g is not None:
+                add(n, g.detach().reshape(-1).to(torch.float32).square())
+        del grads, loss
+        tick()
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    diff = (got.float().reshape(-1) - want.float().reshape(-1)).abs().max() if got.numel() else 0.0
+    return bool(diff <= CHECK_RTOL * scale + 1e-30)
+
+
+def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick) -> list[int]:
+    """Per-example squares of the covered pool tensors, one forward/backward per micro-batch; returns the pool
+    indices left for the loop (not covered by a rule, failing the first-batch check, or all of them when the
+    model's loss cannot be split per example)."""
+    bf = BatchedFisher(model, params)
+    if not bf.rules:
+        return list(range(len(params)))
+    accepted = {i for r in bf.rules for i in r.params}
+    with bf:
+        for gi, group in enumerate(groups):
+            batch = collate([examples[j] for j in group] or [examples[0]])
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            out = bf.forward(batch)
+            b = batch["input_ids"].shape[0] if "input_ids" in batch else next(iter(batch.values())).shape[0]
+            logits, labels = getattr(out, "logits", None), batch.get("labels")
+            split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) \
+                else None
+            loss = split[0].sum() if split is not None else out.loss
+            targets, spans = bf.targets()
+            checked = sorted(accepted) if gi == 0 else []
+            grads = list(torch.autograd.grad(loss, targets + [params[i] for i in checked], allow_unused=True))
+            zero.release_backward_leftovers(zero3)
+            state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size()
+                                                             for g in grads[len(targets):] if g is not None))
+            state["output_grad_peak"] = max(state["output_grad_peak"], sum(
+                g.numel() * g.element_size() for g in grads[:len(targets)] if g is not None))
+            if gi == 0:  # the same decision on every rank: one MIN all-reduce of the flags
+                sums = bf.summed(grads[:len(targets)], spans, b)
+                flags = [int(split is not None and _close(split[1], out.loss.detach()))]
+                flags += [int(g is None or (i in sums and _close(sums[i], g))) for i, g in
+                          zip(checked, grads[len(targets):])]
+                flag = fdist.all_reduce_(torch.tensor(flags, dtype=torch.int64), op=dist.ReduceOp.MIN)
+                if not flag[0]:
+                    fdist.print0("[fishds] per-example Fisher: the model's loss is not one fishds can split per "
+                                 "example (causal LM or sequence classification); scoring one example at a time")
+                    return list(range(len(params)))
+                accepted -= {i for i, ok in zip(checked, flag[1:].tolist()) if not ok}
+                del grads[len(targets):]
+            squares = bf.squares(grads, spans, b)  # pool-shaped fp32, like one pass's gradients in the loop
+            state["grad_peak"] = max(state["grad_peak"], sum(sq.numel() * 4 for sq in squares.values()))
+            if group:
+                for i, sq in squares.items():
+                    if i in accepted:
+                        add(i, sq.reshape(-1))
+            del squares
+            del grads, loss, out
+            bf.clear()
+            tick()
+    return [i for i in range(len(params)) if i not in accepted]
 
 
 def check_finite(pool: Pool, local: torch.Tensor, start: int) -> None:

@@ -21,7 +21,7 @@ import torch
 from .. import dist as fdist
 from ..files import MASK_FILE, SCORES_FILE, SELECTION_REPORT, write_json
 from .adapter import gather_adapter, key_map, mask_report, save_initial_adapter, save_mask_file
-from .mask import share_selection
+from .mask import PackedMasks, share_selection
 from .pool import Pool
 from .select import exact_topk, float_keys, key_to_float, random_keys
 
@@ -111,7 +111,7 @@ def _fisher_scores(fish, engine, pool: Pool, examples, collate, micro_batch_size
         fisher_bar.total = total
         fisher_bar.update(1)
     scores, stats = collect_scores(engine, pool, examples, fish.granularity, micro_batch_size, collate,
-                                   progress=advance)
+                                   progress=advance, per_example=fish.per_example)
     fisher_bar.close()
     info.update(stats, num_samples=len(examples), granularity=fish.granularity)
     info["score_stats"] = score_stats(scores)
@@ -138,11 +138,12 @@ def score_stats(local: torch.Tensor) -> dict:
 
 
 def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool,
-                 write: bool = True) -> dict[str, torch.Tensor]:
-    """The masks of every trainable tensor (tensors outside the pool train fully: all ones), their statistics
+                 write: bool = True) -> PackedMasks:
+    """The masks of every trainable tensor (packed, 1 bit per entry; tensors outside the pool train fully: all ones),
+    their statistics
     added to `report`, and, with `write`, on rank 0 the mask file, the selection report and the initial adapter.
     All ranks call it (gathering the initial adapter is a collective)."""
-    masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in trainable.tensors}
+    masks = PackedMasks.of(masks).completed([(t.name, t.shape) for t in trainable.tensors])
     report.update(mask_report(trainable, masks))
     fixed = gather_adapter(trainable) if write and save_initial else None
     if write and fdist.is_main():

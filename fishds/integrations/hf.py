@@ -127,6 +127,8 @@ class FishCallback(TrainerCallback):
     selection: fisher (top-k Fisher, the paper), random, lowest (ablations), dense (no mask).
     granularity: sample (per-example squared gradients) or batch (per micro-batch of
         per_device_train_batch_size examples, cheaper).
+    per_example: batched (default: per-example gradients of a whole micro-batch from one pass, fishds/fish/per_example.py)
+        or loop (one pass per example); same scores.
     warmup_steps: dense Trainer steps before scoring; unselected entries are then reset to their values at
         the start of training.
     pool_include / pool_exclude: regexes on parameter names; excluded trainable tensors train fully.
@@ -135,10 +137,12 @@ class FishCallback(TrainerCallback):
 
     def __init__(self, keep_ratio: float | None = None, num_selected: int | None = None, num_samples: int = 64,
                  selection: str = "fisher", granularity: str = "sample", warmup_steps: int = 0, seed: int = 0,
+                 per_example: str = "batched",
                  scoring_dataset=None, pool_include=(), pool_exclude=(), mask_path: str | None = None,
                  output_dir: str | None = None, save_initial_adapter: bool = True):
         self.fish = fish_section(keep_ratio=keep_ratio, num_selected=num_selected, num_samples=num_samples,
                                  selection=selection, granularity=granularity, warmup_steps=warmup_steps, seed=seed,
+                                 per_example=per_example,
                                  pool_include=list(pool_include), pool_exclude=list(pool_exclude), mask_path=mask_path)
         self.scoring_dataset, self.output_dir, self.save_initial = scoring_dataset, output_dir, save_initial_adapter
         self.masks: dict[str, torch.Tensor] | None = None  # parameter name -> bool mask, once fixed
@@ -275,6 +279,7 @@ class FishCallback(TrainerCallback):
         self.masks, self.report = masks, report
         if not rule(self.selection).dense or mask_path:
             self.enforcer = MaskEnforcer(engine, trainable, masks)
+            self.masks = self.enforcer.masks  # the same bits (1 per entry), held once
         fdist.print0(f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
                      f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
                      f"lora_B {report['share'].get('lora_B', 0):.1%})")

@@ -27,6 +27,7 @@ from ..fish.adapter import gather_adapter
 from ..fish.compact import CompactAdamW, check_resumed_state
 from ..fish.compact import apply_mask as apply_compact_mask
 from ..fish.enforce import MaskEnforcer, reset_unselected
+from ..fish.mask import PackedMasks
 from ..fish.pool import Pool
 from ..fish.selection import (
     MaskFileError,
@@ -284,6 +285,7 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
+    masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry, held once (the enforcer uses the same object)
     compact = cfg.fish.compact_optimizer
     enforcer = None if rule(cfg.fish.selection).dense else MaskEnforcer(engine, s.trainable, masks,
                                                                         restore=not compact)
