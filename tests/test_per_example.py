@@ -83,7 +83,7 @@ def test_fallback_loops_and_names_uncovered_tensors(toy, tmp_path, capsys):
 
 def test_first_batch_check_sends_a_wrong_rule_to_the_loop(toy, tmp_path, capsys, monkeypatch):
     """If a rule's summed per-example gradient disagrees with autograd's, its tensors are looped (same scores)."""
-    from fishds import per_example
+    from fishds.fish import per_example
 
     engine, pool, examples, collate = _setup(toy, tmp_path, "lora")
     loop, _ = _scores(engine, pool, examples, collate, "loop")
