@@ -11,7 +11,7 @@ from conftest import ROOT
 
 RUN_FIELDS = {"trainer": str, "selection": str, "tokens_per_s": float, "peak_rss_mb": float, "peak_rss_train_mb": float,
               "steps": int, "tokens": int, "seconds": float, "micro_batch_size": int, "zero_stage": int, "ranks": int,
-              "model": str}
+              "model": str, "cpu_s": float, "tokens_per_cpu_s": float}
 
 
 def test_vs_hf_trainer_driver(toy, tmp_path):
@@ -34,7 +34,7 @@ def test_vs_hf_trainer_driver(toy, tmp_path):
         assert r["steps"] == 2 and r["micro_batch_size"] == 4 and r["zero_stage"] == 2 and r["ranks"] == 1
         assert r["model"] == "model" and r["tokens"] > 0 and r["seconds"] > 0 and r["peak_rss_mb"] > 100
         assert abs(r["tokens_per_s"] - r["tokens"] / r["seconds"]) <= 0.02 * r["tokens_per_s"] + 0.01
-        assert r["peak_rss_train_mb"] <= r["peak_rss_mb"]
+        assert r["peak_rss_train_mb"] <= r["peak_rss_mb"] and r["cpu_s"] > 0
     # fishds' data order depends on train.seed only: plain and FISH runs train on the same batches
     assert runs["fishds", "dense"]["tokens"] == runs["fishds", "fisher"]["tokens"]
 
@@ -46,6 +46,8 @@ def test_vs_hf_trainer_driver(toy, tmp_path):
         fd, hf = runs["fishds", sel], runs["hf", sel]
         assert abs(r["tokens_per_s"] - fd["tokens_per_s"] / hf["tokens_per_s"]) < 1e-3 * r["tokens_per_s"] + 1e-4
         assert abs(r["peak_rss_mb"] - fd["peak_rss_mb"] / hf["peak_rss_mb"]) < 1e-3
+        cpu = fd["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]
+        assert abs(r["tokens_per_cpu_s"] - cpu) < 1e-3 * cpu
         assert r["met"] == (r["tokens_per_s"] >= 1.0 and r["peak_rss_mb"] <= 1.0)
     for trainer, r in cost.items():
         dense, fish = runs[trainer, "dense"], runs[trainer, "fisher"]
