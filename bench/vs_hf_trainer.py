@@ -5,7 +5,7 @@
 
 Four runs, each its own torchrun launch (so peak RSS is per run): plain LoRA through the Trainer and through
 `fishds train` (selection dense), FISH-LoRA through `fishds train` and through the Trainer with
-fishds.hf.FishCallback (selection fisher). The same model, LoRA (r, alpha, q/k/v/o), data file (fishds' alpaca
+fishds.integrations.hf.FishCallback (selection fisher). The same model, LoRA (r, alpha, q/k/v/o), data file (fishds' alpaca
 tokenisation and Collator in both), DeepSpeed JSON, micro-batch, AdamW (lr, weight decay), linear schedule,
 gradient clipping, precision, seed and number of steps; the Trainer logs every step (fishds writes a metrics
 record every step). Each run trains steps + 1 optimizer steps; the figures cover the last `steps` of them: from
@@ -127,7 +127,7 @@ def data_path(name: str) -> str:
 
 
 def run_fishds(args, meter: Meter) -> None:
-    """`fishds train` (fishds.cli.main) with fishds.train.train_step observed by the meter."""
+    """`fishds train` (fishds.cli.main) with fishds.run.train.train_step observed by the meter."""
     from fishds import cli
     from fishds import train as ftrain
 
@@ -163,8 +163,8 @@ def run_hf(args, meter: Meter) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from fishds.config import DataSection
-    from fishds.data import Collator, load_examples
-    from fishds.hf import FishCallback, prepare_cpu_deepspeed
+    from fishds.run.data import Collator, load_examples
+    from fishds.integrations.hf import FishCallback, prepare_cpu_deepspeed
     from fishds.model import load_tokenizer
 
     accel = prepare_cpu_deepspeed()  # CPU ranks: gloo; None (nothing done) where DeepSpeed has a GPU

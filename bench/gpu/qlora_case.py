@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 1 bench/gpu/qlora_case.py --name NAME --config CFG --ds_config DS [--build] \
         [--rounds 2] [--block 3] [key=value ...]
 
-One fishds session (fishds.train.setup: the config's model, LoRA, DeepSpeed engine) with quant.bits=4; then 2
+One fishds session (fishds.run.train.setup: the config's model, LoRA, DeepSpeed engine) with quant.bits=4; then 2
 warm-up steps, a Fisher pass (fish.granularity) and the exact top-k, and training steps alternating in blocks
 between plain LoRA and FISH-LoRA (mask hooks + optimizer wrapper), as bench/step_time.py. --build: the model is
 not read from disk; fishds' loader is replaced by one that builds the config's Llama in bf16 on the device, one
@@ -35,10 +35,10 @@ from bench._session import record, session  # noqa: E402
 from bench.step_time import timed_steps  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
 from fishds.enforce import MaskEnforcer  # noqa: E402
-from fishds.fisher import collect_scores  # noqa: E402
-from fishds.mask import share_selection  # noqa: E402
-from fishds.select import exact_topk, float_keys  # noqa: E402
-from fishds.train import scoring_examples  # noqa: E402
+from fishds.fish.fisher import collect_scores  # noqa: E402
+from fishds.fish.mask import share_selection  # noqa: E402
+from fishds.fish.select import exact_topk, float_keys  # noqa: E402
+from fishds.fish.selection import scoring_examples  # noqa: E402
 
 
 def build_random_nf4(cfg, model_path: str, dtype, labels=None, pad_token_id=None):
@@ -98,15 +98,15 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if args.build:
-        import fishds.train
-        fishds.train.load_peft_model = build_random_nf4
+        import fishds.run.train
+        fishds.run.train.load_peft_model = build_random_nf4
     cuda = torch.cuda.is_available()
     cfg, s = session(args, "fishds-qlora-", ["quant.bits=4"])
     timed_steps(s, 2)  # warm-up; the optimizer state exists from here on
     static = torch.cuda.memory_allocated() if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     scores, stats = collect_scores(s.engine, s.pool, samples, cfg.fish.granularity, cfg.train.micro_batch_size,
                                    s.collate)
     local_sel, _ = exact_topk(float_keys(scores), s.k)
