@@ -1,12 +1,13 @@
 """What the in-process bench scripts share: a fishds session from --config / --ds_config / overrides, and
-result lines appended to bench/results/<name>.jsonl."""
+result lines appended to bench/results/<name>.jsonl ($FISHDS_BENCH_RESULTS/<name>.jsonl when set)."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("FISHDS_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def session(args, prefix: str, extra: list[str] = ()):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -113,6 +114,9 @@ def test_masked_entries_fixed_zero0_zero2(toy, tmp_path, ds_config, extra):
     _, _, report = assert_mask_enforced(out, 224)
     assert_masks_at_one_bit(report, 2, partitioned=ds_config != "zero0.json")
     assert_logits_reproduced(out, ov)
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
+    assert len(train) == 4 and all(math.isfinite(r["loss"]) and 0 < r["grad_norm"] < 1e3 for r in train)
+    assert all(r["tokens"] > 0 for r in train)
 
 
 def test_optimizer_named_in_ds_json_zero1_bf16(toy, tmp_path):

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -34,11 +35,14 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
 
 class MetricsLog:
     """Rank 0: one JSON line per record in metrics.jsonl, and the numeric fields as TensorBoard scalars
-    (output_dir/tensorboard, tag = phase/field)."""
+    (output_dir/tensorboard, tag = phase/field). TensorBoard is flushed at most every FLUSH_S seconds during
+    training (a flush per step cost milliseconds), at every eval record and at close()."""
+    FLUSH_S = 10.0
 
     def __init__(self, path: Path, append: bool = False):
         self.path = path
         self.tb = None
+        self._flushed = time.monotonic()
         if fdist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             if not append:
@@ -57,10 +61,24 @@ class MetricsLog:
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             phase = record.get("phase", "eval")
+            if self.tb is None:  # closed: the JSON line only
+                return
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(f"{phase}/{key}", value, record.get("step", 0))
+            if phase not in ("train", "warmup") or time.monotonic() - self._flushed > self.FLUSH_S:
+                self.flush()
+
+    def flush(self) -> None:
+        if self.tb is not None:
             self.tb.flush()
+            self._flushed = time.monotonic()
+
+    def close(self) -> None:
+        """Write out everything (the run's end)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def text(self, tag: str, value: str) -> None:
         """A text entry in TensorBoard (the mask statistics, once)."""

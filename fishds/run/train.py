@@ -92,28 +92,32 @@ def _client_optimizer(cfg: Config, ds: dict):
 
 
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
-    """One optimizer step over grad_accum micro-batches; returns loss and token counts (this rank)."""
+    """One optimizer step over grad_accum micro-batches; returns loss and token counts (this rank).
+    One device synchronisation per step (the loss read at the end); tokens are counted on the host batch."""
     dev = fdist.device()
-    loss_sum, tokens, grad_norm = 0.0, 0, None
+    losses, tokens, grad_norm = [], 0, None
     lr = engine.get_lr()[0]
     for micro in range(grad_accum):
-        batch = {k: v.to(dev) for k, v in collate(batches.next()).items()}
+        host = collate(batches.next())
+        tokens += int(host["attention_mask"].sum())
+        batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
         loss = engine(**batch).loss
         engine.backward(loss)
         if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _dense_grad_norm(engine)  # stage 0 keeps no global norm; grads are reduced here
         engine.step()
-        loss_sum += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
+        losses.append(loss.detach())
     if grad_norm is None:
-        n = engine.get_global_grad_norm()
-        grad_norm = None if n is None else float(n.item() if torch.is_tensor(n) else n)
-    return {"loss": loss_sum / grad_accum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
+        grad_norm = engine.get_global_grad_norm()
+    grad_norm = None if grad_norm is None else float(grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm)
+    return {"loss": float(torch.stack(losses).float().sum()) / grad_accum, "tokens": tokens, "lr": lr,
+            "grad_norm": grad_norm}
 
 
-def _dense_grad_norm(engine) -> float:
-    sq = sum(float(p.grad.float().square().sum()) for p in engine.module.parameters() if p.grad is not None)
-    return math.sqrt(sq)
+def _dense_grad_norm(engine):
+    """The gradient norm as a 0-dim tensor (no device synchronisation here; read once by the caller)."""
+    norms = [p.grad.float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
 @dataclass
@@ -314,6 +318,7 @@ def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> None:
         if t.eval_every and step % t.eval_every == 0 and step != log.total_steps:
             log.metrics.write({"step": step, **evaluate(engine, s.eval_examples, collate, t.micro_batch_size)})
         if t.save_every and step % t.save_every == 0 and step != log.total_steps:
+            log.metrics.flush()
             save_checkpoint(engine, s.plan.output_dir, step, batches.position, fixed.masks, t.keep_checkpoints)
 
 
@@ -331,6 +336,7 @@ def finish(s: Session, fixed: FixedMask, log: StepLog) -> RunResult:
                 what = "accuracy" if f"{prefix}_accuracy" in eval_metrics else "response-token accuracy"
                 fdist.print0(f"[fishds] {prefix} loss {eval_metrics[f'{prefix}_loss']:.4f}, {what} {acc:.1%} on "
                              f"{n} examples")
+    log.metrics.close()
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
