@@ -137,7 +137,8 @@ def arms(budgets, seeds, lrs, names, steps: int, warmup: int) -> list[dict]:
                                "peft.alpha": 2 * ov["peft.r"]})  # alpha/r = 2 in every arm: the same LoRA scaling
                     if spec["warmup"]:  # dense warm-up, then score: the same total steps as every arm
                         if spec["warmup"] >= steps:
-                            raise SystemExit(f"compare: arm {name}: warm-up {spec['warmup']} >= train.max_steps {steps}")
+                            raise SystemExit(f"compare: arm {name}: warm-up {spec['warmup']} >= train.max_steps "
+                                             f"{steps}")
                         ov.update({"fish.warmup_steps": spec["warmup"], "train.max_steps": steps - spec["warmup"]})
                     out.append({"budget": b["name"], "selection": name, "score": spec["score"],
                                 "allocation": spec["allocation"], "seed": seed, "lr": lr, "overrides": ov})
@@ -226,15 +227,18 @@ def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") 
             vals = list(per_seed.values())
             cell = {"budget": budget, "selection": sel, "score": mine[0]["score"], "allocation": mine[0]["allocation"],
                     "lr": lr, "grid": sorted(by_lr), "trainable": mine[0]["trainable"], "split": split,
-                    "n": len(vals), "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "n": len(vals), "mean": statistics.mean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                     "min": min(vals), "max": max(vals), "per_seed": per_seed,
                     "eval_mean": statistics.mean(by_lr[lr]["eval"].values()),
                     "eval_by_lr": {str(x): statistics.mean(v["eval"].values()) for x, v in sorted(by_lr.items())},
-                    "mask": _mean_dicts([masks[(budget, sel, lr, s)] for s in per_seed if (budget, sel, lr, s) in masks])}
+                    "mask": _mean_dicts([masks[(budget, sel, lr, s)] for s in per_seed
+                                         if (budget, sel, lr, s) in masks])}
             if split == "test":  # the legacy field names
                 cell.update(test_mean=cell["mean"], test_std=cell["std"], test_min=cell["min"], test_max=cell["max"])
             if len(by_lr) > 1 and lr in (min(by_lr), max(by_lr)):
-                warnings.append(f"{budget} {sel}: the chosen lr {lr:g} is at the {'top' if lr == max(by_lr) else 'bottom'} "
+                edge = "top" if lr == max(by_lr) else "bottom"
+                warnings.append(f"{budget} {sel}: the chosen lr {lr:g} is at the {edge} "
                                 f"of the grid {sorted(by_lr)}; extend the grid")
             if len(vals) < 5:
                 warnings.append(f"{budget} {sel}: {len(vals)} seeds; the protocol asks for >= 5 paired seeds")
@@ -256,7 +260,7 @@ def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") 
             return f"{100 * d['mean']:+.2f} (n={d['n']})"
         return f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
     lines = [f"| budget | arm | score | allocation | trainable | lr (by validation) | {split} {metric}: mean ± std "
-             f"(min–max) | seeds | lora_A share | Δ vs plain (95% CI) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"(min–max) | seeds | lora_A share | Δ vs plain (95% CI) |", "|---" * 10 + "|"]
     for c in cells:
         share = c["mask"].get("share", {}).get("lora_A")
         lines.append(f"| {c['budget']} | {c['selection']} | {c['score']} | {c['allocation']} | {c['trainable']:,} | "
@@ -269,8 +273,8 @@ def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") 
                   "| budget | arm | " + " | ".join(f"Δ vs {r}" for r in randoms) + " |",
                   "|---|---|" + "---|" * len(randoms)]
         for c in cells:
-            lines.append(f"| {c['budget']} | {c['selection']} | " + " | ".join(diff(c["paired"].get(r)) if r !=
-                                                                         c["selection"] else "–" for r in randoms) + " |")
+            lines.append(f"| {c['budget']} | {c['selection']} | " + " | ".join(
+                diff(c["paired"].get(r)) if r != c["selection"] else "–" for r in randoms) + " |")
     if warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
     return cells, "\n".join(lines) + "\n", warnings

@@ -5,8 +5,8 @@ function returning (group id of each entry of this rank's chunk, or None for one
 |---|---|---|
 | global | one | k (the paper: one top-k over the pool) |
 | tensor | pool tensors | k in proportion to each tensor's size (largest remainders) |
-| module | adapted modules (A and B of a LoRA module together) | in proportion to the module's summed score, each at least fish.min_density x the uniform density k / pool |
-| ab_balanced | pool tensors | each module gets the count a global top-k gives it, split over its tensors in proportion to their size (A and B at equal density) |
+| module | adapted modules (LoRA A + B) | by the module's summed score, >= fish.min_density x k / pool size each |
+| ab_balanced | pool tensors | a module's count in a global top-k, split over its tensors by size (A, B equal density) |
 
 Every quota is an exact integer, the quotas sum to k, and they are computed from world-size-independent inputs
 (sizes, exact integer counts, and score sums made exact by exact_group_sums), so the mask is the same bit for bit

@@ -150,8 +150,8 @@ class FishSection(_Section):
         if self.score is None:
             self.__dict__["score"] = None if self.selection == "dense" else self.selection
         elif "selection" in self.model_fields_set and self.selection != self.score:
-            raise ValueError(f"fish.selection={self.selection} and fish.score={self.score} contradict; fish.selection is "
-                             "a shorthand for fish.score (dense: no mask): set only fish.score")
+            raise ValueError(f"fish.selection={self.selection} and fish.score={self.score} contradict; "
+                             "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score")
         if self.selection == "dense":
             return
         if self.score in ("adam_v", "movement") and self.warmup_steps == 0 and self.control not in (

@@ -8,8 +8,8 @@ time on every rank (a collective under ZeRO), and only the slice that falls into
 |---|---|---|
 | fisher | F[j] = sum_i g_ij^2 (per-example gradients, the paper; `fish.granularity`) | the scoring pass |
 | lowest | the k lowest F[j] (the paper's ablation) | the scoring pass |
-| saliency | abs(theta_j * sum_i g_ij) (SNIP / Taylor; unchanged by LoRA's A -> cA, B -> B/c) | the scoring pass, one more accumulator |
-| snr | abs(sum_i g_ij) / sqrt(sum_i g_ij^2 + SNR_EPS) (gradient signal to noise, <= sqrt(N)) | the scoring pass, one more accumulator |
+| saliency | abs(theta_j * sum_i g_ij) (SNIP / Taylor; LoRA's A -> cA, B -> B/c leave it) | pass + 1 accumulator |
+| snr | abs(sum_i g_ij) / sqrt(sum_i g_ij^2 + SNR_EPS) (gradient signal/noise, <= sqrt(N)) | pass + 1 accumulator |
 | adam_v | AdamW's exp_avg_sq after the dense warm-up (a free Fisher of the reduced gradients) | warm-up, no pass |
 | movement | abs(theta_j - theta_j at the warm-up's start) | warm-up, no pass |
 | random | a seeded hash of the global index (same mask for any world size) | nothing |

@@ -207,7 +207,8 @@ def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, coll
         if full is not None:
             from safetensors.torch import save_file
             name = "fisher" if info["score"] in ("fisher", "lowest") else info["score"]
-            save_file({n: v.contiguous() for n, v in full.items()}, str(Path(cfg.output_dir) / f"{name}_scores.safetensors"))
+            save_file({n: v.contiguous() for n, v in full.items()},
+                      str(Path(cfg.output_dir) / f"{name}_scores.safetensors"))
     t0 = time.perf_counter()
     masks = share_selection(pool, local_sel)
     info["select_seconds"] = info.get("select_seconds", 0.0) + time.perf_counter() - t0

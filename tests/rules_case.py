@@ -72,7 +72,8 @@ def run_rules(rules: dict, initial=None):
         (out / name).mkdir(parents=True, exist_ok=True)
         masks, report = select_masks(rcfg, engine, pool, s.k, examples, s.collate, initial)
         if fdist.is_main():
-            save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(out / name / "masks.safetensors"))
+            save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()},
+                      str(out / name / "masks.safetensors"))
             (out / name / "report.json").write_text(json.dumps(report))
         fdist.barrier()
 
