@@ -14,17 +14,21 @@ from test_classification import _data
 from test_distributed import assert_mask_enforced
 
 
-def test_movement_module_keeps_warmed_up_unselected_entries_zero2(toy, tmp_path):
-    out = tmp_path / "move"
-    ov = base_overrides(toy, out, **{"fish.score": "movement", "fish.allocation": "module", "fish.warmup_steps": 2,
+def test_adam_v_module_keeps_warmed_up_unselected_entries_zero2(toy, tmp_path):
+    """adam_v read from ZeRO-2's flat fp32 optimizer partition (movement and ZeRO-0/3 are in test_rules_dist)."""
+    out = tmp_path / "adam_v"
+    ov = base_overrides(toy, out, **{"fish.score": "adam_v", "fish.allocation": "module", "fish.warmup_steps": 2,
                                      "fish.reset_unselected": "false", "train.weight_decay": 0.1})
     launch(2, ov, "zero2.json")
     _, masks, report = assert_mask_enforced(out, 224, bitwise_moved=False)
-    assert report["selection"] == "movement/module" and report["reset_unselected"] is False
+    assert report["selection"] == "adam_v/module" and report["reset_unselected"] is False
     assert report.get("collect_seconds", 0) == 0 and "passes_per_rank" not in report  # no scoring pass
     assert set(report["per_layer"]) == {"0", "1"} and sum(v["selected"] for v in report["per_layer"].values()) == 224
     assert {"lora_A", "lora_B"} <= set(report["coverage"])
-    assert report["share"]["lora_A"] + report["share"]["lora_B"] == 1  # (2 Adam steps: B moved twice, A once)
+    assert report["share"]["lora_A"] + report["share"]["lora_B"] == 1
+    assert report["score_stats"]["max"] > 0 and report["score_stats"]["zeros"] < 896
+    assert set(report["module_importance"]) == set(report["per_adapted_module"])
+    assert abs(sum(report["module_importance"].values()) - 1) < 1e-9
     model = initial_model(load_config(None, ov))
     start = adapter_keys(model, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
     fixed = load_file(str(out / "init_adapter_model.safetensors"))
