@@ -4,6 +4,7 @@
     fishds report OUTPUT_DIR                                           # OUTPUT_DIR/fish_mask_report.png
     fishds merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype float32|bfloat16|float16] [--overwrite]
     fishds plan MODEL --zero 3 --world 2 --quant 4 --r 8 --keep_ratio 0.1 ...  # memory per rank, no weights read
+    fishds generate --adapter OUTPUT_DIR [--base BASE] [--prompt TEXT]          # a reply, or a chat on stdin
 
 Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
 `deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
@@ -24,7 +25,7 @@ def _error(msg: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan,generate}")
 
     t = sub.add_parser("train", help="run a FISH training job (same as launch/train.py)")
     t.add_argument("--config", help="fishds YAML config")
@@ -45,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
 
     from .plan import add_arguments
     add_arguments(sub.add_parser("plan", help="memory per rank from a model config alone (fishds/plan.py)"))
+
+    g = sub.add_parser("generate", help="generate with a trained adapter (its tokenizer's chat template)")
+    g.add_argument("--adapter", required=True, help="adapter folder (a fishds output_dir or checkpoint)")
+    g.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    g.add_argument("--prompt", help="one user message; without it, a chat reads one turn per line on stdin")
+    g.add_argument("--max_new_tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return ap
 
 
@@ -107,6 +116,19 @@ def _plan(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from .generate import main as generate
+    from .merge import MergeError
+
+    flags = {"base_model_path": "--base", "adapter_dir": "--adapter"}
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        return _error("--max_new_tokens must be >= 1 and --temperature >= 0")
+    try:
+        return generate(args)
+    except MergeError as e:
+        return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
+
+
 def _strip(e: Exception, prefix: str) -> str:
     """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -118,7 +140,8 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
-    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan}[args.command](args)
+    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan,
+            "generate": _generate}[args.command](args)
 
 
 if __name__ == "__main__":

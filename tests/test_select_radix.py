@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fishds.fish.select import exact_topk, float_keys, key_to_float, random_keys
+from fishds.fish.select import exact_topk, exact_topk_grouped, float_keys, key_to_float, random_keys
 
 
 def _reference(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,6 +45,52 @@ def _cases() -> list[tuple[str, torch.Tensor, int]]:
     out += [("int64_wide-k1", wide, 1), ("int64_wide-ktie", wide, int((wide > 12345).sum()) + 300),
             ("random_keys", random_keys(0, 5000, 7), 1234)]
     return out
+
+
+def _grouped_reference(keys: torch.Tensor, groups: torch.Tensor, quotas: list[int]) -> torch.Tensor:
+    ref = torch.zeros(keys.numel(), dtype=torch.bool)
+    for g, q in enumerate(quotas):
+        members = (groups == g).nonzero().view(-1)
+        if q:
+            ref[members[_reference(keys[members], q)]] = True
+    return ref
+
+
+def _grouped_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, list[int]]]:
+    """(name, keys, group ids, quotas): interleaved and contiguous groups, quotas 0, 1, all, inside tie groups."""
+    g = torch.Generator().manual_seed(1)
+    vals = torch.tensor([0.0, 0.0, 0.25, 0.5, 0.5, 1.0, -1.0])
+    keys = float_keys(vals[torch.randint(0, len(vals), (1500,), generator=g)] + (torch.rand(1500, generator=g) > 0.8)
+                      * torch.rand(1500, generator=g))
+    interleaved = torch.randint(0, 5, (1500,), generator=g)
+    contiguous = torch.arange(1500) // 300  # like per-tensor groups of a pool
+    out = []
+    for name, groups in (("interleaved", interleaved), ("contiguous", contiguous)):
+        sizes = torch.bincount(groups, minlength=5).tolist()
+        for quotas in ([1, 0, sizes[2], 37, sizes[4] // 2], [sizes[0] // 3, 2, 0, 0, sizes[4]],
+                       [s // 4 + 1 for s in sizes]):
+            out.append((f"{name}-{quotas}", keys, groups, quotas))
+    out.append(("one-group", keys, torch.zeros(1500, dtype=torch.int64), [400]))
+    return out
+
+
+@pytest.mark.parametrize("case", range(len(_grouped_cases())), ids=[c[0] for c in _grouped_cases()])
+def test_grouped_topk_one_rank_matches_per_group_sort(case):
+    _, keys, groups, quotas = _grouped_cases()[case]
+    sel, thresholds = exact_topk_grouped(keys, groups, quotas)
+    ref = _grouped_reference(keys, groups, quotas)
+    assert torch.equal(sel, ref)
+    assert [int(sel[groups == g].sum()) for g in range(len(quotas))] == quotas
+    for g, q in enumerate(quotas):
+        if q:
+            assert thresholds[g] == int(keys[ref & (groups == g)].min())
+    assert torch.equal(exact_topk_grouped(keys, None, [400])[0], exact_topk(keys, 400)[0])
+
+
+def test_grouped_topk_rejects_bad_quotas():
+    keys, groups = float_keys(torch.rand(10)), torch.tensor([0] * 6 + [1] * 4)
+    with pytest.raises(ValueError, match="group 1"):
+        exact_topk_grouped(keys, groups, [2, 5])
 
 
 def test_float_keys_order_and_inverse():
@@ -82,6 +128,17 @@ def _worker(rank: int, world: int, port: int, errors):
                 ref = _reference(keys, k)
                 if not (torch.equal(full, ref) and t == int(keys[ref].min())):
                     errors.put(f"{name} cut={cut} rank={rank}")
+        for name, keys, groups, quotas in _grouped_cases():
+            n = keys.numel()
+            for cut in (-(-n // world), n // 7, n):
+                start, end = (0, cut) if rank == 0 else (cut, n)
+                sel, _ = exact_topk_grouped(keys[start:end], groups[start:end], quotas)
+                parts = [torch.zeros(n, dtype=torch.bool) for _ in range(world)]
+                local = torch.zeros(n, dtype=torch.bool)
+                local[start:end] = sel
+                dist.all_gather(parts, local)
+                if not torch.equal(torch.stack(parts).any(0), _grouped_reference(keys, groups, quotas)):
+                    errors.put(f"grouped {name} cut={cut} rank={rank}")
     except Exception as e:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {e!r}")
     finally:

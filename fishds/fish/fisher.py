@@ -67,6 +67,15 @@ def _passes(n: int, granularity: str, micro_batch_size: int) -> list[list[int]]:
 def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
                    collate: Callable[[list[dict]], dict], progress=None) -> tuple[torch.Tensor, dict]:
     """Run the Fisher pass; return this rank's chunk of the scores (fp32) and timing statistics."""
+    (scores,), stats = collect_moments(engine, pool, examples, granularity, micro_batch_size, collate, progress)
+    return scores, stats
+
+
+def collect_moments(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
+                    collate: Callable[[list[dict]], dict], progress=None, with_sum: bool = False
+                    ) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """The Fisher pass with, optionally, a second accumulator: this rank's chunk of sum g^2 (the Fisher scores)
+    and, with `with_sum`, of sum g (same passes, same chunking and reduction), and the statistics."""
     t0 = time.perf_counter()
     model = engine.module
     was_training = model.training
@@ -76,8 +85,9 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     params = [t.param for t in pool.tensors]
     bounds = [pool.chunk(r, world) for r in range(world)]
     chunks = [torch.zeros(e - s, dtype=torch.float32, device=dev) for s, e in bounds]  # the accumulator
+    sums = [torch.zeros_like(c) for c in chunks] if with_sum else None  # sum of gradients (saliency, snr)
     segments = _segments(pool, bounds)
-    acc_peak = sum(c.numel() for c in chunks) * 4
+    acc_peak = sum(c.numel() for c in chunks) * 4 * (2 if with_sum else 1)
     grad_peak = 0
     zero3 = engine.optimizer.parameter_offload.get_param_coordinator() if engine.zero_optimization_stage() == 3 \
         else None
@@ -96,6 +106,8 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
                 g = g.detach().reshape(-1)
                 for r, a, b, c, d in parts:
                     chunks[r][a:b].add_(g[c:d].to(torch.float32).square())
+                    if sums is not None:
+                        sums[r][a:b].add_(g[c:d].to(torch.float32))
         del grads, loss
         if progress is not None:
             progress(i + 1, len(groups))
@@ -106,13 +118,16 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     t_local = time.perf_counter() - t0
 
     start, end = bounds[rank]
+    accumulators = [chunks] + ([sums] if sums is not None else [])
     if world > 1:
-        for r in range(world):
-            for a in range(0, chunks[r].numel(), REDUCE_PIECE):
-                dist.reduce(chunks[r][a:a + REDUCE_PIECE], dst=r)
-            if r != rank:
-                chunks[r] = None  # not ours: free it as soon as it is reduced
+        for acc in accumulators:
+            for r in range(world):
+                for a in range(0, acc[r].numel(), REDUCE_PIECE):
+                    dist.reduce(acc[r][a:a + REDUCE_PIECE], dst=r)
+                if r != rank:
+                    acc[r] = None  # not ours: free it as soon as it is reduced
     local = chunks[rank].to("cpu")
+    local_sum = sums[rank].to("cpu") if sums is not None else None
     chunks.clear()
     held = local.numel()
     # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
@@ -128,7 +143,7 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
              # bytes and entries per rank, max over ranks
              "accumulator_peak_bytes": int(flag[1]), "grad_peak_bytes": int(flag[2]),
              "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4])}
-    return local, stats
+    return (local,) + ((local_sum,) if local_sum is not None else ()), stats
 
 
 def check_finite(pool: Pool, local: torch.Tensor, start: int) -> None:

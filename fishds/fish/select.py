@@ -65,39 +65,98 @@ def exact_topk(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     `keys` is this rank's contiguous chunk (any integer dtype); chunks are ordered by rank. Every rank
     must call this. Returns the local selection and the k-th largest key (the threshold).
     """
+    selected, thresholds = exact_topk_grouped(keys, None, [k])
+    return selected, thresholds[0]
+
+
+def exact_topk_grouped(keys: torch.Tensor, groups: torch.Tensor | None, quotas) -> tuple[torch.Tensor, list[int]]:
+    """Per-group exact top-k in one radix select: group g keeps its quotas[g] largest keys (ties to the lowest
+    global index), every group's histogram travelling in the same all-reduce of each round.
+
+    `groups` gives the group id (0..G-1) of each entry of this rank's chunk (None: one group, G = 1; then no
+    per-entry gathers happen, the plain global top-k). A quota of 0 selects nothing in its group. The same keys,
+    groups and quotas give the same selection on any number of ranks. Traffic per round: G x (2^RADIX_BITS + 1)
+    int64 counts. Returns the local selection and each group's threshold (its k-th largest key; for a quota of
+    0, one above the group's largest key).
+    """
     keys = keys.reshape(-1)
     dev = keys.device
+    quotas = [int(q) for q in quotas]
+    n_groups = len(quotas)
+    if groups is not None and n_groups == 1:
+        groups = None
+    gid = None if groups is None else groups.reshape(-1).to(device=dev, dtype=torch.int64)
+
+    def per_entry(values: torch.Tensor, index: torch.Tensor | None):
+        """A per-group value for each entry: the scalar itself with one group, else a gather."""
+        return int(values[0]) if index is None else values.to(dev)[index]
+
     big = torch.iinfo(torch.int64).max
     n = keys.numel()
-    lo_hi = torch.tensor([-keys.min().item() if n else -big, keys.max().item() if n else -big],
-                         dtype=torch.int64, device=dev)
+    lo_hi = torch.full((2, n_groups), -big, dtype=torch.int64, device=dev)  # [-min, max] per group
+    if n and gid is None:
+        lo_hi[0, 0], lo_hi[1, 0] = -keys.min(), keys.max()
+    elif n:
+        k64 = keys.to(torch.int64)
+        lo_hi[0].scatter_reduce_(0, gid, -k64, reduce="amax")
+        lo_hi[1].scatter_reduce_(0, gid, k64, reduce="amax")
     fdist.all_reduce_(lo_hi, op=dist.ReduceOp.MAX)
-    lo, hi = -int(lo_hi[0]), int(lo_hi[1])
-    total = int(fdist.all_reduce_(torch.tensor([n], dtype=torch.int64, device=dev))[0])
-    if not 1 <= k <= total:
-        raise ValueError(f"k={k} must be between 1 and the pool size {total}")
+    lo, hi = [-int(v) for v in lo_hi[0]], [int(v) for v in lo_hi[1]]
+    sizes = torch.bincount(gid, minlength=n_groups) if gid is not None else torch.tensor([n], device=dev)
+    totals = fdist.all_reduce_(sizes.to(torch.int64)).tolist()
+    for g, (q, total) in enumerate(zip(quotas, totals)):
+        if not (1 if n_groups == 1 else 0) <= q <= total:
+            raise ValueError(f"k={q} must be between 1 and the pool size {total}" if n_groups == 1 else
+                             f"the quota {q} of group {g} must be between 0 and its size {total}")
+    empty = [q == 0 for q in quotas]
+    for g in range(n_groups):
+        if empty[g]:
+            lo[g] = hi[g] = (hi[g] + 1) if totals[g] else 0  # nothing is above it, nothing ties with it
     nbins = (1 << RADIX_BITS) + 1  # (hi >> s) - (lo >> s) + 1 <= 2^RADIX_BITS + 1 for s = bitlen(hi - lo) - RADIX_BITS
-    cand, idx, above = keys, None, 0  # idx: local indices of cand (None: all); above: global count of keys > hi
-    while lo < hi:
-        shift = max(0, (hi - lo).bit_length() - RADIX_BITS)
-        base = lo >> shift
-        d = cand >> shift
-        d -= base  # bin of each candidate, 0 = lowest
-        hist = fdist.all_reduce_(torch.bincount(d, minlength=nbins)).cpu()
-        from_top = hist.flip(0).cumsum(0)  # from_top[j]: candidates in the j + 1 highest bins
-        j = int(torch.searchsorted(from_top, torch.tensor([k - above])))  # first j with from_top[j] >= k - above
-        b = nbins - 1 - j  # the bin holding the k-th largest key
-        above += int(from_top[j - 1]) if j else 0
-        lo, hi = max(lo, (base + b) << shift), min(hi, ((base + b + 1) << shift) - 1)
-        inside = (d == b).nonzero().view(-1)
-        del d
+    above = [0] * n_groups  # per group: global count of its keys above the current [lo, hi]
+    cand, cgid, idx = keys, gid, None  # idx: local indices of cand (None: all)
+    if any(empty):  # quota-0 groups take no part in the rounds
+        idx = (~torch.tensor(empty, device=dev)[gid]).nonzero().view(-1)
+        cand, cgid = keys[idx], gid[idx]
+    while any(a < b for a, b in zip(lo, hi)):
+        shifts = [max(0, (b - a).bit_length() - RADIX_BITS) for a, b in zip(lo, hi)]
+        bases = [a >> s for a, s in zip(lo, shifts)]
+        d = cand >> per_entry(torch.tensor(shifts), cgid)
+        d -= per_entry(torch.tensor(bases), cgid)  # bin of each candidate, 0 = lowest of its group
+        # a converged group's candidates all equal its lo: their bin is 0, and bin 0 is kept below
+        flat = d if cgid is None else cgid * nbins + d
+        hist = fdist.all_reduce_(torch.bincount(flat, minlength=n_groups * nbins)).cpu().view(n_groups, nbins)
+        keep_bin = [0] * n_groups
+        for g in range(n_groups):
+            if lo[g] == hi[g]:
+                continue
+            from_top = hist[g].flip(0).cumsum(0)  # from_top[j]: candidates in the j + 1 highest bins
+            j = int(torch.searchsorted(from_top, torch.tensor([quotas[g] - above[g]])))
+            b = nbins - 1 - j  # the bin holding the group's k-th largest key
+            above[g] += int(from_top[j - 1]) if j else 0
+            s, base = shifts[g], bases[g]
+            lo[g], hi[g] = max(lo[g], (base + b) << s), min(hi[g], ((base + b + 1) << s) - 1)
+            keep_bin[g] = b
+        inside = (d == per_entry(torch.tensor(keep_bin), cgid)).nonzero().view(-1)
+        del d, flat
         cand = cand[inside]
+        cgid = None if cgid is None else cgid[inside]
         idx = inside if idx is None else idx[inside]
     ties = torch.arange(n, device=dev) if idx is None else idx  # local indices of key == lo, ascending
-    counts = torch.zeros(fdist.world_size(), dtype=torch.int64, device=dev)
-    counts[fdist.rank()] = ties.numel()
+    tgid = torch.zeros(ties.numel(), dtype=torch.int64, device=dev) if gid is None else gid[ties]
+    counts = torch.zeros(fdist.world_size(), n_groups, dtype=torch.int64, device=dev)
+    counts[fdist.rank()] = torch.bincount(tgid, minlength=n_groups)
     fdist.all_reduce_(counts)
-    take = max(0, min(ties.numel(), k - above - int(counts[:fdist.rank()].sum())))
-    selected = keys > lo
-    selected[ties[:take]] = True
+    before = counts[:fdist.rank()].sum(0).cpu()
+    take = torch.tensor([max(0, min(int(counts[fdist.rank(), g]), quotas[g] - above[g] - int(before[g])))
+                         for g in range(n_groups)], device=dev)
+    selected = keys > per_entry(torch.tensor(lo), gid)
+    if gid is None:
+        selected[ties[:int(take[0])]] = True
+    elif ties.numel():
+        order = torch.argsort(tgid, stable=True)  # ties by group, ascending local index inside each group
+        sorted_gid = tgid[order]
+        first = torch.searchsorted(sorted_gid, torch.arange(n_groups, device=dev))
+        position = torch.arange(ties.numel(), device=dev) - first[sorted_gid]
+        selected[ties[order][position < take[sorted_gid]]] = True
     return selected, lo

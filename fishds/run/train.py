@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as fdist
-from .. import memory
-from .. import quant
+from .. import memory, quant
 from ..config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from ..dsconfig import resolve_ds_config
@@ -29,7 +28,7 @@ from ..fish.compact import CompactAdamW, check_resumed_state
 from .formats import label_list, pack
 from ..fish.enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
-from ..fish.fisher import collect_scores, gather_scores
+from ..fish.fisher import gather_scores
 from ..fish.mask import share_selection
 from ..model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
                     is_classification, load_peft_model, load_tokenizer, resolve_model_path)
@@ -37,7 +36,8 @@ from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_chec
 from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, gather_adapter, key_map, mask_report,
                       save_adapter, save_initial_adapter, save_mask_file, write_json)
 from ..fish.pool import Pool
-from ..fish.select import exact_topk, float_keys, key_to_float, random_keys
+from ..fish import rules
+from ..fish.scores import ScoreContext
 
 
 @dataclass
@@ -73,7 +73,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
     check_compact(cfg, ds)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
-    if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
+    rules.check(cfg, ds)
+    if rules.needs_pass(cfg.fish) and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")
     d = cfg.data
@@ -184,54 +185,34 @@ def _dense_grad_norm(engine) -> float:
     return math.sqrt(sq)
 
 
-def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, collate) -> tuple[dict, dict]:
-    """Scores -> exact global top-k -> full boolean masks on every rank, with report entries."""
+def select_masks(cfg: Config, engine, pool: Pool, k: int, scoring_examples, collate,
+                 initial: dict | None = None) -> tuple[dict, dict]:
+    """The rule's scores -> groups and quotas -> exact distributed top-k -> full boolean masks on every rank, with
+    report entries (fishds/rules.py: score x allocation x control). `initial`: the adapter before the warm-up."""
     f = cfg.fish
-    info = {"selection": f.selection, "pool_size": pool.size, "k": k}
-    start, end = pool.chunk(fdist.rank(), fdist.world_size())
+    info = {"selection": rules.label(f), "pool_size": pool.size, "k": k}
     if f.selection == "dense":
         return {t.name: torch.ones(t.shape, dtype=torch.bool) for t in pool.tensors}, info
-    if f.selection == "random":
-        keys = random_keys(start, end, f.seed)
-        info["collect_seconds"] = 0.0
-    else:
-        fisher_bar = progress_bar(0, f"Fisher pass ({f.granularity})")
+    fisher_bar = progress_bar(0, f"scoring pass ({f.granularity})")
 
-        def advance(done: int, total: int):
-            fisher_bar.total = total
-            fisher_bar.update(1)
-        scores, stats = collect_scores(engine, pool, scoring_examples, f.granularity, cfg.train.micro_batch_size,
-                                       collate, progress=advance)
-        fisher_bar.close()
-        info.update(stats, num_samples=len(scoring_examples), granularity=f.granularity)
-        keys = float_keys(scores) if f.selection == "fisher" else -float_keys(scores) - 1
-        info["score_stats"] = _score_stats(scores)
-        if f.save_scores:
-            full = gather_scores(pool, scores)
-            if full is not None:
-                from safetensors.torch import save_file
-                save_file({n: v.contiguous() for n, v in full.items()}, str(Path(cfg.output_dir) / "fisher_scores.safetensors"))
+    def advance(done: int, total: int):
+        fisher_bar.total = total
+        fisher_bar.update(1)
+    start, end = pool.chunk(fdist.rank(), fdist.world_size())
+    ctx = ScoreContext(cfg, engine, pool, start, end, scoring_examples, collate, initial, advance, info)
+    local_sel = rules.select_local(ctx, k)
+    fisher_bar.close()
+    if f.save_scores and ctx.values is not None:
+        full = gather_scores(pool, ctx.values)
+        if full is not None:
+            from safetensors.torch import save_file
+            name = "fisher" if info["score"] in ("fisher", "lowest") else info["score"]
+            save_file({n: v.contiguous() for n, v in full.items()},
+                      str(Path(cfg.output_dir) / f"{name}_scores.safetensors"))
     t0 = time.perf_counter()
-    local_sel, threshold = exact_topk(keys, k)
     masks = share_selection(pool, local_sel)
-    info["select_seconds"] = time.perf_counter() - t0
-    if f.selection in ("fisher", "lowest"):
-        info["threshold_score"] = key_to_float(threshold if f.selection == "fisher" else -threshold - 1)
+    info["select_seconds"] = info.get("select_seconds", 0.0) + time.perf_counter() - t0
     return masks, info
-
-
-def _score_stats(local: torch.Tensor) -> dict:
-    """Sum, mean, max, count of zeros and a log10 histogram of the scores, reduced over ranks (no gather)."""
-    s = torch.tensor([float(local.sum()), float(local.numel()), float((local == 0).sum())], dtype=torch.float64)
-    fdist.all_reduce_(s)
-    mx = torch.tensor([float(local.max()) if local.numel() else 0.0])
-    fdist.all_reduce_(mx, op=torch.distributed.ReduceOp.MAX)
-    edges = list(range(-20, 6))  # log10 bin edges; bin i holds scores in [10^edges[i], 10^edges[i+1])
-    pos = local[local > 0].double().log10().clamp(edges[0], edges[-1] - 1e-9)
-    hist = torch.histc(pos, bins=len(edges) - 1, min=edges[0], max=edges[-1]).to(torch.float64)
-    fdist.all_reduce_(hist)
-    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2]),
-            "log10_histogram": {"edges": edges, "counts": [int(c) for c in hist]}}
 
 
 @dataclass
@@ -317,6 +298,9 @@ def plan_budget(cfg: Config, baselines: dict[int, int], pool: Pool, trainable: i
     out = {"protocol": f.budget, "pool": pool.size, "always_trained": always, "dense_same_rank": trainable}
     if f.selection == "dense":
         k = pool.size
+    elif rules.rule_of(f).control == "head_only":  # classification control: only the head (outside the pool) trains
+        out.update(k=0, trainable=always)
+        return out
     elif f.budget == "match_rank":  # protocol 1: rank r masked down to the count of plain rank match_r
         k = baselines[f.match_r] - always
         out.update(baseline_r=f.match_r, baseline_trainable=baselines[f.match_r])
@@ -348,9 +332,10 @@ def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         log_step(step, "warmup", train_step(engine, s.batches, s.collate, cfg.train.grad_accum),
                  time.perf_counter() - t0)
-    masks, report = select_masks(cfg, engine, pool, s.k, scoring_examples(cfg, s.examples), s.collate)
-    if initial is not None:
+    masks, report = select_masks(cfg, engine, pool, s.k, scoring_examples(cfg, s.examples), s.collate, initial)
+    if initial is not None and cfg.fish.reset_unselected:
         reset_unselected(engine, pool, masks, initial)
+    report["reset_unselected"] = bool(initial is not None and cfg.fish.reset_unselected)
     return masks, report
 
 
@@ -415,7 +400,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None)
     bar = progress_bar(total_steps, "train")
     fdist.print0(f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {pool.size:,} entries in "
-                 f"{len(pool.tensors)} tensors | selection {cfg.fish.selection}, k={k:,} | "
+                 f"{len(pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={k:,} | "
                  f"ZeRO-{engine.zero_optimization_stage()} | "
                  f"{fdist.world_size()} rank(s) | {t.precision}")
 
