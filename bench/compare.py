@@ -1,35 +1,49 @@
-"""Does FISH help on your task? Fisher vs random vs lowest-Fisher masks vs plain PEFT, at matched budgets.
+"""Does a FISH mask help on your task? Selection rules vs random masks vs plain PEFT, at matched budgets, as an
+honest protocol: paired seeds, each arm's learning rate chosen on validation, paired differences with 95% CIs.
 
-    python bench/compare.py --config configs/compare/rt-minilm.yaml [--seeds 0 1 2] [--lrs 3e-3 1e-2]
-        [--budgets p1:16:4 p2:8:0.25] [--parallel 2] [key=value ...]
+    python bench/compare.py --config configs/compare/rt-minilm.yaml [--seeds 0 1 2 3 4] [--lrs 3e-3 1e-2 3e-2 1e-1]
+        [--budgets p1:16:4 p2:8:0.25] [--arms fisher random dense saliency/module@20 ...] [--parallel 2]
+        [--split eval|test] [key=value ...]
 
 A thin driver over the real entry point (launch/train.py, one process per arm, OMP_NUM_THREADS=1,
 `--parallel` arms at a time). The config is a normal fishds YAML with data.path, data.eval_path
-(validation: picks the learning rate) and data.test_path (reported, never used for selection); the
+(validation: picks the learning rate) and data.test_path (reported, never used for a choice); the
 built-in tasks `data.path: rotten_tomatoes | spam_assassin` are expanded to their cached jsonl files.
 
-Selections: fisher, random, lowest (the paper's ablations), dense (plain PEFT at the matched rank) and
-fisher_warmup (fisher scored after `--warmup` dense steps, unselected entries then reset; those steps come out
-of train.max_steps). At LoRA's initialisation B = 0, so every lora_A entry scores exactly zero and a mask
-scored there lands in B only (FISH_TUNING.md trap 1); fisher_warmup is the remedy the FISH Mask authors used.
+Arms (`--arms`, names also used in the tables):
+- `dense`: plain PEFT at the matched rank (plain LoRA at the same trainable count); `dense_pool`: plain PEFT at the
+  pool's rank (upper reference, more trainable entries);
+- `SCORE[/ALLOCATION][+CONTROL][@WARMUP]`: a selection rule (fish.score, fish.allocation, fish.control, and
+  fish.warmup_steps dense steps taken out of train.max_steps), e.g. `fisher` (the paper: Fisher at init, global
+  top-k), `fisher@20`, `saliency/module@20`, `adam_v/tensor@20`, `saliency/module+random_matched@20` (random
+  entries with that rule's per-tensor counts), `random`, `random/tensor`, `lowest`;
+- `random_b_only` (random entries of lora_B only), `head_only` (classification: the head alone);
+- legacy names: `fisher_warmup` = `fisher@W` (W = --warmup).
+Random arms (score random, or control random_matched / random_b_only) are the controls every rule is compared with.
 
 Budgets (../shared/FISH_TUNING.md section 1):
 - p1:R:r  protocol 1: rank R masked down to the trainable count of plain rank r (fish.budget=match_rank);
 - p2:R:p  protocol 2: rank R at keep ratio p, against plain rank R*p.
-Every arm uses peft.alpha = 2 x rank. Each budget runs selection fisher, random and lowest at rank R, and
-dense = plain PEFT at the matched rank, so every arm trains the same number of entries (up to the rounding the
-report shows). Every arm uses the same steps, seeds (adapter init, data order, Fisher sample) and learning-rate
-grid; for each (budget, selection) the learning rate with the best mean validation metric over seeds is chosen, and
-its test metric is reported.
+Every arm uses peft.alpha = 2 x rank, the same steps, schedule and learning-rate grid, and the same seeds: train.seed
+fixes the adapter's and the head's initialisation and the data order, fish.seed the scoring sample and random
+masks, so seed i of every arm sees the same batches with the same head (paired seeds). For each (budget, arm) the
+learning rate with the best mean validation metric over seeds is chosen; a warning is printed (and kept in the JSON)
+when that choice sits at the edge of the grid, or when the grid does not reach 10 x plain PEFT's chosen rate.
+With `--split test` (the default) the test metric at the chosen rate is reported: mean +- std over seeds, and per
+arm the paired difference to plain PEFT and to every random arm (same seed, each arm at its own chosen rate) with a
+95% t-interval over seeds. `--split eval` (screening) never reads the test metric: the table shows validation.
 
-Writes bench/results/compare-<task>.json ({"rows": [...]}, one row per run and split), .md (mean and
-spread per cell) and .png (test metric per selection with seed spread; validation learning curves).
+Writes bench/results/<prefix>-<task>.json ({"meta", "rows": one row per run and split (task, model, method,
+selection, score, allocation, budget, trainable, seed, lr, split, metric, value, seconds), "cells": per arm the
+chosen rate, the figures, the paired differences, the A/B share, per-layer allocation and row/column coverage of
+its masks, "warnings"}), .md (the tables) and .png (figures per arm with every seed; validation curves).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as futures
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -39,11 +53,49 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from fishds.files import REPORT_FILE  # noqa: E402
 
 from fishds.config import load_config  # noqa: E402
 from fishds.files import METRICS_FILE, REPORT_FILE  # noqa: E402
 
-SELECTIONS = ("fisher", "random", "lowest", "dense", "fisher_warmup")
+SELECTIONS = ("fisher", "random", "lowest", "dense", "fisher_warmup")  # the legacy arm names
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}  # Student t, two-sided 95%, by degrees of freedom
+
+
+def t975(df: int) -> float:
+    """The 97.5% quantile of Student's t with df degrees of freedom (table; the next smaller tabulated df above 60
+    is conservative)."""
+    return T975[max(d for d in T975 if d <= df)] if df < 60 else 1.96 if df > 1000 else T975[60]
+
+
+def parse_arm(name: str, warmup: int) -> dict:
+    """An arm name -> its fish overrides (see the module docstring)."""
+    if name == "fisher_warmup":
+        name = f"fisher@{warmup}"
+    if name in ("dense", "dense_pool"):
+        return {"name": name, "score": "dense", "allocation": "-", "fish": {"fish.selection": "dense"}, "warmup": 0}
+    if name in ("random_b_only", "head_only"):
+        return {"name": name, "score": "random" if name == "random_b_only" else "-", "allocation": "-",
+                "fish": {"fish.score": "random", "fish.control": name}, "warmup": 0}
+    from fishds.config import ALLOCATIONS, CONTROLS, SCORES
+    rest, _, w = name.partition("@")
+    rest, _, control = rest.partition("+")
+    score, _, allocation = rest.partition("/")
+    allocation = allocation or "global"
+    if score not in SCORES or allocation not in ALLOCATIONS or (control and control not in CONTROLS) or \
+            (w and not w.isdigit()):
+        raise SystemExit(f"compare: arm {name!r}: use SCORE[/ALLOCATION][+CONTROL][@WARMUP] with scores {SCORES}, "
+                         f"allocations {ALLOCATIONS}, controls {CONTROLS}, or dense, dense_pool, random_b_only, "
+                         "head_only, fisher_warmup")
+    fish = {"fish.score": score, "fish.allocation": allocation}
+    if control:
+        fish["fish.control"] = control
+    return {"name": name, "score": score, "allocation": allocation, "fish": fish, "warmup": int(w or 0)}
+
+
+def is_random_arm(arm: str) -> bool:
+    return arm.startswith("random") or "+random_matched" in arm
 
 
 def task_files(cfg) -> dict[str, str]:
@@ -64,34 +116,40 @@ def parse_budget(spec: str) -> dict:
     kind, big, small = spec.split(":")
     if kind == "p1":
         return {"name": spec, "fish": {"peft.r": int(big), "fish.budget": "match_rank", "fish.match_r": int(small)},
-                "dense": {"peft.r": int(small)}}
+                "dense": {"peft.r": int(small)}, "pool": {"peft.r": int(big)}}
     if kind == "p2":
         plain = int(big) * float(small)
         if not plain.is_integer():
             raise SystemExit(f"compare: budget {spec}: rank {big} x keep {small} is not a whole rank")
         return {"name": spec, "fish": {"peft.r": int(big), "fish.keep_ratio": float(small)},
-                "dense": {"peft.r": int(plain)}}
+                "dense": {"peft.r": int(plain)}, "pool": {"peft.r": int(big)}}
     raise SystemExit(f"compare: budget {spec!r}: use p1:R:r or p2:R:p")
 
 
-def arms(budgets, seeds, lrs, selections, steps: int, warmup: int) -> list[dict]:
+def arms(budgets, seeds, lrs, names, steps: int, warmup: int) -> list[dict]:
     out = []
     for b in budgets:
-        for sel in selections:
+        for name in names:
+            spec = parse_arm(name, warmup)
             for lr in lrs:
                 for seed in seeds:
-                    ov = dict(b["dense"] if sel == "dense" else b["fish"])
-                    ov.update({"fish.selection": sel, "train.seed": seed, "fish.seed": seed, "train.lr": lr,
+                    ov = dict(b["dense"] if name == "dense" else b["pool"] if name == "dense_pool" else b["fish"])
+                    ov.update(spec["fish"])
+                    ov.update({"train.seed": seed, "fish.seed": seed, "train.lr": lr,
                                "peft.alpha": 2 * ov["peft.r"]})  # alpha/r = 2 in every arm: the same LoRA scaling
-                    if sel == "fisher_warmup":  # dense warm-up, then score: the same total steps as every arm
-                        ov.update({"fish.selection": "fisher", "fish.warmup_steps": warmup,
-                                   "train.max_steps": steps - warmup})
-                    out.append({"budget": b["name"], "selection": sel, "seed": seed, "lr": lr, "overrides": ov})
+                    if spec["warmup"]:  # dense warm-up, then score: the same total steps as every arm
+                        if spec["warmup"] >= steps:
+                            raise SystemExit(f"compare: arm {name}: warm-up {spec['warmup']} >= train.max_steps "
+                                             f"{steps}")
+                        ov.update({"fish.warmup_steps": spec["warmup"], "train.max_steps": steps - spec["warmup"]})
+                    out.append({"budget": b["name"], "selection": name, "score": spec["score"],
+                                "allocation": spec["allocation"], "seed": seed, "lr": lr, "overrides": ov})
     return out
 
 
 def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path) -> dict:
-    name = f"{arm['budget'].replace(':', '-')}_{arm['selection']}_lr{arm['lr']:g}_s{arm['seed']}"
+    tag = arm["selection"].replace("/", "-").replace("+", "-").replace("@", "-w")
+    name = f"{arm['budget'].replace(':', '-')}_{tag}_lr{arm['lr']:g}_s{arm['seed']}"
     out = out_root / name
     if (out / REPORT_FILE).is_file():  # finished earlier: reuse (delete the folder to rerun)
         return {**arm, "name": name, "out": str(out), "seconds": json.loads((out / "arm.json").read_text())["seconds"]}
@@ -109,44 +167,119 @@ def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path)
     return {**arm, "name": name, "out": str(out), "seconds": seconds}
 
 
-def rows_of(result: dict, task: str, model: str, method: str, metric: str) -> list[dict]:
+def rows_of(result: dict, task: str, model: str, method: str, metric: str, splits=("eval", "test")) -> list[dict]:
     out = Path(result["out"])
     report = json.loads((out / REPORT_FILE).read_text())
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     curve = [(r["step"], r[f"eval_{metric}"]) for r in records if f"eval_{metric}" in r]
     base = {"task": task, "model": model, "method": method, "selection": result["selection"],
-            "budget": result["budget"], "trainable": report["budget"]["trainable"], "seed": result["seed"],
-            "lr": result["lr"], "seconds": round(result["seconds"], 1)}
+            "score": result["score"], "allocation": result["allocation"], "budget": result["budget"],
+            "trainable": report["budget"]["trainable"], "seed": result["seed"], "lr": result["lr"],
+            "seconds": round(result["seconds"], 1)}
     return [{**base, "split": split, "metric": f"{split}_{metric}", "value": report["eval"][f"{split}_{metric}"],
-             **({"curve": curve} if split == "eval" else {})} for split in ("eval", "test")]
+             **({"curve": curve} if split == "eval" else {})} for split in splits]
 
 
-def summarise(rows: list[dict]) -> tuple[list[dict], str]:
-    """Per (budget, selection): the learning rate with the best mean validation metric, and its test scores."""
-    cells = []
+def mask_of(result: dict) -> dict:
+    """Where one run's mask landed (its fish_report.json): A/B share, per-layer counts, row/column coverage."""
+    report = json.loads((Path(result["out"]) / REPORT_FILE).read_text())
+    return {"share": report.get("share", {}), "per_layer": report.get("per_layer", {}),
+            "coverage": {k: {"row_share": v["row_share"], "col_share": v["col_share"]}
+                         for k, v in report.get("coverage", {}).items()}}
+
+
+def _mean_dicts(items: list[dict]) -> dict:
+    """Element-wise mean of nested dicts of numbers (the mask statistics over seeds)."""
+    out = {}
+    for key in items[0] if items else []:
+        vals = [d[key] for d in items if key in d]
+        out[key] = _mean_dicts(vals) if isinstance(vals[0], dict) else statistics.mean(vals)
+    return out
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """Paired difference a - b over the seeds both have: mean, std, n and the 95% t-interval."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    d = [a[s] - b[s] for s in seeds]
+    mean = statistics.mean(d)
+    if len(d) < 2:
+        return {"mean": mean, "std": 0.0, "n": len(d), "ci95": None}
+    sd = statistics.stdev(d)
+    half = t975(len(d) - 1) * sd / math.sqrt(len(d))
+    return {"mean": mean, "std": sd, "n": len(d), "ci95": [mean - half, mean + half]}
+
+
+def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") -> tuple[list[dict], str, list[str]]:
+    """Per (budget, arm): the learning rate with the best mean validation metric, the `split` figures at that rate
+    (per seed), paired differences to plain PEFT and to every random arm, the mask statistics; the markdown; the
+    warnings (choice at the grid's edge, grid short of 10 x plain PEFT's rate, fewer than 5 seeds)."""
+    masks = masks or {}
+    cells, warnings = [], []
+    grid = sorted({r["lr"] for r in rows})
     for budget in dict.fromkeys(r["budget"] for r in rows):
-        for sel in SELECTIONS:
+        for sel in dict.fromkeys(r["selection"] for r in rows if r["budget"] == budget):
             mine = [r for r in rows if r["budget"] == budget and r["selection"] == sel]
-            if not mine:
-                continue
             by_lr = {}
             for r in mine:
-                by_lr.setdefault(r["lr"], {"eval": [], "test": []})[r["split"]].append(r["value"])
-            lr = max(by_lr, key=lambda x: statistics.mean(by_lr[x]["eval"]))
-            test = by_lr[lr]["test"]
-            cells.append({"budget": budget, "selection": sel, "lr": lr, "trainable": mine[0]["trainable"],
-                          "n": len(test), "test_mean": statistics.mean(test),
-                          "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
-                          "test_min": min(test), "test_max": max(test),
-                          "eval_mean": statistics.mean(by_lr[lr]["eval"])})
+                by_lr.setdefault(r["lr"], {"eval": {}, "test": {}})[r["split"]][r["seed"]] = r["value"]
+            lr = max(sorted(by_lr), key=lambda x: statistics.mean(by_lr[x]["eval"].values()))
+            per_seed = by_lr[lr][split]
+            vals = list(per_seed.values())
+            cell = {"budget": budget, "selection": sel, "score": mine[0]["score"], "allocation": mine[0]["allocation"],
+                    "lr": lr, "grid": sorted(by_lr), "trainable": mine[0]["trainable"], "split": split,
+                    "n": len(vals), "mean": statistics.mean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                    "min": min(vals), "max": max(vals), "per_seed": per_seed,
+                    "eval_mean": statistics.mean(by_lr[lr]["eval"].values()),
+                    "eval_by_lr": {str(x): statistics.mean(v["eval"].values()) for x, v in sorted(by_lr.items())},
+                    "mask": _mean_dicts([masks[(budget, sel, lr, s)] for s in per_seed
+                                         if (budget, sel, lr, s) in masks])}
+            if split == "test":  # the legacy field names
+                cell.update(test_mean=cell["mean"], test_std=cell["std"], test_min=cell["min"], test_max=cell["max"])
+            if len(by_lr) > 1 and lr in (min(by_lr), max(by_lr)):
+                edge = "top" if lr == max(by_lr) else "bottom"
+                warnings.append(f"{budget} {sel}: the chosen lr {lr:g} is at the {edge} "
+                                f"of the grid {sorted(by_lr)}; extend the grid")
+            if len(vals) < 5:
+                warnings.append(f"{budget} {sel}: {len(vals)} seeds; the protocol asks for >= 5 paired seeds")
+            cells.append(cell)
+        dense = next((c for c in cells if c["budget"] == budget and c["selection"] == "dense"), None)
+        if dense and max(grid) < 10 * dense["lr"]:
+            warnings.append(f"{budget}: the grid's top {max(grid):g} is below 10 x plain PEFT's chosen lr "
+                            f"{dense['lr']:g}; sparse masks need larger rates (FISH_TUNING.md 6.4)")
+        controls = [c for c in cells if c["budget"] == budget and is_random_arm(c["selection"])]
+        for c in (c for c in cells if c["budget"] == budget):
+            refs = ([dense] if dense and c is not dense else []) + [r for r in controls if r is not c]
+            c["paired"] = {r["selection"]: paired(c["per_seed"], r["per_seed"]) for r in refs}
     metric = rows[0]["metric"].split("_", 1)[1]
-    lines = [f"| budget | selection | trainable | lr (by validation) | test {metric}: mean ± std (min–max) | seeds |",
-             "|---|---|---|---|---|---|"]
+
+    def diff(d):
+        if d is None:
+            return "–"
+        if d["ci95"] is None:
+            return f"{100 * d['mean']:+.2f} (n={d['n']})"
+        return f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+    lines = [f"| budget | arm | score | allocation | trainable | lr (by validation) | {split} {metric}: mean ± std "
+             f"(min–max) | seeds | lora_A share | Δ vs plain (95% CI) |", "|---" * 10 + "|"]
     for c in cells:
-        lines.append(f"| {c['budget']} | {c['selection']} | {c['trainable']:,} | {c['lr']:g} | "
-                     f"{100 * c['test_mean']:.2f} ± {100 * c['test_std']:.2f} ({100 * c['test_min']:.2f}–"
-                     f"{100 * c['test_max']:.2f}) | {c['n']} |")
-    return cells, "\n".join(lines) + "\n"
+        share = c["mask"].get("share", {}).get("lora_A")
+        lines.append(f"| {c['budget']} | {c['selection']} | {c['score']} | {c['allocation']} | {c['trainable']:,} | "
+                     f"{c['lr']:g} | {100 * c['mean']:.2f} ± {100 * c['std']:.2f} ({100 * c['min']:.2f}–"
+                     f"{100 * c['max']:.2f}) | {c['n']} | {'–' if share is None else f'{share:.2f}'} | "
+                     f"{diff(c['paired'].get('dense'))} |")
+    randoms = list(dict.fromkeys(c["selection"] for c in cells if is_random_arm(c["selection"])))
+    if randoms:
+        lines += ["", f"Paired {split} differences to each random arm (points, mean [95% CI], same seeds):", "",
+                  "| budget | arm | " + " | ".join(f"Δ vs {r}" for r in randoms) + " |",
+                  "|---|---|" + "---|" * len(randoms)]
+        for c in cells:
+            lines.append(f"| {c['budget']} | {c['selection']} | " + " | ".join(
+                diff(c["paired"].get(r)) if r != c["selection"] else "–" for r in randoms) + " |")
+    if warnings:
+        lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
+    return cells, "\n".join(lines) + "\n", warnings
 
 
 def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
@@ -155,6 +288,7 @@ def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     budgets = list(dict.fromkeys(c["budget"] for c in cells))
+    SELECTIONS = list(dict.fromkeys(c["selection"] for c in cells))  # noqa: N806 (the arms, in run order)
     fig, axes = plt.subplots(1, 1 + len(budgets), figsize=(5 * (1 + len(budgets)), 4))
     ax = axes[0]
     for bi, budget in enumerate(budgets):
@@ -163,13 +297,12 @@ def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
             if c is None:
                 continue
             x = bi * (len(SELECTIONS) + 1) + si
-            tests = [r["value"] for r in rows if r["budget"] == budget and r["selection"] == sel
-                     and r["lr"] == c["lr"] and r["split"] == "test"]
-            ax.scatter([x] * len(tests), [100 * v for v in tests], color=f"C{si}", s=12, alpha=0.6)
-            ax.errorbar([x], [100 * c["test_mean"]], yerr=[100 * c["test_std"]], fmt="o", color=f"C{si}",
+            tests = list(c["per_seed"].values())
+            ax.scatter([x] * len(tests), [100 * v for v in tests], color=f"C{si % 10}", s=12, alpha=0.6)
+            ax.errorbar([x], [100 * c["mean"]], yerr=[100 * c["std"]], fmt="o", color=f"C{si % 10}",
                         label=sel if bi == 0 else None, capsize=4)
     ax.set_xticks([bi * (len(SELECTIONS) + 1) + 1.5 for bi in range(len(budgets))], budgets)
-    ax.set_ylabel(f"test {rows[0]['metric'].split('_', 1)[1]} (%)")
+    ax.set_ylabel(f"{cells[0]['split']} {rows[0]['metric'].split('_', 1)[1]} (%)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     for ax, budget in zip(axes[1:], budgets):
@@ -181,7 +314,7 @@ def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
                 continue
             steps = [s for s, _ in curves[0]]
             mean = [100 * statistics.mean(cv[i][1] for cv in curves) for i in range(len(steps))]
-            ax.plot(steps, mean, label=sel, color=f"C{si}")
+            ax.plot(steps, mean, label=sel, color=f"C{si % 10}")
         ax.set_title(f"{budget}: validation curve (mean over seeds)")
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
@@ -193,26 +326,36 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--task", help="name in the output files (default: the config file's stem)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
     ap.add_argument("--budgets", nargs="+", default=["p1:16:4", "p2:8:0.25"])
-    ap.add_argument("--selections", nargs="+", default=list(SELECTIONS), choices=SELECTIONS)
+    ap.add_argument("--arms", "--selections", dest="arms", nargs="+", default=list(SELECTIONS),
+                    help="arm names (see the module docstring): dense, fisher, random, saliency/module@20, ...")
     ap.add_argument("--warmup", type=int, default=20, help="fisher_warmup: dense steps before scoring (taken "
                     "out of train.max_steps, so every arm trains the same number of steps)")
+    ap.add_argument("--split", choices=("test", "eval"), default="test", help="what the tables report: test "
+                    "(confirmation) or eval (screening: the test data is not even evaluated)")
+    ap.add_argument("--prefix", default=None, help="results file prefix (default: compare, or screen with "
+                    "--split eval)")
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--runs", default=str(ROOT / "runs/compare"), help="where the arms' output_dirs go")
     ap.add_argument("--results", default=str(ROOT / "bench/results"))
     ap.add_argument("overrides", nargs="*", help="section.key=value applied to every arm")
     args = ap.parse_args(argv)
     task = args.task or Path(args.config).stem
+    prefix = args.prefix or ("compare" if args.split == "test" else "screen")
     cfg = load_config(args.config, [o for o in args.overrides])
-    common = {**dict(o.split("=", 1) for o in args.overrides), **task_files(cfg)}
+    files = task_files(cfg)
+    if args.split == "eval":
+        files.pop("data.test_path")  # screening never evaluates the test split
+    common = {**dict(o.split("=", 1) for o in args.overrides), **files}
     metric = "accuracy" if cfg.data.format == "classification" else "token_acc"
     budgets = [parse_budget(b) for b in args.budgets]
-    todo = arms(budgets, args.seeds, args.lrs, args.selections, cfg.train.max_steps, args.warmup)
-    out_root, log_dir = Path(args.runs) / task, Path(args.runs) / task / "logs"
+    todo = arms(budgets, args.seeds, args.lrs, args.arms, cfg.train.max_steps, args.warmup)
+    out_root = Path(args.runs) / (task if args.split == "test" else f"{task}-screen")
+    log_dir = out_root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[compare] {task}: {len(todo)} arms ({len(budgets)} budgets x {len(args.selections)} selections x "
+    print(f"[compare] {task}: {len(todo)} runs ({len(budgets)} budgets x {len(args.arms)} arms x "
           f"{len(args.lrs)} lrs x {len(args.seeds)} seeds), {args.parallel} at a time", flush=True)
     t0 = time.time()
     results = []
@@ -220,19 +363,30 @@ def main(argv=None) -> int:
         for i, res in enumerate(pool.map(lambda a: run_arm(a, args.config, common, out_root, log_dir), todo), 1):
             results.append(res)
             print(f"[compare] {i}/{len(todo)} {res['name']} {res['seconds']:.0f}s", flush=True)
-    rows = [r for res in results for r in rows_of(res, task, cfg.model.name_or_path, cfg.peft.method, metric)]
-    cells, table = summarise(rows)
+    splits = ("eval", "test") if args.split == "test" else ("eval",)
+    rows = [r for res in results for r in rows_of(res, task, cfg.model.name_or_path, cfg.peft.method, metric, splits)]
+    masks = {(res["budget"], res["selection"], res["lr"], res["seed"]): mask_of(res) for res in results}
+    cells, table, warnings = summarise(rows, masks, args.split)
+    for w in warnings:
+        print(f"[compare] warning: {w}", flush=True)
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
     meta = {"task": task, "config": args.config, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "wall_seconds": round(time.time() - t0, 1), "cpu_count": os.cpu_count(), "parallel": args.parallel}
-    (results_dir / f"compare-{task}.json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": cells},
-                                                                 indent=1))
-    (results_dir / f"compare-{task}.md").write_text(f"`{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min, "
-                                                    f"{meta['cpu_count']} CPU cores)\n\n" + table)
-    plot(rows, cells, results_dir / f"compare-{task}.png", f"{task} ({cfg.model.name_or_path})")
+            "wall_seconds": round(time.time() - t0, 1), "cpu_count": os.cpu_count(), "parallel": args.parallel,
+            "split": args.split, "seeds": args.seeds, "lrs": args.lrs, "arms": args.arms,
+            "run_seconds_median": statistics.median(r["seconds"] for r in results) if results else None}
+    stem = results_dir / f"{prefix}-{task}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": cells,
+                                                     "warnings": warnings}, indent=1))
+    stem.with_suffix(".md").write_text(f"`{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min wall, "
+                                       f"{meta['cpu_count']} CPU cores, median {meta['run_seconds_median']:.0f} s "
+                                       f"per run)\n\n" + table)
+    try:
+        plot(rows, cells, stem.with_suffix(".png"), f"{task} ({cfg.model.name_or_path})")
+    except ImportError as e:
+        print(f"[compare] no plot ({e})")
     print(table, flush=True)
-    print(f"[compare] wrote {results_dir}/compare-{task}.{{json,md,png}} in {meta['wall_seconds'] / 60:.1f} min")
+    print(f"[compare] wrote {stem}.{{json,md,png}} in {meta['wall_seconds'] / 60:.1f} min")
     return 0
 
 

@@ -14,6 +14,9 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .fish.allocation import ALLOCATIONS as ALLOCATION_TABLE
+from .fish.rules import CONTROLS as CONTROL_TABLE
+from .fish.scores import SCORES as SCORE_TABLE
 from .fish.selection import RULES
 from .methods import METHODS
 from .run.formats import FORMATS
@@ -69,9 +72,34 @@ class QuantSection(_Section):
         "(DeepSpeed would cast the packed values).")
 
 
+SCORES = tuple(SCORE_TABLE)  # fishds/fish/scores.py: the table
+ALLOCATIONS = tuple(ALLOCATION_TABLE)  # fishds/fish/allocation.py: the table
+CONTROLS = tuple(CONTROL_TABLE)  # fishds/fish/rules.py: the table
+
+
 class FishSection(_Section):
     selection: Literal[tuple(RULES)] = Field(
-        "fisher", description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ".")
+        "fisher", description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ". Shorthand for "
+        "fish.score (fisher, random, lowest); dense trains every entry.")
+    score: Optional[Literal[SCORES]] = Field(
+        None, description="What ranks the pool entries (default: fish.selection): fisher (sum of squared per-example "
+        "gradients, the paper), saliency (|theta * sum g|), snr (|sum g| / sqrt(sum g^2 + eps)), adam_v (AdamW's "
+        "exp_avg_sq after the dense warm-up), movement (|theta - theta at the warm-up's start|), random, lowest "
+        "(the k lowest Fisher scores). adam_v and movement need fish.warmup_steps > 0 and no scoring pass.")
+    allocation: Literal[ALLOCATIONS] = Field(
+        "global", description="How k is shared out before the top-k: global (one top-k over the pool, the paper), "
+        "tensor (each pool tensor gets k in proportion to its size), module (per adapted module, in proportion to "
+        "its summed score, at least fish.min_density x the uniform density), ab_balanced (each module gets what a "
+        "global top-k gives it, split over its tensors (LoRA A and B) at equal density).")
+    control: Literal[CONTROLS] = Field(
+        "none", description="Control arms: random_matched (random entries with the per-tensor counts of the rule "
+        "fish.score + fish.allocation), random_b_only (random entries of lora_B tensors only, lora_A stays at "
+        "init), head_only (classification: no pool entry trains, only the head; k = 0).")
+    min_density: float = Field(0.25, ge=0, le=1, description="allocation=module: every module keeps at least this "
+                               "fraction of the uniform density k / pool size.")
+    reset_unselected: bool = Field(True, description="After a dense warm-up (fish.warmup_steps > 0): reset the "
+                                   "unselected entries to their initial values (true) or keep their warmed-up "
+                                   "values (false); either way they stay fixed afterwards.")
     keep_ratio: Optional[float] = Field(None, description="Fraction of the pool to train, in (0, 1]: "
                                         "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.")
     num_selected: Optional[int] = Field(None, description="Absolute number k of entries to train (1..pool size).")
@@ -110,6 +138,7 @@ class FishSection(_Section):
 
     @model_validator(mode="after")
     def _budget(self):
+        self._rule()
         if RULES[self.selection].dense:
             return self
         if self.keep_ratio is not None and self.num_selected is not None:
@@ -127,6 +156,28 @@ class FishSection(_Section):
         if self.num_selected is not None and self.num_selected < 1:
             raise ValueError(f"fish.num_selected={self.num_selected} must be at least 1")
         return self
+
+
+    def _rule(self) -> None:
+        """fish.score from fish.selection when unset; contradictions and rules that cannot run, refused."""
+        if self.score is None:
+            self.__dict__["score"] = None if self.selection == "dense" else self.selection
+        elif "selection" in self.model_fields_set and self.selection != self.score:
+            raise ValueError(f"fish.selection={self.selection} and fish.score={self.score} contradict; "
+                             "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score")
+        if self.selection == "dense":
+            return
+        if self.score in ("adam_v", "movement") and self.warmup_steps == 0 and self.control not in (
+                "random_b_only", "head_only"):
+            raise ValueError(f"fish.score={self.score} is read after the dense warm-up; set fish.warmup_steps > 0 "
+                             "(e.g. 20)")
+        if self.score == "random" and self.allocation == "module":
+            raise ValueError("fish.allocation=module shares k by the modules' summed scores, which fish.score=random "
+                             "does not have; use fish.allocation=tensor, or fish.control=random_matched with the rule "
+                             "whose module quotas you want")
+        if self.control == "random_matched" and self.score == "random":
+            raise ValueError("fish.control=random_matched takes the per-tensor counts of a scored rule; set fish.score "
+                             "to that rule (e.g. saliency) instead of random")
 
 
 class DataSection(_Section):

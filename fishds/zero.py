@@ -93,6 +93,20 @@ def inner_optimizer(engine):
     return opt
 
 
+def _unfused_fp32_copies(opt) -> dict:
+    """DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer): id(param) -> its fp32 copy."""
+    return {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", None) or [],
+                                           getattr(opt, "fp32_groups", None) or []) for lp, hp in zip(lps, hps)}
+
+
+def stage0_optimizer_state(engine, param, key: str):
+    """The torch optimizer's state `key` of a parameter at stage 0 (keyed by the parameter, or by its fp32 copy
+    under DeepSpeed's bf16 optimizer without ZeRO); None if absent. ZeRO 1-3: deepspeed.utils.safe_get_full_*."""
+    copies = _unfused_fp32_copies(engine.optimizer)
+    inner = engine.basic_optimizer if copies else engine.optimizer
+    return getattr(inner, "state", {}).get(copies.get(id(param), param), {}).get(key)
+
+
 # where DeepSpeed keeps this rank's fp32 masters: ZeRO-3 (swapped into the torch optimizer only during its
 # step), ZeRO-1/2, the bf16 optimizer
 _MASTER_ATTRS = ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition")
@@ -120,8 +134,7 @@ def master_fragments(engine, pool) -> list[tuple[str, torch.Tensor, int, torch.T
             out.append((t.name, master, rank * numel, p.ds_tensor.reshape(-1)[:numel]))
         return out
     # DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer) keeps one fp32 copy per parameter
-    unfused = {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", None) or [],
-                                              getattr(opt, "fp32_groups", None) or []) for lp, hp in zip(lps, hps)}
+    unfused = _unfused_fp32_copies(opt)
     for t in pool.tensors:
         p = t.param
         if id(p) in unfused:

@@ -46,3 +46,58 @@ def reference_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.T
         out[n] = sel[off:off + scores[n].numel()].view(scores[n].shape)
         off += scores[n].numel()
     return out
+
+
+def model_with_state(cfg: Config, state: dict[str, torch.Tensor]):
+    """The initial PEFT model with its adapter tensors replaced by `state` (parameter names)."""
+    model = initial_model(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+    return model
+
+
+def _examples(cfg: Config):
+    tok = load_tokenizer(cfg.model.name_or_path)
+    return load_examples(tok, cfg.data.path, "data.path", cfg.data, cfg.data.max_examples), Collator(tok.pad_token_id)
+
+
+def reference_moments(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """sum_i g_i^2 and sum_i g_i over the scoring examples, one example per backward, at adapter `state`."""
+    examples, collate = _examples(cfg)
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.fish.seed)).tolist()
+    model = model_with_state(cfg, state)
+    model.eval()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sq = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    sm = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+    for i in order[:cfg.fish.num_samples]:
+        model.zero_grad(set_to_none=True)
+        model(**collate([examples[i]])).loss.backward()
+        for n, p in params.items():
+            sq[n] += p.grad.double() ** 2
+            sm[n] += p.grad.double()
+    return sq, sm
+
+
+def reference_warmup(cfg: Config, state: dict[str, torch.Tensor], world: int, steps: int) -> tuple[dict, dict]:
+    """Plain torch AdamW from `state` for `steps` steps on the batches `world` data-parallel ranks would see (the
+    mean of the ranks' losses, fishds' LR schedule, no clipping): the adapter and AdamW's exp_avg_sq after them."""
+    from fishds.run.data import ShardedBatches
+    from fishds.run.train import _schedule
+
+    examples, collate = _examples(cfg)
+    model = model_with_state(cfg, state)
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = _schedule(cfg, cfg.fish.warmup_steps + cfg.train.max_steps)(opt)
+    batches = [ShardedBatches(examples, cfg.train.micro_batch_size, r, world, cfg.train.seed) for r in range(world)]
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        (sum(model(**collate(b.next())).loss for b in batches) / world).backward()
+        opt.step()
+        sched.step()
+    return ({n: p.detach().clone() for n, p in params.items()},
+            {n: opt.state[p]["exp_avg_sq"].clone() for n, p in params.items()})

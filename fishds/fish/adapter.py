@@ -74,4 +74,7 @@ def mask_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:
         m["numel"] += t.numel
         per_kind[info.kind] += sel
     share = {k: (v / total if total else 0.0) for k, v in per_kind.items() if k != OTHER or v}
-    return {"selected": total, "per_tensor": per_tensor, "per_module": per_module, "share": share}
+    from .allocation import allocation_report  # per layer, per adapted module, row/column coverage
+
+    return {"selected": total, "per_tensor": per_tensor, "per_module": per_module, "share": share,
+            **allocation_report(pool, masks)}

@@ -74,7 +74,17 @@ def _passes(n: int, granularity: str, micro_batch_size: int) -> list[list[int]]:
 def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
                    collate: Callable[[list[dict]], dict], progress=None,
                    per_example: str = "batched") -> tuple[torch.Tensor, dict]:
-    """Run the Fisher pass; return this rank's chunk of the scores (fp32) and timing statistics.
+    """Run the Fisher pass; return this rank's chunk of the scores (fp32) and timing statistics."""
+    (scores,), stats = collect_moments(engine, pool, examples, granularity, micro_batch_size, collate, progress,
+                                       per_example=per_example)
+    return scores, stats
+
+
+def collect_moments(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
+                    collate: Callable[[list[dict]], dict], progress=None, per_example: str = "batched",
+                    with_sum: bool = False) -> tuple[tuple[torch.Tensor, ...], dict]:
+    """The Fisher pass: this rank's chunk of sum g^2 (the Fisher scores) and, with `with_sum`, of sum g (a second
+    accumulator over the same passes, chunked and reduced the same way; saliency and snr), and the statistics.
 
     granularity "sample" with per_example "batched" (the default) takes the per-example squared gradients of a
     whole micro-batch from one forward/backward (fishds/fish/per_example.py); "loop" runs one pass per example. Both
@@ -91,14 +101,17 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     params = [t.param for t in pool.tensors]
     bounds = [pool.chunk(r, world) for r in range(world)]
     chunks = [torch.zeros(e - s, dtype=torch.float32, device=dev) for s, e in bounds]  # the accumulator
+    sums = [torch.zeros_like(c) for c in chunks] if with_sum else None  # sum of gradients (saliency, snr)
     segments = _segments(pool, bounds)
-    acc_peak = sum(c.numel() for c in chunks) * 4
+    acc_peak = sum(c.numel() for c in chunks) * 4 * (2 if with_sum else 1)
     zero3 = zero.zero3_coordinator(engine)
 
-    def add(n: int, sq: torch.Tensor) -> None:
-        """Add the flat squares `sq` of pool tensor n to the accumulator chunks."""
+    def add(n: int, sq: torch.Tensor, g: torch.Tensor | None = None) -> None:
+        """Add the flat squares `sq` (and, with_sum, the flat summed gradients `g`) of pool tensor n."""
         for r, a, b, c, d in segments[n]:
             chunks[r][a:b].add_(sq[c:d])
+            if sums is not None:
+                sums[r][a:b].add_(g[c:d])
 
     state = {"done": 0, "total": 0, "grad_peak": 0, "output_grad_peak": 0, "passes": 0}
 
@@ -113,7 +126,8 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
     if granularity == "sample" and per_example == "batched":
         groups = _passes(len(examples), "batch", micro_batch_size)
         state["total"] = len(groups)
-        loop_params = _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick)
+        loop_params = _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick,
+                                    with_sum)
         batched_passes = len(groups)
         if loop_params:
             fdist.print0(f"[fishds] per-example Fisher: no batched rule for {len(loop_params)} of {len(params)} "
@@ -135,12 +149,14 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
 
     start, end = bounds[rank]
     if world > 1:
-        for r in range(world):
-            for a in range(0, chunks[r].numel(), REDUCE_PIECE):
-                dist.reduce(chunks[r][a:a + REDUCE_PIECE], dst=r)
-            if r != rank:
-                chunks[r] = None  # not ours: free it as soon as it is reduced
+        for acc in [chunks] + ([sums] if sums is not None else []):
+            for r in range(world):
+                for a in range(0, acc[r].numel(), REDUCE_PIECE):
+                    dist.reduce(acc[r][a:a + REDUCE_PIECE], dst=r)
+                if r != rank:
+                    acc[r] = None  # not ours: free it as soon as it is reduced
     local = chunks[rank].to("cpu")
+    local_sum = sums[rank].to("cpu") if sums is not None else None
     chunks.clear()
     held = local.numel()
     # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
@@ -158,7 +174,7 @@ def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, m
              "accumulator_peak_bytes": int(flag[1]), "grad_peak_bytes": int(flag[2]),
              "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4]),
              "output_grad_peak_bytes": int(flag[5])}  # batched: the captured layer-output gradients of one pass
-    return local, stats
+    return (local,) + ((local_sum,) if local_sum is not None else ()), stats
 
 
 def _loop_pass(model, zero3, params, indices, examples, groups, collate, dev, add, state, tick) -> None:
@@ -173,7 +189,8 @@ def _loop_pass(model, zero3, params, indices, examples, groups, collate, dev, ad
         for j, n in enumerate(indices):
             g, grads[j] = grads[j], None  # free each gradient once it is added
             if group and g is not None:
-                add(n, g.detach().reshape(-1).to(torch.float32).square())
+                g = g.detach().reshape(-1).to(torch.float32)
+                add(n, g.square(), g)
         del grads, loss
         tick()
 
@@ -184,7 +201,8 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(diff <= CHECK_RTOL * scale + 1e-30)
 
 
-def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick) -> list[int]:
+def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick,
+                  with_sum: bool = False) -> list[int]:
     """Per-example squares of the covered pool tensors, one forward/backward per micro-batch; returns the pool
     indices left for the loop (not covered by a rule, failing the first-batch check, or all of them when the
     model's loss cannot be split per example)."""
@@ -223,12 +241,13 @@ def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, sta
                 accepted -= {i for i, ok in zip(checked, flag[1:].tolist()) if not ok}
                 del grads[len(targets):]
             squares = bf.squares(grads, spans, b)  # pool-shaped fp32, like one pass's gradients in the loop
+            summed = bf.summed(grads, spans, b) if with_sum else {}  # sum g over the batch's examples
             state["grad_peak"] = max(state["grad_peak"], sum(sq.numel() * 4 for sq in squares.values()))
             if group:
                 for i, sq in squares.items():
                     if i in accepted:
-                        add(i, sq.reshape(-1))
-            del squares
+                        add(i, sq.reshape(-1), summed[i].reshape(-1).float() if with_sum else None)
+            del squares, summed
             del grads, loss, out
             bf.clear()
             tick()

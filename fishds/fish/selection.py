@@ -1,11 +1,13 @@
 """Selection rules and the flow that fixes a FISH mask, independent of any training loop.
 
-RULES is the table of selection rules (`fish.selection`): how a rule scores the pool and how it allocates k.
-Adding a rule is one entry here; config.FishSection (the `fish:` section of `fishds train` and of the Hugging
-Face callback) takes its choices and their documentation from this table.
+A selection rule is a score (fishds/fish/scores.py SCORES), an allocation of k (fishds/fish/allocation.py
+ALLOCATIONS) and an optional control arm (fishds/fish/rules.py CONTROLS), each a table: adding one is one entry
+there. RULES here is the table of `fish.selection` shorthands (fisher, random, lowest, dense). config.FishSection
+(the `fish:` section of `fishds train` and of the Hugging Face callback) takes its choices and their
+documentation from these tables.
 
 The flow, called on every rank by both clients (fishds/run/train.py and fishds/integrations/hf.py):
-    scoring_examples -> select_masks (score -> exact distributed top-k -> masks on every rank)
+    scoring_examples -> select_masks (score -> groups and quotas -> exact distributed top-k -> masks on every rank)
     -> (after a dense warm-up: enforce.reset_unselected) -> publish_mask (full masks, report, files on rank 0)
 or, instead of scoring, load_mask_for_pool (a mask file of an earlier run).
 """
@@ -14,38 +16,33 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
 from .. import dist as fdist
 from ..files import MASK_FILE, SCORES_FILE, SELECTION_REPORT, write_json
 from .adapter import gather_adapter, key_map, mask_report, save_initial_adapter, save_mask_file
+from . import rules
+from .fisher import gather_scores
 from .mask import PackedMasks, share_selection
 from .pool import Pool
-from .select import exact_topk, float_keys, key_to_float, random_keys
+from .rules import score_stats
+from .scores import ScoreContext
 
 
 @dataclass(frozen=True)
 class Rule:
-    """One selection rule. `keys(scores, start, end, seed)` gives this rank's int keys for its pool chunk
-    [start, end) (scores: the Fisher scores of the chunk when `uses_scores`, else None); the k largest keys
-    over all ranks are selected. `score_at(key)` turns the threshold key back into a score for the report."""
+    """One `fish.selection` shorthand: its score (fishds/fish/scores.py SCORES) with the global allocation, or
+    dense (no mask: k = the whole pool, nothing is enforced, plain PEFT). fish.score / fish.allocation /
+    fish.control (fishds/fish/rules.py) refine it."""
     doc: str  # one line for the config reference
-    uses_scores: bool = False  # runs the Fisher pass (needs fish.num_samples >= ranks)
-    keys: Optional[Callable[[Optional[torch.Tensor], int, int, int], torch.Tensor]] = None
-    score_at: Optional[Callable[[int], float]] = None
-    dense: bool = False  # no mask: k = the whole pool, nothing is enforced (plain PEFT)
+    dense: bool = False
 
 
 RULES: dict[str, Rule] = {
-    "fisher": Rule("top-k empirical Fisher (the paper)", uses_scores=True,
-                   keys=lambda scores, start, end, seed: float_keys(scores), score_at=key_to_float),
-    "random": Rule("k entries at random (ablation)",
-                   keys=lambda scores, start, end, seed: random_keys(start, end, seed)),
-    "lowest": Rule("the k lowest Fisher scores (ablation)", uses_scores=True,
-                   keys=lambda scores, start, end, seed: -float_keys(scores) - 1,
-                   score_at=lambda key: key_to_float(-key - 1)),
+    "fisher": Rule("top-k empirical Fisher (the paper)"),
+    "random": Rule("k entries at random (ablation)"),
+    "lowest": Rule("the k lowest Fisher scores (ablation)"),
     "dense": Rule("plain PEFT, no mask", dense=True),
 }
 
@@ -75,66 +72,36 @@ def progress_bar(total: int, desc: str):
 
 
 def select_masks(fish, engine, pool: Pool, k: int, examples, collate, micro_batch_size: int,
-                 scores_dir: Path | None = None) -> tuple[dict, dict]:
-    """Scores -> exact global top-k -> full boolean masks on every rank, with report entries.
+                 scores_dir: Path | None = None, initial: dict | None = None) -> tuple[dict, dict]:
+    """The rule's scores -> groups and quotas -> exact distributed top-k -> full masks on every rank, with report
+    entries (fishds/fish/rules.py: score x allocation x control).
 
     fish: the `fish:` section (config.FishSection); examples: the scoring examples (see scoring_examples);
-    scores_dir: where fish.save_scores writes the gathered scores."""
-    r = rule(fish.selection)
-    info = {"selection": fish.selection, "pool_size": pool.size, "k": k}
-    start, end = pool.chunk(fdist.rank(), fdist.world_size())
-    if r.dense:
+    scores_dir: where fish.save_scores writes the gathered scores; initial: the adapter before a dense warm-up
+    (movement scores)."""
+    info = {"selection": rules.label(fish), "pool_size": pool.size, "k": k}
+    if rule(fish.selection).dense:
         return {t.name: torch.ones(t.shape, dtype=torch.bool) for t in pool.tensors}, info
-    scores = None
-    if r.uses_scores:
-        scores = _fisher_scores(fish, engine, pool, examples, collate, micro_batch_size, info, scores_dir)
-    else:
-        info["collect_seconds"] = 0.0
-    keys = r.keys(scores, start, end, fish.seed)
-    t0 = time.perf_counter()
-    local_sel, threshold = exact_topk(keys, k)
-    masks = share_selection(pool, local_sel)
-    info["select_seconds"] = time.perf_counter() - t0
-    if r.score_at is not None:
-        info["threshold_score"] = r.score_at(threshold)
-    return masks, info
-
-
-def _fisher_scores(fish, engine, pool: Pool, examples, collate, micro_batch_size: int, info: dict,
-                   scores_dir: Path | None) -> torch.Tensor:
-    """This rank's chunk of the Fisher scores; timing and score statistics go into `info`."""
-    from .fisher import collect_scores, gather_scores
-
-    fisher_bar = progress_bar(0, f"Fisher pass ({fish.granularity})")
+    bar = progress_bar(0, f"scoring pass ({fish.granularity})")
 
     def advance(done: int, total: int):
-        fisher_bar.total = total
-        fisher_bar.update(1)
-    scores, stats = collect_scores(engine, pool, examples, fish.granularity, micro_batch_size, collate,
-                                   progress=advance, per_example=fish.per_example)
-    fisher_bar.close()
-    info.update(stats, num_samples=len(examples), granularity=fish.granularity)
-    info["score_stats"] = score_stats(scores)
-    if getattr(fish, "save_scores", False) and scores_dir is not None:
-        full = gather_scores(pool, scores)
+        bar.total = total
+        bar.update(1)
+    start, end = pool.chunk(fdist.rank(), fdist.world_size())
+    ctx = ScoreContext(fish, micro_batch_size, engine, pool, start, end, examples, collate, initial, advance, info)
+    local_sel = rules.select_local(ctx, k)
+    bar.close()
+    if getattr(fish, "save_scores", False) and scores_dir is not None and ctx.values is not None:
+        full = gather_scores(pool, ctx.values)
         if full is not None:
             from safetensors.torch import save_file
-            save_file({n: v.contiguous() for n, v in full.items()}, str(Path(scores_dir) / SCORES_FILE))
-    return scores
 
-
-def score_stats(local: torch.Tensor) -> dict:
-    """Sum, mean, max, count of zeros and a log10 histogram of the scores, reduced over ranks (no gather)."""
-    s = torch.tensor([float(local.sum()), float(local.numel()), float((local == 0).sum())], dtype=torch.float64)
-    fdist.all_reduce_(s)
-    mx = torch.tensor([float(local.max()) if local.numel() else 0.0])
-    fdist.all_reduce_(mx, op=torch.distributed.ReduceOp.MAX)
-    edges = list(range(-20, 6))  # log10 bin edges; bin i holds scores in [10^edges[i], 10^edges[i+1])
-    pos = local[local > 0].double().log10().clamp(edges[0], edges[-1] - 1e-9)
-    hist = torch.histc(pos, bins=len(edges) - 1, min=edges[0], max=edges[-1]).to(torch.float64)
-    fdist.all_reduce_(hist)
-    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2]),
-            "log10_histogram": {"edges": edges, "counts": [int(c) for c in hist]}}
+            name = SCORES_FILE if info["score"] in ("fisher", "lowest") else f"{info['score']}_scores.safetensors"
+            save_file({n: v.contiguous() for n, v in full.items()}, str(Path(scores_dir) / name))
+    t0 = time.perf_counter()
+    masks = share_selection(pool, local_sel)
+    info["select_seconds"] = info.get("select_seconds", 0.0) + time.perf_counter() - t0
+    return masks, info
 
 
 def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool,

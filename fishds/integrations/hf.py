@@ -269,10 +269,10 @@ class FishCallback(TrainerCallback):
             k = allocate_k(self.fish, pool)
             data, collate = self._scoring_data(trainer)
             masks, report = select_masks(self.fish, engine, pool, k, scoring_examples(self.fish, data), collate,
-                                         trainer.args.per_device_train_batch_size)
-            if self._initial is not None:  # after a dense warm-up: unselected entries back to their start values
-                reset_unselected(engine, pool, masks, self._initial)
-                self._initial = None
+                                         trainer.args.per_device_train_batch_size, initial=self._initial)
+            if self._initial is not None and self.fish.reset_unselected:  # after a dense warm-up: unselected
+                reset_unselected(engine, pool, masks, self._initial)  # entries back to their start values
+            self._initial = None
         report.update(warmup_steps=self.warmup_steps, world_size=fdist.world_size(),
                       zero_stage=engine.zero_optimization_stage(), step=trainer.state.global_step)
         masks = publish_mask(model, trainable, masks, report, out, self.save_initial, write=not mask_path)

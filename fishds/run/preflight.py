@@ -13,6 +13,7 @@ from ..config import Config, ConfigError
 from ..dsconfig import resolve_ds_config
 from ..files import REPORT_FILE
 from ..fish.compact import check_config as check_compact
+from ..fish import rules
 from ..fish.selection import rule
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
 from .checkpoint import find_resume
@@ -43,7 +44,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
     check_compact(cfg, ds)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
-    if rule(cfg.fish.selection).uses_scores and cfg.fish.num_samples < world:
+    rules.check(cfg, ds)
+    if rules.needs_pass(cfg.fish) and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
                           "every rank needs at least one scoring example")
     d = cfg.data

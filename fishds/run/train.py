@@ -28,6 +28,7 @@ from ..fish.compact import CompactAdamW, check_resumed_state
 from ..fish.compact import apply_mask as apply_compact_mask
 from ..fish.enforce import MaskEnforcer, reset_unselected
 from ..fish.mask import PackedMasks
+from ..fish import rules
 from ..fish.pool import Pool
 from ..fish.selection import (
     MaskFileError,
@@ -203,6 +204,9 @@ def plan_budget(cfg: Config, baselines: dict[int, int], pool: Pool, trainable: i
     out = {"protocol": f.budget, "pool": pool.size, "always_trained": always, "dense_same_rank": trainable}
     if rule(f.selection).dense:
         k = pool.size
+    elif rules.rule_of(f).control == "head_only":  # classification control: only the head (outside the pool) trains
+        out.update(k=0, trainable=always)
+        return out
     elif f.budget == "match_rank":  # protocol 1: rank r masked down to the count of plain rank match_r
         k = baselines[f.match_r] - always
         out.update(baseline_r=f.match_r, baseline_trainable=baselines[f.match_r])
@@ -256,9 +260,10 @@ def select_or_load(s: Session, log: StepLog) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         log(step, "warmup", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
     masks, report = select_masks(cfg.fish, engine, pool, s.k, scoring_examples(cfg.fish, s.examples), s.collate,
-                                 cfg.train.micro_batch_size, s.plan.output_dir)
-    if initial is not None:
+                                 cfg.train.micro_batch_size, s.plan.output_dir, initial)
+    if initial is not None and cfg.fish.reset_unselected:
         reset_unselected(engine, pool, masks, initial)
+    report["reset_unselected"] = bool(initial is not None and cfg.fish.reset_unselected)
     return masks, report
 
 
@@ -358,7 +363,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     s = setup(cfg, ds_path)
     log = StepLog(s)
     fdist.print0(f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {s.pool.size:,} entries in "
-                 f"{len(s.pool.tensors)} tensors | selection {cfg.fish.selection}, k={s.k:,} | "
+                 f"{len(s.pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={s.k:,} | "
                  f"ZeRO-{s.engine.zero_optimization_stage()} | {fdist.world_size()} rank(s) | {cfg.train.precision}")
     fixed = fix_mask(s, log)
     train_loop(s, fixed, log)

@@ -1,0 +1,178 @@
+"""A selection rule = a score (fishds/scores.py) + an allocation (fishds/allocation.py) + an optional control.
+
+    select_local: score this rank's chunk -> keys -> groups and quotas -> exact_topk_grouped -> control
+
+Controls (`fish.control`, a table, name -> Control) are the arms a comparison needs beside a rule:
+- none: the rule itself;
+- random_matched: the rule's mask is computed, then replaced by random entries with the same count in every pool
+  tensor (what the rule's allocation alone is worth);
+- random_b_only: random entries of the lora_B tensors only, k shared over them in proportion to their size; lora_A
+  stays fixed at its initialisation (a random projection). `fish.pool_include: [lora_B]` is NOT this: tensors left
+  out of the pool train fully (they count as always-trained, like a head), so lora_A would train densely;
+- head_only: classification only; k = 0, no pool entry trains, only the head (which is outside the pool).
+
+Everything stays distributed: every rank holds only its chunk of the scores, and group sums and counts travel as
+small all-reduces.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from .allocation import ALLOCATIONS, AllocationContext, kind_of, proportional_quotas, selected_per_tensor, \
+    tensor_groups
+from .pool import Pool
+from .scores import SCORES, ScoreContext, local_scores
+from .select import exact_topk_grouped, key_to_float, random_keys
+
+def _config_error(message: str) -> Exception:
+    from ..config import ConfigError  # config.py imports this module's CONTROLS table
+
+    return ConfigError(message)
+
+
+LORA_METHODS = ("lora", "rslora", "dora", "pissa", "olora")  # methods with lora_A / lora_B tensors
+
+
+def rule_of(fish) -> SimpleNamespace:
+    """score, allocation and control of a fish config section (or the HF callback's stand-in without them)."""
+    score = getattr(fish, "score", None) or fish.selection
+    return SimpleNamespace(score=score, allocation=getattr(fish, "allocation", "global"),
+                           control=getattr(fish, "control", "none"))
+
+
+def label(fish) -> str:
+    """The selection's name in reports: the legacy names for the paper's rule and its ablations, else
+    score/allocation[+control]."""
+    if fish.selection == "dense":
+        return "dense"
+    r = rule_of(fish)
+    if r.control in ("random_b_only", "head_only"):
+        return r.control
+    name = r.score if r.allocation == "global" else f"{r.score}/{r.allocation}"
+    return name + ("+random_matched" if r.control == "random_matched" else "")
+
+
+def needs_pass(fish) -> bool:
+    """Whether the rule runs the scoring pass (fish.num_samples examples)."""
+    r = rule_of(fish)
+    return fish.selection != "dense" and r.control not in ("random_b_only", "head_only") and SCORES[r.score].needs_pass
+
+
+def check(cfg, ds: dict) -> None:
+    """Cross-section checks of the rule, before any weights load (preflight)."""
+    f, r = cfg.fish, rule_of(cfg.fish)
+    if f.selection == "dense":
+        return
+    if r.control == "random_b_only" and cfg.peft.method not in LORA_METHODS:
+        raise _config_error(f"fish.control=random_b_only needs lora_B tensors; peft.method={cfg.peft.method} has none "
+                          f"(use one of {', '.join(LORA_METHODS)})")
+    if r.control == "head_only" and cfg.data.format != "classification":
+        raise _config_error("fish.control=head_only trains only a classification head; it needs "
+                          "data.format=classification")
+    uses_adam = r.score == "adam_v" and r.control not in ("random_b_only", "head_only")
+    if uses_adam:
+        named = ds.get("optimizer", {}).get("type", "")
+        if (named and "adam" not in named.lower()) or (not named and cfg.train.optimizer != "adamw"):
+            raise _config_error(f"fish.score=adam_v reads AdamW's second moment; train.optimizer={cfg.train.optimizer}"
+                              + (f" (DeepSpeed optimizer {named})" if named else "") + " has none: use adamw")
+
+
+@dataclass(frozen=True)
+class Control:
+    name: str
+    apply: Callable  # (pool, k, start, end, rule's local selection or None, fish, info) -> local selection
+    runs_rule: bool = True  # the rule's own mask is computed first (the scoring pass runs)
+
+
+def _none(pool, k, start, end, selected, fish, info):
+    return selected
+
+
+def _random_with(pool, start, end, quotas, fish):
+    keys = random_keys(start, end, fish.seed)
+    return exact_topk_grouped(keys, tensor_groups(pool, start, end), quotas)[0]
+
+
+def _random_matched(pool, k, start, end, selected, fish, info):
+    quotas = selected_per_tensor(pool, start, end, selected)
+    info["rule_share"] = _share(pool, quotas)
+    return _random_with(pool, start, end, quotas, fish)
+
+
+def _random_b_only(pool, k, start, end, selected, fish, info):
+    caps = [t.numel if kind_of(t.name) == "lora_B" else 0 for t in pool.tensors]
+    if k > sum(caps):
+        raise _config_error(f"fish.control=random_b_only: k={k} exceeds the {sum(caps)} lora_B entries of the pool; "
+                          "lower fish.keep_ratio / fish.num_selected")
+    return _random_with(pool, start, end, proportional_quotas(k, caps, caps), fish)
+
+
+def _head_only(pool, k, start, end, selected, fish, info):
+    return torch.zeros(end - start, dtype=torch.bool)
+
+
+CONTROLS: dict[str, Control] = {c.name: c for c in (
+    Control("none", _none),
+    Control("random_matched", _random_matched),
+    Control("random_b_only", _random_b_only, runs_rule=False),
+    Control("head_only", _head_only, runs_rule=False),
+)}
+
+
+def _share(pool: Pool, per_tensor: list[int]) -> dict:
+    total = sum(per_tensor)
+    out = {}
+    for t, n in zip(pool.tensors, per_tensor):
+        out[kind_of(t.name)] = out.get(kind_of(t.name), 0) + n
+    return {kind: n / total if total else 0.0 for kind, n in out.items()}
+
+
+def select_local(ctx: ScoreContext, k: int) -> torch.Tensor:
+    """This rank's boolean selection of its chunk under the configured rule; fills ctx.info."""
+    fish, pool, info = ctx.fish, ctx.pool, ctx.info
+    r = rule_of(fish)
+    control = CONTROLS[r.control]
+    info.update(score=r.score, allocation=r.allocation, control=r.control)
+    selected = None
+    if control.runs_rule:
+        score = SCORES[r.score]
+        values = local_scores(score, ctx)
+        keys = score.keys(values)
+        if not score.is_random:
+            info["score_stats"] = score_stats(values)
+        t0 = time.perf_counter()
+        actx = AllocationContext(pool, k, ctx.start, ctx.end, None if score.is_random else values, keys, fish, info)
+        groups, quotas = ALLOCATIONS[r.allocation].groups_and_quotas(actx)
+        selected, thresholds = exact_topk_grouped(keys, groups, quotas)
+        info["select_seconds"] = time.perf_counter() - t0
+        if r.allocation == "global" and not score.is_random:
+            t = thresholds[0]
+            info["threshold_score"] = key_to_float(-t - 1 if score.lowest else t)
+        ctx.values = values
+    else:
+        info["collect_seconds"] = 0.0
+    t0 = time.perf_counter()
+    out = control.apply(pool, k, ctx.start, ctx.end, selected, fish, info)
+    info["select_seconds"] = info.get("select_seconds", 0.0) + time.perf_counter() - t0
+    return out
+
+
+def score_stats(local: torch.Tensor) -> dict:
+    """Sum, mean, max, count of zeros and a log10 histogram of the scores, reduced over ranks (no gather)."""
+    from .. import dist as fdist
+
+    s = torch.tensor([float(local.sum()), float(local.numel()), float((local == 0).sum())], dtype=torch.float64)
+    fdist.all_reduce_(s)
+    mx = torch.tensor([float(local.max()) if local.numel() else 0.0])
+    fdist.all_reduce_(mx, op=torch.distributed.ReduceOp.MAX)
+    edges = list(range(-20, 6))  # log10 bin edges; bin i holds scores in [10^edges[i], 10^edges[i+1])
+    pos = local[local > 0].double().log10().clamp(edges[0], edges[-1] - 1e-9)
+    hist = torch.histc(pos, bins=len(edges) - 1, min=edges[0], max=edges[-1]).to(torch.float64)
+    fdist.all_reduce_(hist)
+    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2]),
+            "log10_histogram": {"edges": edges, "counts": [int(c) for c in hist]}}
