@@ -53,7 +53,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from fishds.files import REPORT_FILE  # noqa: E402
 
 from fishds.config import load_config  # noqa: E402
 from fishds.files import METRICS_FILE, REPORT_FILE  # noqa: E402
