@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     print(f"Per rank, MB: LoRA r={args.r} on all linear projections, keep {args.keep_ratio:g}, ZeRO-{args.zero}, "
           f"{args.world} ranks, {args.precision} (plan)\n")
-    print("| model | pool entries | masks, 1 bit per entry (both) | optimizer, fp32 masters + AdamW state: dense | compact | enforcer copies: dense | "
+    print("| model | pool entries | masks, 1 bit per entry (both) | optimizer, fp32 masters + AdamW state: dense | "
+          "compact | enforcer copies: dense | "
           "compact | gradients (both) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in ("llama-7b", "llama-13b", "llama-70b"):

@@ -93,7 +93,8 @@ def main():
             "plain_lora_step_s": round(step, 4), "fish_lora_step_s": round(statistics.median(fish), 4),
             "step_time_ratio": round(statistics.median(fish) / step, 4),
             # per example (granularity sample, fish.per_example default: batched), in training steps
-            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / -(-n_ex // fdist.world_size()) / step, 3),
+            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / -(-n_ex // fdist.world_size())
+                                             / step, 3),
             "fisher_per_example": per_sample["per_example"],
             "fisher_per_microbatch_steps": round(per_batch["local_pass_seconds"] / n_mb / step, 3),
             "fisher_samples": n_ex, "fisher_sample_pass_s": round(per_sample["collect_seconds"], 2),

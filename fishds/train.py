@@ -355,7 +355,7 @@ def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
 
 def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool,
                  write: bool = True) -> PackedMasks:
-    """The masks of every trainable tensor (packed, 1 bit per entry) (tensors outside the pool train fully: all ones), their statistics
+    """The masks of every trainable tensor, packed (tensors outside the pool train fully: all ones), their statistics
     added to `report`, and, with `write`, on rank 0 the mask file, the selection report and the initial adapter.
     All ranks call it (gathering the initial adapter is a collective)."""
     masks = PackedMasks.of(masks).completed([(t.name, t.shape) for t in trainable.tensors])
