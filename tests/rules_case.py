@@ -23,7 +23,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from fishds import dist as fdist  # noqa: E402
 from fishds.config import load_config  # noqa: E402
-from fishds.enforce import reset_unselected  # noqa: E402
+from fishds.fish.enforce import reset_unselected  # noqa: E402
 from fishds.fish.adapter import gather_adapter  # noqa: E402
 from fishds.fish.selection import scoring_examples, select_masks  # noqa: E402
 from fishds.run.train import setup, train_step  # noqa: E402

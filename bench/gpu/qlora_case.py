@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from bench._session import record, session  # noqa: E402
 from bench.step_time import timed_steps  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.enforce import MaskEnforcer  # noqa: E402
+from fishds.fish.enforce import MaskEnforcer  # noqa: E402
 from fishds.fish.fisher import collect_scores  # noqa: E402
 from fishds.fish.mask import share_selection  # noqa: E402
 from fishds.fish.select import exact_topk, float_keys  # noqa: E402

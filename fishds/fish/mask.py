@@ -1,7 +1,7 @@
 """FISH masks: packed bits, their distribution to every rank, and the fishds-packbits-v1 file format.
 
 In memory a rank holds the masks packed as well (PackedMasks: 1 bit per pool entry, the file's layout); reading
-a tensor's mask unpacks that tensor only, e.g. inside the gradient hook of fishds/enforce.py.
+a tensor's mask unpacks that tensor only, e.g. inside the gradient hook of fishds/fish/enforce.py.
 
 File format (`fish_mask.safetensors`): for every adapter tensor, under the same key as in
 adapter_model.safetensors, the uint8 result of `numpy.packbits` (big bit order) of the flattened
