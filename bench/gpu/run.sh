@@ -117,7 +117,7 @@ fi
 
 # 3. Fisher pass: batched vs looped vs per-batch (bench/fisher_pass.py comes with issue 14 parts 1-2)
 if [[ -f bench/fisher_pass.py ]]; then
-  part fisher_pass 120 "$PY" bench/fisher_pass.py --model smollm2 --zero-stage 3 "${FP_ARGS[@]}" \
+  part fisher_pass 120 "$PY" bench/fisher_pass.py --ranks 1 --model smollm2 --zero-stage 3 "${FP_ARGS[@]}" \
     --out "$RES/fisher_pass.jsonl"
 else
   echo "{\"part\": \"fisher_pass\", \"status\": \"skipped\", \"why\": \"bench/fisher_pass.py is not in this tree\"}" \
