@@ -104,7 +104,7 @@ def run_stage(args, stage: int, record) -> None:
     s = setup(cfg, str(ROOT / f"ds_configs/zero{stage}.json"))
     for _ in range(args.warm_steps):
         train_step(s.engine, s.batches, s.collate, 1)
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     collect_scores(s.engine, s.pool, samples[:b * fdist.world_size()], "batch", b, s.collate)  # warm-up, untimed
     ways = {"loop": ("sample", "loop"), "batched": ("sample", "batched"), "batch": ("batch", "batched")}
     res, reference = {}, None

@@ -40,7 +40,7 @@ for method in args.methods.split(","):
     s = setup(cfg, args.ds_config)
     for _ in range(2):
         train_step(s.engine, s.batches, s.collate, 1)
-    samples = scoring_examples(cfg, s.examples)
+    samples = scoring_examples(cfg.fish, s.examples)
     mbs = cfg.train.micro_batch_size
     loop, st_loop = collect_scores(s.engine, s.pool, samples, "sample", mbs, s.collate, per_example="loop")
     batched, st_b = collect_scores(s.engine, s.pool, samples, "sample", mbs, s.collate, per_example="batched")
