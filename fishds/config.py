@@ -58,7 +58,8 @@ class QuantSection(_Section):
     double_quant: bool = Field(False, description="Quantize the per-block scales too (bnb_4bit_use_double_quant): "
                                "about 0.37 fewer bits per weight.")
     compute_dtype: Optional[Literal["fp32", "bf16"]] = Field(
-        None, description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision).")
+        None, description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision, "
+        "after train.precision=auto is resolved).")
     storage_dtype: Optional[Literal["uint8", "fp32", "bf16"]] = Field(
         None, description="dtype the packed 4-bit values are stored in (bnb_4bit_quant_storage; null = the compute "
         "dtype). uint8, fp32 and bf16 all partition under ZeRO-3 here; fp32 is refused with train.precision=bf16 "
@@ -168,7 +169,9 @@ class TrainSection(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
     scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (fp16 is not offered).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training precision: auto = bf16 where the GPU supports it, fp32 on CPU (resolved once "
+        "when the config loads; fish_report.json records the result). fp16 is not offered.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to "
                                          "save memory; the Fisher pass works with it too.")
     log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
@@ -270,9 +273,23 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
             value = raw
         _set_dotted(tree, key.strip(), value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise _explain(e, source) from None
+    resolve_precision(cfg)
+    return cfg
+
+
+def resolve_precision(cfg: Config) -> str:
+    """Replace train.precision=auto by bf16 (a CUDA GPU with bf16 support) or fp32 (otherwise); returns the value.
+
+    Called once by load_config (and again, a no-op, by preflight for configs built in code)."""
+    if cfg.train.precision == "auto":
+        import torch
+
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        cfg.train.precision = "bf16" if bf16 else "fp32"
+    return cfg.train.precision
 
 
 def config_reference() -> str:

@@ -20,7 +20,7 @@ import torch
 
 from . import dist as fdist
 from . import memory, quant
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_precision
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
@@ -68,6 +68,7 @@ class RunResult:
 def preflight(cfg: Config, ds_path: str | None) -> Plan:
     """All checks that need no weights; raises ConfigError naming the key."""
     ds_path = ds_path or cfg.ds_config
+    resolve_precision(cfg)  # train.precision=auto -> bf16 / fp32 (load_config did it already for YAML configs)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
     ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
     check_compact(cfg, ds)
@@ -444,7 +445,8 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         masks, report = fix_mask(s, log_step)
         first_step = cfg.fish.warmup_steps + 1
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget)
+                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget,
+                      precision=t.precision)
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
