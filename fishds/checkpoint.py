@@ -3,9 +3,12 @@
 Layout: output_dir/checkpoints/step-00000040/ holding
 - ds/state/...         DeepSpeed engine state of every rank (adapter, fp32 masters, optimizer, scheduler;
                        frozen base weights excluded)
-- fish_mask.safetensors the mask (fishds-packbits-v1, keyed by parameter name)
+- adapter_model.safetensors + adapter_config.json: the adapter at this step, a normal PEFT adapter
+                       (peft.PeftModel.from_pretrained loads it: evaluate or ship checkpoint-N without resuming)
+- fish_mask.safetensors the mask (fishds-packbits-v1, keyed like the adapter, as in output_dir)
 - rng-rank<R>.safetensors each rank's torch RNG states
-- fishds_state.json     step and data position, written last: the completion marker
+- fishds_state.json     step, data position, world size, ZeRO stage, library versions and the best-metric
+                       state (fishds.best), written last: the completion marker
 Every rank writes into a temporary folder `.tmp-step-...`; after a barrier rank 0 writes the marker and
 renames the folder into place, so a rank killed mid-write leaves only a `.tmp-` folder, which resume
 ignores and the next save removes. Older checkpoints are pruned only after a new one is complete.
@@ -59,9 +62,23 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+def versions() -> dict[str, str]:
+    import deepspeed
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
 def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, masks: dict[str, torch.Tensor],
-                    keep: int) -> Path:
-    """Write a complete checkpoint for `step` (all ranks call this), then prune to the newest `keep`."""
+                    keep: int, trainable=None, extra: dict | None = None, protect: int | None = None) -> Path:
+    """Write a complete checkpoint for `step` (all ranks call this), then prune to the newest `keep`.
+
+    trainable (a Pool of every trainable tensor): also write the PEFT adapter at this step (a collective under
+    ZeRO-3). extra: more fields for fishds_state.json. protect: a step whose checkpoint pruning keeps (the best).
+    """
+    from .outputs import gather_adapter, save_adapter, save_mask_file
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
@@ -72,17 +89,26 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, ma
     fdist.barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False, exclude_frozen_parameters=True)
     save_file(_rng_state(), str(tmp / f"rng-rank{fdist.rank()}.safetensors"))
+    adapter = gather_adapter(trainable) if trainable is not None else None
     if os.environ.get("FISHDS_FAULT_KILL_IN_CHECKPOINT") == f"{step}:{fdist.rank()}":
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the kill-while-saving test
     fdist.barrier()
     if fdist.is_main():
-        save_masks(tmp / "fish_mask.safetensors", masks)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "data_position": position}) + "\n")
+        if adapter is not None:
+            save_adapter(engine.module, tmp, adapter)
+            save_mask_file(engine.module, tmp, masks)  # keyed like the adapter (load_checkpoint maps back)
+        else:
+            save_masks(tmp / "fish_mask.safetensors", masks)
+        state = {"step": step, "data_position": position, "world_size": fdist.world_size(),
+                 "zero_stage": engine.zero_optimization_stage(), "versions": versions(),
+                 "micro_batch_size": engine.train_micro_batch_size_per_gpu(), **(extra or {})}
+        (tmp / MARKER).write_text(json.dumps(state) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old.name != f"step-{protect:08d}":
+                shutil.rmtree(old, ignore_errors=True)
     fdist.barrier()
     return final
 
@@ -96,4 +122,15 @@ def load_checkpoint(engine, folder: Path) -> tuple[dict, dict[str, torch.Tensor]
         torch.set_rng_state(state["cpu"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
-    return json.loads((folder / MARKER).read_text()), load_masks(folder / "fish_mask.safetensors")
+    return json.loads((folder / MARKER).read_text()), _masks_by_param(engine.module, folder / "fish_mask.safetensors")
+
+
+def _masks_by_param(model, path: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's masks keyed by parameter name (files keyed like the adapter, or by name in older ones)."""
+    from .outputs import key_map
+
+    masks = load_masks(path)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if set(names) <= set(masks):
+        return masks
+    return {name: masks[key] for name, key in key_map(model, names).items() if key in masks}

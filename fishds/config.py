@@ -178,7 +178,16 @@ class TrainSection(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")
     save_every: int = Field(0, ge=0, description="Checkpoint every this many optimizer steps after the mask is fixed "
                             "(0 = none). Checkpoints go to output_dir/checkpoints/step-N.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints (and the "
+                                  "best one with train.save_best).")
+    save_best: bool = Field(False, description="Keep the checkpoint whose evaluation of train.metric_for_best was best "
+                            "(never pruned) and write its adapter into output_dir at the end (the last step's adapter "
+                            "goes to output_dir/last/). Needs train.eval_every and train.save_every a multiple of it.")
+    metric_for_best: str = Field("eval_loss", description="Evaluation metric for train.save_best and "
+                                 "train.early_stopping_patience: eval_loss, eval_ppl, eval_token_acc (causal LM) or "
+                                 "eval_accuracy (classification); *loss/*ppl lower is better, *accuracy/*acc higher.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop training after this many evaluations in a row "
+                                         "without improvement of train.metric_for_best (0 = never stop early).")
 
 
 class Config(_Section):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import dist as fdist
-from . import memory, quant
+from . import best, memory, quant
 from .config import Config, ConfigError, resolve_precision
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
@@ -107,6 +107,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         raise ConfigError(str(e)) from None
     model_path = resolve_model_path(cfg)
     n_labels = len(labels) if labels else None
+    best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
     return Plan(model_path, data_path, eval_path, ds_path, out, resume_from,
                 baseline_counts(cfg, model_path, n_labels), d.test_path, labels)
@@ -439,11 +440,13 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         check_resumed_state(engine, cfg.fish.compact_optimizer)
         first_step, batches.position = state["step"] + 1, state["data_position"]
         metrics.truncate_after(state["step"])
+        tracker = best.BestTracker(cfg, state.get("best"))
         report = json.loads((out / SELECTION_REPORT).read_text())
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
     else:
         masks, report = fix_mask(s, log_step)
         first_step = cfg.fish.warmup_steps + 1
+        tracker = best.BestTracker(cfg)
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
                       warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget,
                       precision=t.precision)
@@ -462,19 +465,31 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
                  f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report.get('select_seconds', 0):.2f}s")
 
     # 4. masked training
+    last_step = total_steps
     for step in range(first_step, total_steps + 1):
         t0 = time.perf_counter()
         log_step(step, "train", train_step(engine, batches, collate, t.grad_accum), time.perf_counter() - t0)
         if t.eval_every and step % t.eval_every == 0 and step != total_steps:
-            metrics.write({"step": step, **evaluate(engine, eval_examples, collate, t.micro_batch_size)})
+            step_eval = evaluate(engine, eval_examples, collate, t.micro_batch_size)
+            metrics.write({"step": step, **step_eval})
+            tracker.update(step, step_eval)
         if t.save_every and step % t.save_every == 0 and step != total_steps:
-            save_checkpoint(engine, out, step, batches.position, masks, t.keep_checkpoints)
+            tracker.on_checkpoint(step)
+            save_checkpoint(engine, out, step, batches.position, masks, t.keep_checkpoints, s.trainable,
+                            {"best": tracker.state()}, protect=tracker.ckpt_step)
+        if tracker.should_stop():
+            last_step = step
+            fdist.print0(f"[fishds] early stopping at step {step}: {tracker.name} did not improve for "
+                         f"{tracker.bad_evals} evaluations (best {tracker.value} at step {tracker.step})")
+            break
 
     # 5. evaluation and outputs
     eval_metrics = evaluate(engine, eval_examples, collate, t.micro_batch_size)
     eval_metrics.update(evaluate(engine, s.test_examples, collate, t.micro_batch_size, prefix="test"))
+    if not (tracker.last and tracker.last[0] == last_step):
+        tracker.update(last_step, eval_metrics)
     if eval_metrics:
-        metrics.write({"step": total_steps, **eval_metrics})
+        metrics.write({"step": last_step, **eval_metrics})
         for prefix, n in (("eval", len(eval_examples)), ("test", len(s.test_examples))):
             if f"{prefix}_loss" in eval_metrics:
                 acc = eval_metrics.get(f"{prefix}_accuracy", eval_metrics.get(f"{prefix}_token_acc"))
@@ -483,9 +498,12 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
                              f"{n} examples")
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
+    use_ckpt = best.summarise(tracker, report, last_step, total_steps) if t.save_best else False
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
+        if use_ckpt:
+            best.install_best_adapter(out, checkpoint_root(out) / f"step-{tracker.ckpt_step:08d}")
         write_json(out / FINISHED_MARKER, report)
         try:  # the run is finished; a failed plot must not fail it
             from .report import write_report_png
