@@ -188,6 +188,10 @@ class TrainSection(_Section):
                                  "eval_accuracy (classification); *loss/*ppl lower is better, *accuracy/*acc higher.")
     early_stopping_patience: int = Field(0, ge=0, description="Stop training after this many evaluations in a row "
                                          "without improvement of train.metric_for_best (0 = never stop early).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="Experiment trackers (rank 0): tensorboard (output_dir/tensorboard), wandb "
+        "(WANDB_PROJECT, WANDB_MODE=offline work), mlflow (MLFLOW_TRACKING_URI, default output_dir/mlruns); each gets "
+        "the run config, the mask summary and every metric. wandb and mlflow: pip install 'fishds[trackers]'.")
 
 
 class Config(_Section):

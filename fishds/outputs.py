@@ -6,6 +6,7 @@
 - fish_report.json: what was selected, where, and what it cost
 - metrics.jsonl: one JSON object per optimizer step (rank 0 appends)
 - fish_selection.json: the report when the mask was fixed (fish_report.json adds eval at the end)
+- fishds_config.yaml + ds_config.json: the resolved run config and DeepSpeed config, written when the run starts
 """
 from __future__ import annotations
 
@@ -41,6 +42,20 @@ def _atomic(path: Path, write) -> None:
 
 def write_json(path: Path, obj) -> None:
     _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+RUN_CONFIG, RUN_DS_CONFIG = "fishds_config.yaml", "ds_config.json"
+
+
+def write_run_config(out: Path, cfg, ds: dict) -> None:
+    """Rank 0: the resolved run config (YAML, loadable with --config) and DeepSpeed JSON (every "auto" filled)."""
+    if not fdist.is_main():
+        return
+    import yaml
+
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    _atomic(out / RUN_CONFIG, lambda t: t.write_text("# the resolved fishds run config (written at start)\n" + text))
+    write_json(out / RUN_DS_CONFIG, ds)
 
 
 @torch.no_grad()
@@ -103,18 +118,18 @@ def save_initial_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> 
 
 
 class MetricsLog:
-    """Rank 0: one JSON line per record in metrics.jsonl, and the numeric fields as TensorBoard scalars
-    (output_dir/tensorboard, tag = phase/field)."""
+    """Rank 0: one JSON line per record in metrics.jsonl, and the numeric fields to the trackers of
+    train.report_to (fishds.trackers: TensorBoard in output_dir/tensorboard with tag = phase/field, wandb, mlflow)."""
 
-    def __init__(self, path: Path, append: bool = False):
+    def __init__(self, path: Path, append: bool = False, report_to=("tensorboard",), config: dict | None = None):
         self.path = path
-        self.tb = None
+        self.trackers = []
         if fdist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             if not append:
                 path.write_text("")
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+            from .trackers import open_trackers
+            self.trackers = open_trackers(report_to, path.parent, config or {}, resumed=append)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run logs those steps again)."""
@@ -126,17 +141,23 @@ class MetricsLog:
         if fdist.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            phase = record.get("phase", "eval")
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"{phase}/{key}", value, record.get("step", 0))
-            self.tb.flush()
+            for tracker in self.trackers:
+                tracker.log(record)
 
     def text(self, tag: str, value: str) -> None:
-        """A text entry in TensorBoard (the mask statistics, once)."""
-        if self.tb is not None:
-            self.tb.add_text(tag, value)
-            self.tb.flush()
+        """A text entry (TensorBoard)."""
+        for tracker in self.trackers:
+            tracker.text(tag, value)
+
+    def mask_summary(self, summary: dict) -> None:
+        """The mask statistics, once, to every tracker."""
+        for tracker in self.trackers:
+            tracker.mask_summary(summary)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def mask_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import dist as fdist
-from . import best, memory, quant
+from . import best, memory, quant, trackers
 from .config import Config, ConfigError, resolve_precision
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
@@ -34,7 +34,7 @@ from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_t
                     is_classification, load_peft_model, load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
 from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, gather_adapter, key_map, mask_report,
-                      save_adapter, save_initial_adapter, save_mask_file, write_json)
+                      save_adapter, save_initial_adapter, save_mask_file, write_json, write_run_config)
 from .pool import Pool
 from .select import exact_topk, float_keys, key_to_float, random_keys
 
@@ -72,6 +72,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
     ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
     check_compact(cfg, ds)
+    trackers.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
@@ -250,6 +251,7 @@ class Session:
     collate: Collator
     batches: ShardedBatches
     test_examples: list = field(default_factory=list)
+    ds_config: dict = field(default_factory=dict)  # the resolved DeepSpeed config
 
 
 def setup(cfg: Config, ds_path: str | None = None) -> Session:
@@ -287,7 +289,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
                    Pool.from_model(engine.module), k, budget, examples, eval_examples, Collator(tokenizer.pad_token_id),
-                   batches, test_examples)
+                   batches, test_examples, ds)
 
 
 def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
@@ -413,7 +415,9 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     total_steps = cfg.fish.warmup_steps + t.max_steps
     out = s.plan.output_dir
     resume_from = s.plan.resume_from
-    metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None)
+    write_run_config(out, cfg, s.ds_config)
+    metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None, report_to=t.report_to,
+                         config={"fishds": cfg.model_dump(mode="json"), "deepspeed": s.ds_config})
     bar = progress_bar(total_steps, "train")
     fdist.print0(f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {pool.size:,} entries in "
                  f"{len(pool.tensors)} tensors | selection {cfg.fish.selection}, k={k:,} | "
@@ -458,8 +462,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     if compact:
         apply_compact_mask(engine, s.trainable, masks)
     fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
-    metrics.text("fish/mask", "```\n" + json.dumps({k: v for k, v in report.items() if k != "per_tensor"},
-                                                    indent=1) + "\n```")
+    metrics.mask_summary({k: v for k, v in report.items() if k != "per_tensor"})
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
                  f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
                  f"Fisher pass {report.get('collect_seconds', 0):.1f}s, selection {report.get('select_seconds', 0):.2f}s")
@@ -511,5 +514,6 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         except Exception as e:  # noqa: BLE001
             print(f"[fishds] warning: fish_mask_report.png not written ({e})", flush=True)
         print(f"[fishds] adapter written to {out.resolve()} (load with peft.PeftModel.from_pretrained)", flush=True)
+    metrics.close()
     fdist.barrier()
     return RunResult(engine, pool, masks, report, eval_metrics, collate, eval_examples, s.test_examples)
