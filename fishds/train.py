@@ -70,7 +70,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     ds_path = ds_path or cfg.ds_config
     resolve_precision(cfg)  # train.precision=auto -> bf16 / fp32 (load_config did it already for YAML configs)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
-    ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    model_path = resolve_model_path(cfg)
+    ds = resolve_ds_config(cfg, ds_path, world, model_path)  # fp16, ZeRO stage, "auto"s, contradictions: up front
     check_compact(cfg, ds)
     trackers.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
@@ -106,7 +107,6 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         resume_from = None if cfg.overwrite and cfg.resume == "auto" else find_resume(cfg.resume, out)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    model_path = resolve_model_path(cfg)
     n_labels = len(labels) if labels else None
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
@@ -265,7 +265,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     tokenizer = load_tokenizer(plan.model_path, cfg.model.trust_remote_code)
     examples, eval_examples, test_examples = load_data(cfg, plan, tokenizer)
-    ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
+    ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size(), plan.model_path)
     zero3_loading = None
     if (ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT
             and not cfg.peft.modules_to_save and not plan.labels):  # PEFT copies modules_to_save (heads) from weights
@@ -284,7 +284,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     k = budget["k"]
     total_steps = cfg.fish.warmup_steps + t.max_steps
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
+                                      optimizer=_client_optimizer(cfg, ds),
+                                      lr_scheduler=None if "scheduler" in ds else _schedule(cfg, total_steps),
                                       config=ds)
     batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
