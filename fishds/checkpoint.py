@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import dist as fdist
+from . import reshard
 from .mask import load_masks, save_masks
 
 MARKER = "fishds_state.json"
@@ -90,12 +91,14 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, ma
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False, exclude_frozen_parameters=True)
     save_file(_rng_state(), str(tmp / f"rng-rank{fdist.rank()}.safetensors"))
     adapter = gather_adapter(trainable) if trainable is not None else None
+    whole = reshard.gather_state(engine, trainable) if trainable is not None else None  # world-size independent
     if os.environ.get("FISHDS_FAULT_KILL_IN_CHECKPOINT") == f"{step}:{fdist.rank()}":
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the kill-while-saving test
     fdist.barrier()
     if fdist.is_main():
         if adapter is not None:
             save_adapter(engine.module, tmp, adapter)
+            reshard.save(tmp, *whole)
             save_mask_file(engine.module, tmp, masks)  # keyed like the adapter (load_checkpoint maps back)
         else:
             save_masks(tmp / "fish_mask.safetensors", masks)
@@ -113,16 +116,23 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, ma
     return final
 
 
-def load_checkpoint(engine, folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore engine, RNG and return (state, masks). All ranks call this."""
-    engine.load_checkpoint(str(folder / "ds"), tag="state", load_module_strict=False)
+def load_checkpoint(engine, folder: Path, trainable=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore engine, RNG and return (state, masks). All ranks call this.
+
+    Written on another number of ranks: the adapter, optimizer and scheduler state come from world_state
+    (fishds.reshard) and the data position is converted (preflight checked that it can be)."""
+    state = json.loads((folder / MARKER).read_text())
+    if state.get("world_size", fdist.world_size()) != fdist.world_size() and trainable is not None:
+        reshard.load_state(engine, trainable, folder)
+    else:
+        engine.load_checkpoint(str(folder / "ds"), tag="state", load_module_strict=False)
     rng = folder / f"rng-rank{fdist.rank()}.safetensors"
     if rng.is_file():
-        state = load_file(str(rng))
-        torch.set_rng_state(state["cpu"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
-    return json.loads((folder / MARKER).read_text()), _masks_by_param(engine.module, folder / "fish_mask.safetensors")
+        rng_state = load_file(str(rng))
+        torch.set_rng_state(rng_state["cpu"])
+        if "cuda" in rng_state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng_state["cuda"])
+    return state, _masks_by_param(engine.module, folder / "fish_mask.safetensors")
 
 
 def _masks_by_param(model, path: Path) -> dict[str, torch.Tensor]:

@@ -33,6 +33,7 @@ from .mask import share_selection
 from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
                     is_classification, load_peft_model, load_tokenizer, resolve_model_path)
 from .checkpoint import checkpoint_root, find_resume, load_checkpoint, save_checkpoint
+from .reshard import data_position
 from .outputs import (FINISHED_MARKER, SELECTION_REPORT, MetricsLog, gather_adapter, key_map, mask_report,
                       save_adapter, save_initial_adapter, save_mask_file, write_json, write_run_config)
 from .pool import Pool
@@ -107,6 +108,10 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         resume_from = None if cfg.overwrite and cfg.resume == "auto" else find_resume(cfg.resume, out)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
+    if resume_from is not None:
+        from .reshard import check as check_reshard
+        check_reshard(json.loads((resume_from / "fishds_state.json").read_text()), resume_from, world,
+                      cfg.fish.compact_optimizer, cfg.train.micro_batch_size)
     n_labels = len(labels) if labels else None
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
@@ -441,9 +446,9 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
 
     # 3. the mask: from a checkpoint, or warm-up + Fisher pass + exact top-k (or a mask file)
     if resume_from is not None:
-        state, masks = load_checkpoint(engine, resume_from)
+        state, masks = load_checkpoint(engine, resume_from, s.trainable)
         check_resumed_state(engine, cfg.fish.compact_optimizer)
-        first_step, batches.position = state["step"] + 1, state["data_position"]
+        first_step, batches.position = state["step"] + 1, data_position(state, fdist.world_size(), t.micro_batch_size)
         metrics.truncate_after(state["step"])
         tracker = best.BestTracker(cfg, state.get("best"))
         report = json.loads((out / SELECTION_REPORT).read_text())
