@@ -7,7 +7,8 @@ Hugging Face integration fills (transformers.integrations.deepspeed, HfTrainerDe
 - zero_optimization.reduce_bucket_size = hidden^2, stage3_prefetch_bucket_size = int(0.9 hidden^2),
   stage3_param_persistence_threshold = 10 hidden (hidden_size from the model's config.json)
 - optimizer.params lr / weight_decay (train.lr, train.weight_decay), betas [0.9, 0.999], eps 1e-8 (the client
-  AdamW's values); a JSON optimizer replaces the client optimizer
+  AdamW's values); a JSON optimizer replaces the client optimizer. With offload_optimizer.device=cpu and no
+  optimizer in the JSON, fishds names AdamW there so that DeepSpeed runs its CPU Adam (train.optimizer=adamw)
 - scheduler: WarmupLR, WarmupDecayLR and WarmupCosineLR are honoured (DeepSpeed builds them) when their type
   matches train.scheduler (constant, linear, cosine); params warmup_min_lr = 0, warmup_max_lr / cos_min_ratio
   from train.lr, warmup_num_steps = max(1, train.lr_warmup_steps) (DeepSpeed refuses 0),
@@ -123,6 +124,12 @@ def resolve_ds_config(cfg: Config, path: str | None, world_size: int, model_path
         h = hidden_size(model_path or cfg.model.name_or_path, [f"zero_optimization.{k}" for k in auto], src)
         for k in auto:
             zero[k] = by_hidden[k](h)
+    if (zero.get("offload_optimizer") or {}).get("device") == "cpu" and "optimizer" not in ds:
+        if t.optimizer != "adamw":
+            raise ConfigError(f"{src}: zero_optimization.offload_optimizer.device=cpu runs DeepSpeedCPUAdam; "
+                              f"train.optimizer={t.optimizer!r} cannot be offloaded: set train.optimizer=adamw or "
+                              "remove offload_optimizer")
+        ds["optimizer"] = {"type": "AdamW", "params": {}}  # DeepSpeed's CPU Adam (what ZeRO-Offload expects)
     opt = ds.get("optimizer")
     if opt is not None:
         params = opt.setdefault("params", {})
@@ -132,7 +139,8 @@ def resolve_ds_config(cfg: Config, path: str | None, world_size: int, model_path
         _fill_only(params, "eps", 1e-8)
         if opt.get("type", "").lower() in ("adam", "adamw"):
             from deepspeed.accelerator import get_accelerator
-            if get_accelerator().device_name() == "cpu":
+            offload = (zero.get("offload_optimizer") or {}).get("device") in ("cpu",)
+            if get_accelerator().device_name() == "cpu" and not offload:
                 params.setdefault("torch_adam", True)  # FusedAdam would compile for a minute on CPU
     if "scheduler" in ds:
         _scheduler(ds["scheduler"], cfg, src)
