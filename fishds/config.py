@@ -65,7 +65,8 @@ class QuantSection(_Section):
     double_quant: bool = Field(False, description="Quantize the per-block scales too (bnb_4bit_use_double_quant): "
                                "about 0.37 fewer bits per weight.")
     compute_dtype: Optional[Literal["fp32", "bf16"]] = Field(
-        None, description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision).")
+        None, description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision, "
+        "after train.precision=auto is resolved).")
     storage_dtype: Optional[Literal["uint8", "fp32", "bf16"]] = Field(
         None, description="dtype the packed 4-bit values are stored in (bnb_4bit_quant_storage; null = the compute "
         "dtype). uint8, fp32 and bf16 all partition under ZeRO-3 here; fp32 is refused with train.precision=bf16 "
@@ -229,14 +230,29 @@ class TrainSection(_Section):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
     scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
     lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (fp16 is not offered).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Training precision: auto = bf16 where the GPU supports it, fp32 on CPU (resolved once "
+        "when the config loads; fish_report.json records the result). fp16 is not offered.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to "
                                          "save memory; the Fisher pass works with it too.")
     log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")
     save_every: int = Field(0, ge=0, description="Checkpoint every this many optimizer steps after the mask is fixed "
                             "(0 = none). Checkpoints go to output_dir/checkpoints/step-N.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints (and the "
+                                  "best one with train.save_best).")
+    save_best: bool = Field(False, description="Keep the checkpoint whose evaluation of train.metric_for_best was best "
+                            "(never pruned) and write its adapter into output_dir at the end (the last step's adapter "
+                            "goes to output_dir/last/). Needs train.eval_every and train.save_every a multiple of it.")
+    metric_for_best: str = Field("eval_loss", description="Evaluation metric for train.save_best and "
+                                 "train.early_stopping_patience: eval_loss, eval_ppl, eval_token_acc (causal LM) or "
+                                 "eval_accuracy (classification); *loss/*ppl lower is better, *accuracy/*acc higher.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop training after this many evaluations in a row "
+                                         "without improvement of train.metric_for_best (0 = never stop early).")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="Experiment trackers (rank 0): tensorboard (output_dir/tensorboard), wandb "
+        "(WANDB_PROJECT, WANDB_MODE=offline work), mlflow (MLFLOW_TRACKING_URI, default output_dir/mlruns); each gets "
+        "the run config, the mask summary and every metric. wandb and mlflow: pip install 'fishds[trackers]'.")
 
 
 class Config(_Section):
@@ -345,9 +361,23 @@ def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config
             value = raw
         _set_dotted(tree, key.strip(), value)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as e:
         raise _explain(e, source) from None
+    resolve_precision(cfg)
+    return cfg
+
+
+def resolve_precision(cfg: Config) -> str:
+    """Replace train.precision=auto by bf16 (a CUDA GPU with bf16 support) or fp32 (otherwise); returns the value.
+
+    Called once by load_config (and again, a no-op, by preflight for configs built in code)."""
+    if cfg.train.precision == "auto":
+        import torch
+
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        cfg.train.precision = "bf16" if bf16 else "fp32"
+    return cfg.train.precision
 
 
 def config_reference() -> str:

@@ -9,7 +9,10 @@ output_dir of a run (`fishds train`) or of a FishCallback:
 - METRICS_FILE, TENSORBOARD_DIR: one JSON object per optimizer step; the same as TensorBoard scalars
 - SCORES_FILE: the Fisher scores (fish.save_scores)
 - REPORT_PNG: the picture `fishds report` draws
-- CHECKPOINTS_DIR/step-N/ with CHECKPOINT_STATE written last (its completion marker)
+- CHECKPOINTS_DIR/step-N/ with CHECKPOINT_STATE written last (its completion marker); each also holds a PEFT
+  adapter, MASK_FILE and WORLD_STATE_FILE + WORLD_STATE_EXTRA (the state for another number of ranks)
+- RUN_CONFIG, RUN_DS_CONFIG: the resolved fishds config and DeepSpeed config, written when a run starts
+- TRACKER_IDS: the wandb / mlflow run ids (train.report_to); LAST_DIR: the last adapter with train.save_best
 """
 from __future__ import annotations
 
@@ -28,6 +31,13 @@ SCORES_FILE = "fisher_scores.safetensors"
 REPORT_PNG = "fish_mask_report.png"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "fishds_state.json"
+WORLD_STATE_FILE, WORLD_STATE_EXTRA = "world_state.safetensors", "world_state.pt"  # in a checkpoint: see run/reshard.py
+RUN_CONFIG, RUN_DS_CONFIG = "fishds_config.yaml", "ds_config.json"  # the resolved configs, written at start
+TRACKER_IDS = "trackers.json"  # wandb / mlflow run ids, for a resumed run
+# the files of a saved adapter (PEFT's save_pretrained, or fishds/bottleneck.py)
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "bottleneck_adapter.safetensors",
+                 "bottleneck_config.json")
+LAST_DIR = "last"  # train.save_best: the last step's adapter when output_dir holds the best one
 
 
 def atomic(path: Path, write) -> None:

@@ -33,7 +33,9 @@ def enabled(cfg: Config) -> bool:
 
 
 def compute_dtype(cfg: Config) -> str:
-    return cfg.quant.compute_dtype or cfg.train.precision
+    from .config import resolve_precision
+
+    return cfg.quant.compute_dtype or resolve_precision(cfg)  # follows train.precision (auto resolved)
 
 
 def storage_dtype(cfg: Config) -> str:

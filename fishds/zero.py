@@ -155,6 +155,24 @@ def master_fragments(engine, pool) -> list[tuple[str, torch.Tensor, int, torch.T
     return out
 
 
+def optimizer_state_of(engine, master: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The tensor the torch optimizer keeps state for (its key in optimizer.state) that `master` (a view from
+    master_fragments) lies in, and master's offset in it. ZeRO-3 swaps its flat fp32 partitions into the torch
+    optimizer's param_groups only during a step, so the partitions and the state keys are searched too."""
+    opt = torch_optimizer(engine)
+    flats = [p for g in opt.param_groups for p in g["params"]] + list(opt.state.keys()) + master_partitions(engine)
+    ptr = master.untyped_storage().data_ptr()
+    for flat in flats:
+        if torch.is_tensor(flat) and flat.untyped_storage().data_ptr() == ptr:
+            return flat, master.storage_offset() - flat.storage_offset()
+    raise UnsupportedSetup("cannot find the optimizer tensor of an fp32 master (DeepSpeed layout changed?)")
+
+
+def is_deepspeed_optimizer(engine) -> bool:
+    """DeepSpeed's own optimizer (DeepSpeedCPUAdam, FusedAdam: an int step count) rather than a torch one."""
+    return type(torch_optimizer(engine)).__module__.startswith("deepspeed")
+
+
 # ---- ZeRO-3 passes outside engine.backward ---------------------------------------------------------------
 def zero3_coordinator(engine):
     """The ZeRO-3 parameter coordinator (None below stage 3): a pass that takes gradients with

@@ -1,5 +1,6 @@
 """What a `fishds train` run writes beside the method's files (fishds/fish/adapter.py), atomically: the PEFT
-adapter (full shapes under ZeRO-3) and the metrics log (metrics.jsonl + TensorBoard). File names: fishds/files.py.
+adapter (full shapes under ZeRO-3), the resolved configs (written at start) and the metrics log (metrics.jsonl +
+the trackers of train.report_to). File names: fishds/files.py.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import dist as fdist
-from ..files import TENSORBOARD_DIR, atomic
+from ..files import RUN_CONFIG, RUN_DS_CONFIG, atomic, write_json
 from ..fish.adapter import adapter_buffers
 
 
@@ -33,22 +34,34 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_run_config(out: Path, cfg, ds: dict) -> None:
+    """Rank 0: the resolved run config (YAML, loadable with --config) and DeepSpeed JSON (every "auto" filled)."""
+    if not fdist.is_main():
+        return
+    import yaml
+
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    atomic(out / RUN_CONFIG, lambda t: t.write_text("# the resolved fishds run config (written at start)\n" + text))
+    write_json(out / RUN_DS_CONFIG, ds)
+
+
 class MetricsLog:
-    """Rank 0: one JSON line per record in metrics.jsonl, and the numeric fields as TensorBoard scalars
-    (output_dir/tensorboard, tag = phase/field). TensorBoard is flushed at most every FLUSH_S seconds during
-    training (a flush per step cost milliseconds), at every eval record and at close()."""
+    """Rank 0: one JSON line per record in metrics.jsonl, and the numeric fields to the trackers of
+    train.report_to (run/trackers.py: TensorBoard in output_dir/tensorboard with tag = phase/field, wandb, mlflow).
+    Trackers are flushed at most every FLUSH_S seconds during training (a TensorBoard flush per step cost
+    milliseconds), at every eval record and at close()."""
     FLUSH_S = 10.0
 
-    def __init__(self, path: Path, append: bool = False):
+    def __init__(self, path: Path, append: bool = False, report_to=("tensorboard",), config: dict | None = None):
         self.path = path
-        self.tb = None
+        self.trackers = []
         self._flushed = time.monotonic()
         if fdist.is_main():
             path.parent.mkdir(parents=True, exist_ok=True)
             if not append:
                 path.write_text("")
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / TENSORBOARD_DIR))
+            from .trackers import open_trackers
+            self.trackers = open_trackers(report_to, path.parent, config or {}, resumed=append)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step` (a resumed run logs those steps again)."""
@@ -60,30 +73,29 @@ class MetricsLog:
         if fdist.is_main():
             with self.path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-            phase = record.get("phase", "eval")
-            if self.tb is None:  # closed: the JSON line only
-                return
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(f"{phase}/{key}", value, record.get("step", 0))
-            if phase not in ("train", "warmup") or time.monotonic() - self._flushed > self.FLUSH_S:
+            for tracker in self.trackers:  # none once closed: the JSON line only
+                tracker.log(record)
+            training = record.get("phase", "eval") in ("train", "warmup")
+            if not training or time.monotonic() - self._flushed > self.FLUSH_S:
                 self.flush()
 
     def flush(self) -> None:
-        if self.tb is not None:
-            self.tb.flush()
-            self._flushed = time.monotonic()
+        for tracker in self.trackers:
+            tracker.flush()
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         """Write out everything (the run's end)."""
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
     def text(self, tag: str, value: str) -> None:
-        """A text entry in TensorBoard (the mask statistics, once)."""
-        if self.tb is not None:
-            self.tb.add_text(tag, value)
-            self.tb.flush()
+        """A text entry (TensorBoard)."""
+        for tracker in self.trackers:
+            tracker.text(tag, value)
 
-
+    def mask_summary(self, summary: dict) -> None:
+        """The mask statistics, once, to every tracker."""
+        for tracker in self.trackers:
+            tracker.mask_summary(summary)

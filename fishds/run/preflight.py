@@ -4,18 +4,20 @@ the model and its target modules, the budget's plain-PEFT baselines. Raises Conf
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import quant
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, resolve_precision
 from ..dsconfig import resolve_ds_config
-from ..files import REPORT_FILE
+from ..files import CHECKPOINT_STATE, REPORT_FILE
 from ..fish.compact import check_config as check_compact
 from ..fish import rules
 from ..fish.selection import rule
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
+from . import best, reshard, trackers
 from .checkpoint import find_resume
 from .data import read_rows
 from .formats import label_list
@@ -40,9 +42,12 @@ class Plan:
 def preflight(cfg: Config, ds_path: str | None) -> Plan:
     """All checks that need no weights; raises ConfigError naming the key."""
     ds_path = ds_path or cfg.ds_config
+    resolve_precision(cfg)  # train.precision=auto -> bf16 / fp32 (load_config did it already for YAML configs)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
-    ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
+    model_path = resolve_model_path(cfg)  # the model's config.json sizes the hidden-size "auto" buckets
+    ds = resolve_ds_config(cfg, ds_path, world, model_path)  # fp16, ZeRO stage, "auto"s, contradictions: up front
     check_compact(cfg, ds)
+    trackers.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     rules.check(cfg, ds)
     if rules.needs_pass(cfg.fish) and cfg.fish.num_samples < world:
@@ -74,8 +79,11 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         resume_from = None if cfg.overwrite and cfg.resume == "auto" else find_resume(cfg.resume, out)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    model_path = resolve_model_path(cfg)
+    if resume_from is not None:
+        reshard.check(json.loads((resume_from / CHECKPOINT_STATE).read_text()), resume_from, world,
+                      cfg.fish.compact_optimizer, cfg.train.micro_batch_size)
     n_labels = len(labels) if labels else None
+    best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
     return Plan(model_path, data_path, eval_path, ds_path, out, resume_from,
                 baseline_counts(cfg, model_path, n_labels), d.test_path, labels, ds, rows)

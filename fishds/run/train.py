@@ -40,12 +40,14 @@ from ..fish.selection import (
     select_masks,
 )
 from ..model import head_patterns, load_peft_model, load_tokenizer, peft_method
+from . import best
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .data import Collator, ShardedBatches, load_examples
 from .evaluate import evaluate
 from .formats import pack
-from .outputs import MetricsLog, save_adapter
+from .outputs import MetricsLog, save_adapter, write_run_config
 from .preflight import Plan, preflight
+from .reshard import data_position
 
 
 @dataclass
@@ -168,7 +170,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     k = budget["k"]
     total_steps = cfg.fish.warmup_steps + t.max_steps
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
+                                      optimizer=_client_optimizer(cfg, ds),
+                                      lr_scheduler=None if "scheduler" in ds else _schedule(cfg, total_steps),
                                       config=ds)
     batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
@@ -226,7 +229,10 @@ class StepLog:
     def __init__(self, s: Session):
         self.cfg, self.total_steps = s.cfg, s.cfg.fish.warmup_steps + s.cfg.train.max_steps
         resume_from = s.plan.resume_from
-        self.metrics = MetricsLog(s.plan.output_dir / METRICS_FILE, append=resume_from is not None)
+        write_run_config(s.plan.output_dir, s.cfg, s.plan.ds)
+        self.metrics = MetricsLog(s.plan.output_dir / METRICS_FILE, append=resume_from is not None,
+                                  report_to=s.cfg.train.report_to,
+                                  config={"fishds": s.cfg.model_dump(mode="json"), "deepspeed": s.plan.ds})
         self.bar = progress_bar(self.total_steps, "train")
         self.bar.update(first_step_after(resume_from) - 1)
 
@@ -273,6 +279,7 @@ class FixedMask:
     report: dict
     enforcer: MaskEnforcer | None
     first_step: int  # the first masked training step
+    best_tracker: best.BestTracker  # save_best / metric_for_best / early stopping (state from a checkpoint)
 
 
 def fix_mask(s: Session, log: StepLog) -> FixedMask:
@@ -280,17 +287,21 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
     cfg, engine, out = s.cfg, s.engine, s.plan.output_dir
     resume_from = s.plan.resume_from
     if resume_from is not None:
-        state, masks = load_checkpoint(engine, resume_from)
+        state, masks = load_checkpoint(engine, resume_from, s.trainable)
         check_resumed_state(engine, cfg.fish.compact_optimizer)
-        first_step, s.batches.position = state["step"] + 1, state["data_position"]
+        first_step = state["step"] + 1
+        s.batches.position = data_position(state, fdist.world_size(), cfg.train.micro_batch_size)
         log.metrics.truncate_after(state["step"])
+        judge = best.BestTracker(cfg, state.get("best"))
         report = json.loads((out / SELECTION_REPORT).read_text())
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
     else:
         masks, report = select_or_load(s, log)
         first_step = cfg.fish.warmup_steps + 1
+        judge = best.BestTracker(cfg)
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget)
+                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget,
+                      precision=cfg.train.precision)
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
@@ -301,40 +312,52 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
     if compact:
         apply_compact_mask(engine, s.trainable, masks)
     fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
-    log.metrics.text("fish/mask", "```\n" + json.dumps({k: v for k, v in report.items() if k != "per_tensor"},
-                                                        indent=1) + "\n```")
+    log.metrics.mask_summary({k: v for k, v in report.items() if k != "per_tensor"})
     fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
                  f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
                  f"Fisher pass {report.get('collect_seconds', 0):.1f}s, "
                  f"selection {report.get('select_seconds', 0):.2f}s")
-    return FixedMask(masks, report, enforcer, first_step)
+    return FixedMask(masks, report, enforcer, first_step, judge)
 
 
 def first_step_after(resume_from: Path | None) -> int:
     return json.loads((resume_from / CHECKPOINT_STATE).read_text())["step"] + 1 if resume_from else 1
 
 
-def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> None:
-    """Masked training from fixed.first_step, with periodic evaluation and checkpoints."""
-    engine, batches, collate, t = s.engine, s.batches, s.collate, s.cfg.train
+def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> int:
+    """Masked training from fixed.first_step, with periodic evaluation and checkpoints (the best one kept);
+    returns the last step trained (earlier than the total with early stopping)."""
+    engine, batches, collate, t, judge = s.engine, s.batches, s.collate, s.cfg.train, fixed.best_tracker
     for step in range(fixed.first_step, log.total_steps + 1):
         t0 = time.perf_counter()
         log(step, "train", train_step(engine, batches, collate, t.grad_accum), time.perf_counter() - t0)
         if t.eval_every and step % t.eval_every == 0 and step != log.total_steps:
-            log.metrics.write({"step": step, **evaluate(engine, s.eval_examples, collate, t.micro_batch_size)})
+            step_eval = evaluate(engine, s.eval_examples, collate, t.micro_batch_size)
+            log.metrics.write({"step": step, **step_eval})
+            judge.update(step, step_eval)
         if t.save_every and step % t.save_every == 0 and step != log.total_steps:
             log.metrics.flush()
-            save_checkpoint(engine, s.plan.output_dir, step, batches.position, fixed.masks, t.keep_checkpoints)
+            judge.on_checkpoint(step)
+            save_checkpoint(engine, s.plan.output_dir, step, batches.position, fixed.masks, t.keep_checkpoints,
+                            s.trainable, {"best": judge.state()}, protect=judge.ckpt_step)
+        if judge.should_stop():
+            fdist.print0(f"[fishds] early stopping at step {step}: {judge.name} did not improve for "
+                         f"{judge.bad_evals} evaluations (best {judge.value} at step {judge.step})")
+            return step
+    return log.total_steps
 
 
-def finish(s: Session, fixed: FixedMask, log: StepLog) -> RunResult:
+def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunResult:
     """Final evaluation, then on rank 0 the adapter, the report (written last: the run is finished) and its picture."""
     engine, collate, t, out = s.engine, s.collate, s.cfg.train, s.plan.output_dir
     masks, report, enforcer = fixed.masks, fixed.report, fixed.enforcer
     eval_metrics = evaluate(engine, s.eval_examples, collate, t.micro_batch_size)
     eval_metrics.update(evaluate(engine, s.test_examples, collate, t.micro_batch_size, prefix="test"))
+    judge = fixed.best_tracker
+    if not (judge.last and judge.last[0] == last_step):
+        judge.update(last_step, eval_metrics)
     if eval_metrics:
-        log.metrics.write({"step": log.total_steps, **eval_metrics})
+        log.metrics.write({"step": last_step, **eval_metrics})
         for prefix, n in (("eval", len(s.eval_examples)), ("test", len(s.test_examples))):
             if f"{prefix}_loss" in eval_metrics:
                 acc = eval_metrics.get(f"{prefix}_accuracy", eval_metrics.get(f"{prefix}_token_acc"))
@@ -344,9 +367,12 @@ def finish(s: Session, fixed: FixedMask, log: StepLog) -> RunResult:
     log.metrics.close()
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
+    use_ckpt = best.summarise(judge, report, last_step, log.total_steps) if t.save_best else False
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
     if fdist.is_main():
         save_adapter(engine.module, out, adapter)
+        if use_ckpt:
+            best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
         write_json(out / REPORT_FILE, report)
         try:  # the run is finished; a failed plot must not fail it
             from ..report import write_report_png
@@ -366,5 +392,5 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
                  f"{len(s.pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={s.k:,} | "
                  f"ZeRO-{s.engine.zero_optimization_stage()} | {fdist.world_size()} rank(s) | {cfg.train.precision}")
     fixed = fix_mask(s, log)
-    train_loop(s, fixed, log)
-    return finish(s, fixed, log)
+    last_step = train_loop(s, fixed, log)
+    return finish(s, fixed, log, last_step)
