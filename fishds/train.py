@@ -29,6 +29,7 @@ from .formats import label_list, pack
 from .enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
 from .fisher import collect_scores, gather_scores
+from .loss import loss_sum as token_loss_sum, step_targets
 from .mask import share_selection
 from .model import (NEEDS_BASE_WEIGHTS_AT_INIT, check_model_and_targets, count_trainable, head_patterns,
                     is_classification, load_peft_model, load_tokenizer, resolve_model_path)
@@ -159,23 +160,27 @@ def _client_optimizer(cfg: Config, ds: dict):
 
 
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
-    """One optimizer step over grad_accum micro-batches; returns loss and token counts (this rank)."""
+    """One optimizer step over grad_accum micro-batches, the loss averaged over all the step's targets on all ranks
+    (fishds/loss.py); returns this rank's share of that mean loss, token and target counts."""
     dev = fdist.device()
-    loss_sum, tokens, grad_norm = 0.0, 0, None
+    loss_sum, grad_norm = 0.0, None
     lr = engine.get_lr()[0]
-    for micro in range(grad_accum):
-        batch = {k: v.to(dev) for k, v in collate(batches.next()).items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)
+    raw = [batches.next() for _ in range(grad_accum)]
+    tokens = sum(len(e["input_ids"]) for examples in raw for e in examples)
+    micro_batches = [collate(examples) for examples in raw]
+    targets = step_targets(micro_batches)
+    for micro, batch in enumerate(micro_batches):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        loss = token_loss_sum(engine, batch) / targets
+        engine.backward(loss * fdist.world_size(), scale_wrt_gas=False)
         if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _dense_grad_norm(engine)  # stage 0 keeps no global norm; grads are reduced here
         engine.step()
         loss_sum += float(loss.detach())
-        tokens += int(batch["attention_mask"].sum())
     if grad_norm is None:
         n = engine.get_global_grad_norm()
         grad_norm = None if n is None else float(n.item() if torch.is_tensor(n) else n)
-    return {"loss": loss_sum / grad_accum, "tokens": tokens, "lr": lr, "grad_norm": grad_norm}
+    return {"loss": loss_sum, "tokens": tokens, "targets": targets, "lr": lr, "grad_norm": grad_norm}
 
 
 def _dense_grad_norm(engine) -> float:
@@ -421,7 +426,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     def log_step(step: int, phase: str, stats: dict, seconds: float):
         sums = torch.tensor([stats["tokens"], stats["loss"]], dtype=torch.float64)
         fdist.all_reduce_(sums)
-        rec = {"step": step, "phase": phase, "loss": float(sums[1]) / fdist.world_size(), "lr": stats["lr"],
+        rec = {"step": step, "phase": phase, "loss": float(sums[1]), "lr": stats["lr"],
                "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "seconds": seconds}
         metrics.write(rec)
         bar.update(1)
