@@ -137,8 +137,10 @@ class DataSection(_Section):
     text_field: str = Field("text", description="Column with the text (text and classification formats).")
     label_field: str = Field("label", description="Column with the class, an int or a string (classification).")
     messages_field: str = Field("messages", description="Column with the conversation (chat format).")
-    packing: bool = Field(False, description="Concatenate short training examples into sequences of max_length "
-                          "tokens (alpaca, chat, text). Not for classification.")
+    packing: bool = Field(False, description="Pack whole training examples (in order, never cut) into blocks of at "
+                          "most max_length tokens, each example attending only to itself (position ids restart per "
+                          "example; a block-diagonal mask, or varlen flash-attention); the Fisher pass and evaluation "
+                          "use unpacked examples (alpaca, chat, text). Not for classification.")
     max_length: int = Field(256, gt=8, description="Token limit per example; longer examples are truncated.")
     max_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the training file.")
     max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")

@@ -158,10 +158,18 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
 
 
 class Collator:
-    """Right-padded batches; per-token labels (-100 on padding) or one class label per example."""
+    """Right-padded batches; per-token labels (-100 on padding) or one class label per example.
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    Packed blocks (examples with `seq_lens`, from formats.pack): position ids restart at 0 for every example, and
+    no token attends across an example's boundary. With a varlen-capable attention (attn_impl flash_attention_*),
+    the position ids alone say where examples start (as transformers' DataCollatorWithFlattening gives them, no
+    attention_mask); otherwise (sdpa, eager, ...) a 4-D block-diagonal causal mask [batch, 1, L, L] is passed,
+    which transformers uses as given: boolean (True = attend) for sdpa, additive (0 / dtype min) in `dtype` for
+    eager. The padding after the last example is one more block, so no row of the mask is empty.
+    """
+
+    def __init__(self, pad_id: int, attn_impl: str | None = "sdpa", dtype: torch.dtype = torch.float32):
+        self.pad_id, self.attn_impl, self.dtype = pad_id, attn_impl or "sdpa", dtype
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(e["input_ids"]) for e in examples)
@@ -176,7 +184,26 @@ class Collator:
             attn[i, :L] = 1
             if per_token:
                 labels[i, :L] = torch.tensor(e["labels"])
+        if "seq_lens" in examples[0]:
+            return {"input_ids": ids, "labels": labels, **self._packed(examples, n)}
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+    def _packed(self, examples: list[dict], n: int) -> dict[str, torch.Tensor]:
+        """position_ids restarting per example, and (unless varlen attention) the block-diagonal causal mask."""
+        pos = torch.zeros((len(examples), n), dtype=torch.long)
+        seg = torch.zeros((len(examples), n), dtype=torch.long)
+        for i, e in enumerate(examples):
+            lens = list(e["seq_lens"]) + ([n - sum(e["seq_lens"])] if sum(e["seq_lens"]) < n else [])
+            pos[i] = torch.cat([torch.arange(L) for L in lens])
+            seg[i] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        if self.attn_impl.startswith("flash"):
+            return {"position_ids": pos}
+        causal = torch.ones((n, n), dtype=torch.bool).tril()
+        mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [batch, query, key]
+        mask = mask[:, None]
+        if self.attn_impl != "sdpa":
+            mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+        return {"position_ids": pos, "attention_mask": mask}
 
 
 class ShardedBatches:

@@ -5,6 +5,8 @@
 - chat: `messages` (data.messages_field), a list of {"role", "content"}, rendered with the tokenizer's
   chat template; loss on the assistant turns only.
 - text: `text` (data.text_field); causal-LM loss on every token.
+- packing (data.packing): whole examples packed into blocks of max_length tokens (`pack`), attention isolated per
+  example by the Collator (fishds/data.py).
 - classification: `text` and `label` (data.text_field, data.label_field); the label is an int or a
   string; the classes are the sorted distinct labels of the training file. Trains a sequence
   classification head (AutoModelForSequenceClassification) on an encoder or a decoder.
@@ -108,17 +110,23 @@ def tokenize_row(tokenizer, row: dict, data: DataSection, labels: list | None = 
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Concatenate examples (in file order) into sequences of max_length tokens; labels travel with their tokens.
-
-    Attention is not blocked between packed examples (as in TRL's and torchtune's plain packing).
-    """
-    out, ids, lab = [], [], []
+    """Whole examples, in order, greedily into blocks of at most max_length tokens; an example is never cut (each is
+    at most max_length already: truncated when tokenized). A block holds the examples' tokens and labels back to
+    back and `seq_lens`, their lengths, from which the Collator makes position ids restarting per example and
+    per-example attention isolation. Each example's first label is set to -100, as transformers'
+    DataCollatorWithFlattening does: alone, that label is never predicted (nothing precedes it), and in a block it
+    would be predicted from the previous example."""
+    out, ids, lab, lens = [], [], [], []
     for e in examples:
-        ids += e["input_ids"]
-        lab += e["labels"]
-        while len(ids) >= max_length:
-            out.append({"input_ids": ids[:max_length], "labels": lab[:max_length]})
-            ids, lab = ids[max_length:], lab[max_length:]
-    if ids and any(x != -100 for x in lab[1:]):
-        out.append({"input_ids": ids, "labels": lab})
-    return [e for e in out if any(x != -100 for x in e["labels"][1:])]
+        n = len(e["input_ids"])
+        if n > max_length:
+            raise ValueError(f"pack: an example of {n} tokens is longer than max_length={max_length}")
+        if ids and len(ids) + n > max_length:
+            out.append({"input_ids": ids, "labels": lab, "seq_lens": lens})
+            ids, lab, lens = [], [], []
+        ids.extend(e["input_ids"])
+        lab.extend([-100, *e["labels"][1:]])
+        lens.append(n)
+    if ids:
+        out.append({"input_ids": ids, "labels": lab, "seq_lens": lens})
+    return out

@@ -40,7 +40,8 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
     if labels.dim() == 1:  # classification: the model's own per-example mean (problem_type), times the examples
         return model(**batch).loss.float() * labels.numel()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits[:, :-1].float()
+    # no KV cache in training; with one, transformers ignores the restarts of packed position_ids (sdpa, eager)
+    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     target = labels[:, 1:].to(logits.device)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=-100, reduction="sum")

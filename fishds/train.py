@@ -248,7 +248,7 @@ class Session:
     trainable: Pool  # every trainable tensor (the pool plus fish.pool_exclude), what the adapter saves
     k: int
     budget: dict
-    examples: list
+    examples: list  # the training examples, unpacked (the Fisher pass draws from them; batches may pack them)
     eval_examples: list
     collate: Collator
     batches: ShardedBatches
@@ -287,10 +287,11 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
                                       config=ds)
-    batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
+    train_blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else examples  # Fisher: unpacked
+    batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
+    collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
     return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
-                   Pool.from_model(engine.module), k, budget, examples, eval_examples, Collator(tokenizer.pad_token_id),
-                   batches, test_examples)
+                   Pool.from_model(engine.module), k, budget, examples, eval_examples, collate, batches, test_examples)
 
 
 def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
@@ -309,8 +310,6 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
         held = set(order[:n_eval])
         eval_examples = [examples[i] for i in sorted(held)][:d.max_eval_examples]
         examples = [e for i, e in enumerate(examples) if i not in held]
-    if d.packing:
-        examples = pack(examples, d.max_length)
     return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
 
 

@@ -65,3 +65,57 @@ def test_loss_sum_matches_the_models_mean_loss():
         assert float(loss_sum(model, batch) / count_targets(batch)) == pytest.approx(float(model(**batch).loss),
                                                                                      rel=1e-6)
 
+
+def _per_example_losses(model, batch: dict, seq_lens: list[list[int]]) -> list[float]:
+    """Mean token loss of each example inside the packed rows (targets: shifted labels != -100)."""
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    tok = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
+                                            ignore_index=-100, reduction="none")
+    valid = batch["labels"][:, 1:] != -100
+    out = []
+    for i, lens in enumerate(seq_lens):
+        start = 0
+        for n in lens:
+            # targets of the example: label positions start+1 .. start+n-1, i.e. shifted positions start .. start+n-2
+            sl = slice(start, start + n - 1)
+            out.append(float(tok[i, sl][valid[i, sl]].sum() / valid[i, sl].sum()))
+            start += n
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "position_ids_only"])
+def test_packed_example_loss_equals_its_loss_alone(toy, attn):
+    """Packing never cuts an example, and isolates it: each example's loss inside a packed batch equals its loss
+    alone (fp32). sdpa gets a boolean 4-D block-diagonal mask, eager an additive one; position_ids_only is what a
+    varlen (flash-attention) model gets, which transformers also honours on sdpa by detecting the restarts."""
+    from transformers import AutoModelForCausalLM
+
+    from fishds.data import Collator
+    from fishds.formats import pack
+    from fishds.loss import count_targets, loss_sum
+
+    model = AutoModelForCausalLM.from_pretrained(toy["model"], attn_implementation="eager" if attn == "eager"
+                                                 else "sdpa", dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in [5, 9, 3, 12, 7, 4, 11, 6, 8, 2, 10]:
+        ids = torch.randint(4, 40, (n,), generator=g).tolist()
+        labels = [-100] * (n // 3) + ids[n // 3:]  # a prompt without loss, then the answer
+        examples.append({"input_ids": ids, "labels": labels})
+    blocks = pack(examples, 24)
+    assert [n for b in blocks for n in b["seq_lens"]] == [len(e["input_ids"]) for e in examples]  # whole, in order
+    assert all(len(b["input_ids"]) <= 24 for b in blocks) and len(blocks) < len(examples)
+    collate = Collator(0, "flash_attention_2" if attn == "position_ids_only" else attn, torch.float32)
+    batch = collate(blocks)
+    assert batch["position_ids"][0, :6].tolist() == [0, 1, 2, 3, 4, 0]  # restart per example
+    assert ("attention_mask" in batch) == (attn != "position_ids_only")
+    packed = _per_example_losses(model, batch, [b["seq_lens"] for b in blocks])
+    alone_collate = Collator(0)
+    with torch.no_grad():
+        alone = [float(loss_sum(model, b) / count_targets(b)) for b in (alone_collate([e]) for e in examples)]
+    assert packed == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    # and without isolation (plain causal attention over the block) the losses differ: the test can tell
+    leaky = {"input_ids": batch["input_ids"], "labels": batch["labels"],
+             "attention_mask": (batch["input_ids"] != 0).long()}
+    assert _per_example_losses(model, leaky, [b["seq_lens"] for b in blocks]) != pytest.approx(alone, rel=1e-3)
