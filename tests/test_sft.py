@@ -119,3 +119,18 @@ def test_packed_example_loss_equals_its_loss_alone(toy, attn):
     leaky = {"input_ids": batch["input_ids"], "labels": batch["labels"],
              "attention_mask": (batch["input_ids"] != 0).long()}
     assert _per_example_losses(model, leaky, [b["seq_lens"] for b in blocks]) != pytest.approx(alone, rel=1e-3)
+
+
+def test_fisher_scores_unpacked_examples(toy, tmp_path):
+    """The Fisher pass draws its N examples from the unpacked training set: with and without data.packing the
+    scores are the same bits (scored at initialisation, before any step)."""
+    scores = {}
+    for packing in ("false", "true"):
+        out = tmp_path / f"packing_{packing}"
+        launch(1, base_overrides(toy, out, **{"data.packing": packing, "fish.save_scores": "true",
+                                              "train.max_steps": 1, "data.max_eval_examples": 4}))
+        scores[packing] = load_file(str(out / "fisher_scores.safetensors"))
+        assert json.loads((out / "fish_selection.json").read_text())["num_samples"] == 16
+    assert scores["false"].keys() == scores["true"].keys()
+    assert all(torch.equal(scores["false"][k], scores["true"][k]) for k in scores["false"])
+    assert any(float(v.sum()) > 0 for v in scores["true"].values())
