@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -85,8 +86,6 @@ class FishSection(_Section):
                                     "whose name matches one form the pool (empty = all trainable tensors).")
     pool_exclude: list[str] = Field(default_factory=list, description="Regular expressions: trainable tensors left out "
                                     "of the pool; they train fully and count towards k (e.g. a task head).")
-    warmup_steps: int = Field(0, ge=0, description="Dense training steps before scoring (0 = score at "
-                              "initialisation). Unselected entries are then reset to their initial values.")
     seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
     mask_path: Optional[str] = Field(None, description="Use this fish_mask.safetensors (from an earlier run) instead "
                                      "of scoring; its keys and shapes must match the adapter.")
@@ -97,6 +96,24 @@ class FishSection(_Section):
                                     "gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked AdamW. "
                                     "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
                                     "offload, a mask (not selection=dense).")
+    dense_steps: int = Field(0, ge=0, description="Dense optimizer steps (every pool entry trains) before the "
+                             "Fisher scoring (0 = score at initialisation); they count in the run's steps "
+                             "(train.max_steps / train.epochs). Unselected entries are then reset to their initial "
+                             "values. Formerly fish.warmup_steps (still read, with a deprecation warning).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warmup_alias(cls, data):
+        """fish.warmup_steps: the old name of fish.dense_steps (clashed with the LR warm-up train.lr_warmup_*)."""
+        if isinstance(data, dict) and "warmup_steps" in data:
+            if "dense_steps" in data:
+                raise ValueError("fish.warmup_steps is the deprecated name of fish.dense_steps; set only "
+                                 "fish.dense_steps")
+            warnings.warn("fish.warmup_steps is deprecated: it is now fish.dense_steps (dense steps before the "
+                          "Fisher scoring, not an LR warm-up); rename the key", FutureWarning, stacklevel=2)
+            data = {**data, "dense_steps": data["warmup_steps"]}
+            del data["warmup_steps"]
+        return data
 
     @model_validator(mode="after")
     def _budget(self):
@@ -157,8 +174,13 @@ class DataSection(_Section):
         return self
 
 
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+
+
 class TrainSection(_Section):
-    max_steps: int = Field(100, gt=0, description="Optimizer steps of masked training (after any FISH warm-up).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps of the whole run, fish.dense_steps "
+                                     "included. Wins over train.epochs when both are set; 100 when neither is.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (masked entries stay fixed anyway).")
     seed: int = Field(0, description="Seed of adapter initialisation, dropout and data order.")
@@ -168,8 +190,12 @@ class TrainSection(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer, used unless the DeepSpeed "
                                                "JSON names one.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
-    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    scheduler: Literal[SCHEDULERS] = Field(
+        "linear", description="LR schedule over the run's steps, built by transformers.get_scheduler (the names of "
+        "TrainingArguments.lr_scheduler_type): linear, cosine, cosine_with_restarts, polynomial, constant (no "
+        "warm-up), constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, "
+        "warmup_stable_decay. Options of a schedule in train.scheduler_kwargs.")
+    lr_warmup_steps: int = Field(0, ge=0, description="LR warm-up steps (linear from 0, as transformers does).")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (fp16 is not offered).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to "
                                          "save memory; the Fisher pass works with it too.")
@@ -178,6 +204,25 @@ class TrainSection(_Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every this many optimizer steps after the mask is fixed "
                             "(0 = none). Checkpoints go to output_dir/checkpoints/step-N.")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints.")
+    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training data (after packing) when "
+                                    "train.max_steps is not set: steps = ceil(epochs x blocks per epoch / "
+                                    "(micro_batch_size x ranks x grad_accum)); fractions allowed. Metrics record "
+                                    "the epoch of every step.")
+    lr_warmup_ratio: float = Field(0.0, ge=0, lt=1, description="LR warm-up as a fraction of the run's steps "
+                                   "(ceil(ratio x steps), as transformers); instead of train.lr_warmup_steps.")
+    scheduler_kwargs: dict = Field(default_factory=dict, description="Options of train.scheduler passed to "
+                                   "transformers.get_scheduler (scheduler_specific_kwargs), e.g. {num_cycles: 2} for "
+                                   "cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, "
+                                   "{num_decay_steps: 20} for warmup_stable_decay.")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.lr_warmup_steps and self.lr_warmup_ratio:
+            raise ValueError("train.lr_warmup_steps and train.lr_warmup_ratio are both set; give one of them")
+        if self.scheduler == "constant" and (self.lr_warmup_steps or self.lr_warmup_ratio):
+            raise ValueError("train.scheduler=constant has no LR warm-up (transformers' constant schedule); use "
+                             "train.scheduler=constant_with_warmup, or drop train.lr_warmup_steps / lr_warmup_ratio")
+        return self
 
 
 class Config(_Section):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import dist as fdist
-from . import memory, quant
+from . import memory, quant, schedule
 from .config import Config, ConfigError
 from .data import Collator, ShardedBatches, load_examples, read_rows
 from .dsconfig import resolve_ds_config
@@ -72,6 +72,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
     ds = resolve_ds_config(cfg, ds_path, world)  # fp16, ZeRO stage, scheduler, contradictions: refused up front
     check_compact(cfg, ds)
+    schedule.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     if cfg.fish.selection in ("fisher", "lowest") and cfg.fish.num_samples < world:
         raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
@@ -132,21 +133,6 @@ def start_fresh(plan: Plan) -> None:
     old = checkpoint_root(plan.output_dir)
     if plan.resume_from is None and fdist.is_main() and old.is_dir():
         os.replace(old, old.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
-
-
-def _schedule(cfg: Config, total_steps: int):
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        if step < t.lr_warmup_steps:
-            return (step + 1) / (t.lr_warmup_steps + 1)
-        progress = (step - t.lr_warmup_steps) / max(1, total_steps - t.lr_warmup_steps)
-        if t.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if t.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _client_optimizer(cfg: Config, ds: dict):
@@ -253,6 +239,7 @@ class Session:
     collate: Collator
     batches: ShardedBatches
     test_examples: list = field(default_factory=list)
+    total_steps: int = 0  # optimizer steps of the run, fish.dense_steps included (fishds/schedule.py)
 
 
 def setup(cfg: Config, ds_path: str | None = None) -> Session:
@@ -266,6 +253,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     tokenizer = load_tokenizer(plan.model_path, cfg.model.trust_remote_code)
     examples, eval_examples, test_examples = load_data(cfg, plan, tokenizer)
+    train_blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else examples  # Fisher: unpacked
+    steps = schedule.total_steps(cfg, len(train_blocks), fdist.world_size())  # ConfigError before weights load
     ds = resolve_ds_config(cfg, plan.ds_path, fdist.world_size())
     zero3_loading = None
     if (ds["zero_optimization"].get("stage", 0) == 3 and cfg.peft.method not in NEEDS_BASE_WEIGHTS_AT_INIT
@@ -283,15 +272,14 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
     k = budget["k"]
-    total_steps = cfg.fish.warmup_steps + t.max_steps
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      optimizer=_client_optimizer(cfg, ds), lr_scheduler=_schedule(cfg, total_steps),
+                                      optimizer=_client_optimizer(cfg, ds), lr_scheduler=schedule.scheduler(cfg, steps),
                                       config=ds)
-    train_blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else examples  # Fisher: unpacked
     batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
     return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
-                   Pool.from_model(engine.module), k, budget, examples, eval_examples, collate, batches, test_examples)
+                   Pool.from_model(engine.module), k, budget, examples, eval_examples, collate, batches, test_examples,
+                   steps)
 
 
 def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
@@ -346,10 +334,10 @@ def fix_mask(s: Session, log_step) -> tuple[dict, dict]:
         masks = load_mask_for_pool(s.engine.module, s.trainable, cfg.fish.mask_path)
         return masks, {"selection": f"file {cfg.fish.mask_path}", "pool_size": pool.size,
                        "k": sum(int(m.sum()) for m in masks.values())}
-    initial = gather_adapter(pool) if cfg.fish.warmup_steps else None
-    for step in range(1, cfg.fish.warmup_steps + 1):
+    initial = gather_adapter(pool) if cfg.fish.dense_steps else None
+    for step in range(1, cfg.fish.dense_steps + 1):
         t0 = time.perf_counter()
-        log_step(step, "warmup", train_step(engine, s.batches, s.collate, cfg.train.grad_accum),
+        log_step(step, "dense", train_step(engine, s.batches, s.collate, cfg.train.grad_accum),
                  time.perf_counter() - t0)
     masks, report = select_masks(cfg, engine, pool, s.k, scoring_examples(cfg, s.examples), s.collate)
     if initial is not None:
@@ -412,7 +400,7 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     s = setup(cfg, ds_path)
     engine, pool, k, collate, batches, eval_examples = s.engine, s.pool, s.k, s.collate, s.batches, s.eval_examples
     t = cfg.train
-    total_steps = cfg.fish.warmup_steps + t.max_steps
+    total_steps = s.total_steps
     out = s.plan.output_dir
     resume_from = s.plan.resume_from
     metrics = MetricsLog(out / "metrics.jsonl", append=resume_from is not None)
@@ -426,7 +414,9 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         sums = torch.tensor([stats["tokens"], stats["loss"]], dtype=torch.float64)
         fdist.all_reduce_(sums)
         rec = {"step": step, "phase": phase, "loss": float(sums[1]), "lr": stats["lr"],
-               "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "seconds": seconds}
+               "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "targets": stats["targets"],
+               "epoch": schedule.epoch_of(batches.position, len(batches.examples), t.micro_batch_size,
+                                          fdist.world_size()), "seconds": seconds}
         metrics.write(rec)
         bar.update(1)
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tokens'] / max(seconds, 1e-9):,.0f}")
@@ -446,9 +436,9 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
     else:
         masks, report = fix_mask(s, log_step)
-        first_step = cfg.fish.warmup_steps + 1
+        first_step = cfg.fish.dense_steps + 1
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget)
+                      dense_steps=cfg.fish.dense_steps, method=cfg.peft.method, budget=s.budget)
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)

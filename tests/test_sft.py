@@ -134,3 +134,77 @@ def test_fisher_scores_unpacked_examples(toy, tmp_path):
     assert scores["false"].keys() == scores["true"].keys()
     assert all(torch.equal(scores["false"][k], scores["true"][k]) for k in scores["false"])
     assert any(float(v.sum()) > 0 for v in scores["true"].values())
+
+
+def _cfg(tmp_path, **over):
+    from fishds.config import load_config
+
+    o = {"model.name_or_path": "m", "data.path": "d.jsonl", "output_dir": str(tmp_path), **over}
+    return load_config(None, [f"{k}={v}" for k, v in o.items()])
+
+
+def test_dense_steps_and_the_deprecated_warmup_steps_alias(tmp_path):
+    from fishds.config import ConfigError
+
+    with pytest.warns(FutureWarning, match="fish.warmup_steps is deprecated: it is now fish.dense_steps"):
+        assert _cfg(tmp_path, **{"fish.warmup_steps": 3}).fish.dense_steps == 3
+    assert _cfg(tmp_path, **{"fish.dense_steps": 2}).fish.dense_steps == 2
+    with pytest.raises(ConfigError, match="set only fish.dense_steps"):
+        _cfg(tmp_path, **{"fish.warmup_steps": 3, "fish.dense_steps": 3})
+
+
+def test_run_length_from_max_steps_or_epochs(tmp_path):
+    from fishds.config import ConfigError
+    from fishds.schedule import DEFAULT_STEPS, epoch_of, total_steps
+
+    # 100 blocks, 4 per micro-batch x 2 ranks -> 12 micro-batches per rank per epoch, / accumulation 3 -> 4 steps
+    over = {"train.micro_batch_size": 4, "train.grad_accum": 3}
+    assert total_steps(_cfg(tmp_path, **over, **{"train.epochs": 2}), 100, 2) == 8
+    assert total_steps(_cfg(tmp_path, **over, **{"train.epochs": 0.3}), 100, 2) == 2  # ceil(1.2)
+    assert total_steps(_cfg(tmp_path, **over, **{"train.epochs": 2, "train.max_steps": 5}), 100, 2) == 5
+    assert total_steps(_cfg(tmp_path, **over), 100, 2) == DEFAULT_STEPS
+    assert epoch_of(18, 100, 4, 2) == 1.5
+    with pytest.raises(ConfigError, match=r"fish.dense_steps=8 leaves no masked step: train.epochs=2 \(8 steps"):
+        total_steps(_cfg(tmp_path, **over, **{"train.epochs": 2, "fish.dense_steps": 8}), 100, 2)
+
+
+def test_scheduler_names_are_transformers_and_bad_settings_are_named(tmp_path):
+    from transformers.trainer_utils import SchedulerType
+
+    from fishds.config import SCHEDULERS, ConfigError
+    from fishds.schedule import check
+
+    assert set(SCHEDULERS) <= {s.value for s in SchedulerType}
+    with pytest.raises(ConfigError, match="train.lr_warmup_steps and train.lr_warmup_ratio are both set"):
+        _cfg(tmp_path, **{"train.lr_warmup_steps": 2, "train.lr_warmup_ratio": 0.1})
+    with pytest.raises(ConfigError, match="use train.scheduler=constant_with_warmup"):
+        _cfg(tmp_path, **{"train.scheduler": "constant", "train.lr_warmup_steps": 2})
+    with pytest.raises(ConfigError, match="unexpected keyword|train.scheduler"):
+        _cfg(tmp_path, **{"train.scheduler": "plateau"})
+    with pytest.raises(ConfigError, match=r"train.scheduler='cosine_with_min_lr' with train.scheduler_kwargs=\{\}"):
+        check(_cfg(tmp_path, **{"train.scheduler": "cosine_with_min_lr"}))
+    check(_cfg(tmp_path, **{"train.scheduler": "cosine_with_min_lr", "train.scheduler_kwargs": "{min_lr_rate: 0.1}"}))
+
+
+def test_epochs_dense_steps_in_the_budget_and_transformers_schedule(toy, tmp_path):
+    """train.epochs=1.5 over 32 examples (4 per micro-batch, accumulation 2: 4 steps an epoch) is 6 steps, of which
+    fish.dense_steps=2 are dense; every step records its epoch; the LR follows transformers.get_scheduler's cosine
+    with a warm-up ratio."""
+    from transformers import get_scheduler
+
+    out = tmp_path / "out"
+    launch(1, base_overrides(toy, out, **{"data.max_examples": 32, "train.max_steps": "null", "train.epochs": 1.5,
+                                          "train.grad_accum": 2, "fish.dense_steps": 2, "train.scheduler": "cosine",
+                                          "train.lr_warmup_ratio": 0.3, "data.max_eval_examples": 4}))
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"phase"' in line]
+    assert [r["phase"] for r in steps] == ["dense"] * 2 + ["train"] * 4
+    assert [r["epoch"] for r in steps] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    sched = get_scheduler("cosine", opt, num_warmup_steps=2, num_training_steps=6)  # ceil(0.3 x 6) = 2
+    expected = []
+    for _ in range(6):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-9)
+    assert json.loads((out / "fish_report.json").read_text())["dense_steps"] == 2
