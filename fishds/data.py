@@ -20,7 +20,7 @@ from .config import ConfigError, DataSection
 from .formats import check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-CACHE_VERSION = "fishds-data-2"
+CACHE_VERSION = "fishds-data-3"
 
 
 def _read_json_lines(p: Path, key: str, path) -> list[tuple[int, object]]:
@@ -116,8 +116,11 @@ def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_
 
 
 def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
-                  labels: list | None = None, cache: Path | None = None) -> list[dict]:
-    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache)."""
+                  labels: list | None = None, cache: Path | None = None, counts: dict | None = None) -> list[dict]:
+    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache).
+
+    `counts`, when given, receives {"rows", "truncated", "dropped"}: rows read, examples data.max_length cut
+    (kept), and examples dropped because no target token was left."""
     import datasets
 
     from .assets import cache_dir
@@ -125,19 +128,34 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     if data.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
                           "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")
+    counts = {} if counts is None else counts
     cache = cache or cache_dir() / "tokenized"
     cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
 
     def build() -> list[dict]:
         if cache_file.is_file():  # the arrow file datasets' map wrote: no need to read and parse the rows again
-            return [e for e in datasets.Dataset.from_file(str(cache_file)).to_list() if e["input_ids"]]
+            return _kept(datasets.Dataset.from_file(str(cache_file)).to_list())
         cache.mkdir(parents=True, exist_ok=True)
         rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
         label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
-        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
+        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type,
+                                      "truncated": datasets.Value("int8")})
         tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
                        remove_columns=["row"], cache_file_name=str(cache_file), desc=f"tokenizing {key}")
-        return [e for e in tok.to_list() if e["input_ids"]]
+        return _kept(tok.to_list())
+
+    def _kept(rows: list[dict]) -> list[dict]:
+        n = {"rows": len(rows), "truncated": 0, "dropped": 0}
+        out = []
+        for e in rows:
+            cut = e.pop("truncated")
+            if e["input_ids"]:
+                out.append(e)
+                n["truncated"] += cut
+            else:
+                n["dropped"] += 1
+        counts.update(n)
+        return out
 
     datasets.disable_progress_bars()
     if fdist.world_size() > 1 and not fdist.is_main():
@@ -152,9 +170,22 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     if not examples:
         what = ("no response token is left to learn" if data.format in ("alpaca", "chat")
                 else "no token is left")
-        raise ConfigError(f"{key}={path!r}: every example's prompt is longer than data.max_length={data.max_length}, "
-                          f"so {what}; raise data.max_length")
+        raise ConfigError(f"{key}={path!r}: every example (all {counts['rows']}) loses all its target tokens to "
+                          f"data.max_length={data.max_length}, so {what}; raise data.max_length")
     return examples
+
+
+def data_counts_line(key: str, counts: dict, max_length: int) -> str:
+    """The start-of-run line: rows read, truncated and dropped examples of one data file."""
+    return (f"[fishds] {key}: {counts['rows']:,} rows, {counts['truncated']:,} truncated to data.max_length="
+            f"{max_length}, {counts['dropped']:,} dropped (no target token left)")
+
+
+def data_counts_report(counts: dict) -> dict:
+    """fish_report.json entries: per data key, rows read, examples truncated, examples dropped."""
+    return {"data_rows": {k: c["rows"] for k, c in counts.items()},
+            "truncated_examples": {k: c["truncated"] for k, c in counts.items()},
+            "dropped_examples": {k: c["dropped"] for k, c in counts.items()}}
 
 
 class Collator:

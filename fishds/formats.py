@@ -11,7 +11,8 @@
   string; the classes are the sorted distinct labels of the training file. Trains a sequence
   classification head (AutoModelForSequenceClassification) on an encoder or a decoder.
 
-Examples a too-small data.max_length leaves without a single label token come back empty (dropped).
+Every tokenized example says whether data.max_length cut it (`truncated`: 0 or 1); examples a too-small
+data.max_length leaves without a single label token come back empty (dropped). fishds/data.py counts both.
 """
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ from .config import ConfigError, DataSection
 ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                  "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
 EMPTY = {"input_ids": [], "labels": []}
+
+
+def _fit(ids: list[int], labels: list[int], n: int, learn_one: bool = False) -> dict:
+    """The example cut to n tokens, flagged truncated; empty (dropped) when no label token is left."""
+    kept = [x for x in labels[1 if learn_one else 0:n] if x != -100]
+    out = {"input_ids": ids[:n], "labels": labels[:n]} if kept else dict(EMPTY)
+    return {**out, "truncated": int(len(ids) > n)}
 
 
 def _is_label(v) -> bool:
@@ -75,8 +83,7 @@ def _chat_ids(tokenizer, messages, max_length: int) -> dict:
             continue
         start, end = len(ids(messages[:i], True)), len(ids(messages[:i + 1], False))
         labels[start:end] = full[start:end]
-    full, labels = full[:max_length], labels[:max_length]
-    return {"input_ids": full, "labels": labels} if any(x != -100 for x in labels) else EMPTY
+    return _fit(full, labels, max_length)
 
 
 def _alpaca_prompt(tokenizer, row: dict) -> str:
@@ -89,24 +96,26 @@ def _alpaca_prompt(tokenizer, row: dict) -> str:
 
 
 def tokenize_row(tokenizer, row: dict, data: DataSection, labels: list | None = None) -> dict:
-    """{"input_ids": [...], "labels": [...] per token, or the class id for classification}."""
+    """{"input_ids": [...], "labels": [...] per token, or the class id for classification, "truncated": 0 or 1}."""
     n = data.max_length
     if data.format == "alpaca":
         prompt = tokenizer(_alpaca_prompt(tokenizer, row), add_special_tokens=False)["input_ids"]
         answer = tokenizer(row["output"] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-        ids, lab = (prompt + answer)[:n], ([-100] * len(prompt) + answer)[:n]
-        return {"input_ids": ids, "labels": lab} if any(x != -100 for x in lab) else EMPTY
+        return _fit(prompt + answer, [-100] * len(prompt) + answer, n)
     if data.format == "chat":
         return _chat_ids(tokenizer, row[data.messages_field], n)
     if data.format == "text":
-        ids = tokenizer(row[data.text_field] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"][:n]
-        return {"input_ids": ids, "labels": list(ids)} if len(ids) > 1 else EMPTY
+        ids = tokenizer(row[data.text_field] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+        return _fit(ids, list(ids), n, learn_one=True)  # the first token is never predicted
     value = row[data.label_field]
     if value not in labels:
         raise ConfigError(f"label {value!r} (data.label_field={data.label_field!r}) is not among the training "
                           f"file's labels {labels}")
-    ids = tokenizer(row[data.text_field], truncation=True, max_length=n)["input_ids"]
-    return {"input_ids": ids, "labels": labels.index(value)}
+    ids = tokenizer(row[data.text_field])["input_ids"]
+    if len(ids) > n:  # tokenized again with truncation: the tokenizer keeps its special tokens at the end
+        return {"input_ids": tokenizer(row[data.text_field], truncation=True, max_length=n)["input_ids"],
+                "labels": labels.index(value), "truncated": 1}
+    return {"input_ids": ids, "labels": labels.index(value), "truncated": 0}
 
 
 def pack(examples: list[dict], max_length: int) -> list[dict]:

@@ -21,7 +21,7 @@ import torch
 from . import dist as fdist
 from . import memory, quant, schedule
 from .config import Config, ConfigError
-from .data import Collator, ShardedBatches, load_examples, read_rows
+from .data import Collator, ShardedBatches, data_counts_line, data_counts_report, load_examples, read_rows
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
 from .compact import CompactAdamW, check_resumed_state
@@ -52,6 +52,7 @@ class Plan:
     baselines: dict = field(default_factory=dict)  # plain-PEFT rank -> trainable count
     test_path: str | None = None
     labels: list | None = None  # classification: the classes, in class-id order
+    data_counts: dict = field(default_factory=dict)  # per data key: rows, truncated, dropped (load_examples)
 
 
 @dataclass
@@ -287,7 +288,12 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
     d = cfg.data
 
     def load(path, key, limit):
-        return load_examples(tokenizer, path, key, d, limit, plan.labels) if path else []
+        if not path:
+            return []
+        counts = plan.data_counts.setdefault(key, {})
+        examples = load_examples(tokenizer, path, key, d, limit, plan.labels, counts=counts)
+        fdist.print0(data_counts_line(key, plan.data_counts[key], d.max_length))
+        return examples
     examples = load(plan.data_path, "data.path", d.max_examples)
     eval_examples = load(plan.eval_path, "data.eval_path", d.max_eval_examples)
     if d.eval_split:
@@ -438,7 +444,8 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
         masks, report = fix_mask(s, log_step)
         first_step = cfg.fish.dense_steps + 1
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      dense_steps=cfg.fish.dense_steps, method=cfg.peft.method, budget=s.budget)
+                      dense_steps=cfg.fish.dense_steps, method=cfg.peft.method, budget=s.budget,
+                      **data_counts_report(s.plan.data_counts))
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)

@@ -208,3 +208,69 @@ def test_epochs_dense_steps_in_the_budget_and_transformers_schedule(toy, tmp_pat
         sched.step()
     assert [r["lr"] for r in steps] == pytest.approx(expected, rel=1e-9)
     assert json.loads((out / "fish_report.json").read_text())["dense_steps"] == 2
+
+
+def _expected_counts(toy, n: int, rows: list[dict]) -> dict:
+    """Truncated / dropped counts computed here from the tokenizer, independently of fishds.formats."""
+    from fishds.formats import _alpaca_prompt
+    from fishds.model import load_tokenizer
+
+    tok = load_tokenizer(toy["model"])
+    out = {"rows": len(rows), "truncated": 0, "dropped": 0}
+    for r in rows:
+        prompt = len(tok(_alpaca_prompt(tok, r), add_special_tokens=False)["input_ids"])
+        answer = len(tok(r["output"] + tok.eos_token, add_special_tokens=False)["input_ids"])
+        if prompt >= n:
+            out["dropped"] += 1
+        elif prompt + answer > n:
+            out["truncated"] += 1
+    return out
+
+
+def _prompt_lengths(toy) -> tuple[list[dict], list[int]]:
+    from fishds.formats import _alpaca_prompt
+    from fishds.model import load_tokenizer
+
+    tok = load_tokenizer(toy["model"])
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    return rows, sorted(len(tok(_alpaca_prompt(tok, r), add_special_tokens=False)["input_ids"]) for r in rows)
+
+
+def test_truncated_and_dropped_counts(toy, tmp_path):
+    """load_examples counts the examples data.max_length cuts and those it leaves without a target token (also
+    from its cache), and refuses a file where every example loses all its target tokens."""
+    from fishds.config import ConfigError, DataSection
+    from fishds.data import load_examples
+    from fishds.model import load_tokenizer
+
+    rows, lengths = _prompt_lengths(toy)
+    n = lengths[len(lengths) // 2] + 1  # about half the prompts fill the limit; some keep part of the answer
+    expected = _expected_counts(toy, n, rows)
+    assert expected["truncated"] > 0 and expected["dropped"] > 0
+    tok = load_tokenizer(toy["model"])
+    data = DataSection(path=toy["train"], max_length=n)
+    for _ in range(2):  # tokenized, then read from the cache
+        counts = {}
+        examples = load_examples(tok, toy["train"], "data.path", data, None, cache=tmp_path / "c", counts=counts)
+        assert counts == expected and len(examples) == len(rows) - expected["dropped"]
+        assert all("truncated" not in e for e in examples)
+    with pytest.raises(ConfigError, match=rf"every example \(all {len(rows)}\) loses all its target tokens to "
+                                          rf"data.max_length={lengths[0]}"):
+        load_examples(tok, toy["train"], "data.path", DataSection(path=toy["train"], max_length=lengths[0]), None,
+                      cache=tmp_path / "c")
+
+
+def test_truncated_and_dropped_in_the_report_and_printed(toy, tmp_path):
+    rows, lengths = _prompt_lengths(toy)
+    n = lengths[len(lengths) // 4] + 1
+    expected = _expected_counts(toy, n, rows)
+    out = tmp_path / "out"
+    proc = launch(2, base_overrides(toy, out, **{"data.max_length": n, "train.max_steps": 1,
+                                                 "data.max_eval_examples": 8}))
+    report = json.loads((out / "fish_report.json").read_text())
+    assert report["truncated_examples"]["data.path"] == expected["truncated"] > 0
+    assert report["dropped_examples"]["data.path"] == expected["dropped"] > 0
+    assert report["data_rows"]["data.path"] == len(rows)
+    assert set(report["truncated_examples"]) == {"data.path", "data.eval_path"}
+    assert (f"[fishds] data.path: {len(rows):,} rows, {expected['truncated']:,} truncated to data.max_length={n}, "
+            f"{expected['dropped']:,} dropped (no target token left)") in proc.stdout
