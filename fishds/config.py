@@ -163,6 +163,19 @@ class DataSection(_Section):
     max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")
     max_test_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the test file "
                                              "(default: all).")
+    role_field: str = Field("role", description="Key of a turn's role in each message (chat format); 'from' for "
+                            "ShareGPT data.")
+    content_field: str = Field("content", description="Key of a turn's text in each message (chat format); 'value' "
+                               "for ShareGPT data.")
+    role_map: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant"},
+                                     description="Role names of the data -> chat-template roles (user, assistant, "
+                                     "system); roles not listed are kept. The default maps ShareGPT's human / gpt.")
+    chat_template: Optional[str] = Field(None, description="Chat template to render with instead of the tokenizer's: "
+                                         "a Jinja string, or the path of a file holding one (chat format, and the "
+                                         "alpaca prompt).")
+    train_turns: Literal["assistant", "last", "all"] = Field(
+        "assistant", description="Which tokens of a conversation are learned (chat format): assistant = every "
+        "assistant turn, last = the last assistant turn only, all = every token of the rendered conversation.")
 
     @model_validator(mode="after")
     def _packing_format(self):

@@ -17,7 +17,7 @@ import torch
 
 from . import dist as fdist
 from .config import ConfigError, DataSection
-from .formats import check_row, tokenize_row
+from .formats import chat_template, check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CACHE_VERSION = "fishds-data-3"
@@ -125,6 +125,9 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
 
     from .assets import cache_dir
 
+    template = chat_template(data)
+    if template is not None:
+        tokenizer.chat_template = template  # data.chat_template replaces the tokenizer's (chat, alpaca prompts)
     if data.format == "chat" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
                           "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")

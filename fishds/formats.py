@@ -2,8 +2,9 @@
 
 - alpaca: instruction, input (optional), output. The prompt is the user turn rendered by the
   tokenizer's chat template (or the Stanford Alpaca prompt without one); loss on the output only.
-- chat: `messages` (data.messages_field), a list of {"role", "content"}, rendered with the tokenizer's
-  chat template; loss on the assistant turns only.
+- chat: `messages` (data.messages_field), a list of {"role", "content"} (data.role_field, data.content_field;
+  ShareGPT's from / value with human / gpt mapped by data.role_map), rendered with the tokenizer's chat template
+  or data.chat_template; loss on the assistant turns (data.train_turns: all of them, the last, or every token).
 - text: `text` (data.text_field); causal-LM loss on every token.
 - packing (data.packing): whole examples packed into blocks of max_length tokens (`pack`), attention isolated per
   example by the Collator (fishds/data.py).
@@ -44,12 +45,14 @@ def check_row(row, data: DataSection) -> str | None:
         return f"is not an object with the fields of the {fmt} format"
     if fmt == "chat":
         msgs = row.get(data.messages_field)
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in msgs):
-            return (f"lacks {data.messages_field!r} as a list of {{'role': str, 'content': str}} (data.messages_field, "
-                    "chat format)")
-        if not any(m["role"] == "assistant" for m in msgs):
-            return f"has no assistant turn in {data.messages_field!r}; the chat format learns the assistant turns"
+        role, content = data.role_field, data.content_field
+        if not isinstance(msgs, list) or not msgs or not all(
+                isinstance(m, dict) and isinstance(m.get(role), str) and isinstance(m.get(content), str) for m in msgs):
+            return (f"lacks {data.messages_field!r} as a list of {{{role!r}: str, {content!r}: str}} "
+                    "(data.messages_field, data.role_field, data.content_field; chat format)")
+        if data.train_turns != "all" and not any(m["role"] == "assistant" for m in chat_messages(row, data)):
+            return (f"has no assistant turn in {data.messages_field!r} (roles {sorted({m[role] for m in msgs})}, "
+                    f"data.role_map={data.role_map}); the chat format learns the assistant turns")
         return None
     if not isinstance(row.get(data.text_field), str):
         return f"lacks the text field {data.text_field!r} (data.text_field, {fmt} format)"
@@ -70,19 +73,75 @@ def label_list(rows: list[dict], data: DataSection) -> list:
     return sorted(values)
 
 
-def _chat_ids(tokenizer, messages, max_length: int) -> dict:
-    """Ids of the rendered conversation, labels on the assistant turns (found by rendering prefixes)."""
-    def ids(msgs, gen: bool) -> list[int]:
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+def chat_messages(row: dict, data: DataSection) -> list[dict]:
+    """The row's conversation as [{"role", "content"}], roles mapped by data.role_map (ShareGPT: from/value)."""
+    return [{"role": data.role_map.get(m[data.role_field], m[data.role_field]), "content": m[data.content_field]}
+            for m in row[data.messages_field]]
+
+
+def chat_template(data: DataSection) -> str | None:
+    """data.chat_template as a Jinja string (read from the file it names), checked to parse; None if not set."""
+    value = data.chat_template
+    if value is None:
+        return None
+    from pathlib import Path
+
+    import jinja2
+
+    looks_jinja = "{{" in value or "{%" in value
+    try:
+        path = None if looks_jinja else Path(value)
+        if path is not None and not path.is_file():
+            raise ConfigError(f"data.chat_template={value!r} is neither a file nor a Jinja template (no {{{{ or "
+                              "{%); give the template text or the path of a file that holds it")
+        text = path.read_text(encoding="utf-8") if path is not None else value
+    except OSError as e:
+        raise ConfigError(f"data.chat_template={value!r}: cannot be read ({e})") from None
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"data.chat_template ({'file ' + value if path else 'string'}): not a valid Jinja "
+                          f"template: {e.message} (line {e.lineno})") from None
+    return text
+
+
+def _chat_ids(tokenizer, messages, max_length: int, train_turns: str = "assistant") -> dict:
+    """Ids of the rendered conversation, labels on the assistant turns (all, or the last) or on every token.
+
+    The assistant tokens are found by rendering prefixes: the render of turns 1..i (with the generation prompt)
+    and of turns 1..i+1 must each be the start of the whole conversation's render; a template that rewrites
+    earlier turns (e.g. drops past reasoning, numbers the turns from the end) is refused instead of labelling the
+    wrong tokens."""
+    def render(msgs, gen: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    full = ids(messages, False)
+    full_text = render(messages, False)
+    full = ids(full_text)
+    if train_turns == "all":
+        return _fit(full, list(full), max_length, learn_one=True)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     labels = [-100] * len(full)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start, end = len(ids(messages[:i], True)), len(ids(messages[:i + 1], False))
-        labels[start:end] = full[start:end]
+    for i in turns[-1:] if train_turns == "last" else turns:
+        bounds = []
+        for what, text in ((f"turns 1..{i} with the generation prompt", render(messages[:i], True)),
+                           (f"turns 1..{i + 1}", render(messages[:i + 1], False))):
+            if not full_text.startswith(text):
+                raise ConfigError(
+                    f"the chat template (data.chat_template, or the tokenizer's): the render of {what} of "
+                    f"{len(messages)} is not a prefix of the whole conversation's render, so the assistant tokens "
+                    "cannot be located (the template rewrites earlier turns). Give data.chat_template a template "
+                    "that renders each turn the same whatever follows, or use data.train_turns=all")
+            piece = ids(text)
+            if full[:len(piece)] != piece:
+                raise ConfigError(
+                    f"the chat template's render of {what} tokenizes differently alone and inside the whole "
+                    "conversation (a token spans the turn boundary), so the assistant tokens cannot be located; "
+                    "end turns with a special token in data.chat_template, or use data.train_turns=all")
+            bounds.append(len(piece))
+        labels[bounds[0]:bounds[1]] = full[bounds[0]:bounds[1]]
     return _fit(full, labels, max_length)
 
 
@@ -103,7 +162,7 @@ def tokenize_row(tokenizer, row: dict, data: DataSection, labels: list | None = 
         answer = tokenizer(row["output"] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
         return _fit(prompt + answer, [-100] * len(prompt) + answer, n)
     if data.format == "chat":
-        return _chat_ids(tokenizer, row[data.messages_field], n)
+        return _chat_ids(tokenizer, chat_messages(row, data), n, data.train_turns)
     if data.format == "text":
         ids = tokenizer(row[data.text_field] + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
         return _fit(ids, list(ids), n, learn_one=True)  # the first token is never predicted

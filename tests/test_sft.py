@@ -274,3 +274,87 @@ def test_truncated_and_dropped_in_the_report_and_printed(toy, tmp_path):
     assert set(report["truncated_examples"]) == {"data.path", "data.eval_path"}
     assert (f"[fishds] data.path: {len(rows):,} rows, {expected['truncated']:,} truncated to data.max_length={n}, "
             f"{expected['dropped']:,} dropped (no target token left)") in proc.stdout
+
+
+CHAT = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+TURNS = [("user", "label the review good movie"), ("assistant", "fresh"), ("user", "label the review awful plot"),
+         ("assistant", "rotten")]
+
+
+def _learned(tok, e) -> list[str]:
+    return tok.decode([i for i, lab in zip(e["input_ids"], e["labels"]) if lab != -100]).split()
+
+
+def test_sharegpt_rows_role_map_and_train_turns(toy, tmp_path):
+    from fishds.config import DataSection
+    from fishds.formats import check_row, tokenize_row
+    from fishds.model import load_tokenizer
+
+    tok = load_tokenizer(toy["model"])
+    tok.chat_template = CHAT
+    plain = {"messages": [{"role": r, "content": c} for r, c in TURNS]}
+    gpt = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[r], "value": c} for r, c in TURNS]}
+    share = dict(messages_field="conversations", role_field="from", content_field="value")
+    d_plain = DataSection(path="x", format="chat", max_length=128)
+    d_share = DataSection(path="x", format="chat", max_length=128, **share)
+    assert check_row(gpt, d_share) is None and tokenize_row(tok, gpt, d_share) == tokenize_row(tok, plain, d_plain)
+    assert "lacks 'conversations' as a list of {'from': str, 'value': str}" in check_row(plain, d_share)
+    no_map = DataSection(path="x", format="chat", role_map={}, **share)
+    assert "has no assistant turn" in check_row(gpt, no_map) and "data.role_map={}" in check_row(gpt, no_map)
+    e = tokenize_row(tok, gpt, d_share)
+    assert _learned(tok, e) == ["fresh", "</s>", "rotten", "</s>"]
+    last = tokenize_row(tok, gpt, DataSection(path="x", format="chat", max_length=128, train_turns="last", **share))
+    assert _learned(tok, last) == ["rotten", "</s>"] and last["input_ids"] == e["input_ids"]
+    every = tokenize_row(tok, gpt, DataSection(path="x", format="chat", max_length=128, train_turns="all", **share))
+    assert every["labels"][1:] == every["input_ids"][1:] and every["input_ids"] == e["input_ids"]
+
+
+def test_chat_template_override_string_or_file_and_prefix_check(toy, tmp_path):
+    from fishds.config import ConfigError, DataSection
+    from fishds.data import load_examples
+    from fishds.model import load_tokenizer
+
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in TURNS]}) + "\n")
+    (tmp_path / "t.jinja").write_text(CHAT)
+    got = []
+    for template in (CHAT, str(tmp_path / "t.jinja")):
+        tok = load_tokenizer(toy["model"])  # has no chat template of its own
+        data = DataSection(path=str(f), format="chat", chat_template=template)
+        got.append(load_examples(tok, str(f), "data.path", data, None, cache=tmp_path / "c"))
+        assert _learned(tok, got[-1][0]) == ["fresh", "</s>", "rotten", "</s>"]
+    assert got[0] == got[1]
+    for bad, msg in (("no_such_template.jinja", "is neither a file nor a Jinja template"),
+                     ("{% for m in messages %}", "not a valid Jinja template")):
+        with pytest.raises(ConfigError, match=msg):
+            load_examples(load_tokenizer(toy["model"]), str(f), "data.path",
+                          DataSection(path=str(f), format="chat", chat_template=bad), None, cache=tmp_path / "c")
+    # a template that rewrites earlier turns (numbers them from the end) cannot locate the assistant tokens
+    rewriting = ("{% for m in messages %}<s> {{ loop.revindex }} {{ m['role'] }} : {{ m['content'] }} </s> "
+                 "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}")
+    with pytest.raises(ConfigError, match=r"the render of turns 1..1 with the generation prompt of 4 is not a "
+                                          r"prefix of the whole conversation's render"):
+        load_examples(load_tokenizer(toy["model"]), str(f), "data.path",
+                      DataSection(path=str(f), format="chat", chat_template=rewriting), None, cache=tmp_path / "c")
+
+
+def test_sharegpt_run_with_template_file_learns_the_last_turn(toy, tmp_path):
+    """A whole run on ShareGPT rows (conversations / from / value, human / gpt) with data.chat_template from a file
+    (the toy tokenizer has none) and data.train_turns=last: eval counts 2 learned tokens per conversation."""
+    rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
+    convs = []
+    for a, b in zip(rows[0::2], rows[1::2]):
+        turns = [("human", f"label the review {a['input']}"), ("gpt", a["output"]),
+                 ("human", f"label the review {b['input']}"), ("gpt", b["output"])]
+        convs.append({"conversations": [{"from": r, "value": v} for r, v in turns]})
+    data = tmp_path / "sharegpt.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    (tmp_path / "t.jinja").write_text(CHAT)
+    out = tmp_path / "out"
+    launch(1, base_overrides(toy, out, **{
+        "data.path": data, "data.eval_path": data, "data.format": "chat", "data.messages_field": "conversations",
+        "data.role_field": "from", "data.content_field": "value", "data.chat_template": tmp_path / "t.jinja",
+        "data.train_turns": "last", "data.max_length": 96, "data.max_eval_examples": 8, "train.max_steps": 2}))
+    report = json.loads((out / "fish_report.json").read_text())
+    assert report["eval"]["eval_tokens"] == 8 * 2 and report["dropped_examples"]["data.path"] == 0
