@@ -136,10 +136,29 @@ class FishSection(_Section):
         return self
 
 
+class DatasetEntry(_Section):
+    """One training dataset of data.datasets; keys left out take the data section's value."""
+    path: str = Field(description="A file or folder as data.path takes, or a Hugging Face Hub dataset name org/name.")
+    weight: float = Field(1.0, gt=0, description="Copies of this dataset in the mix: 2 = every example twice, 0.5 = "
+                          "a seeded half of them.")
+    format: Optional[Literal["alpaca", "chat", "text", "classification"]] = None
+    text_field: Optional[str] = None
+    label_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    role_field: Optional[str] = None
+    content_field: Optional[str] = None
+    role_map: Optional[dict[str, str]] = None
+    chat_template: Optional[str] = None
+    train_turns: Optional[Literal["assistant", "last", "all"]] = None
+    max_examples: Optional[int] = Field(None, gt=0)
+
+
 class DataSection(_Section):
-    path: str = Field(description="Training data: a local .jsonl, .json, .csv or .parquet file, or a folder saved by "
-                      "datasets (save_to_disk; a DatasetDict folder gives its 'train' split). The special value "
-                      "'rotten_tomatoes' prepares the embedded default (Rotten Tomatoes as alpaca jsonl).")
+    path: Optional[str] = Field(None, description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
+                                "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
+                                "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
+                                "offline). The special value 'rotten_tomatoes' prepares the embedded default "
+                                "(Rotten Tomatoes as alpaca jsonl). Required unless data.datasets is given.")
     format: Literal["alpaca", "chat", "text", "classification"] = Field(
         "alpaca", description="alpaca: instruction, input (optional), output; loss on the output. chat: messages "
         "rendered with the tokenizer's chat template; loss on assistant turns. text: causal-LM loss on every token. "
@@ -176,9 +195,24 @@ class DataSection(_Section):
     train_turns: Literal["assistant", "last", "all"] = Field(
         "assistant", description="Which tokens of a conversation are learned (chat format): assistant = every "
         "assistant turn, last = the last assistant turn only, all = every token of the rendered conversation.")
+    datasets: list[DatasetEntry] = Field(
+        default_factory=list, description="Several training datasets mixed in one run, instead of data.path: a list "
+        "of {path, weight, and any of format, text_field, label_field, messages_field, role_field, content_field, "
+        "role_map, chat_template, train_turns, max_examples} (the rest from this section). Each is row-checked before "
+        "weights load; the mix holds each dataset weight times (seeded for fractions), shuffled with a fixed seed.")
 
     @model_validator(mode="after")
     def _packing_format(self):
+        if (self.path is None) == (not self.datasets):
+            raise ValueError("data: give data.path (one dataset) or data.datasets (a list of {path, weight, ...}), "
+                             "exactly one of them")
+        formats = {(e.format or self.format) == "classification" for e in self.datasets}
+        if len(formats) > 1:
+            raise ValueError("data.datasets mixes classification with text-generation formats; a run trains one "
+                             "kind of head")
+        if self.datasets and self.eval_split and any(e.weight > 1 for e in self.datasets):
+            raise ValueError("data.eval_split with a data.datasets weight above 1 would hold out copies of training "
+                             "examples; give data.eval_path instead")
         if self.packing and self.format == "classification":
             raise ValueError("data.packing=true does not apply to data.format=classification (one label per "
                              "example); set data.packing=false")

@@ -51,7 +51,8 @@ def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
-                wanted = ["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path" else ["test"]
+                wanted = (["validation", "test"] if key == "data.eval_path" else ["test"] if key == "data.test_path"
+                          else ["train"])
                 split = next((s for s in wanted if s in ds), None)
                 if split is None:
                     raise ConfigError(f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "

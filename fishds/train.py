@@ -25,7 +25,9 @@ from .data import Collator, ShardedBatches, data_counts_line, data_counts_report
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
 from .compact import CompactAdamW, check_resumed_state
-from .formats import label_list, pack
+from .formats import pack
+from .hub import resolve_dataset
+from .mixing import labels_of, mix, read_sources, sources
 from .enforce import MaskEnforcer, reset_unselected
 from .evaluate import evaluate
 from .fisher import collect_scores, gather_scores
@@ -53,6 +55,7 @@ class Plan:
     test_path: str | None = None
     labels: list | None = None  # classification: the classes, in class-id order
     data_counts: dict = field(default_factory=dict)  # per data key: rows, truncated, dropped (load_examples)
+    sources: list = field(default_factory=list)  # the training sources (mixing.Source): data.path or data.datasets
 
 
 @dataclass
@@ -87,10 +90,13 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     if cfg.peft.method == "bottleneck" and is_classification(cfg):
         raise ConfigError("peft.method=bottleneck does not train a classification head; use a PEFT method (e.g. lora) "
                           "with data.format=classification")
-    rows = read_rows(data_path, "data.path", d, d.max_examples)
-    labels = label_list(rows, d) if is_classification(cfg) else None
+    srcs = sources(d, data_path)  # data.path or data.datasets, Hub names resolved
+    read = read_sources(srcs)
+    labels = labels_of(read) if is_classification(cfg) else None
+    eval_path, test_path = (resolve_dataset(p, k) if p else None for p, k in ((eval_path, "data.eval_path"),
+                                                                              (d.test_path, "data.test_path")))
     for key, path, limit in (("data.eval_path", eval_path, d.max_eval_examples),
-                             ("data.test_path", d.test_path, d.max_test_examples)):
+                             ("data.test_path", test_path, d.max_test_examples)):
         if path:
             rows = read_rows(path, key, d, limit)
             unknown = sorted({str(r[d.label_field]) for r in rows} - {str(v) for v in labels}) if labels else []
@@ -110,8 +116,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     model_path = resolve_model_path(cfg)
     n_labels = len(labels) if labels else None
     check_model_and_targets(cfg, model_path, n_labels)
-    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from,
-                baseline_counts(cfg, model_path, n_labels), d.test_path, labels)
+    return Plan(model_path, srcs[0].path, eval_path, ds_path, out, resume_from,
+                baseline_counts(cfg, model_path, n_labels), test_path, labels, sources=srcs)
 
 
 def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None) -> dict[int, int]:
@@ -287,14 +293,18 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
     """Training, evaluation and test examples (eval from data.eval_path, or data.eval_split of the training rows)."""
     d = cfg.data
 
-    def load(path, key, limit):
+    def load(path, key, limit, data=d):
         if not path:
             return []
         counts = plan.data_counts.setdefault(key, {})
-        examples = load_examples(tokenizer, path, key, d, limit, plan.labels, counts=counts)
-        fdist.print0(data_counts_line(key, plan.data_counts[key], d.max_length))
+        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, counts=counts)
+        fdist.print0(data_counts_line(key, plan.data_counts[key], data.max_length))
         return examples
-    examples = load(plan.data_path, "data.path", d.max_examples)
+    parts = [load(s.path, s.key, s.data.max_examples, s.data) for s in plan.sources]
+    examples = mix(parts, [s.weight for s in plan.sources])
+    if len(parts) > 1:
+        fdist.print0("[fishds] training mix: " + ", ".join(f"{round(s.weight * len(p))} of {s.key}"
+                                                           for s, p in zip(plan.sources, parts)))
     eval_examples = load(plan.eval_path, "data.eval_path", d.max_eval_examples)
     if d.eval_split:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
