@@ -13,10 +13,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import dist as fdist
 from .config import ConfigError, DataSection
+from .examples import ArrowExamples
 from .formats import chat_template, check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -117,8 +119,9 @@ def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_
 
 
 def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
-                  labels: list | None = None, cache: Path | None = None, counts: dict | None = None) -> list[dict]:
-    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache).
+                  labels: list | None = None, cache: Path | None = None, counts: dict | None = None) -> ArrowExamples:
+    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache), as a
+    sequence of {"input_ids", "labels"} over the memory-mapped cache file (fishds/examples.py).
 
     `counts`, when given, receives {"rows", "truncated", "dropped"}: rows read, examples data.max_length cut
     (kept), and examples dropped because no target token was left."""
@@ -138,7 +141,7 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
 
     def build() -> list[dict]:
         if cache_file.is_file():  # the arrow file datasets' map wrote: no need to read and parse the rows again
-            return _kept(datasets.Dataset.from_file(str(cache_file)).to_list())
+            return _kept(datasets.Dataset.from_file(str(cache_file)))  # memory-mapped
         cache.mkdir(parents=True, exist_ok=True)
         rows = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in read_rows(path, key, data, limit)])
         label_type = datasets.Value("int64") if data.format == "classification" else datasets.List(datasets.Value("int64"))
@@ -146,20 +149,16 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
                                       "truncated": datasets.Value("int8")})
         tok = rows.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
                        remove_columns=["row"], cache_file_name=str(cache_file), desc=f"tokenizing {key}")
-        return _kept(tok.to_list())
+        return _kept(tok)
 
-    def _kept(rows: list[dict]) -> list[dict]:
-        n = {"rows": len(rows), "truncated": 0, "dropped": 0}
-        out = []
-        for e in rows:
-            cut = e.pop("truncated")
-            if e["input_ids"]:
-                out.append(e)
-                n["truncated"] += cut
-            else:
-                n["dropped"] += 1
-        counts.update(n)
-        return out
+    def _kept(ds) -> ArrowExamples:
+        """The usable rows (some target left) as a view of the arrow file; counts from its columns."""
+        import pyarrow.compute as pc
+
+        keep = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False) > 0
+        cut = ds.data.column("truncated").to_numpy()
+        counts.update(rows=len(ds), truncated=int(cut[keep].sum()), dropped=int((~keep).sum()))
+        return ArrowExamples(ds, np.flatnonzero(keep))
 
     datasets.disable_progress_bars()
     if fdist.world_size() > 1 and not fdist.is_main():

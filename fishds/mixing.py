@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import ConfigError, DataSection
+from .examples import Picked
 from .formats import label_list
 
 MIX_SEED = 0
@@ -62,18 +64,23 @@ def labels_of(read: list[tuple[Source, list[dict]]]) -> list:
     return label_list(rows, DataSection(path="-", label_field="label", format="classification"))
 
 
-def mix(per_source: list[list[dict]], weights: list[float], seed: int = MIX_SEED) -> list[dict]:
-    """Each source `weight` times (whole copies, then a seeded sample for the fraction), shuffled (fixed seed)."""
+def mix(per_source: list, weights: list[float], seed: int = MIX_SEED):
+    """Each source `weight` times (whole copies, then a seeded sample for the fraction), shuffled (fixed seed); a
+    sequence of picks from the sources (no example is copied)."""
     if len(per_source) == 1 and weights == [1.0]:
         return per_source[0]
     g = torch.Generator().manual_seed(seed)
-    out: list[dict] = []
-    for examples, w in zip(per_source, weights):
+    pairs = []
+    for a, (examples, w) in enumerate(zip(per_source, weights)):
+        n = len(examples)
         whole, frac = divmod(w, 1.0)
-        out.extend(examples * int(whole))
-        k = round(frac * len(examples))
+        rows = [np.tile(np.arange(n), int(whole))]
+        k = round(frac * n)
         if k:
-            out.extend(examples[j] for j in sorted(torch.randperm(len(examples), generator=g)[:k].tolist()))
-    if not out:
+            rows.append(np.sort(torch.randperm(n, generator=g)[:k].numpy()))
+        rows = np.concatenate(rows)
+        pairs.append(np.stack([np.full(len(rows), a), rows], axis=1))
+    pairs = np.concatenate(pairs)
+    if not len(pairs):
         raise ConfigError("data.datasets: the weights leave no training example; raise a weight")
-    return [out[j] for j in torch.randperm(len(out), generator=g).tolist()]
+    return Picked(per_source, pairs[torch.randperm(len(pairs), generator=g).numpy()])

@@ -25,6 +25,7 @@ from .data import Collator, ShardedBatches, data_counts_line, data_counts_report
 from .dsconfig import resolve_ds_config
 from .compact import apply_mask as apply_compact_mask, check_config as check_compact
 from .compact import CompactAdamW, check_resumed_state
+from .examples import subset
 from .formats import pack
 from .hub import resolve_dataset
 from .mixing import labels_of, mix, read_sources, sources
@@ -313,7 +314,7 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
             raise ConfigError(f"data.eval_split={d.eval_split} leaves no training examples of {len(examples)}")
         held = set(order[:n_eval])
         eval_examples = [examples[i] for i in sorted(held)][:d.max_eval_examples]
-        examples = [e for i, e in enumerate(examples) if i not in held]
+        examples = subset(examples, [i for i in range(len(examples)) if i not in held])
     return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
 
 

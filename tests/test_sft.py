@@ -358,3 +358,33 @@ def test_sharegpt_run_with_template_file_learns_the_last_turn(toy, tmp_path):
         "data.train_turns": "last", "data.max_length": 96, "data.max_eval_examples": 8, "train.max_steps": 2}))
     report = json.loads((out / "fish_report.json").read_text())
     assert report["eval"]["eval_tokens"] == 8 * 2 and report["dropped_examples"]["data.path"] == 0
+
+
+def test_tokenized_examples_stay_in_the_memory_mapped_arrow_file(toy, tmp_path):
+    """load_examples gives a view of the arrow cache file (memory-mapped, not loaded into Python lists): items are
+    read on access, subsets and mixes are index views, and they equal the lists the rows make."""
+    import datasets
+
+    from fishds.config import DataSection
+    from fishds.examples import ArrowExamples, Picked, subset
+    from fishds.mixing import mix
+    from fishds.model import load_tokenizer
+    from fishds.data import load_examples
+
+    tok = load_tokenizer(toy["model"])
+    data = DataSection(path=toy["train"], max_length=64)
+    ex = load_examples(tok, toy["train"], "data.path", data, None, cache=tmp_path / "c")
+    assert isinstance(ex, ArrowExamples) and len(ex) == 256
+    files = [f["filename"] for f in ex.dataset.cache_files]
+    assert len(files) == 1 and files[0].startswith(str(tmp_path / "c"))
+    assert not isinstance(ex.dataset._data, datasets.table.InMemoryTable)  # memory-mapped, not read into memory
+    rows = datasets.Dataset.from_file(files[0]).to_list()
+    as_lists = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if r["input_ids"]]
+    assert ex == as_lists and ex[-1] == as_lists[-1] and ex[3:7] == as_lists[3:7] and ex[::50] == as_lists[::50]
+    part = subset(ex, [5, 2, 9])
+    assert isinstance(part, ArrowExamples) and part == [as_lists[5], as_lists[2], as_lists[9]]
+    assert part.dataset is ex.dataset  # a view: no token copied
+    m = mix([ex, part], [1.0, 2.0])
+    assert isinstance(m, Picked) and len(m) == 256 + 6 and sorted(map(str, m)) == sorted(map(str, as_lists + 2 * list(part)))
+    with pytest.raises(IndexError):
+        ex[256]
