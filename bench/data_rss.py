@@ -1,7 +1,7 @@
 """Per-rank resident memory of the tokenized training data: Python lists (the code before issue 15 item 7:
 Dataset.to_list() on every rank) against the memory-mapped arrow view (fishds.examples.ArrowExamples).
 
-    .venv/bin/python bench/data_rss.py [--rows 1000000] [--ranks 2]
+    .venv/bin/python bench/data_rss.py [--rows 1000000] [--ranks 2] [--direct]
 
 Writes a synthetic alpaca file of --rows rows, tokenizes it once (the fishds cache, in a temp folder; the toy
 word-level tokenizer of tests/toy.py), then for each mode starts --ranks ranks (torchrun, gloo) that load the
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--direct", action="store_true", help="write synthetic token ids straight into the "
+                    "tokenization cache instead of tokenizing the rows (for 1M rows)")
     ap.add_argument("--mode", choices=["lists", "arrow"])
     ap.add_argument("--model")
     ap.add_argument("--data")
@@ -90,11 +92,14 @@ def main() -> None:
             f.write(json.dumps({"instruction": "label the review", "input": words,
                                 "output": rng.choice(["fresh", "rotten"])}) + "\n")
     t0 = time.perf_counter()
-    load_examples(load_tokenizer(str(model)), str(data), "data.path", DataSection(path=str(data), max_length=64),
-                  None, cache=tmp / "cache")
+    tok, section = load_tokenizer(str(model)), DataSection(path=str(data), max_length=64)
+    if args.direct:
+        _write_cache_directly(tok, data, section, tmp / "cache", args.rows)
+    else:
+        load_examples(tok, str(data), "data.path", section, None, cache=tmp / "cache")
     tokenize_s = time.perf_counter() - t0
     results = {}
-    for mode in ("lists", "arrow"):
+    for mode in ("arrow", "lists"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                __file__, "--worker", "--mode", mode, "--model", str(model), "--data", str(data),
                "--cache", str(tmp / "cache")]
@@ -103,7 +108,7 @@ def main() -> None:
         recs = [json.loads(line[len("RESULT "):]) for line in out.splitlines() if line.startswith("RESULT ")]
         results[mode] = recs
         for r in sorted(recs, key=lambda r: r["rank"]):
-            _record({**r, "rows": args.rows, "tokenize_once_seconds": round(tokenize_s, 1)})
+            _record({**r, "rows": args.rows, "direct": args.direct, "tokenize_once_seconds": round(tokenize_s, 1)})
     mean = {m: sum(r["data_rss_mib"] for r in rs) / len(rs) for m, rs in results.items()}
     peak = {m: max(r["peak_rss_mib"] for r in rs) for m, rs in results.items()}
     _record({"bench": "data_rss", "summary": True, "rows": args.rows, "ranks": args.ranks,
@@ -111,6 +116,31 @@ def main() -> None:
              "lists_over_arrow_data_rss": round(mean["lists"] / max(mean["arrow"], 0.1), 1),
              "peak_rss_mib_per_rank": peak, "lists_over_arrow_peak": round(peak["lists"] / peak["arrow"], 2),
              "command": "bench/data_rss.py " + " ".join(sys.argv[1:])})
+
+
+def _write_cache_directly(tok, data: Path, section, cache: Path, rows: int) -> None:
+    """--direct: the tokenization cache file load_examples looks for, written with synthetic token ids (16..64 per
+    row, the first 12 labelled -100) straight from numpy: tokenizing 1M rows takes most of an hour on 2 cores."""
+    import numpy as np
+    import pyarrow as pa
+
+    from fishds.data import _fingerprint
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(16, 65, rows)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    ids = rng.integers(4, 60, int(offsets[-1])).astype(np.int32)
+    labels = ids.astype(np.int64)
+    starts = offsets[:-1]
+    for k in range(12):
+        labels[starts + k] = -100
+    table = pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
+                      "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
+                      "truncated": pa.array(np.zeros(rows, np.int8))})
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"{_fingerprint(data, tok, section, None, None, 'data.path')}.arrow"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=10_000)
 
 
 def _record(rec: dict) -> None:
