@@ -195,7 +195,7 @@ class Collator:
     """Right-padded batches; per-token labels (-100 on padding) or one class label per example.
 
     Packed blocks (examples with `seq_lens`, from formats.pack): position ids restart at 0 for every example, and
-    no token attends across an example's boundary. With a varlen-capable attention (attn_impl flash_attention_*),
+    no token attends across an example's boundary. With a varlen-capable attention (an attn_impl naming flash),
     the position ids alone say where examples start (as transformers' DataCollatorWithFlattening gives them, no
     attention_mask); otherwise (sdpa, eager, ...) a 4-D block-diagonal causal mask [batch, 1, L, L] is passed,
     which transformers uses as given: boolean (True = attend) for sdpa, additive (0 / dtype min) in `dtype` for
@@ -230,7 +230,7 @@ class Collator:
             lens = list(e["seq_lens"]) + ([n - sum(e["seq_lens"])] if sum(e["seq_lens"]) < n else [])
             pos[i] = torch.cat([torch.arange(L) for L in lens])
             seg[i] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-        if self.attn_impl.startswith("flash"):
+        if "flash" in self.attn_impl:  # flash_attention_2/3, kernels-community/flash-attn*: varlen
             return {"position_ids": pos}
         causal = torch.ones((n, n), dtype=torch.bool).tril()
         mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [batch, query, key]
