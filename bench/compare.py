@@ -84,8 +84,8 @@ def arms(budgets, seeds, lrs, selections, steps: int, warmup: int) -> list[dict]
                     ov.update({"fish.selection": sel, "train.seed": seed, "fish.seed": seed, "train.lr": lr,
                                "peft.alpha": 2 * ov["peft.r"]})  # alpha/r = 2 in every arm: the same LoRA scaling
                     if sel == "fisher_warmup":  # dense warm-up, then score: the same total steps as every arm
-                        ov.update({"fish.selection": "fisher", "fish.warmup_steps": warmup,
-                                   "train.max_steps": steps - warmup})
+                        ov.update({"fish.selection": "fisher", "fish.dense_steps": warmup,
+                                   "train.max_steps": steps})  # the dense steps count in max_steps
                     out.append({"budget": b["name"], "selection": sel, "seed": seed, "lr": lr, "overrides": ov})
     return out
 

@@ -66,7 +66,7 @@ class MetricsLog:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(f"{phase}/{key}", value, record.get("step", 0))
-            if phase not in ("train", "warmup") or time.monotonic() - self._flushed > self.FLUSH_S:
+            if phase not in ("train", "dense") or time.monotonic() - self._flushed > self.FLUSH_S:
                 self.flush()
 
     def flush(self) -> None:
