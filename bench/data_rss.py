@@ -56,6 +56,8 @@ def worker(args) -> None:
     rec = {"bench": "data_rss", "mode": args.mode, "rank": fdist.rank(), "ranks": fdist.world_size(),
            "examples": len(examples), "rss_before_mib": round(before, 1), "rss_loaded_mib": round(loaded, 1),
            "rss_after_batches_mib": round(_status_mib("VmRSS"), 1), "peak_rss_mib": round(_status_mib("VmHWM"), 1),
+           # private memory vs mapped file pages (shared between ranks, reclaimable) after the batches
+           "rss_anon_mib": round(_status_mib("RssAnon"), 1), "rss_file_mib": round(_status_mib("RssFile"), 1),
            "data_rss_mib": round(loaded - before, 1), "load_seconds": round(load_s, 2), "tokens_drawn": tokens}
     print("RESULT " + json.dumps(rec), flush=True)
     fdist.barrier()
@@ -111,7 +113,8 @@ def main() -> None:
             _record({**r, "rows": args.rows, "direct": args.direct, "tokenize_once_seconds": round(tokenize_s, 1)})
     mean = {m: sum(r["data_rss_mib"] for r in rs) / len(rs) for m, rs in results.items()}
     peak = {m: max(r["peak_rss_mib"] for r in rs) for m, rs in results.items()}
-    _record({"bench": "data_rss", "summary": True, "rows": args.rows, "ranks": args.ranks,
+    anon = {m: max(r["rss_anon_mib"] for r in rs) for m, rs in results.items()}
+    _record({"bench": "data_rss", "summary": True, "rows": args.rows, "ranks": args.ranks, "rss_anon_mib": anon,
              "data_rss_mib_per_rank": mean,
              "lists_over_arrow_data_rss": round(mean["lists"] / max(mean["arrow"], 0.1), 1),
              "peak_rss_mib_per_rank": peak, "lists_over_arrow_peak": round(peak["lists"] / peak["arrow"], 2),
