@@ -14,7 +14,7 @@ Arms (`--arms`, names also used in the tables):
 - `dense`: plain PEFT at the matched rank (plain LoRA at the same trainable count); `dense_pool`: plain PEFT at the
   pool's rank (upper reference, more trainable entries);
 - `SCORE[/ALLOCATION][+CONTROL][@WARMUP]`: a selection rule (fish.score, fish.allocation, fish.control, and
-  fish.warmup_steps dense steps taken out of train.max_steps), e.g. `fisher` (the paper: Fisher at init, global
+  fish.dense_steps dense steps counted in train.max_steps), e.g. `fisher` (the paper: Fisher at init, global
   top-k), `fisher@20`, `saliency/module@20`, `adam_v/tensor@20`, `saliency/module+random_matched@20` (random
   entries with that rule's per-tensor counts), `random`, `random/tensor`, `lowest`;
 - `random_b_only` (random entries of lora_B only), `head_only` (classification: the head alone);
@@ -136,11 +136,11 @@ def arms(budgets, seeds, lrs, names, steps: int, warmup: int) -> list[dict]:
                     ov.update(spec["fish"])
                     ov.update({"train.seed": seed, "fish.seed": seed, "train.lr": lr,
                                "peft.alpha": 2 * ov["peft.r"]})  # alpha/r = 2 in every arm: the same LoRA scaling
-                    if spec["warmup"]:  # dense warm-up, then score: the same total steps as every arm
+                    if spec["warmup"]:  # dense steps, then score: the same total steps as every arm
                         if spec["warmup"] >= steps:
-                            raise SystemExit(f"compare: arm {name}: warm-up {spec['warmup']} >= train.max_steps "
+                            raise SystemExit(f"compare: arm {name}: dense steps {spec['warmup']} >= train.max_steps "
                                              f"{steps}")
-                        ov.update({"fish.warmup_steps": spec["warmup"], "train.max_steps": steps - spec["warmup"]})
+                        ov.update({"fish.dense_steps": spec["warmup"], "train.max_steps": steps})  # counted in it
                     out.append({"budget": b["name"], "selection": name, "score": spec["score"],
                                 "allocation": spec["allocation"], "seed": seed, "lr": lr, "overrides": ov})
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import warnings
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -86,7 +87,7 @@ class FishSection(_Section):
         None, description="What ranks the pool entries (default: fish.selection): fisher (sum of squared per-example "
         "gradients, the paper), saliency (|theta * sum g|), snr (|sum g| / sqrt(sum g^2 + eps)), adam_v (AdamW's "
         "exp_avg_sq after the dense warm-up), movement (|theta - theta at the warm-up's start|), random, lowest "
-        "(the k lowest Fisher scores). adam_v and movement need fish.warmup_steps > 0 and no scoring pass.")
+        "(the k lowest Fisher scores). adam_v and movement need fish.dense_steps > 0 and no scoring pass.")
     allocation: Literal[ALLOCATIONS] = Field(
         "global", description="How k is shared out before the top-k: global (one top-k over the pool, the paper), "
         "tensor (each pool tensor gets k in proportion to its size), module (per adapted module, in proportion to "
@@ -98,7 +99,7 @@ class FishSection(_Section):
         "init), head_only (classification: no pool entry trains, only the head; k = 0).")
     min_density: float = Field(0.25, ge=0, le=1, description="allocation=module: every module keeps at least this "
                                "fraction of the uniform density k / pool size.")
-    reset_unselected: bool = Field(True, description="After a dense warm-up (fish.warmup_steps > 0): reset the "
+    reset_unselected: bool = Field(True, description="After dense steps (fish.dense_steps > 0): reset the "
                                    "unselected entries to their initial values (true) or keep their warmed-up "
                                    "values (false); either way they stay fixed afterwards.")
     keep_ratio: Optional[float] = Field(None, description="Fraction of the pool to train, in (0, 1]: "
@@ -123,8 +124,6 @@ class FishSection(_Section):
                                     "whose name matches one form the pool (empty = all trainable tensors).")
     pool_exclude: list[str] = Field(default_factory=list, description="Regular expressions: trainable tensors left out "
                                     "of the pool; they train fully and count towards k (e.g. a task head).")
-    warmup_steps: int = Field(0, ge=0, description="Dense training steps before scoring (0 = score at "
-                              "initialisation). Unselected entries are then reset to their initial values.")
     seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
     mask_path: Optional[str] = Field(None, description="Use this fish_mask.safetensors (from an earlier run) instead "
                                      "of scoring; its keys and shapes must match the adapter.")
@@ -136,6 +135,24 @@ class FishSection(_Section):
                                     "AdamW. "
                                     "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
                                     "offload, a mask (not selection=dense).")
+    dense_steps: int = Field(0, ge=0, description="Dense optimizer steps (every pool entry trains) before the "
+                             "Fisher scoring (0 = score at initialisation); they count in the run's steps "
+                             "(train.max_steps / train.epochs). Unselected entries are then reset to their initial "
+                             "values. Formerly fish.warmup_steps (still read, with a deprecation warning).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warmup_alias(cls, data):
+        """fish.warmup_steps: the old name of fish.dense_steps (clashed with the LR warm-up train.lr_warmup_*)."""
+        if isinstance(data, dict) and "warmup_steps" in data:
+            if "dense_steps" in data:
+                raise ValueError("fish.warmup_steps is the deprecated name of fish.dense_steps; set only "
+                                 "fish.dense_steps")
+            warnings.warn("fish.warmup_steps is deprecated: it is now fish.dense_steps (dense steps before the "
+                          "Fisher scoring, not an LR warm-up); rename the key", FutureWarning, stacklevel=2)
+            data = {**data, "dense_steps": data["warmup_steps"]}
+            del data["warmup_steps"]
+        return data
 
     @model_validator(mode="after")
     def _budget(self):
@@ -168,9 +185,9 @@ class FishSection(_Section):
                              "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score")
         if self.selection == "dense":
             return
-        if self.score in ("adam_v", "movement") and self.warmup_steps == 0 and self.control not in (
+        if self.score in ("adam_v", "movement") and self.dense_steps == 0 and self.control not in (
                 "random_b_only", "head_only"):
-            raise ValueError(f"fish.score={self.score} is read after the dense warm-up; set fish.warmup_steps > 0 "
+            raise ValueError(f"fish.score={self.score} is read after the dense steps; set fish.dense_steps > 0 "
                              "(e.g. 20)")
         if self.score == "random" and self.allocation == "module":
             raise ValueError("fish.allocation=module shares k by the modules' summed scores, which fish.score=random "
@@ -181,10 +198,29 @@ class FishSection(_Section):
                              "to that rule (e.g. saliency) instead of random")
 
 
+class DatasetEntry(_Section):
+    """One training dataset of data.datasets; keys left out take the data section's value."""
+    path: str = Field(description="A file or folder as data.path takes, or a Hugging Face Hub dataset name org/name.")
+    weight: float = Field(1.0, gt=0, description="Copies of this dataset in the mix: 2 = every example twice, 0.5 = "
+                          "a seeded half of them.")
+    format: Optional[Literal[tuple(FORMATS)]] = None
+    text_field: Optional[str] = None
+    label_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    role_field: Optional[str] = None
+    content_field: Optional[str] = None
+    role_map: Optional[dict[str, str]] = None
+    chat_template: Optional[str] = None
+    train_turns: Optional[Literal["assistant", "last", "all"]] = None
+    max_examples: Optional[int] = Field(None, gt=0)
+
+
 class DataSection(_Section):
-    path: str = Field(description="Training data: a local .jsonl, .json, .csv or .parquet file, or a folder saved by "
-                      "datasets (save_to_disk; a DatasetDict folder gives its 'train' split). The special value "
-                      "'rotten_tomatoes' prepares the embedded default (Rotten Tomatoes as alpaca jsonl).")
+    path: Optional[str] = Field(None, description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
+                                "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
+                                "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
+                                "offline). The special value 'rotten_tomatoes' prepares the embedded default "
+                                "(Rotten Tomatoes as alpaca jsonl). Required unless data.datasets is given.")
     format: Literal[tuple(FORMATS)] = Field(
         "alpaca", description="alpaca: instruction, input (optional), output; loss on the output. chat: messages "
         "rendered with the tokenizer's chat template; loss on assistant turns. text: causal-LM loss on every token. "
@@ -199,16 +235,46 @@ class DataSection(_Section):
     text_field: str = Field("text", description="Column with the text (text and classification formats).")
     label_field: str = Field("label", description="Column with the class, an int or a string (classification).")
     messages_field: str = Field("messages", description="Column with the conversation (chat format).")
-    packing: bool = Field(False, description="Concatenate short training examples into sequences of max_length "
-                          "tokens (alpaca, chat, text). Not for classification.")
+    packing: bool = Field(False, description="Pack whole training examples (in order, never cut) into blocks of at "
+                          "most max_length tokens, each example attending only to itself (position ids restart per "
+                          "example; a block-diagonal mask, or varlen flash-attention); the Fisher pass and evaluation "
+                          "use unpacked examples (alpaca, chat, text). Not for classification.")
     max_length: int = Field(256, gt=8, description="Token limit per example; longer examples are truncated.")
     max_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the training file.")
     max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")
     max_test_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the test file "
                                              "(default: all).")
+    role_field: str = Field("role", description="Key of a turn's role in each message (chat format); 'from' for "
+                            "ShareGPT data.")
+    content_field: str = Field("content", description="Key of a turn's text in each message (chat format); 'value' "
+                               "for ShareGPT data.")
+    role_map: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant"},
+                                     description="Role names of the data -> chat-template roles (user, assistant, "
+                                     "system); roles not listed are kept. The default maps ShareGPT's human / gpt.")
+    chat_template: Optional[str] = Field(None, description="Chat template to render with instead of the tokenizer's: "
+                                         "a Jinja string, or the path of a file holding one (chat format, and the "
+                                         "alpaca prompt).")
+    train_turns: Literal["assistant", "last", "all"] = Field(
+        "assistant", description="Which tokens of a conversation are learned (chat format): assistant = every "
+        "assistant turn, last = the last assistant turn only, all = every token of the rendered conversation.")
+    datasets: list[DatasetEntry] = Field(
+        default_factory=list, description="Several training datasets mixed in one run, instead of data.path: a list "
+        "of {path, weight, and any of format, text_field, label_field, messages_field, role_field, content_field, "
+        "role_map, chat_template, train_turns, max_examples} (the rest from this section). Each is row-checked before "
+        "weights load; the mix holds each dataset weight times (seeded for fractions), shuffled with a fixed seed.")
 
     @model_validator(mode="after")
     def _packing_format(self):
+        if (self.path is None) == (not self.datasets):
+            raise ValueError("data: give data.path (one dataset) or data.datasets (a list of {path, weight, ...}), "
+                             "exactly one of them")
+        formats = {FORMATS[e.format or self.format].classification for e in self.datasets}
+        if len(formats) > 1:
+            raise ValueError("data.datasets mixes classification with text-generation formats; a run trains one "
+                             "kind of head")
+        if self.datasets and self.eval_split and any(e.weight > 1 for e in self.datasets):
+            raise ValueError("data.eval_split with a data.datasets weight above 1 would hold out copies of training "
+                             "examples; give data.eval_path instead")
         if self.packing and FORMATS[self.format].classification:
             raise ValueError("data.packing=true does not apply to data.format=classification (one label per "
                              "example); set data.packing=false")
@@ -217,8 +283,13 @@ class DataSection(_Section):
         return self
 
 
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+
+
 class TrainSection(_Section):
-    max_steps: int = Field(100, gt=0, description="Optimizer steps of masked training (after any FISH warm-up).")
+    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps of the whole run, fish.dense_steps "
+                                     "included. Wins over train.epochs when both are set; 100 when neither is.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (masked entries stay fixed anyway).")
     seed: int = Field(0, description="Seed of adapter initialisation, dropout and data order.")
@@ -228,8 +299,12 @@ class TrainSection(_Section):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer, used unless the DeepSpeed "
                                                "JSON names one.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
-    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="LR schedule after warm-up.")
-    lr_warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up steps.")
+    scheduler: Literal[SCHEDULERS] = Field(
+        "linear", description="LR schedule over the run's steps, built by transformers.get_scheduler (the names of "
+        "TrainingArguments.lr_scheduler_type): linear, cosine, cosine_with_restarts, polynomial, constant (no "
+        "warm-up), constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, "
+        "warmup_stable_decay. Options of a schedule in train.scheduler_kwargs.")
+    lr_warmup_steps: int = Field(0, ge=0, description="LR warm-up steps (linear from 0, as transformers does).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Training precision: auto = bf16 where the GPU supports it, fp32 on CPU (resolved once "
         "when the config loads; fish_report.json records the result). fp16 is not offered.")
@@ -253,6 +328,25 @@ class TrainSection(_Section):
         ["tensorboard"], description="Experiment trackers (rank 0): tensorboard (output_dir/tensorboard), wandb "
         "(WANDB_PROJECT, WANDB_MODE=offline work), mlflow (MLFLOW_TRACKING_URI, default output_dir/mlruns); each gets "
         "the run config, the mask summary and every metric. wandb and mlflow: pip install 'fishds[trackers]'.")
+    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training data (after packing) when "
+                                    "train.max_steps is not set: steps = ceil(epochs x blocks per epoch / "
+                                    "(micro_batch_size x ranks x grad_accum)); fractions allowed. Metrics record "
+                                    "the epoch of every step.")
+    lr_warmup_ratio: float = Field(0.0, ge=0, lt=1, description="LR warm-up as a fraction of the run's steps "
+                                   "(ceil(ratio x steps), as transformers); instead of train.lr_warmup_steps.")
+    scheduler_kwargs: dict = Field(default_factory=dict, description="Options of train.scheduler passed to "
+                                   "transformers.get_scheduler (scheduler_specific_kwargs), e.g. {num_cycles: 2} for "
+                                   "cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, "
+                                   "{num_decay_steps: 20} for warmup_stable_decay.")
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if self.lr_warmup_steps and self.lr_warmup_ratio:
+            raise ValueError("train.lr_warmup_steps and train.lr_warmup_ratio are both set; give one of them")
+        if self.scheduler == "constant" and (self.lr_warmup_steps or self.lr_warmup_ratio):
+            raise ValueError("train.scheduler=constant has no LR warm-up (transformers' constant schedule); use "
+                             "train.scheduler=constant_with_warmup, or drop train.lr_warmup_steps / lr_warmup_ratio")
+        return self
 
 
 class Config(_Section):

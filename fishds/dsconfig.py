@@ -12,7 +12,7 @@ Hugging Face integration fills (transformers.integrations.deepspeed, HfTrainerDe
 - scheduler: WarmupLR, WarmupDecayLR and WarmupCosineLR are honoured (DeepSpeed builds them) when their type
   matches train.scheduler (constant, linear, cosine); params warmup_min_lr = 0, warmup_max_lr / cos_min_ratio
   from train.lr, warmup_num_steps = max(1, train.lr_warmup_steps) (DeepSpeed refuses 0),
-  total_num_steps = fish.warmup_steps + train.max_steps. Other types are refused, naming scheduler.type.
+  total_num_steps = train.max_steps (fish.dense_steps are part of it). Other types are refused, naming scheduler.type.
 A value given explicitly must agree with the fishds config (one source of truth); an "auto" left anywhere else
 is refused before any weights load, naming its key. zero_optimization.round_robin_gradients (LLaMA-Factory's
 ds_z2 sets it) is turned off at ZeRO 1/2: DeepSpeed 0.19.8 then maps fp32 masters to the wrong parameters.
@@ -83,8 +83,13 @@ def _left_auto(tree, prefix: str = "") -> list[str]:
     return [prefix[:-1]] if tree == "auto" else []
 
 
-def total_steps(cfg: Config) -> int:
-    return cfg.fish.warmup_steps + cfg.train.max_steps
+def total_steps(cfg: Config) -> int | None:
+    """Optimizer steps of the whole run (fish.dense_steps included), or None when train.epochs sets the length
+    (known only once the data is read)."""
+    from .run.schedule import DEFAULT_STEPS
+
+    t = cfg.train
+    return t.max_steps if t.max_steps is not None else None if t.epochs is not None else DEFAULT_STEPS
 
 
 def resolve_ds_config(cfg: Config, path: str | None, world_size: int, model_path: str | None = None) -> dict:
@@ -173,5 +178,10 @@ def _scheduler(sched: dict, cfg: Config, src: str) -> None:
         _fill_only(params, "warmup_type", "linear")
     _fill(params, "warmup_num_steps", warm, src + " scheduler.params", "max(1, train.lr_warmup_steps)")
     if kind != "WarmupLR":
-        _fill(params, "total_num_steps", total_steps(cfg), src + " scheduler.params",
-              "fish.warmup_steps + train.max_steps")
+        total = total_steps(cfg)
+        if total is None and params.get("total_num_steps", "auto") == "auto":
+            raise ConfigError(f"{src}: scheduler.params.total_num_steps='auto' needs train.max_steps (with "
+                              "train.epochs the run's length is known only once the data is read); set train.max_steps, "
+                              "or a number in the JSON, or remove the scheduler section")
+        if total is not None:
+            _fill(params, "total_num_steps", total, src + " scheduler.params", "train.max_steps")

@@ -24,7 +24,8 @@ def resolve_model_path(cfg: Config) -> str:
     if name == "all-minilm-l6-v2":
         from .assets import all_minilm_l6_v2
         return str(all_minilm_l6_v2())
-    return name
+    from .hub import resolve_model
+    return resolve_model(name)  # a local folder, or the Hub snapshot of org/name
 
 
 def is_classification(cfg: Config) -> bool:

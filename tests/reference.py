@@ -83,20 +83,29 @@ def reference_moments(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict
 
 def reference_warmup(cfg: Config, state: dict[str, torch.Tensor], world: int, steps: int) -> tuple[dict, dict]:
     """Plain torch AdamW from `state` for `steps` steps on the batches `world` data-parallel ranks would see (the
-    mean of the ranks' losses, fishds' LR schedule, no clipping): the adapter and AdamW's exp_avg_sq after them."""
+    step's loss: the sum of every target token's cross-entropy over the ranks' batches, divided by their target
+    count; fishds' LR schedule, no clipping): the adapter and AdamW's exp_avg_sq after them."""
+    from fishds.run import schedule
     from fishds.run.data import ShardedBatches
-    from fishds.run.train import _schedule
 
     examples, collate = _examples(cfg)
     model = model_with_state(cfg, state)
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = _schedule(cfg, cfg.fish.warmup_steps + cfg.train.max_steps)(opt)
+    sched = schedule.scheduler(cfg, cfg.train.max_steps)(opt)
     batches = [ShardedBatches(examples, cfg.train.micro_batch_size, r, world, cfg.train.seed) for r in range(world)]
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        (sum(model(**collate(b.next())).loss for b in batches) / world).backward()
+        step = [collate(b.next()) for b in batches]
+        sums, targets = [], 0
+        for batch in step:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            sums.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                          ignore_index=-100, reduction="sum"))
+            targets += int((labels != -100).sum())
+        (sum(sums) / targets).backward()
         opt.step()
         sched.step()
     return ({n: p.detach().clone() for n, p in params.items()},

@@ -54,7 +54,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("overrides", nargs="*")
 args = ap.parse_args()
 out = Path(args.out)
-cfg = load_config(None, args.overrides + [f"fish.warmup_steps={WARMUP}"])
+cfg = load_config(None, args.overrides + [f"fish.dense_steps={WARMUP}"])
 s = setup(cfg, args.ds_config)
 engine, pool = s.engine, s.pool
 examples = scoring_examples(cfg.fish, s.examples)
@@ -69,7 +69,7 @@ assert all(torch.equal(gather_adapter(pool)[n], v) for n, v in state_a.items())
 def run_rules(rules: dict, initial=None):
     for name, ov in rules.items():
         rcfg = load_config(None, args.overrides + [f"{k}={v}" for k, v in ov.items()] + [
-            f"fish.warmup_steps={WARMUP}", "fish.save_scores=true", f"output_dir={out / name}"])
+            f"fish.dense_steps={WARMUP}", "fish.save_scores=true", f"output_dir={out / name}"])
         (out / name).mkdir(parents=True, exist_ok=True)
         masks, report = select_masks(rcfg.fish, engine, pool, s.k, examples, s.collate, rcfg.train.micro_batch_size,
                                      out / name, initial)

@@ -97,7 +97,7 @@ def test_compact_matches_dense_masked_adamw_two_ranks(toy, tmp_path, ds_config):
     extra = {"train.weight_decay": 0.1, "train.grad_clip": 0.5, "train.max_steps": 5, "fish.keep_ratio": 0.1,
              "data.max_eval_examples": 4}
     if ds_config == "zero3.json":
-        extra.update({"fish.warmup_steps": 1, "train.save_every": 2})
+        extra.update({"fish.dense_steps": 1, "train.save_every": 2})
     dense, comp = tmp_path / "dense", tmp_path / "compact"
     compact = {**extra, "fish.compact_optimizer": "true"}
     launch(2, base_overrides(toy, dense, **extra), ds_config)

@@ -101,13 +101,13 @@ def test_text_format_and_packing(toy, tmp_path):
     assert all(e["labels"] == e["input_ids"] for e in plain)  # causal LM loss on every token
     assert len(plain) == len(rows) and max(len(e["input_ids"]) for e in plain) == 16  # truncated
     packed = pack(plain, 16)
-    assert all(len(e["input_ids"]) == 16 for e in packed[:-1]) and len(packed[-1]["input_ids"]) <= 16
+    assert all(len(e["input_ids"]) <= 16 for e in packed) and len(packed) < len(plain)
     assert sum(len(e["input_ids"]) for e in packed) == sum(len(e["input_ids"]) for e in plain)
-    assert len(packed) < len(plain)
-    # pack keeps every token with its label, in order
-    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [-100, 5]}]
-    # the last piece [5] has no label after its first token, so it is dropped
-    assert pack(examples, 4) == [{"input_ids": [1, 2, 3, 4], "labels": [-100, 2, 3, -100]}]
+    # pack keeps whole examples in order (never cut), their lengths in seq_lens, each first label -100
+    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]},
+                {"input_ids": [6, 7, 8], "labels": [6, 7, 8]}]
+    assert pack(examples, 5) == [{"input_ids": [1, 2, 3, 4, 5], "labels": [-100, 2, 3, -100, 5], "seq_lens": [3, 2]},
+                                 {"input_ids": [6, 7, 8], "labels": [-100, 7, 8], "seq_lens": [3]}]
 
 
 def test_classification_examples_and_collation(toy, tmp_path):

@@ -84,7 +84,7 @@ def test_pass_scores_match_plain_pytorch(runs, ranks):
 def test_warmup_scores_match_plain_pytorch(runs, ranks):
     d, ov = runs[ranks]
     meta = json.loads((d / "meta.json").read_text())
-    cfg = load_config(None, ov + [f"fish.warmup_steps={meta['warmup']}"])
+    cfg = load_config(None, ov + [f"fish.dense_steps={meta['warmup']}"])
     state = load_file(str(d / "state_a.safetensors"))
     theta, v = reference_warmup(cfg, state, ranks, meta["warmup"])
     final = load_file(str(d / "final.safetensors"))

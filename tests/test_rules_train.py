@@ -17,7 +17,7 @@ from test_distributed import assert_mask_enforced
 def test_adam_v_module_keeps_warmed_up_unselected_entries_zero2(toy, tmp_path):
     """adam_v read from ZeRO-2's flat fp32 optimizer partition (movement and ZeRO-0/3 are in test_rules_dist)."""
     out = tmp_path / "adam_v"
-    ov = base_overrides(toy, out, **{"fish.score": "adam_v", "fish.allocation": "module", "fish.warmup_steps": 2,
+    ov = base_overrides(toy, out, **{"fish.score": "adam_v", "fish.allocation": "module", "fish.dense_steps": 2,
                                      "fish.reset_unselected": "false", "train.weight_decay": 0.1})
     launch(2, ov, "zero2.json")
     _, masks, report = assert_mask_enforced(out, 224, bitwise_moved=False)

@@ -173,8 +173,8 @@ def test_allocation_report_coverage_and_layers():
 
 
 @pytest.mark.parametrize("overrides,field", [
-    (["fish.score=adam_v"], "fish.warmup_steps"),
-    (["fish.score=movement"], "fish.warmup_steps"),
+    (["fish.score=adam_v"], "fish.dense_steps"),
+    (["fish.score=movement"], "fish.dense_steps"),
     (["fish.score=random", "fish.allocation=module"], "fish.allocation=module"),
     (["fish.selection=random", "fish.score=saliency"], "fish.score"),
     (["fish.score=random", "fish.control=random_matched"], "fish.control=random_matched"),

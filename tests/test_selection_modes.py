@@ -76,7 +76,7 @@ def test_dense_trains_every_entry(toy, tmp_path):
 def test_warmup_resets_unselected_entries_under_zero3(toy, tmp_path):
     """Dense warm-up of 2 steps, then scoring: A now scores > 0; unselected entries go back to their initial values."""
     out = tmp_path / "warm"
-    ov = base_overrides(toy, out, **{"fish.warmup_steps": 2, "train.weight_decay": 0.1})
+    ov = base_overrides(toy, out, **{"fish.dense_steps": 2, "train.weight_decay": 0.1})
     launch(2, ov, "zero3.json")
     _, masks, report = assert_mask_enforced(out, 224, bitwise_moved=False)
     assert report["share"]["lora_A"] > 0

@@ -16,7 +16,7 @@ Per selected local entry the state is exp_avg (4 B) + exp_avg_sq (4 B) + index (
 master partition (DeepSpeed copies it into the model weights after every step) and the fp32 gradient
 partition (DeepSpeed reduces dense buffers).
 
-Before the mask is fixed (fish.warmup_steps) the optimizer is an ordinary dense AdamW; when the mask
+Before the mask is fixed (fish.dense_steps) the optimizer is an ordinary dense AdamW; when the mask
 is set, existing dense moments are cut down to the selected entries. The indices live in the
 optimizer state (key `idx`), so DeepSpeed checkpoints save and resume the compact state as they are.
 Only AdamW is offered: train.optimizer=sgd, an optimizer named in the DeepSpeed JSON, optimizer

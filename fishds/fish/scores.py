@@ -57,7 +57,7 @@ class Score:
     name: str
     compute: Callable[[ScoreContext], torch.Tensor]  # this rank's chunk: fp32 values (>= 0), or int64 keys (random)
     needs_pass: bool = False  # a forward/backward pass over fish.num_samples scoring examples
-    needs_warmup: bool = False  # state of the dense warm-up (fish.warmup_steps > 0)
+    needs_warmup: bool = False  # state of the dense warm-up (fish.dense_steps > 0)
     lowest: bool = False  # the k lowest values instead of the k highest
     is_random: bool = False  # compute returns keys, not values
 
@@ -111,7 +111,7 @@ def adam_state(engine, t: PoolTensor, key: str = "exp_avg_sq") -> torch.Tensor:
         value = zero.stage0_optimizer_state(engine, t.param, key)
     if value is None:
         raise FisherError(f"fish.score=adam_v: no AdamW {key} for {t.name}; it needs train.optimizer=adamw (or an "
-                          "Adam optimizer in the DeepSpeed JSON) and fish.warmup_steps > 0")
+                          "Adam optimizer in the DeepSpeed JSON) and fish.dense_steps > 0")
     return value.reshape(-1)[:t.numel]
 
 
@@ -135,7 +135,7 @@ def _adam_v(ctx: ScoreContext) -> torch.Tensor:
 
 def _movement(ctx: ScoreContext) -> torch.Tensor:
     if ctx.initial is None:
-        raise FisherError("fish.score=movement needs the adapter at the warm-up's start (fish.warmup_steps > 0)")
+        raise FisherError("fish.score=movement needs the adapter at the warm-up's start (fish.dense_steps > 0)")
     now = chunk_of(ctx.pool, ctx.start, ctx.end, _theta)
     return now.sub_(chunk_of(ctx.pool, ctx.start, ctx.end, lambda t: ctx.initial[t.name])).abs_()
 

@@ -141,7 +141,7 @@ class FishCallback(TrainerCallback):
                  scoring_dataset=None, pool_include=(), pool_exclude=(), mask_path: str | None = None,
                  output_dir: str | None = None, save_initial_adapter: bool = True):
         self.fish = fish_section(keep_ratio=keep_ratio, num_selected=num_selected, num_samples=num_samples,
-                                 selection=selection, granularity=granularity, warmup_steps=warmup_steps, seed=seed,
+                                 selection=selection, granularity=granularity, dense_steps=warmup_steps, seed=seed,
                                  per_example=per_example,
                                  pool_include=list(pool_include), pool_exclude=list(pool_exclude), mask_path=mask_path)
         self.scoring_dataset, self.output_dir, self.save_initial = scoring_dataset, output_dir, save_initial_adapter
@@ -153,6 +153,7 @@ class FishCallback(TrainerCallback):
 
     def __getattr__(self, name):  # keep_ratio, selection, warmup_steps, ...: the validated `fish:` section
         fish = self.__dict__.get("fish")
+        name = "dense_steps" if name == "warmup_steps" else name  # the callback's name of fish.dense_steps
         if fish is not None and name in type(fish).model_fields:
             return getattr(fish, name)
         raise AttributeError(name)

@@ -3,7 +3,7 @@
 Inputs (data.path, data.eval_path, data.test_path): a .jsonl / .json / .csv / .parquet file, or a folder
 written by `datasets.Dataset.save_to_disk` (a DatasetDict folder: its "train" split for data.path, its
 "validation" or "test" split for the others). Rows are checked for the fields of data.format before any
-weights load (`read_rows`), with the row number in the message. Formats and tokenisation: fishds/formats.py.
+weights load (`read_rows`), with the row number in the message. Formats and tokenisation: fishds/run/formats.py.
 Tokenisation runs once per (file content, tokenizer, settings) and is cached by `datasets` (an arrow
 file under the fishds cache), rank 0 first, the other ranks read the cache. Independent runs share it: one
 process tokenises while holding `<fingerprint>.lock`, writes the arrow file under a temporary name, renames it
@@ -17,15 +17,17 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import cache as fcache
 from .. import dist as fdist
 from ..config import ConfigError, DataSection
-from .formats import FORMATS, check_row, tokenize_row
+from .examples import ArrowExamples
+from .formats import FORMATS, chat_template, check_row, tokenize_row
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-CACHE_VERSION = "fishds-data-2"
+CACHE_VERSION = "fishds-data-3"
 
 
 def _read_json_lines(p: Path, key: str, path) -> list[tuple[int, object]]:
@@ -56,8 +58,8 @@ def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
-                wanted = (["train"] if key == "data.path" else ["validation", "test"] if key == "data.eval_path"
-                          else ["test"])
+                wanted = (["validation", "test"] if key == "data.eval_path" else ["test"] if key == "data.test_path"
+                          else ["train"])
                 split = next((s for s in wanted if s in ds), None)
                 if split is None:
                     raise ConfigError(f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
@@ -122,57 +124,69 @@ def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_
 
 
 def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
-                  labels: list | None = None, cache: Path | None = None, rows: list[dict] | None = None) -> list[dict]:
-    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache).
-    rows: the checked rows of `path` when the caller has read them already (preflight), else they are read here."""
+                  labels: list | None = None, cache: Path | None = None, rows: list[dict] | None = None,
+                  counts: dict | None = None) -> ArrowExamples:
+    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache), as a
+    sequence of {"input_ids", "labels"} over the memory-mapped, checked cache file (fishds/examples.py).
+    rows: the checked rows of `path` when the caller has read them already (preflight), else they are read here.
+
+    `counts`, when given, receives {"rows", "truncated", "dropped"}: rows read, examples data.max_length cut
+    (kept), and examples dropped because no target token was left."""
     import datasets
 
     from ..assets import cache_dir
 
+    template = chat_template(data)
+    if template is not None:
+        tokenizer.chat_template = template  # data.chat_template replaces the tokenizer's (chat, alpaca prompts)
     if FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None):
         raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
                           "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")
+    counts = {} if counts is None else counts
     cache = cache or cache_dir() / "tokenized"
     cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
 
     record_file = cache_file.with_suffix(".json")
 
-    def read_cached() -> tuple[list[dict] | None, str | None]:
-        """The cached examples (None if absent or failing the check against their record) and what failed."""
+    def read_cached() -> tuple[ArrowExamples | None, str | None]:
+        """The cached examples, memory-mapped (None if absent or failing the check against their record), and what
+        failed."""
         if not record_file.is_file():
             return None, None
         try:
             rec = json.loads(record_file.read_text())
             if cache_file.stat().st_size != rec["size"]:
                 return None, f"{cache_file.name} is {cache_file.stat().st_size} bytes, {rec['size']} were written"
-            ds = datasets.Dataset.from_file(str(cache_file))
+            ds = datasets.Dataset.from_file(str(cache_file))  # memory-mapped
             if len(ds) != rec["rows"]:
                 return None, f"{cache_file.name} holds {len(ds)} rows, {rec['rows']} were written"
-            return ds.to_list(), None
+            return _kept(ds), None
         except Exception as e:  # noqa: BLE001 - an unreadable cache file is rebuilt
             return None, f"{type(e).__name__}: {e}"
 
-    def tokenize() -> list[dict]:
+    def tokenize() -> ArrowExamples:
         checked = rows if rows is not None else read_rows(path, key, data, limit)
         table = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in checked])
         print(f"[fishds.data] tokenizing {key} ({len(table)} rows) into {cache_file}", flush=True)
         label_type = (datasets.Value("int64") if FORMATS[data.format].classification
                       else datasets.List(datasets.Value("int64")))
-        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type})
+        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type,
+                                      "truncated": datasets.Value("int8")})
         for stale in cache.glob(f".{cache_file.stem}.tmp-*"):  # of a killed process that held the lock
             stale.unlink(missing_ok=True)
         tmp = cache / f".{cache_file.stem}.tmp-{os.getpid()}.arrow"
         try:
             tok = table.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
-                           remove_columns=["row"], cache_file_name=str(tmp), desc=f"tokenizing {key}")
-            examples = tok.to_list()
+                            remove_columns=["row"], cache_file_name=str(tmp), desc=f"tokenizing {key}")
+            n = len(tok)
+            del tok
             os.replace(tmp, cache_file)
         finally:
             tmp.unlink(missing_ok=True)
-        fcache.write_json(record_file, {**fcache.file_record(cache_file), "rows": len(examples)})
-        return examples
+        fcache.write_json(record_file, {**fcache.file_record(cache_file), "rows": n})
+        return _kept(datasets.Dataset.from_file(str(cache_file)))  # memory-mapped from its final name
 
-    def build() -> list[dict]:
+    def build() -> ArrowExamples:
         examples, _ = read_cached()  # the arrow file datasets' map wrote: no need to read and parse the rows again
         if examples is None:
             with fcache.lock(cache_file.with_suffix(".lock"), f"tokenizing {key}"):
@@ -182,7 +196,16 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
                         print(f"[fishds.data] cached tokenisation of {key} failed its check ({problem}): "
                               "rebuilding", flush=True)
                     examples = tokenize()
-        return [e for e in examples if e["input_ids"]]
+        return examples
+
+    def _kept(ds) -> ArrowExamples:
+        """The usable rows (some target left) as a view of the arrow file; counts from its columns."""
+        import pyarrow.compute as pc
+
+        keep = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False) > 0
+        cut = ds.data.column("truncated").to_numpy()
+        counts.update(rows=len(ds), truncated=int(cut[keep].sum()), dropped=int((~keep).sum()))
+        return ArrowExamples(ds, np.flatnonzero(keep))
 
     datasets.disable_progress_bars()
     if fdist.world_size() > 1 and not fdist.is_main():
@@ -197,16 +220,37 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     if not examples:
         what = ("no response token is left to learn" if FORMATS[data.format].response_only
                 else "no token is left")
-        raise ConfigError(f"{key}={path!r}: every example's prompt is longer than data.max_length={data.max_length}, "
-                          f"so {what}; raise data.max_length")
+        raise ConfigError(f"{key}={path!r}: every example (all {counts['rows']}) loses all its target tokens to "
+                          f"data.max_length={data.max_length}, so {what}; raise data.max_length")
     return examples
 
 
-class Collator:
-    """Right-padded batches; per-token labels (-100 on padding) or one class label per example."""
+def data_counts_line(key: str, counts: dict, max_length: int) -> str:
+    """The start-of-run line: rows read, truncated and dropped examples of one data file."""
+    return (f"[fishds] {key}: {counts['rows']:,} rows, {counts['truncated']:,} truncated to data.max_length="
+            f"{max_length}, {counts['dropped']:,} dropped (no target token left)")
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+
+def data_counts_report(counts: dict) -> dict:
+    """fish_report.json entries: per data key, rows read, examples truncated, examples dropped."""
+    return {"data_rows": {k: c["rows"] for k, c in counts.items()},
+            "truncated_examples": {k: c["truncated"] for k, c in counts.items()},
+            "dropped_examples": {k: c["dropped"] for k, c in counts.items()}}
+
+
+class Collator:
+    """Right-padded batches; per-token labels (-100 on padding) or one class label per example.
+
+    Packed blocks (examples with `seq_lens`, from formats.pack): position ids restart at 0 for every example, and
+    no token attends across an example's boundary. With a varlen-capable attention (an attn_impl naming flash),
+    the position ids alone say where examples start (as transformers' DataCollatorWithFlattening gives them, no
+    attention_mask); otherwise (sdpa, eager, ...) a 4-D block-diagonal causal mask [batch, 1, L, L] is passed,
+    which transformers uses as given: boolean (True = attend) for sdpa, additive (0 / dtype min) in `dtype` for
+    eager. The padding after the last example is one more block, so no row of the mask is empty.
+    """
+
+    def __init__(self, pad_id: int, attn_impl: str | None = "sdpa", dtype: torch.dtype = torch.float32):
+        self.pad_id, self.attn_impl, self.dtype = pad_id, attn_impl or "sdpa", dtype
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         n = max(len(e["input_ids"]) for e in examples)
@@ -221,7 +265,26 @@ class Collator:
             attn[i, :L] = 1
             if per_token:
                 labels[i, :L] = torch.tensor(e["labels"])
+        if "seq_lens" in examples[0]:
+            return {"input_ids": ids, "labels": labels, **self._packed(examples, n)}
         return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+    def _packed(self, examples: list[dict], n: int) -> dict[str, torch.Tensor]:
+        """position_ids restarting per example, and (unless varlen attention) the block-diagonal causal mask."""
+        pos = torch.zeros((len(examples), n), dtype=torch.long)
+        seg = torch.zeros((len(examples), n), dtype=torch.long)
+        for i, e in enumerate(examples):
+            lens = list(e["seq_lens"]) + ([n - sum(e["seq_lens"])] if sum(e["seq_lens"]) < n else [])
+            pos[i] = torch.cat([torch.arange(L) for L in lens])
+            seg[i] = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        if "flash" in self.attn_impl:  # flash_attention_2/3, kernels-community/flash-attn*: varlen
+            return {"position_ids": pos}
+        causal = torch.ones((n, n), dtype=torch.bool).tril()
+        mask = (seg[:, :, None] == seg[:, None, :]) & causal  # [batch, query, key]
+        mask = mask[:, None]
+        if self.attn_impl != "sdpa":
+            mask = torch.zeros(mask.shape, dtype=self.dtype).masked_fill(~mask, torch.finfo(self.dtype).min)
+        return {"position_ids": pos, "attention_mask": mask}
 
 
 class ShardedBatches:

@@ -75,7 +75,7 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
             for tracker in self.trackers:  # none once closed: the JSON line only
                 tracker.log(record)
-            training = record.get("phase", "eval") in ("train", "warmup")
+            training = record.get("phase", "eval") in ("train", "warmup", "dense")
             if not training or time.monotonic() - self._flushed > self.FLUSH_S:
                 self.flush()
 

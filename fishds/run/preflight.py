@@ -16,11 +16,12 @@ from ..files import CHECKPOINT_STATE, REPORT_FILE
 from ..fish.compact import check_config as check_compact
 from ..fish import rules
 from ..fish.selection import rule
+from ..hub import resolve_dataset
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
-from . import best, reshard, trackers
+from . import best, reshard, schedule, trackers
 from .checkpoint import find_resume
 from .data import read_rows
-from .formats import label_list
+from .mixing import labels_of, read_sources, sources
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Plan:
     labels: list | None = None  # classification: the classes, in class-id order
     ds: dict = field(default_factory=dict)  # the resolved DeepSpeed config
     rows: dict = field(default_factory=dict)  # config key (data.path, ...) -> the checked rows preflight read
+    data_counts: dict = field(default_factory=dict)  # per data key: rows, truncated, dropped (load_examples)
+    sources: list = field(default_factory=list)  # the training sources (mixing.Source): data.path or data.datasets
 
 
 def preflight(cfg: Config, ds_path: str | None) -> Plan:
@@ -48,6 +51,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     ds = resolve_ds_config(cfg, ds_path, world, model_path)  # fp16, ZeRO stage, "auto"s, contradictions: up front
     check_compact(cfg, ds)
     trackers.check(cfg)
+    schedule.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     rules.check(cfg, ds)
     if rules.needs_pass(cfg.fish) and cfg.fish.num_samples < world:
@@ -59,10 +63,14 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         from ..assets import rotten_tomatoes
         files = rotten_tomatoes("classification" if is_classification(cfg) else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
-    rows = {"data.path": read_rows(data_path, "data.path", d, d.max_examples)}
-    labels = label_list(rows["data.path"], d) if is_classification(cfg) else None
+    srcs = sources(d, data_path)  # data.path or data.datasets, Hub names resolved
+    read = read_sources(srcs)
+    rows = {s.key: r for s, r in read}
+    labels = labels_of(read) if is_classification(cfg) else None
+    eval_path, test_path = (resolve_dataset(p, k) if p else None for p, k in ((eval_path, "data.eval_path"),
+                                                                              (d.test_path, "data.test_path")))
     for key, path, limit in (("data.eval_path", eval_path, d.max_eval_examples),
-                             ("data.test_path", d.test_path, d.max_test_examples)):
+                             ("data.test_path", test_path, d.max_test_examples)):
         if path:
             rows[key] = read_rows(path, key, d, limit)
             unknown = sorted({str(r[d.label_field]) for r in rows[key]} - {str(v) for v in labels}) if labels else []
@@ -85,8 +93,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     n_labels = len(labels) if labels else None
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
-    return Plan(model_path, data_path, eval_path, ds_path, out, resume_from,
-                baseline_counts(cfg, model_path, n_labels), d.test_path, labels, ds, rows)
+    return Plan(model_path, srcs[0].path, eval_path, ds_path, out, resume_from,
+                baseline_counts(cfg, model_path, n_labels), test_path, labels, ds, rows, sources=srcs)
 
 
 def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None) -> dict[int, int]:

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,11 +39,15 @@ from ..fish.selection import (
     select_masks,
 )
 from ..model import head_patterns, load_peft_model, load_tokenizer, peft_method
-from . import best
+from . import best, schedule
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
-from .data import Collator, ShardedBatches, load_examples
+from .data import Collator, ShardedBatches, data_counts_line, data_counts_report, load_examples
 from .evaluate import evaluate
+from .examples import subset
 from .formats import pack
+from .loss import loss_sum as token_loss_sum
+from .loss import step_targets
+from .mixing import mix
 from .outputs import MetricsLog, save_adapter, write_run_config
 from .preflight import Plan, preflight
 from .reshard import data_position
@@ -69,21 +72,6 @@ def start_fresh(plan: Plan) -> None:
         os.replace(old, old.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
-def _schedule(cfg: Config, total_steps: int):
-    t = cfg.train
-
-    def factor(step: int) -> float:
-        if step < t.lr_warmup_steps:
-            return (step + 1) / (t.lr_warmup_steps + 1)
-        progress = (step - t.lr_warmup_steps) / max(1, total_steps - t.lr_warmup_steps)
-        if t.scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if t.scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def _client_optimizer(cfg: Config, ds: dict):
     if "optimizer" in ds:
         return None  # DeepSpeed builds the one named in the JSON
@@ -95,17 +83,21 @@ def _client_optimizer(cfg: Config, ds: dict):
 
 
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
-    """One optimizer step over grad_accum micro-batches; returns loss and token counts (this rank).
-    One device synchronisation per step (the loss read at the end); tokens are counted on the host batch."""
+    """One optimizer step over grad_accum micro-batches, the loss averaged over all the step's targets on all ranks
+    (fishds/run/loss.py); returns this rank's share of that mean loss, token and target counts.
+    One device synchronisation per step (the loss read at the end, besides the targets' all-reduce before the first
+    micro-batch); tokens are counted on the host examples."""
     dev = fdist.device()
-    losses, tokens, grad_norm = [], 0, None
+    losses, grad_norm = [], None
     lr = engine.get_lr()[0]
-    for micro in range(grad_accum):
-        host = collate(batches.next())
-        tokens += int(host["attention_mask"].sum())
+    raw = [batches.next() for _ in range(grad_accum)]
+    tokens = sum(len(e["input_ids"]) for examples in raw for e in examples)
+    micro_batches = [collate(examples) for examples in raw]
+    targets = step_targets(micro_batches)
+    for micro, host in enumerate(micro_batches):
         batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
-        loss = engine(**batch).loss
-        engine.backward(loss)
+        loss = token_loss_sum(engine, batch) / targets
+        engine.backward(loss * fdist.world_size(), scale_wrt_gas=False)
         if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
             grad_norm = _dense_grad_norm(engine)  # stage 0 keeps no global norm; grads are reduced here
         engine.step()
@@ -113,7 +105,7 @@ def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dic
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     grad_norm = None if grad_norm is None else float(grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm)
-    return {"loss": float(torch.stack(losses).float().sum()) / grad_accum, "tokens": tokens, "lr": lr,
+    return {"loss": float(torch.stack(losses).float().sum()), "tokens": tokens, "targets": targets, "lr": lr,
             "grad_norm": grad_norm}
 
 
@@ -133,11 +125,12 @@ class Session:
     trainable: Pool  # every trainable tensor (the pool plus fish.pool_exclude), what the adapter saves
     k: int
     budget: dict
-    examples: list
+    examples: list  # the training examples, unpacked (the Fisher pass draws from them; batches may pack them)
     eval_examples: list
     collate: Collator
     batches: ShardedBatches
     test_examples: list = field(default_factory=list)
+    total_steps: int = 0  # optimizer steps of the run, fish.dense_steps included (fishds/run/schedule.py)
 
 
 def setup(cfg: Config, ds_path: str | None = None) -> Session:
@@ -151,6 +144,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     dtype = torch.bfloat16 if t.precision == "bf16" else torch.float32
     tokenizer = load_tokenizer(plan.model_path, cfg.model.trust_remote_code)
     examples, eval_examples, test_examples = load_data(cfg, plan, tokenizer)
+    train_blocks = pack(examples, cfg.data.max_length) if cfg.data.packing else examples  # Fisher: unpacked
+    steps = schedule.total_steps(cfg, len(train_blocks), fdist.world_size())  # ConfigError before weights load
     ds = plan.ds  # resolved once, by preflight
     zero3_loading = None
     if (ds["zero_optimization"].get("stage", 0) == 3 and not peft_method(cfg).needs_base_weights_at_init
@@ -168,24 +163,34 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
     k = budget["k"]
-    total_steps = cfg.fish.warmup_steps + t.max_steps
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=_client_optimizer(cfg, ds),
-                                      lr_scheduler=None if "scheduler" in ds else _schedule(cfg, total_steps),
+                                      lr_scheduler=None if "scheduler" in ds else schedule.scheduler(cfg, steps),
                                       config=ds)
-    batches = ShardedBatches(examples, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
+    batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
+    collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
     return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
-                   Pool.from_model(engine.module), k, budget, examples, eval_examples, Collator(tokenizer.pad_token_id),
-                   batches, test_examples)
+                   Pool.from_model(engine.module), k, budget, examples, eval_examples, collate, batches, test_examples,
+                   steps)
 
 
 def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
     """Training, evaluation and test examples (eval from data.eval_path, or data.eval_split of the training rows)."""
     d = cfg.data
 
-    def load(path, key, limit):  # the rows preflight read and checked
-        return load_examples(tokenizer, path, key, d, limit, plan.labels, rows=plan.rows.get(key)) if path else []
-    examples = load(plan.data_path, "data.path", d.max_examples)
+    def load(path, key, limit, data=d):  # the rows preflight read and checked
+        if not path:
+            return []
+        counts = plan.data_counts.setdefault(key, {})
+        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, rows=plan.rows.get(key),
+                                 counts=counts)
+        fdist.print0(data_counts_line(key, counts, data.max_length))
+        return examples
+    parts = [load(s.path, s.key, s.data.max_examples, s.data) for s in plan.sources]
+    examples = mix(parts, [s.weight for s in plan.sources])
+    if len(parts) > 1:
+        fdist.print0("[fishds] training mix: " + ", ".join(f"{round(s.weight * len(p))} of {s.key}"
+                                                           for s, p in zip(plan.sources, parts)))
     eval_examples = load(plan.eval_path, "data.eval_path", d.max_eval_examples)
     if d.eval_split:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
@@ -194,9 +199,7 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
             raise ConfigError(f"data.eval_split={d.eval_split} leaves no training examples of {len(examples)}")
         held = set(order[:n_eval])
         eval_examples = [examples[i] for i in sorted(held)][:d.max_eval_examples]
-        examples = [e for i, e in enumerate(examples) if i not in held]
-    if d.packing:
-        examples = pack(examples, d.max_length)
+        examples = subset(examples, [i for i in range(len(examples)) if i not in held])
     return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
 
 
@@ -227,7 +230,7 @@ class StepLog:
     """Rank 0's record of every optimizer step: metrics.jsonl + TensorBoard, a progress bar or progress lines."""
 
     def __init__(self, s: Session):
-        self.cfg, self.total_steps = s.cfg, s.cfg.fish.warmup_steps + s.cfg.train.max_steps
+        self.cfg, self.total_steps, self.batches = s.cfg, s.total_steps, s.batches
         resume_from = s.plan.resume_from
         write_run_config(s.plan.output_dir, s.cfg, s.plan.ds)
         self.metrics = MetricsLog(s.plan.output_dir / METRICS_FILE, append=resume_from is not None,
@@ -239,8 +242,11 @@ class StepLog:
     def __call__(self, step: int, phase: str, stats: dict, seconds: float) -> None:
         sums = torch.tensor([stats["tokens"], stats["loss"]], dtype=torch.float64)
         fdist.all_reduce_(sums)
-        rec = {"step": step, "phase": phase, "loss": float(sums[1]) / fdist.world_size(), "lr": stats["lr"],
-               "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "seconds": seconds}
+        b = self.batches  # the loss is each rank's share of the step's token-weighted mean: summed, not averaged
+        rec = {"step": step, "phase": phase, "loss": float(sums[1]), "lr": stats["lr"],
+               "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "targets": stats["targets"],
+               "epoch": schedule.epoch_of(b.position, len(b.examples), self.cfg.train.micro_batch_size,
+                                          fdist.world_size()), "seconds": seconds}
         self.metrics.write(rec)
         tok_s = rec["tokens"] / max(seconds, 1e-9)
         self.bar.update(1)
@@ -261,10 +267,10 @@ def select_or_load(s: Session, log: StepLog) -> tuple[dict, dict]:
             raise ConfigError(str(e)) from None
         return masks, {"selection": f"file {cfg.fish.mask_path}", "pool_size": pool.size,
                        "k": sum(int(m.sum()) for m in masks.values())}
-    initial = gather_adapter(pool) if cfg.fish.warmup_steps else None
-    for step in range(1, cfg.fish.warmup_steps + 1):
+    initial = gather_adapter(pool) if cfg.fish.dense_steps else None
+    for step in range(1, cfg.fish.dense_steps + 1):
         t0 = time.perf_counter()
-        log(step, "warmup", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
+        log(step, "dense", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
     masks, report = select_masks(cfg.fish, engine, pool, s.k, scoring_examples(cfg.fish, s.examples), s.collate,
                                  cfg.train.micro_batch_size, s.plan.output_dir, initial)
     if initial is not None and cfg.fish.reset_unselected:
@@ -297,11 +303,11 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
     else:
         masks, report = select_or_load(s, log)
-        first_step = cfg.fish.warmup_steps + 1
+        first_step = cfg.fish.dense_steps + 1
         judge = best.BestTracker(cfg)
         report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      warmup_steps=cfg.fish.warmup_steps, method=cfg.peft.method, budget=s.budget,
-                      precision=cfg.train.precision)
+                      dense_steps=cfg.fish.dense_steps, method=cfg.peft.method, budget=s.budget,
+                      precision=cfg.train.precision, **data_counts_report(s.plan.data_counts))
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
