@@ -7,14 +7,23 @@
 Patches the module attributes of torch.distributed while active, so calls written as `dist.all_reduce(...)`
 (fishds.dist and fishds.fish.mask do) are counted; code holding its own reference to the function is not.
 """
+
 from __future__ import annotations
 
 import torch.distributed as dist
 
 # collective -> (position, keyword) of the tensor (or list of tensors) this rank sends
-SENT_ARG = {"all_reduce": (0, "tensor"), "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input_tensor"),
-            "gather": (0, "tensor"), "broadcast": (0, "tensor"), "reduce": (0, "tensor"),
-            "reduce_scatter": (1, "input_list"), "reduce_scatter_tensor": (1, "input")}
+SENT_ARG = {
+    "all_reduce": (0, "tensor"),
+    "all_gather": (1, "tensor"),
+    "all_gather_into_tensor": (1, "input_tensor"),
+    "gather": (0, "tensor"),
+    "broadcast": (0, "tensor"),
+    "reduce": (0, "tensor"),
+    "reduce_scatter": (1, "input_list"),
+    "reduce_scatter_tensor": (1, "input"),
+}
+
 
 def _nbytes(x) -> int:
     if isinstance(x, (list, tuple)):
@@ -39,6 +48,7 @@ class CommCounter:
                 self.calls += 1
                 self.by_op[_name] = self.by_op.get(_name, 0) + n
                 return _orig(*args, **kwargs)
+
             setattr(dist, name, wrapped)
         return self
 

@@ -1,5 +1,6 @@
 """What the in-process bench scripts share: a fishds session from --config / --ds_config / overrides, and
 result lines appended to bench/results/<name>.jsonl ($FISHDS_BENCH_RESULTS/<name>.jsonl when set)."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,10 @@ def session(args, prefix: str, extra: list[str] = ()):
     from fishds.config import load_config
     from fishds.run.train import setup
 
-    cfg = load_config(args.config, list(extra) + ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix=prefix)]
-                      + list(args.overrides))
+    cfg = load_config(
+        args.config,
+        list(extra) + ["overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix=prefix)] + list(args.overrides),
+    )
     return cfg, setup(cfg, args.ds_config)
 
 

@@ -38,6 +38,7 @@ selection, score, allocation, budget, trainable, seed, lr, split, metric, value,
 chosen rate, the figures, the paired differences, the A/B share, per-layer allocation and row/column coverage of
 its masks, "warnings"}), .md (the tables) and .png (figures per arm with every seed; validation curves).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,8 +59,23 @@ from fishds.config import load_config  # noqa: E402
 from fishds.files import METRICS_FILE, REPORT_FILE  # noqa: E402
 
 SELECTIONS = ("fisher", "random", "lowest", "dense", "fisher_warmup")  # the legacy arm names
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}  # Student t, two-sided 95%, by degrees of freedom
+T975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+    60: 2.000,
+}  # Student t, two-sided 95%, by degrees of freedom
 
 
 def t975(df: int) -> float:
@@ -75,18 +91,30 @@ def parse_arm(name: str, warmup: int) -> dict:
     if name in ("dense", "dense_pool"):
         return {"name": name, "score": "dense", "allocation": "-", "fish": {"fish.selection": "dense"}, "warmup": 0}
     if name in ("random_b_only", "head_only"):
-        return {"name": name, "score": "random" if name == "random_b_only" else "-", "allocation": "-",
-                "fish": {"fish.score": "random", "fish.control": name}, "warmup": 0}
+        return {
+            "name": name,
+            "score": "random" if name == "random_b_only" else "-",
+            "allocation": "-",
+            "fish": {"fish.score": "random", "fish.control": name},
+            "warmup": 0,
+        }
     from fishds.config import ALLOCATIONS, CONTROLS, SCORES
+
     rest, _, w = name.partition("@")
     rest, _, control = rest.partition("+")
     score, _, allocation = rest.partition("/")
     allocation = allocation or "global"
-    if score not in SCORES or allocation not in ALLOCATIONS or (control and control not in CONTROLS) or \
-            (w and not w.isdigit()):
-        raise SystemExit(f"compare: arm {name!r}: use SCORE[/ALLOCATION][+CONTROL][@WARMUP] with scores {SCORES}, "
-                         f"allocations {ALLOCATIONS}, controls {CONTROLS}, or dense, dense_pool, random_b_only, "
-                         "head_only, fisher_warmup")
+    if (
+        score not in SCORES
+        or allocation not in ALLOCATIONS
+        or (control and control not in CONTROLS)
+        or (w and not w.isdigit())
+    ):
+        raise SystemExit(
+            f"compare: arm {name!r}: use SCORE[/ALLOCATION][+CONTROL][@WARMUP] with scores {SCORES}, "
+            f"allocations {ALLOCATIONS}, controls {CONTROLS}, or dense, dense_pool, random_b_only, "
+            "head_only, fisher_warmup"
+        )
     fish = {"fish.score": score, "fish.allocation": allocation}
     if control:
         fish["fish.control"] = control
@@ -102,26 +130,40 @@ def task_files(cfg) -> dict[str, str]:
     d = cfg.data
     if d.path in ("rotten_tomatoes", "spam_assassin"):
         from fishds import assets
+
         files = getattr(assets, d.path)("classification" if d.format == "classification" else "alpaca")
-        return {"data.path": str(files["train"]), "data.eval_path": str(files["validation"]),
-                "data.test_path": str(files["test"])}
+        return {
+            "data.path": str(files["train"]),
+            "data.eval_path": str(files["validation"]),
+            "data.test_path": str(files["test"]),
+        }
     if not (d.eval_path and d.test_path):
-        raise SystemExit("compare: the config needs data.eval_path (validation, picks the learning rate) and "
-                         "data.test_path (reported)")
+        raise SystemExit(
+            "compare: the config needs data.eval_path (validation, picks the learning rate) and "
+            "data.test_path (reported)"
+        )
     return {"data.path": d.path, "data.eval_path": d.eval_path, "data.test_path": d.test_path}
 
 
 def parse_budget(spec: str) -> dict:
     kind, big, small = spec.split(":")
     if kind == "p1":
-        return {"name": spec, "fish": {"peft.r": int(big), "fish.budget": "match_rank", "fish.match_r": int(small)},
-                "dense": {"peft.r": int(small)}, "pool": {"peft.r": int(big)}}
+        return {
+            "name": spec,
+            "fish": {"peft.r": int(big), "fish.budget": "match_rank", "fish.match_r": int(small)},
+            "dense": {"peft.r": int(small)},
+            "pool": {"peft.r": int(big)},
+        }
     if kind == "p2":
         plain = int(big) * float(small)
         if not plain.is_integer():
             raise SystemExit(f"compare: budget {spec}: rank {big} x keep {small} is not a whole rank")
-        return {"name": spec, "fish": {"peft.r": int(big), "fish.keep_ratio": float(small)},
-                "dense": {"peft.r": int(plain)}, "pool": {"peft.r": int(big)}}
+        return {
+            "name": spec,
+            "fish": {"peft.r": int(big), "fish.keep_ratio": float(small)},
+            "dense": {"peft.r": int(plain)},
+            "pool": {"peft.r": int(big)},
+        }
     raise SystemExit(f"compare: budget {spec!r}: use p1:R:r or p2:R:p")
 
 
@@ -134,15 +176,26 @@ def arms(budgets, seeds, lrs, names, steps: int, warmup: int) -> list[dict]:
                 for seed in seeds:
                     ov = dict(b["dense"] if name == "dense" else b["pool"] if name == "dense_pool" else b["fish"])
                     ov.update(spec["fish"])
-                    ov.update({"train.seed": seed, "fish.seed": seed, "train.lr": lr,
-                               "peft.alpha": 2 * ov["peft.r"]})  # alpha/r = 2 in every arm: the same LoRA scaling
+                    ov.update(
+                        {"train.seed": seed, "fish.seed": seed, "train.lr": lr, "peft.alpha": 2 * ov["peft.r"]}
+                    )  # alpha/r = 2 in every arm: the same LoRA scaling
                     if spec["warmup"]:  # dense steps, then score: the same total steps as every arm
                         if spec["warmup"] >= steps:
-                            raise SystemExit(f"compare: arm {name}: dense steps {spec['warmup']} >= train.max_steps "
-                                             f"{steps}")
+                            raise SystemExit(
+                                f"compare: arm {name}: dense steps {spec['warmup']} >= train.max_steps {steps}"
+                            )
                         ov.update({"fish.dense_steps": spec["warmup"], "train.max_steps": steps})  # counted in it
-                    out.append({"budget": b["name"], "selection": name, "score": spec["score"],
-                                "allocation": spec["allocation"], "seed": seed, "lr": lr, "overrides": ov})
+                    out.append(
+                        {
+                            "budget": b["name"],
+                            "selection": name,
+                            "score": spec["score"],
+                            "allocation": spec["allocation"],
+                            "seed": seed,
+                            "lr": lr,
+                            "overrides": ov,
+                        }
+                    )
     return out
 
 
@@ -153,8 +206,14 @@ def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path)
     if (out / REPORT_FILE).is_file():  # finished earlier: reuse (delete the folder to rerun)
         return {**arm, "name": name, "out": str(out), "seconds": json.loads((out / "arm.json").read_text())["seconds"]}
     ov = {**common, **{k: v for k, v in arm["overrides"].items()}, "output_dir": str(out), "overwrite": "true"}
-    cmd = [sys.executable, str(ROOT / "launch/train.py"), "--config", config,
-           "--ds_config", str(ROOT / "ds_configs/zero0.json")] + [f"{k}={v}" for k, v in ov.items()]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch/train.py"),
+        "--config",
+        config,
+        "--ds_config",
+        str(ROOT / "ds_configs/zero0.json"),
+    ] + [f"{k}={v}" for k, v in ov.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     t0 = time.time()
     with open(log_dir / f"{name}.log", "w") as log:
@@ -171,20 +230,41 @@ def rows_of(result: dict, task: str, model: str, method: str, metric: str, split
     report = json.loads((out / REPORT_FILE).read_text())
     records = [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines() if line.strip()]
     curve = [(r["step"], r[f"eval_{metric}"]) for r in records if f"eval_{metric}" in r]
-    base = {"task": task, "model": model, "method": method, "selection": result["selection"],
-            "score": result["score"], "allocation": result["allocation"], "budget": result["budget"],
-            "trainable": report["budget"]["trainable"], "seed": result["seed"], "lr": result["lr"],
-            "seconds": round(result["seconds"], 1)}
-    return [{**base, "split": split, "metric": f"{split}_{metric}", "value": report["eval"][f"{split}_{metric}"],
-             **({"curve": curve} if split == "eval" else {})} for split in splits]
+    base = {
+        "task": task,
+        "model": model,
+        "method": method,
+        "selection": result["selection"],
+        "score": result["score"],
+        "allocation": result["allocation"],
+        "budget": result["budget"],
+        "trainable": report["budget"]["trainable"],
+        "seed": result["seed"],
+        "lr": result["lr"],
+        "seconds": round(result["seconds"], 1),
+    }
+    return [
+        {
+            **base,
+            "split": split,
+            "metric": f"{split}_{metric}",
+            "value": report["eval"][f"{split}_{metric}"],
+            **({"curve": curve} if split == "eval" else {}),
+        }
+        for split in splits
+    ]
 
 
 def mask_of(result: dict) -> dict:
     """Where one run's mask landed (its fish_report.json): A/B share, per-layer counts, row/column coverage."""
     report = json.loads((Path(result["out"]) / REPORT_FILE).read_text())
-    return {"share": report.get("share", {}), "per_layer": report.get("per_layer", {}),
-            "coverage": {k: {"row_share": v["row_share"], "col_share": v["col_share"]}
-                         for k, v in report.get("coverage", {}).items()}}
+    return {
+        "share": report.get("share", {}),
+        "per_layer": report.get("per_layer", {}),
+        "coverage": {
+            k: {"row_share": v["row_share"], "col_share": v["col_share"]} for k, v in report.get("coverage", {}).items()
+        },
+    }
 
 
 def _mean_dicts(items: list[dict]) -> dict:
@@ -226,28 +306,42 @@ def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") 
             lr = max(sorted(by_lr), key=lambda x: statistics.mean(by_lr[x]["eval"].values()))
             per_seed = by_lr[lr][split]
             vals = list(per_seed.values())
-            cell = {"budget": budget, "selection": sel, "score": mine[0]["score"], "allocation": mine[0]["allocation"],
-                    "lr": lr, "grid": sorted(by_lr), "trainable": mine[0]["trainable"], "split": split,
-                    "n": len(vals), "mean": statistics.mean(vals),
-                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
-                    "min": min(vals), "max": max(vals), "per_seed": per_seed,
-                    "eval_mean": statistics.mean(by_lr[lr]["eval"].values()),
-                    "eval_by_lr": {str(x): statistics.mean(v["eval"].values()) for x, v in sorted(by_lr.items())},
-                    "mask": _mean_dicts([masks[(budget, sel, lr, s)] for s in per_seed
-                                         if (budget, sel, lr, s) in masks])}
+            cell = {
+                "budget": budget,
+                "selection": sel,
+                "score": mine[0]["score"],
+                "allocation": mine[0]["allocation"],
+                "lr": lr,
+                "grid": sorted(by_lr),
+                "trainable": mine[0]["trainable"],
+                "split": split,
+                "n": len(vals),
+                "mean": statistics.mean(vals),
+                "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+                "min": min(vals),
+                "max": max(vals),
+                "per_seed": per_seed,
+                "eval_mean": statistics.mean(by_lr[lr]["eval"].values()),
+                "eval_by_lr": {str(x): statistics.mean(v["eval"].values()) for x, v in sorted(by_lr.items())},
+                "mask": _mean_dicts([masks[(budget, sel, lr, s)] for s in per_seed if (budget, sel, lr, s) in masks]),
+            }
             if split == "test":  # the legacy field names
                 cell.update(test_mean=cell["mean"], test_std=cell["std"], test_min=cell["min"], test_max=cell["max"])
             if len(by_lr) > 1 and lr in (min(by_lr), max(by_lr)):
                 edge = "top" if lr == max(by_lr) else "bottom"
-                warnings.append(f"{budget} {sel}: the chosen lr {lr:g} is at the {edge} "
-                                f"of the grid {sorted(by_lr)}; extend the grid")
+                warnings.append(
+                    f"{budget} {sel}: the chosen lr {lr:g} is at the {edge} "
+                    f"of the grid {sorted(by_lr)}; extend the grid"
+                )
             if len(vals) < 5:
                 warnings.append(f"{budget} {sel}: {len(vals)} seeds; the protocol asks for >= 5 paired seeds")
             cells.append(cell)
         dense = next((c for c in cells if c["budget"] == budget and c["selection"] == "dense"), None)
         if dense and max(grid) < 10 * dense["lr"]:
-            warnings.append(f"{budget}: the grid's top {max(grid):g} is below 10 x plain PEFT's chosen lr "
-                            f"{dense['lr']:g}; sparse masks need larger rates (FISH_TUNING.md 6.4)")
+            warnings.append(
+                f"{budget}: the grid's top {max(grid):g} is below 10 x plain PEFT's chosen lr "
+                f"{dense['lr']:g}; sparse masks need larger rates (FISH_TUNING.md 6.4)"
+            )
         controls = [c for c in cells if c["budget"] == budget and is_random_arm(c["selection"])]
         for c in (c for c in cells if c["budget"] == budget):
             refs = ([dense] if dense and c is not dense else []) + [r for r in controls if r is not c]
@@ -260,22 +354,35 @@ def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") 
         if d["ci95"] is None:
             return f"{100 * d['mean']:+.2f} (n={d['n']})"
         return f"{100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
-    lines = [f"| budget | arm | score | allocation | trainable | lr (by validation) | {split} {metric}: mean ± std "
-             f"(min–max) | seeds | lora_A share | Δ vs plain (95% CI) |", "|---" * 10 + "|"]
+
+    lines = [
+        f"| budget | arm | score | allocation | trainable | lr (by validation) | {split} {metric}: mean ± std "
+        f"(min–max) | seeds | lora_A share | Δ vs plain (95% CI) |",
+        "|---" * 10 + "|",
+    ]
     for c in cells:
         share = c["mask"].get("share", {}).get("lora_A")
-        lines.append(f"| {c['budget']} | {c['selection']} | {c['score']} | {c['allocation']} | {c['trainable']:,} | "
-                     f"{c['lr']:g} | {100 * c['mean']:.2f} ± {100 * c['std']:.2f} ({100 * c['min']:.2f}–"
-                     f"{100 * c['max']:.2f}) | {c['n']} | {'–' if share is None else f'{share:.2f}'} | "
-                     f"{diff(c['paired'].get('dense'))} |")
+        lines.append(
+            f"| {c['budget']} | {c['selection']} | {c['score']} | {c['allocation']} | {c['trainable']:,} | "
+            f"{c['lr']:g} | {100 * c['mean']:.2f} ± {100 * c['std']:.2f} ({100 * c['min']:.2f}–"
+            f"{100 * c['max']:.2f}) | {c['n']} | {'–' if share is None else f'{share:.2f}'} | "
+            f"{diff(c['paired'].get('dense'))} |"
+        )
     randoms = list(dict.fromkeys(c["selection"] for c in cells if is_random_arm(c["selection"])))
     if randoms:
-        lines += ["", f"Paired {split} differences to each random arm (points, mean [95% CI], same seeds):", "",
-                  "| budget | arm | " + " | ".join(f"Δ vs {r}" for r in randoms) + " |",
-                  "|---|---|" + "---|" * len(randoms)]
+        lines += [
+            "",
+            f"Paired {split} differences to each random arm (points, mean [95% CI], same seeds):",
+            "",
+            "| budget | arm | " + " | ".join(f"Δ vs {r}" for r in randoms) + " |",
+            "|---|---|" + "---|" * len(randoms),
+        ]
         for c in cells:
-            lines.append(f"| {c['budget']} | {c['selection']} | " + " | ".join(
-                diff(c["paired"].get(r)) if r != c["selection"] else "–" for r in randoms) + " |")
+            lines.append(
+                f"| {c['budget']} | {c['selection']} | "
+                + " | ".join(diff(c["paired"].get(r)) if r != c["selection"] else "–" for r in randoms)
+                + " |"
+            )
     if warnings:
         lines += ["", "Warnings:", ""] + [f"- {w}" for w in warnings]
     return cells, "\n".join(lines) + "\n", warnings
@@ -283,6 +390,7 @@ def summarise(rows: list[dict], masks: dict | None = None, split: str = "test") 
 
 def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -298,8 +406,15 @@ def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
             x = bi * (len(SELECTIONS) + 1) + si
             tests = list(c["per_seed"].values())
             ax.scatter([x] * len(tests), [100 * v for v in tests], color=f"C{si % 10}", s=12, alpha=0.6)
-            ax.errorbar([x], [100 * c["mean"]], yerr=[100 * c["std"]], fmt="o", color=f"C{si % 10}",
-                        label=sel if bi == 0 else None, capsize=4)
+            ax.errorbar(
+                [x],
+                [100 * c["mean"]],
+                yerr=[100 * c["std"]],
+                fmt="o",
+                color=f"C{si % 10}",
+                label=sel if bi == 0 else None,
+                capsize=4,
+            )
     ax.set_xticks([bi * (len(SELECTIONS) + 1) + 1.5 for bi in range(len(budgets))], budgets)
     ax.set_ylabel(f"{cells[0]['split']} {rows[0]['metric'].split('_', 1)[1]} (%)")
     ax.set_title(title)
@@ -307,8 +422,11 @@ def plot(rows: list[dict], cells: list[dict], path: Path, title: str) -> None:
     for ax, budget in zip(axes[1:], budgets):
         for si, sel in enumerate(SELECTIONS):
             c = next((c for c in cells if c["budget"] == budget and c["selection"] == sel), None)
-            curves = [r["curve"] for r in rows if c and r["budget"] == budget and r["selection"] == sel
-                      and r["lr"] == c["lr"] and r["split"] == "eval"]
+            curves = [
+                r["curve"]
+                for r in rows
+                if c and r["budget"] == budget and r["selection"] == sel and r["lr"] == c["lr"] and r["split"] == "eval"
+            ]
             if not curves or not curves[0]:
                 continue
             steps = [s for s, _ in curves[0]]
@@ -328,14 +446,30 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
     ap.add_argument("--budgets", nargs="+", default=["p1:16:4", "p2:8:0.25"])
-    ap.add_argument("--arms", "--selections", dest="arms", nargs="+", default=list(SELECTIONS),
-                    help="arm names (see the module docstring): dense, fisher, random, saliency/module@20, ...")
-    ap.add_argument("--warmup", type=int, default=20, help="fisher_warmup: dense steps before scoring (taken "
-                    "out of train.max_steps, so every arm trains the same number of steps)")
-    ap.add_argument("--split", choices=("test", "eval"), default="test", help="what the tables report: test "
-                    "(confirmation) or eval (screening: the test data is not even evaluated)")
-    ap.add_argument("--prefix", default=None, help="results file prefix (default: compare, or screen with "
-                    "--split eval)")
+    ap.add_argument(
+        "--arms",
+        "--selections",
+        dest="arms",
+        nargs="+",
+        default=list(SELECTIONS),
+        help="arm names (see the module docstring): dense, fisher, random, saliency/module@20, ...",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=20,
+        help="fisher_warmup: dense steps before scoring (taken "
+        "out of train.max_steps, so every arm trains the same number of steps)",
+    )
+    ap.add_argument(
+        "--split",
+        choices=("test", "eval"),
+        default="test",
+        help="what the tables report: test (confirmation) or eval (screening: the test data is not even evaluated)",
+    )
+    ap.add_argument(
+        "--prefix", default=None, help="results file prefix (default: compare, or screen with --split eval)"
+    )
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--runs", default=str(ROOT / "runs/compare"), help="where the arms' output_dirs go")
     ap.add_argument("--results", default=str(ROOT / "bench/results"))
@@ -354,8 +488,11 @@ def main(argv=None) -> int:
     out_root = Path(args.runs) / (task if args.split == "test" else f"{task}-screen")
     log_dir = out_root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    print(f"[compare] {task}: {len(todo)} runs ({len(budgets)} budgets x {len(args.arms)} arms x "
-          f"{len(args.lrs)} lrs x {len(args.seeds)} seeds), {args.parallel} at a time", flush=True)
+    print(
+        f"[compare] {task}: {len(todo)} runs ({len(budgets)} budgets x {len(args.arms)} arms x "
+        f"{len(args.lrs)} lrs x {len(args.seeds)} seeds), {args.parallel} at a time",
+        flush=True,
+    )
     t0 = time.time()
     results = []
     with futures.ThreadPoolExecutor(args.parallel) as pool:
@@ -370,16 +507,28 @@ def main(argv=None) -> int:
         print(f"[compare] warning: {w}", flush=True)
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"task": task, "config": args.config, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-            "wall_seconds": round(time.time() - t0, 1), "cpu_count": os.cpu_count(), "parallel": args.parallel,
-            "split": args.split, "seeds": args.seeds, "lrs": args.lrs, "arms": args.arms,
-            "run_seconds_median": statistics.median(r["seconds"] for r in results) if results else None}
+    meta = {
+        "task": task,
+        "config": args.config,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "wall_seconds": round(time.time() - t0, 1),
+        "cpu_count": os.cpu_count(),
+        "parallel": args.parallel,
+        "split": args.split,
+        "seeds": args.seeds,
+        "lrs": args.lrs,
+        "arms": args.arms,
+        "run_seconds_median": statistics.median(r["seconds"] for r in results) if results else None,
+    }
     stem = results_dir / f"{prefix}-{task}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "cells": cells,
-                                                     "warnings": warnings}, indent=1))
-    stem.with_suffix(".md").write_text(f"`{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min wall, "
-                                       f"{meta['cpu_count']} CPU cores, median {meta['run_seconds_median']:.0f} s "
-                                       f"per run)\n\n" + table)
+    stem.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "rows": rows, "cells": cells, "warnings": warnings}, indent=1)
+    )
+    stem.with_suffix(".md").write_text(
+        f"`{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min wall, "
+        f"{meta['cpu_count']} CPU cores, median {meta['run_seconds_median']:.0f} s "
+        f"per run)\n\n" + table
+    )
     try:
         plot(rows, cells, stem.with_suffix(".png"), f"{task} ({cfg.model.name_or_path})")
     except ImportError as e:

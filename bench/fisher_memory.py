@@ -16,6 +16,7 @@ on the fish.num_samples scoring examples. Rank 0 prints one JSON object:
   reduce_bytes_per_rank                                bytes each rank passed to dist.reduce (bench/_comm.py)
   cuda_peak_mb (per rank, CUDA only)                   torch.cuda.max_memory_allocated during the pass
 """
+
 import argparse
 import gc
 import json
@@ -56,6 +57,7 @@ def _reset_peak_rss() -> bool:
 def _malloc_trim() -> None:
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -78,16 +80,27 @@ def main():
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with CommCounter() as comm:
-        scores, stats = collect_scores(s.engine, s.pool, samples, cfg.fish.granularity, cfg.train.micro_batch_size,
-                                       s.collate)
+        scores, stats = collect_scores(
+            s.engine, s.pool, samples, cfg.fish.granularity, cfg.train.micro_batch_size, s.collate
+        )
     rss_peak = _status_kb("VmHWM") if peak_ok else -1
     gc.collect()
     rss_after = _status_kb("VmRSS")
     _malloc_trim()
     rss_trim = _status_kb("VmRSS")
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else -1.0
-    mine = torch.tensor([rss_before / 1024, rss_peak / 1024, rss_after / 1024, comm.by_op.get("reduce", 0),
-                         scores.numel(), cuda_peak, rss_trim / 1024], dtype=torch.float64)
+    mine = torch.tensor(
+        [
+            rss_before / 1024,
+            rss_peak / 1024,
+            rss_after / 1024,
+            comm.by_op.get("reduce", 0),
+            scores.numel(),
+            cuda_peak,
+            rss_trim / 1024,
+        ],
+        dtype=torch.float64,
+    )
     rows = [torch.zeros_like(mine) for _ in range(fdist.world_size())]
     if fdist.world_size() > 1:
         dist.all_gather(rows, mine)
@@ -96,18 +109,35 @@ def main():
     if fdist.is_main():
         world, pool = fdist.world_size(), s.pool.size
         col = lambda i, nd=1: [round(float(r[i]), nd) for r in rows]  # noqa: E731
-        rec = {"model": s.plan.model_path.rstrip("/").split("/")[-1], "zero_stage": s.engine.zero_optimization_stage(),
-               "world": world, "precision": cfg.train.precision, "granularity": cfg.fish.granularity,
-               "num_samples": len(samples), "pool": pool, "ceil_pool_over_world": -(-pool // world),
-               "pool_fp32_bytes": pool * 4,
-               **{k: stats.get(k) for k in ("accumulator_peak_bytes", "grad_peak_bytes", "scores_held_bytes",
-                                        "scores_held_entries", "passes_per_rank")},
-               "collect_seconds": round(stats["collect_seconds"], 2),
-               "scores_entries_per_rank": [int(r[4]) for r in rows],
-               "rss_before_mb": col(0), "rss_peak_mb": col(1), "rss_after_mb": col(2),
-               "rss_after_trim_mb": col(6),
-               "rss_peak_minus_before_mb": [round(float(r[1] - r[0]), 1) for r in rows],
-               "reduce_bytes_per_rank": [int(r[3]) for r in rows]}
+        rec = {
+            "model": s.plan.model_path.rstrip("/").split("/")[-1],
+            "zero_stage": s.engine.zero_optimization_stage(),
+            "world": world,
+            "precision": cfg.train.precision,
+            "granularity": cfg.fish.granularity,
+            "num_samples": len(samples),
+            "pool": pool,
+            "ceil_pool_over_world": -(-pool // world),
+            "pool_fp32_bytes": pool * 4,
+            **{
+                k: stats.get(k)
+                for k in (
+                    "accumulator_peak_bytes",
+                    "grad_peak_bytes",
+                    "scores_held_bytes",
+                    "scores_held_entries",
+                    "passes_per_rank",
+                )
+            },
+            "collect_seconds": round(stats["collect_seconds"], 2),
+            "scores_entries_per_rank": [int(r[4]) for r in rows],
+            "rss_before_mb": col(0),
+            "rss_peak_mb": col(1),
+            "rss_after_mb": col(2),
+            "rss_after_trim_mb": col(6),
+            "rss_peak_minus_before_mb": [round(float(r[1] - r[0]), 1) for r in rows],
+            "reduce_bytes_per_rank": [int(r[3]) for r in rows],
+        }
         if cuda:
             rec["cuda_peak_mb"] = col(5)
         print(json.dumps(rec), flush=True)

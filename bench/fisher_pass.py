@@ -20,6 +20,7 @@ One JSON line per way: {"mode", "zero_stage", "num_samples", "micro_batch_size",
 seconds, loop/batched gathers (the micro-batch size when every batched pass gathers each layer once).
 Lines are printed by rank 0 and appended to --out (default bench/results/fisher_pass.jsonl).
 """
+
 import argparse
 import json
 import os
@@ -51,8 +52,14 @@ def parse(argv=None):
 
 def relaunch(args) -> int:
     """Start this script on args.ranks ranks with torchrun, OMP_NUM_THREADS=1 each."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-           str(Path(__file__).resolve())] + [a for a in sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.ranks}",
+        str(Path(__file__).resolve()),
+    ] + [a for a in sys.argv[1:]]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     return subprocess.run(cmd, env=env).returncode
 
@@ -63,13 +70,17 @@ class GatherCounter:
     ATTR = "_PartitionedParameterCoordinator__all_gather_params"
 
     def __init__(self, engine):
-        self.coord = engine.optimizer.parameter_offload.get_param_coordinator() \
-            if engine.zero_optimization_stage() == 3 else None
+        self.coord = (
+            engine.optimizer.parameter_offload.get_param_coordinator()
+            if engine.zero_optimization_stage() == 3
+            else None
+        )
         self.count = self.bytes = 0
 
     def __enter__(self):
         if self.coord is not None:
             from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
             orig = getattr(self.coord, self.ATTR)
 
             def counted(params, forward, _orig=orig):
@@ -78,6 +89,7 @@ class GatherCounter:
                         self.count += 1
                         self.bytes += p.ds_numel * p.element_size()
                 return _orig(params, forward)
+
             setattr(self.coord, self.ATTR, counted)
         return self
 
@@ -97,45 +109,83 @@ def run_stage(args, stage: int, record) -> None:
 
     model = "smollm2-135m-instruct" if args.model == "smollm2" else args.model
     n, b = args.num_samples, args.micro_batch_size
-    cfg = load_config(str(ROOT / "configs/demo.yaml"), [
-        f"model.name_or_path={model}", f"fish.num_samples={n}", f"train.micro_batch_size={b}",
-        f"data.max_length={args.max_length}", "data.max_examples=400", f"train.precision={args.precision}",
-        "overwrite=true", "output_dir=" + tempfile.mkdtemp(prefix="fishds-fisher-pass-")] + list(args.overrides))
+    cfg = load_config(
+        str(ROOT / "configs/demo.yaml"),
+        [
+            f"model.name_or_path={model}",
+            f"fish.num_samples={n}",
+            f"train.micro_batch_size={b}",
+            f"data.max_length={args.max_length}",
+            "data.max_examples=400",
+            f"train.precision={args.precision}",
+            "overwrite=true",
+            "output_dir=" + tempfile.mkdtemp(prefix="fishds-fisher-pass-"),
+        ]
+        + list(args.overrides),
+    )
     s = setup(cfg, str(ROOT / f"ds_configs/zero{stage}.json"))
     for _ in range(args.warm_steps):
         train_step(s.engine, s.batches, s.collate, 1)
     samples = scoring_examples(cfg.fish, s.examples)
-    collect_scores(s.engine, s.pool, samples[:b * fdist.world_size()], "batch", b, s.collate)  # warm-up, untimed
+    collect_scores(s.engine, s.pool, samples[: b * fdist.world_size()], "batch", b, s.collate)  # warm-up, untimed
     ways = {"loop": ("sample", "loop"), "batched": ("sample", "batched"), "batch": ("batch", "batched")}
     res, reference = {}, None
     for mode, (granularity, per_example) in ways.items():
         fdist.barrier()
         with GatherCounter(s.engine) as gathers:
             t0 = time.perf_counter()
-            scores, stats = collect_scores(s.engine, s.pool, samples, granularity, b, s.collate,
-                                           per_example=per_example)
+            scores, stats = collect_scores(
+                s.engine, s.pool, samples, granularity, b, s.collate, per_example=per_example
+            )
             fdist.barrier()
             seconds = time.perf_counter() - t0
         if reference is None:
             reference = scores
-        figs = torch.tensor([float((scores - reference).abs().max()) if scores.numel() else 0.0,
-                             float(reference.abs().max()) if scores.numel() else 0.0, gathers.count, gathers.bytes],
-                            dtype=torch.float64)
+        figs = torch.tensor(
+            [
+                float((scores - reference).abs().max()) if scores.numel() else 0.0,
+                float(reference.abs().max()) if scores.numel() else 0.0,
+                gathers.count,
+                gathers.bytes,
+            ],
+            dtype=torch.float64,
+        )
         fdist.all_reduce_(figs, op=dist.ReduceOp.MAX)
-        res[mode] = {"mode": mode, "zero_stage": stage, "num_samples": n, "micro_batch_size": b,
-                     "seconds": round(seconds, 3), "max_rel_diff": float(figs[0] / figs[1]) if figs[1] else 0.0,
-                     "weight_gathers_per_rank": int(figs[2]), "weight_gather_bytes_per_rank": int(figs[3]),
-                     "passes_per_rank": stats["passes_per_rank"], "looped_tensors": stats["looped_tensors"],
-                     "world_size": fdist.world_size(), "precision": args.precision, "max_length": args.max_length,
-                     "pool": s.pool.size, "model": Path(s.plan.model_path).name}
+        res[mode] = {
+            "mode": mode,
+            "zero_stage": stage,
+            "num_samples": n,
+            "micro_batch_size": b,
+            "seconds": round(seconds, 3),
+            "max_rel_diff": float(figs[0] / figs[1]) if figs[1] else 0.0,
+            "weight_gathers_per_rank": int(figs[2]),
+            "weight_gather_bytes_per_rank": int(figs[3]),
+            "passes_per_rank": stats["passes_per_rank"],
+            "looped_tensors": stats["looped_tensors"],
+            "world_size": fdist.world_size(),
+            "precision": args.precision,
+            "max_length": args.max_length,
+            "pool": s.pool.size,
+            "model": Path(s.plan.model_path).name,
+        }
         record(res[mode])
     lp, bd, bt = res["loop"], res["batched"], res["batch"]
-    record({"ratio": "batched/batch", "zero_stage": stage, "num_samples": n, "micro_batch_size": b,
+    record(
+        {
+            "ratio": "batched/batch",
+            "zero_stage": stage,
+            "num_samples": n,
+            "micro_batch_size": b,
             "batched_over_batch_seconds": round(bd["seconds"] / bt["seconds"], 3),
             "loop_over_batched_seconds": round(lp["seconds"] / bd["seconds"], 3),
             "loop_over_batched_gathers": round(lp["weight_gathers_per_rank"] / bd["weight_gathers_per_rank"], 3)
-            if bd["weight_gathers_per_rank"] else None,
-            "batched_max_rel_diff": bd["max_rel_diff"], "target_seconds_ratio": 1.25, "target_max_rel_diff": 1e-5})
+            if bd["weight_gathers_per_rank"]
+            else None,
+            "batched_max_rel_diff": bd["max_rel_diff"],
+            "target_seconds_ratio": 1.25,
+            "target_max_rel_diff": 1e-5,
+        }
+    )
     del s
 
 
@@ -144,6 +194,7 @@ def main(argv=None) -> int:
     if "RANK" not in os.environ and args.ranks > 1:
         return relaunch(args)
     from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+
     prefer_cpu_accelerator_if_no_cuda()
     from fishds import dist as fdist
 
@@ -155,6 +206,7 @@ def main(argv=None) -> int:
             out.parent.mkdir(parents=True, exist_ok=True)
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
+
     for stage in [int(z) for z in str(args.zero_stage).split(",")]:
         run_stage(args, stage, record)
     fdist.barrier()

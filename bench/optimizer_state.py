@@ -15,6 +15,7 @@ enforcer's copies of frozen fp32 master entries (dense arm only), and the fp32 t
 updates (masters; the same in both arms). Appends one JSON line per arm to
 bench/results/optimizer_state.jsonl.
 """
+
 import argparse
 import json
 import statistics
@@ -31,8 +32,10 @@ def table() -> None:
     by = {}
     for r in rows:  # latest record of each (setting, arm)
         by[(r["model"], r["zero_stage"], r["world_size"], r["pool"], r["k"], r["arm"])] = r
-    print("| model | ZeRO | ranks | pool | k | arm | optimizer state / rank (B) | + mask restore copies / rank (B) "
-          "| fp32 masters / rank (B) | train step (s) | optimizer step (s) |")
+    print(
+        "| model | ZeRO | ranks | pool | k | arm | optimizer state / rank (B) | + mask restore copies / rank (B) "
+        "| fp32 masters / rank (B) | train step (s) | optimizer step (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for key in sorted(by):
         r = by[key]
@@ -44,11 +47,15 @@ def table() -> None:
         if d is not None and r["arm"] == "compact":
             dst = max(x["optimizer_state"] for x in d["per_rank"])
             dmr = max(x["mask_restore_copies"] for x in d["per_rank"])
-            ratio = (f" ({st / dst:.4f} x dense; state+copies {(st + mr) / (dst + dmr):.4f} x; "
-                     f"step {r['train_step_s'] / d['train_step_s']:.3f} x, opt step "
-                     f"{r['optimizer_step_s'] / d['optimizer_step_s']:.3f} x)")
-        print(f"| {r['model']} | {r['zero_stage']} | {r['world_size']} | {r['pool']:,} | {r['k']:,} | {r['arm']} | "
-              f"{st:,}{ratio} | {mr:,} | {ma:,} | {r['train_step_s']:.3f} | {r['optimizer_step_s']:.4f} |")
+            ratio = (
+                f" ({st / dst:.4f} x dense; state+copies {(st + mr) / (dst + dmr):.4f} x; "
+                f"step {r['train_step_s'] / d['train_step_s']:.3f} x, opt step "
+                f"{r['optimizer_step_s'] / d['optimizer_step_s']:.3f} x)"
+            )
+        print(
+            f"| {r['model']} | {r['zero_stage']} | {r['world_size']} | {r['pool']:,} | {r['k']:,} | {r['arm']} | "
+            f"{st:,}{ratio} | {mr:,} | {ma:,} | {r['train_step_s']:.3f} | {r['optimizer_step_s']:.4f} |"
+        )
 
 
 def main() -> None:
@@ -65,6 +72,7 @@ def main() -> None:
     if args.table:
         return table()
     from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+
     prefer_cpu_accelerator_if_no_cuda()
     import torch  # noqa: F401
 
@@ -76,13 +84,23 @@ def main() -> None:
     from fishds.fish.selection import scoring_examples, select_masks
     from fishds.run.train import train_step
 
-    defaults = ["peft.r=16", "peft.alpha=32", "peft.target_modules=all-linear", "fish.selection=random",
-                "fish.keep_ratio=0.01", "train.micro_batch_size=2", "data.max_length=64", "train.weight_decay=0.01",
-                "data.max_examples=256", "data.eval_path=null"]
+    defaults = [
+        "peft.r=16",
+        "peft.alpha=32",
+        "peft.target_modules=all-linear",
+        "fish.selection=random",
+        "fish.keep_ratio=0.01",
+        "train.micro_batch_size=2",
+        "data.max_length=64",
+        "train.weight_decay=0.01",
+        "data.max_examples=256",
+        "data.eval_path=null",
+    ]
     compact = args.arm == "compact"
     cfg, s = session(args, "fishds-bench-", defaults + [f"fish.compact_optimizer={str(compact).lower()}"])
-    masks, _ = select_masks(cfg.fish, s.engine, s.pool, s.k, scoring_examples(cfg.fish, s.examples), s.collate,
-                            cfg.train.micro_batch_size)
+    masks, _ = select_masks(
+        cfg.fish, s.engine, s.pool, s.k, scoring_examples(cfg.fish, s.examples), s.collate, cfg.train.micro_batch_size
+    )
     masks = {t.name: masks.get(t.name, torch.ones(t.shape, dtype=torch.bool)) for t in s.trainable.tensors}
     enforcer = MaskEnforcer(s.engine, s.trainable, masks, restore=not compact)
     if compact:
@@ -95,6 +113,7 @@ def main() -> None:
         r = inner(*a, **kw)
         opt_times.append(time.perf_counter() - t0)
         return r
+
     opt.step = timed
     steps = []
     for _ in range(args.warm + args.steps):
@@ -105,11 +124,19 @@ def main() -> None:
     per_rank = memory.gather(memory.measure(s.engine, masks, enforcer))
     if fdist.is_main():
         n = args.warm
-        rec = {"model": s.plan.model_path.rstrip("/").split("/")[-1], "ds_config": args.ds_config, "arm": args.arm,
-               "zero_stage": s.engine.zero_optimization_stage(), "world_size": fdist.world_size(),
-               "precision": cfg.train.precision, "pool": s.pool.size, "k": s.k,
-               "train_step_s": round(statistics.median(steps[n:]), 4),
-               "optimizer_step_s": round(statistics.median(opt_times[-args.steps:]), 5), "per_rank": per_rank}
+        rec = {
+            "model": s.plan.model_path.rstrip("/").split("/")[-1],
+            "ds_config": args.ds_config,
+            "arm": args.arm,
+            "zero_stage": s.engine.zero_optimization_stage(),
+            "world_size": fdist.world_size(),
+            "precision": cfg.train.precision,
+            "pool": s.pool.size,
+            "k": s.k,
+            "train_step_s": round(statistics.median(steps[n:]), 4),
+            "optimizer_step_s": round(statistics.median(opt_times[-args.steps :]), 5),
+            "per_rank": per_rank,
+        }
         record("optimizer_state", rec)
     fdist.barrier()
 

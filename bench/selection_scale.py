@@ -20,6 +20,7 @@ pool size. For each pool size rank 0 prints one JSON line:
   mask_share_bytes, mask_share_seconds  share_selection's all-gather of packed bits (pool / 8 bytes)
 Collective bytes are counted by bench/_comm.py (shared with bench/step_time.py).
 """
+
 import argparse
 import gc
 import json
@@ -49,7 +50,7 @@ def scores_for(start: int, end: int, seed: int) -> torch.Tensor:
         for hi, val in ((0.4725, 1.0), (0.47, 0.995), (0.45, 0.5), (0.35, 0.125), (0.25, 0.0)):
             v = torch.where(u < hi, val, v)  # the last (lowest) threshold wins
         lo, up = max(start, b * BLOCK), min(end, (b + 1) * BLOCK)
-        out[lo - start:up - start] = v[lo - b * BLOCK:up - b * BLOCK]
+        out[lo - start : up - start] = v[lo - b * BLOCK : up - b * BLOCK]
     return out
 
 
@@ -71,7 +72,7 @@ def topk_lowest_index(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, float
     """Boolean mask of the k largest scores, ties at the k-th value broken by the lowest index."""
     t = torch.topk(scores, k, sorted=False).values.min()
     sel = scores > t
-    sel[(scores == t).nonzero()[:k - int(sel.sum()), 0]] = True
+    sel[(scores == t).nonzero()[: k - int(sel.sum()), 0]] = True
     return sel, float(t)
 
 
@@ -80,12 +81,12 @@ def naive_gather(scores: torch.Tensor, pool: Pool, k: int):
     world = fdist.world_size()
     chunks = [pool.chunk(r, world) for r in range(world)]
     buf = torch.zeros(chunks[0][1] - chunks[0][0])
-    buf[:scores.numel()] = scores
+    buf[: scores.numel()] = scores
     parts = [torch.empty_like(buf) for _ in range(world)] if fdist.rank() == 0 else None
     dist.gather(buf, parts, dst=0)
     if fdist.rank() != 0:
         return None
-    full = torch.cat([p[:e - s] for p, (s, e) in zip(parts, chunks)])
+    full = torch.cat([p[: e - s] for p, (s, e) in zip(parts, chunks)])
     return topk_lowest_index(full, k), full
 
 
@@ -101,12 +102,23 @@ def run_size(n: int, args) -> dict | None:
     _, local_s, _, _ = timed(lambda: torch.topk(scores, min(k, scores.numel())), args.repeat)
     masks, share_s, share_bytes, _ = timed(lambda: share_selection(pool, sel))
     gathered, gather_s, gather_bytes, _ = timed(lambda: naive_gather(scores, pool, k))
-    row = {"pool": n, "k": k, "world": world, "bytes_per_rank": nbytes, "seconds": round(sec, 4),
-           "local_topk_seconds": round(local_s, 4), "ratio_to_local_topk": round(sec / local_s, 3),
-           "ratio_with_keys_to_local_topk": round((keys_s + sec) / local_s, 3),
-           "gather_bytes": gather_bytes, "gather_seconds": round(gather_s, 4), "same_selection": None,
-           "mask_share_bytes": share_bytes, "mask_share_seconds": round(share_s, 4),
-           "keys_seconds": round(keys_s, 4), "collectives": calls}
+    row = {
+        "pool": n,
+        "k": k,
+        "world": world,
+        "bytes_per_rank": nbytes,
+        "seconds": round(sec, 4),
+        "local_topk_seconds": round(local_s, 4),
+        "ratio_to_local_topk": round(sec / local_s, 3),
+        "ratio_with_keys_to_local_topk": round((keys_s + sec) / local_s, 3),
+        "gather_bytes": gather_bytes,
+        "gather_seconds": round(gather_s, 4),
+        "same_selection": None,
+        "mask_share_bytes": share_bytes,
+        "mask_share_seconds": round(share_s, 4),
+        "keys_seconds": round(keys_s, 4),
+        "collectives": calls,
+    }
     if rank != 0:
         return None
     (naive, t), full = gathered

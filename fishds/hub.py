@@ -7,6 +7,7 @@ snapshot is not there. A dataset repository gives the data file of the wanted sp
 (save_to_disk) as is, else the one .jsonl / .json / .csv / .parquet file whose name holds the split
 (train, validation, test), or the only data file.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,10 +32,12 @@ def _snapshot(name: str, repo_type: str, key: str) -> Path:
     except Exception as e:  # noqa: BLE001 - offline cache miss, unknown repo, no network: all mean "not available"
         from huggingface_hub import constants
 
-        raise ConfigError(f"{key}={name!r} is not a local path, and the Hugging Face Hub {repo_type} {name!r} is not "
-                          f"available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the local "
-                          f"cache is {constants.HF_HUB_CACHE} (HF_HUB_CACHE), offline={constants.HF_HUB_OFFLINE} "
-                          "(HF_HUB_OFFLINE). Download it (huggingface-cli download) or give a local path") from None
+        raise ConfigError(
+            f"{key}={name!r} is not a local path, and the Hugging Face Hub {repo_type} {name!r} is not "
+            f"available ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the local "
+            f"cache is {constants.HF_HUB_CACHE} (HF_HUB_CACHE), offline={constants.HF_HUB_OFFLINE} "
+            "(HF_HUB_OFFLINE). Download it (huggingface-cli download) or give a local path"
+        ) from None
 
 
 def resolve_model(name: str, key: str = "model.name_or_path") -> str:
@@ -50,14 +53,19 @@ def resolve_dataset(name: str, key: str) -> str:
     if (root / "dataset_dict.json").is_file() or (root / "dataset_info.json").is_file():
         return str(root)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
-    split = "train" if key != "data.eval_path" and key != "data.test_path" else (
-        "validation" if key == "data.eval_path" else "test")
+    split = (
+        "train"
+        if key != "data.eval_path" and key != "data.test_path"
+        else ("validation" if key == "data.eval_path" else "test")
+    )
     wanted = [p for p in files if split in p.relative_to(root).as_posix().lower()]
     if split == "validation" and not wanted:
         wanted = [p for p in files if "test" in p.relative_to(root).as_posix().lower()]
     chosen = wanted if wanted else files if len(files) == 1 else []
     if len(chosen) != 1:
-        raise ConfigError(f"{key}={name!r}: the Hub dataset snapshot {root} holds {len(files)} data files "
-                          f"({[p.name for p in files[:6]]}), not one for the {split!r} split; give the file's "
-                          "local path instead")
+        raise ConfigError(
+            f"{key}={name!r}: the Hub dataset snapshot {root} holds {len(files)} data files "
+            f"({[p.name for p in files[:6]]}), not one for the {split!r} split; give the file's "
+            "local path instead"
+        )
     return str(chosen[0])

@@ -18,6 +18,7 @@
   when it gathers that layer); otherwise the largest parameter (nothing is gathered);
 - rss, peak_rss: this process's resident set size now and at its peak (Linux ru_maxrss).
 """
+
 from __future__ import annotations
 
 import resource
@@ -74,8 +75,20 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
     from .quant import is_4bit
 
     model = engine.module
-    out = dict.fromkeys(("frozen", "frozen_4bit", "frozen_4bit_full", "quant_state", "trainable", "optimizer_masters",
-                         "optimizer_state", "masks", "largest_gathered_param"), 0)
+    out = dict.fromkeys(
+        (
+            "frozen",
+            "frozen_4bit",
+            "frozen_4bit_full",
+            "quant_state",
+            "trainable",
+            "optimizer_masters",
+            "optimizer_state",
+            "masks",
+            "largest_gathered_param",
+        ),
+        0,
+    )
     zero3 = engine.zero_optimization_stage() == 3
     own = set()
     for p in model.parameters():
@@ -101,8 +114,9 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
             updated += p.numel() if idx is None else idx.numel()
         for state in opt.state.values():
             out["optimizer_state"] += sum(_bytes(v) for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-        factor = 2 if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else (
-            1 if opt.defaults.get("momentum") else 0)
+        factor = (
+            2 if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) else (1 if opt.defaults.get("momentum") else 0)
+        )
     out["local_entries"], out["updated_entries"] = masters_numel, updated
     out["optimizer_state_allocated"] = bool(opt is not None and opt.state)
     if not out["optimizer_state_allocated"]:
@@ -113,8 +127,9 @@ def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
     out["mask_restore_copies"] = sum(_bytes(f.frozen_val) for f in getattr(enforcer, "fragments", []) or [])
     if not zero3:
         out["largest_gathered_param"] = 0  # nothing is gathered below ZeRO-3
-    out["model_states"] = (out["frozen"] + out["trainable"] + out["optimizer"] + out["masks"]
-                           + out["mask_restore_copies"])
+    out["model_states"] = (
+        out["frozen"] + out["trainable"] + out["optimizer"] + out["masks"] + out["mask_restore_copies"]
+    )
     out["rss"] = _rss()
     out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     out["zero_stage"] = engine.zero_optimization_stage()
@@ -139,11 +154,15 @@ def _mib(n: int) -> str:
 def line(m: dict, world: int) -> str:
     shard = ""
     if m["frozen_4bit_full"]:
-        shard = f" (4-bit weights {_mib(m['frozen_4bit'])} of {_mib(m['frozen_4bit_full'])}, " \
-                f"{m['frozen_4bit'] / m['frozen_4bit_full']:.0%} on this rank)"
+        shard = (
+            f" (4-bit weights {_mib(m['frozen_4bit'])} of {_mib(m['frozen_4bit_full'])}, "
+            f"{m['frozen_4bit'] / m['frozen_4bit_full']:.0%} on this rank)"
+        )
     state = "" if m["optimizer_state_allocated"] else " (moments projected, allocated at the first step)"
-    return (f"[fishds] memory per rank (rank 0 of {world}, ZeRO-{m['zero_stage']}): "
-            f"frozen {_mib(m['frozen'])}{shard} | "
-            f"trainable {_mib(m['trainable'])} | optimizer {_mib(m['optimizer'])}{state} | masks {_mib(m['masks'])} "
-            f"(1 bit/entry) + frozen-entry copies {_mib(m['mask_restore_copies'])} | "
-            f"largest gathered layer {_mib(m['largest_gathered_param'])}")
+    return (
+        f"[fishds] memory per rank (rank 0 of {world}, ZeRO-{m['zero_stage']}): "
+        f"frozen {_mib(m['frozen'])}{shard} | "
+        f"trainable {_mib(m['trainable'])} | optimizer {_mib(m['optimizer'])}{state} | masks {_mib(m['masks'])} "
+        f"(1 bit/entry) + frozen-entry copies {_mib(m['mask_restore_copies'])} | "
+        f"largest gathered layer {_mib(m['largest_gathered_param'])}"
+    )

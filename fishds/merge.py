@@ -9,6 +9,7 @@ trains supports merging; a fishds bottleneck adapter adds layers and cannot be m
 tokenizer (the adapter folder's when it has one, else the base's) are written into a temporary folder
 next to out_dir, which is renamed into place only when complete: out_dir is never left half written.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -49,8 +50,12 @@ def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", 
     if not adapter.is_dir():
         raise MergeError("adapter_dir", adapter, "no such folder")
     if (adapter / "bottleneck_config.json").is_file() and not (adapter / ADAPTER_CONFIG).is_file():
-        raise MergeError("adapter_dir", adapter, "a fishds bottleneck adapter adds layers and cannot be merged into "
-                         "the base weights; load it with fishds.bottleneck.load_bottleneck")
+        raise MergeError(
+            "adapter_dir",
+            adapter,
+            "a fishds bottleneck adapter adds layers and cannot be merged into "
+            "the base weights; load it with fishds.bottleneck.load_bottleneck",
+        )
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise MergeError("adapter_dir", adapter, f"no {ADAPTER_CONFIG} (not a PEFT adapter folder)")
     if not any((adapter / w).is_file() for w in ADAPTER_WEIGHTS):
@@ -64,8 +69,9 @@ def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", 
         if _inside(p.resolve(), o):  # writing there would replace (or hide) an input
             raise MergeError("out_dir", out, f"is or contains the {what} folder {p}; choose a separate folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MergeError("out_dir", out, "exists and is not empty; choose another folder or pass overwrite=True "
-                         "(--overwrite)")
+        raise MergeError(
+            "out_dir", out, "exists and is not empty; choose another folder or pass overwrite=True (--overwrite)"
+        )
 
 
 def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
@@ -84,21 +90,34 @@ def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32",
         report = adapter / REPORT_FILE
         labels = json.loads(report.read_text()).get("labels") if report.is_file() else None
         if not labels:
-            raise MergeError("adapter_dir", adapter, "is a sequence-classification adapter without the "
-                             f"{REPORT_FILE} that names its classes; merge it with peft and num_labels yourself")
+            raise MergeError(
+                "adapter_dir",
+                adapter,
+                "is a sequence-classification adapter without the "
+                f"{REPORT_FILE} that names its classes; merge it with peft and num_labels yourself",
+            )
         auto = AutoModelForSequenceClassification
-        kwargs = {"num_labels": len(labels), "id2label": {i: str(v) for i, v in enumerate(labels)},
-                  "label2id": {str(v): i for i, v in enumerate(labels)}}
+        kwargs = {
+            "num_labels": len(labels),
+            "id2label": {i: str(v) for i, v in enumerate(labels)},
+            "label2id": {str(v): i for i, v in enumerate(labels)},
+        }
     try:
         model = auto.from_pretrained(str(base_path), dtype=torch_dtype, trust_remote_code=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - report the loader's failure against the argument
-        raise MergeError("base_model_path", base_path, f"cannot be loaded ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise MergeError(
+            "base_model_path",
+            base_path,
+            f"cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        ) from e
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
     except Exception as e:  # noqa: BLE001 - a mismatched adapter (other base, shapes) is the usual cause
-        raise MergeError("adapter_dir", adapter, f"cannot be applied to {base_path} ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise MergeError(
+            "adapter_dir",
+            adapter,
+            f"cannot be applied to {base_path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+        ) from e
     merged = peft_model.merge_and_unload()
     merged.eval()
     tok_src = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base_path

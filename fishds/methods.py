@@ -6,6 +6,7 @@ build(peft_section, r, common, for_counting) -> a peft config; `common` holds ta
 modules_to_save; for_counting: the config only counts trainable parameters on the meta device (no data-dependent
 initialisation). build=None: fishds adds the adapter itself (fishds/bottleneck.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,8 +30,15 @@ def _lora(p, r, common, for_counting):
     from peft import LoraConfig
 
     init = {"pissa": "pissa", "olora": "olora"}.get(p.method, True)
-    return LoraConfig(r=r, lora_alpha=p.alpha, lora_dropout=p.dropout, use_dora=p.method == "dora",
-                      use_rslora=p.method == "rslora", init_lora_weights=True if for_counting else init, **common)
+    return LoraConfig(
+        r=r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        use_dora=p.method == "dora",
+        use_rslora=p.method == "rslora",
+        init_lora_weights=True if for_counting else init,
+        **common,
+    )
 
 
 def _ia3(p, r, common, for_counting):
@@ -59,9 +67,14 @@ def _vera(p, r, common, for_counting):
 
 METHODS: dict[str, PeftMethod] = {
     "lora": PeftMethod(_lora, quant_4bit=True, lora_shapes=True),
-    "dora": PeftMethod(_lora, needs_base_weights_at_init=True, quant_4bit=True, lora_shapes=True,
-                       quant_4bit_zero3_problem="DeepSpeed meets a 4-bit weight it did not partition: 'Params4bit' "
-                       "object has no attribute 'ds_status'"),
+    "dora": PeftMethod(
+        _lora,
+        needs_base_weights_at_init=True,
+        quant_4bit=True,
+        lora_shapes=True,
+        quant_4bit_zero3_problem="DeepSpeed meets a 4-bit weight it did not partition: 'Params4bit' "
+        "object has no attribute 'ds_status'",
+    ),
     "rslora": PeftMethod(_lora, quant_4bit=True, lora_shapes=True),
     "pissa": PeftMethod(_lora, needs_base_weights_at_init=True),
     "olora": PeftMethod(_lora, needs_base_weights_at_init=True),

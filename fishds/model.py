@@ -3,6 +3,7 @@
 `check_model_and_targets` runs before any weights load: it reads config.json, builds the model on
 the meta device and checks that peft.target_modules matches at least one module.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,11 +21,14 @@ def resolve_model_path(cfg: Config) -> str:
     name = cfg.model.name_or_path
     if name == "smollm2-135m-instruct":
         from .assets import smollm2_135m_instruct
+
         return str(smollm2_135m_instruct())
     if name == "all-minilm-l6-v2":
         from .assets import all_minilm_l6_v2
+
         return str(all_minilm_l6_v2())
     from .hub import resolve_model
+
     return resolve_model(name)  # a local folder, or the Hub snapshot of org/name
 
 
@@ -36,8 +40,9 @@ def auto_class(cfg: Config):
     """AutoModelForSequenceClassification for data.format=classification, else AutoModelForCausalLM."""
     import transformers
 
-    return (transformers.AutoModelForSequenceClassification if is_classification(cfg)
-            else transformers.AutoModelForCausalLM)
+    return (
+        transformers.AutoModelForSequenceClassification if is_classification(cfg) else transformers.AutoModelForCausalLM
+    )
 
 
 def hf_config(cfg: Config, model_path: str, num_labels: int | None = None):
@@ -56,8 +61,10 @@ def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None
     """Validate model.name_or_path and peft.target_modules without loading weights; return matched modules."""
     p = Path(model_path)
     if not (p / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path={model_path!r} is not a model folder (no config.json); give a local "
-                          "folder saved with save_pretrained, or 'smollm2-135m-instruct'")
+        raise ConfigError(
+            f"model.name_or_path={model_path!r} is not a model folder (no config.json); give a local "
+            "folder saved with save_pretrained, or 'smollm2-135m-instruct'"
+        )
     try:
         hf_cfg = hf_config(cfg, model_path, num_labels)
     except Exception as e:  # noqa: BLE001 - report any loader failure as a config error
@@ -67,15 +74,20 @@ def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None
             meta = auto_class(cfg).from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
     except ValueError as e:
         task = "sequence classification" if is_classification(cfg) else "causal language modelling"
-        raise ConfigError(f"model.name_or_path={model_path!r}: a {hf_cfg.model_type} model has no {task} head in "
-                          f"transformers (data.format={cfg.data.format!r}); {e}") from None
+        raise ConfigError(
+            f"model.name_or_path={model_path!r}: a {hf_cfg.model_type} model has no {task} head in "
+            f"transformers (data.format={cfg.data.format!r}); {e}"
+        ) from None
     names = [n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear)]
     if peft_method(cfg).build is None:  # bottleneck adapters go after fixed projections
         from .bottleneck import PLACEMENT
+
         matched = [n for n in names if n.split(".")[-1] in PLACEMENT[cfg.peft.placement]]
         if not matched:
-            raise ConfigError(f"peft.placement={cfg.peft.placement!r}: {model_path} has no "
-                              f"{PLACEMENT[cfg.peft.placement]} projection to put bottleneck adapters after")
+            raise ConfigError(
+                f"peft.placement={cfg.peft.placement!r}: {model_path} has no "
+                f"{PLACEMENT[cfg.peft.placement]} projection to put bottleneck adapters after"
+            )
         return matched
     targets = cfg.peft.target_modules
     if targets == "all-linear":
@@ -86,8 +98,9 @@ def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None
         missing = [w for w in wanted if not any(n.split(".")[-1] == w for n in names)]
         if missing:
             present = sorted({n.split(".")[-1] for n in names})
-            raise ConfigError(f"peft.target_modules: {missing} match no linear module of {model_path}; "
-                              f"available: {present}")
+            raise ConfigError(
+                f"peft.target_modules: {missing} match no linear module of {model_path}; available: {present}"
+            )
     if not matched:
         raise ConfigError(f"peft.target_modules={targets!r} matches no module of {model_path}")
     return matched
@@ -114,8 +127,11 @@ def peft_config(cfg: Config, r: int | None = None, for_counting: bool = False):
     build = peft_method(cfg).build
     if build is None:
         return None
-    common = {"target_modules": p.target_modules, "task_type": "SEQ_CLS" if is_classification(cfg) else "CAUSAL_LM",
-              "modules_to_save": list(p.modules_to_save) or None}
+    common = {
+        "target_modules": p.target_modules,
+        "task_type": "SEQ_CLS" if is_classification(cfg) else "CAUSAL_LM",
+        "modules_to_save": list(p.modules_to_save) or None,
+    }
     return build(p, r or p.r, common, for_counting)
 
 
@@ -128,14 +144,16 @@ def count_trainable(cfg: Config, model_path: str, r: int, num_labels: int | None
         base = auto_class(cfg).from_config(hf_cfg, trust_remote_code=cfg.model.trust_remote_code)
         if peft_method(cfg).build is None:
             from .bottleneck import add_bottlenecks
+
             model = add_bottlenecks(base, r, cfg.peft.placement)
         else:
             model = get_peft_model(base, peft_config(cfg, r=r, for_counting=True))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None,
-                    pad_token_id: int | None = None):
+def load_peft_model(
+    cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None, pad_token_id: int | None = None
+):
     """The base model with the PEFT adapter; only adapter parameters (and a classification head) require gradients."""
     from peft import get_peft_model
 
@@ -144,10 +162,14 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype, labels: li
     torch.manual_seed(cfg.train.seed)
     kwargs = quant.load_kwargs(cfg)
     if labels:
-        kwargs.update(num_labels=len(labels), id2label={i: str(v) for i, v in enumerate(labels)},
-                      label2id={str(v): i for i, v in enumerate(labels)})
-    base = auto_class(cfg).from_pretrained(model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                           **kwargs)
+        kwargs.update(
+            num_labels=len(labels),
+            id2label={i: str(v) for i, v in enumerate(labels)},
+            label2id={str(v): i for i, v in enumerate(labels)},
+        )
+    base = auto_class(cfg).from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+    )
     quant.after_load(base)
     if base.config.pad_token_id is None and pad_token_id is not None:
         base.config.pad_token_id = pad_token_id  # a decoder's classification head reads the last non-pad token
@@ -157,5 +179,6 @@ def load_peft_model(cfg: Config, model_path: str, dtype: torch.dtype, labels: li
         base.enable_input_require_grads()
     if peft_method(cfg).build is None:
         from .bottleneck import add_bottlenecks
+
         return add_bottlenecks(base, cfg.peft.r, cfg.peft.placement, dtype)
     return get_peft_model(base, peft_config(cfg))

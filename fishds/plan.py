@@ -25,6 +25,7 @@ entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
     plus the logits: b s V (a + 8)  (the model's logits, their fp32 upcast in the loss and its gradient).
 No CUDA context, allocator cache or communication buffers are included.
 """
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,15 @@ class Arch:
     def shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one layer."""
         h, kv, i, q = self.hidden, self.kv, self.intermediate, self.q
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-                "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
 PRESETS = {  # Llama-2 shapes (Touvron et al. 2023), SmolLM2-135M (the embedded default)
@@ -78,8 +86,16 @@ def load_arch(model: str) -> Arch:
         raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json / model folder")
     c = json.loads(p.read_text())
     heads = c["num_attention_heads"]
-    return Arch(c["hidden_size"], c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads,
-                c["intermediate_size"], c["vocab_size"], bool(c.get("tie_word_embeddings", False)), c.get("head_dim"))
+    return Arch(
+        c["hidden_size"],
+        c["num_hidden_layers"],
+        heads,
+        c.get("num_key_value_heads") or heads,
+        c["intermediate_size"],
+        c["vocab_size"],
+        bool(c.get("tie_word_embeddings", False)),
+        c.get("head_dim"),
+    )
 
 
 @dataclass
@@ -139,8 +155,9 @@ def plan(arch: Arch, s: Setup) -> dict:
     logits = tokens * arch.vocab * (a + 8)
     out["activations"] = arch.layers * one_layer + logits
     out["activations_gc"] = arch.layers * tokens * arch.hidden * a + one_layer + logits
-    states = sum(out[k] for k in ("frozen", "adapter", "gradients", "optimizer", "masks", "mask_restore",
-                                  "largest_gathered"))
+    states = sum(
+        out[k] for k in ("frozen", "adapter", "gradients", "optimizer", "masks", "mask_restore", "largest_gathered")
+    )
     out["model_states"] = states
     out["measurable"] = sum(out[k] for k in ("frozen", "adapter", "optimizer", "masks", "mask_restore"))  # memory.py
     out["total"] = states + out["activations"]
@@ -153,24 +170,37 @@ def plan(arch: Arch, s: Setup) -> dict:
 
 
 def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
-    rows = [("frozen weights", "frozen"), ("adapter", "adapter"), ("gradients", "gradients"),
-            ("optimizer state", "optimizer"), ("masks (1 bit per entry)", "masks"),
-            ("frozen-entry copies (enforcer)", "mask_restore"), ("largest gathered layer", "largest_gathered"),
-            ("activations (no checkpointing)", "activations"), ("activations (checkpointing)", "activations_gc"),
-            ("total (no checkpointing)", "total"), ("total (checkpointing)", "total_gc")]
+    rows = [
+        ("frozen weights", "frozen"),
+        ("adapter", "adapter"),
+        ("gradients", "gradients"),
+        ("optimizer state", "optimizer"),
+        ("masks (1 bit per entry)", "masks"),
+        ("frozen-entry copies (enforcer)", "mask_restore"),
+        ("largest gathered layer", "largest_gathered"),
+        ("activations (no checkpointing)", "activations"),
+        ("activations (checkpointing)", "activations_gc"),
+        ("total (no checkpointing)", "total"),
+        ("total (checkpointing)", "total_gc"),
+    ]
     lines = [f"{name:<32}{res[k] / unit:>12.3f} {label}" for name, k in rows]
     if res["load_peak"]:
-        lines.append(f"{'backbone held while loading':<32}{res['load_peak'] / unit:>12.3f} {label}  (before "
-                     "deepspeed.initialize; under ZeRO-3 only a 4-bit backbone is loaded whole on every rank)")
+        lines.append(
+            f"{'backbone held while loading':<32}{res['load_peak'] / unit:>12.3f} {label}  (before "
+            "deepspeed.initialize; under ZeRO-3 only a 4-bit backbone is loaded whole on every rank)"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(ap) -> None:
     """The `fishds plan` options."""
     ap.add_argument("model", nargs="?", help=f"a preset ({', '.join(PRESETS)}), a config.json, or a model folder")
-    ap.add_argument("--config", help="plan a fishds run config instead (model, peft, quant, fish, train, "
-                    "data.max_length); "
-                    "only --world, --ds_config and --set apply then")
+    ap.add_argument(
+        "--config",
+        help="plan a fishds run config instead (model, peft, quant, fish, train, "
+        "data.max_length); "
+        "only --world, --ds_config and --set apply then",
+    )
     ap.add_argument("--ds_config", help="with --config: the DeepSpeed JSON (its ZeRO stage)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="with --config: an override")
     ap.add_argument("--zero", type=int, default=3, choices=(0, 1, 2, 3))
@@ -202,14 +232,25 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
     targets = "all-linear" if t == "all-linear" else tuple(x for x in ([t] if isinstance(t, str) else t) if x in PROJ)
     keep = None if rule(cfg.fish.selection).dense else (cfg.fish.keep_ratio or 0.5)
     return load_arch(resolve_model_path(cfg)), Setup(
-        ds["zero_optimization"].get("stage", 0), world, cfg.quant.bits, cfg.quant.double_quant, cfg.train.precision,
-        cfg.peft.r, targets, keep, cfg.train.optimizer, cfg.train.micro_batch_size, cfg.data.max_length,
-        cfg.fish.compact_optimizer)
+        ds["zero_optimization"].get("stage", 0),
+        world,
+        cfg.quant.bits,
+        cfg.quant.double_quant,
+        cfg.train.precision,
+        cfg.peft.r,
+        targets,
+        keep,
+        cfg.train.optimizer,
+        cfg.train.micro_batch_size,
+        cfg.data.max_length,
+        cfg.fish.compact_optimizer,
+    )
 
 
 def from_args(args) -> tuple[Arch, Setup]:
     if args.config:
         from .config import load_config
+
         return from_config(load_config(args.config, args.set), args.ds_config, args.world)
     if not args.model:
         raise ValueError("give MODEL (a preset, config.json or model folder) or --config")
@@ -219,6 +260,17 @@ def from_args(args) -> tuple[Arch, Setup]:
         raise ValueError(f"--targets: {bad} are not Llama projections ({', '.join(PROJ)})")
     if args.keep_ratio is not None and not 0 < args.keep_ratio <= 1:
         raise ValueError(f"--keep_ratio {args.keep_ratio} is outside (0, 1]")
-    return load_arch(args.model), Setup(args.zero, args.world, args.quant, args.double_quant, args.precision, args.r,
-                                        targets, args.keep_ratio, args.optimizer, args.micro_batch, args.seq_len,
-                                        args.compact)
+    return load_arch(args.model), Setup(
+        args.zero,
+        args.world,
+        args.quant,
+        args.double_quant,
+        args.precision,
+        args.r,
+        targets,
+        args.keep_ratio,
+        args.optimizer,
+        args.micro_batch,
+        args.seq_len,
+        args.compact,
+    )

@@ -17,6 +17,7 @@ What works was measured here (bitsandbytes 0.50.2, peft 0.21, DeepSpeed 0.19.8, 
   forward on AVX512-BF16 CPUs; that changes the tensor DeepSpeed holds and fails for layers narrower than
   the 64-entry block, so fishds switches it off (`after_load`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,21 +50,28 @@ def check(cfg: Config, zero_stage: int) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ConfigError("quant.bits=4 needs the bitsandbytes package (pip install bitsandbytes); or set "
-                          "quant.bits=null") from None
+        raise ConfigError(
+            "quant.bits=4 needs the bitsandbytes package (pip install bitsandbytes); or set quant.bits=null"
+        ) from None
     if cfg.peft.method not in QUANT_METHODS:
-        raise ConfigError(f"quant.bits=4 does not work with peft.method={cfg.peft.method!r} (its adapter cannot wrap "
-                          f"or rewrites a 4-bit weight); use one of {', '.join(QUANT_METHODS)} or set quant.bits=null")
+        raise ConfigError(
+            f"quant.bits=4 does not work with peft.method={cfg.peft.method!r} (its adapter cannot wrap "
+            f"or rewrites a 4-bit weight); use one of {', '.join(QUANT_METHODS)} or set quant.bits=null"
+        )
     problem = METHODS[cfg.peft.method].quant_4bit_zero3_problem
     if problem and zero_stage == 3:
-        raise ConfigError(f"quant.bits=4 with peft.method={cfg.peft.method!r} fails under ZeRO-3 ({problem}); use "
-                          "ZeRO-2 (ds_configs/zero2.json), peft.method=lora, or quant.bits=null")
+        raise ConfigError(
+            f"quant.bits=4 with peft.method={cfg.peft.method!r} fails under ZeRO-3 ({problem}); use "
+            "ZeRO-2 (ds_configs/zero2.json), peft.method=lora, or quant.bits=null"
+        )
     storage = storage_dtype(cfg)
     if storage == "fp32" and cfg.train.precision == "bf16":
-        raise ConfigError(f"quant.storage_dtype={storage} (null follows quant.compute_dtype) with "
-                          "train.precision=bf16: DeepSpeed casts every floating "
-                          "parameter to bf16, which would corrupt the packed 4-bit values; set quant.storage_dtype "
-                          "to bf16 or uint8")
+        raise ConfigError(
+            f"quant.storage_dtype={storage} (null follows quant.compute_dtype) with "
+            "train.precision=bf16: DeepSpeed casts every floating "
+            "parameter to bf16, which would corrupt the packed 4-bit values; set quant.storage_dtype "
+            "to bf16 or uint8"
+        )
 
 
 def bnb_config(cfg: Config):
@@ -73,9 +81,13 @@ def bnb_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
     q = cfg.quant
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.type, bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=DTYPES[compute_dtype(cfg)],
-                              bnb_4bit_quant_storage=DTYPES[storage_dtype(cfg)])
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[compute_dtype(cfg)],
+        bnb_4bit_quant_storage=DTYPES[storage_dtype(cfg)],
+    )
 
 
 def load_kwargs(cfg: Config) -> dict:

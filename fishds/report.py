@@ -15,6 +15,7 @@ there is none), the module type is the name before the adapter tensor (`q_proj` 
 `...q_proj.lora_A.weight`, `...q_proj.ia3_l`, `...o_proj.bottleneck.down.weight`), and tensor kinds other
 than lora_A / lora_B count as "other".
 """
+
 from __future__ import annotations
 
 import json
@@ -107,12 +108,15 @@ def _title(report: dict, counts: dict, title_dir: str) -> str:
     k = report.get("k", total_sel)
     pool = report.get("pool_size", total)
     by_kind = {kd: sum(c[0] for (_, kk), c in counts["kinds"].items() if kk == kd) for kd in KINDS}
-    share = "  ".join(f"{kd} {_pct(v / total_sel) if total_sel else 'n/a'}" for kd, v in by_kind.items()
-                      if kd != OTHER or v)
+    share = "  ".join(
+        f"{kd} {_pct(v / total_sel) if total_sel else 'n/a'}" for kd, v in by_kind.items() if kd != OTHER or v
+    )
     method = f"  |  method {report['method']}" if report.get("method") else ""
     ratio = f" ({_pct(k / pool)})" if pool else ""
-    return (f"{title_dir}  |  selection {report.get('selection', '?')}{method}  |  "
-            f"k {k:,} / pool {pool:,}{ratio}  |  share of mask: {share}")
+    return (
+        f"{title_dir}  |  selection {report.get('selection', '?')}{method}  |  "
+        f"k {k:,} / pool {pool:,}{ratio}  |  share of mask: {share}"
+    )
 
 
 def _draw(report: dict, counts: dict, title_dir: str):
@@ -155,13 +159,23 @@ def _draw(report: dict, counts: dict, title_dir: str):
     step = max(1, math.ceil(len(layers) / 60))
     ax.set_xticks(range(0, len(layers), step), [str(la) for la in layers[::step]], fontsize=8)
     ax.set_xlabel("layer")
-    ax.set_title("selected % per layer and module type (cell: all adapter tensors of that module in that layer; "
-                 "row label: the whole module type)", fontsize=10)
+    ax.set_title(
+        "selected % per layer and module type (cell: all adapter tensors of that module in that layer; "
+        "row label: the whole module type)",
+        fontsize=10,
+    )
     if grid.size <= 600 and len(layers) <= 64:
         for (i, j), v in np.ndenumerate(grid):
             if not np.isnan(v):
-                ax.text(j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=7 if len(layers) > 24 else 8,
-                        color="white" if v < 0.6 * vmax else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * v:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7 if len(layers) > 24 else 8,
+                    color="white" if v < 0.6 * vmax else "black",
+                )
     cb = fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01)
     cb.set_label("selected fraction")
 
@@ -177,8 +191,14 @@ def _draw(report: dict, counts: dict, title_dir: str):
         bars = ax.bar(pos, np.nan_to_num(vals), bar_w, label=kd, color=colors[kd])
         for b, v in zip(bars, vals):
             if not np.isnan(v) and len(modules) * len(present) <= 40:
-                ax.annotate(f"{100 * v:.0f}%", (b.get_x() + b.get_width() / 2, b.get_height()),
-                            xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
+                ax.annotate(
+                    f"{100 * v:.0f}%",
+                    (b.get_x() + b.get_width() / 2, b.get_height()),
+                    xytext=(0, 2),
+                    textcoords="offset points",
+                    ha="center",
+                    fontsize=7,
+                )
     ax.set_xticks(x, modules, rotation=30 if len(modules) > 5 else 0, fontsize=9)
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("selected fraction of the tensors")
@@ -201,8 +221,9 @@ def _draw_scores(ax, report: dict) -> None:
     if not stats or not edges or not hcounts or len(edges) != len(hcounts) + 1:
         ax.set_axis_off()
         if stats:
-            lines = ["no score histogram in the report"] + [f"{k}: {stats[k]:.4g}" for k in ("mean", "max")
-                                                              if isinstance(stats.get(k), (int, float))]
+            lines = ["no score histogram in the report"] + [
+                f"{k}: {stats[k]:.4g}" for k in ("mean", "max") if isinstance(stats.get(k), (int, float))
+            ]
             if isinstance(stats.get("zeros"), (int, float)):
                 lines.append(f"zero scores: {int(stats['zeros']):,}")
         else:
@@ -222,19 +243,24 @@ def _draw_scores(ax, report: dict) -> None:
     if thr is not None and thr > 0:
         lo, hi = min(lo, math.floor(math.log10(thr))), max(hi, math.ceil(math.log10(thr)))
     zero_x = lo - 1.5  # the zeros get their own bar, just left of the smallest positive bin
-    ax.bar(edges[:-1], hcounts, widths, align="edge", color="#4c72b0", edgecolor="white", linewidth=0.5,
-           label="scores > 0")
+    ax.bar(
+        edges[:-1], hcounts, widths, align="edge", color="#4c72b0", edgecolor="white", linewidth=0.5, label="scores > 0"
+    )
     if zeros:
         ax.bar([zero_x], [zeros], 1.0, color="#999999", edgecolor="white", label=f"score = 0 ({zeros:,})")
     left = zero_x - 0.7 if zeros or thr == 0 else lo - 0.5
     if thr is not None:
         lowest = report.get("selection") == "lowest"
-        ax.axvline(math.log10(thr) if thr > 0 else zero_x, color="#c44e52", linewidth=2,
-                   label=f"threshold {thr:.3g} (selected {'<=' if lowest else '>='})")
+        ax.axvline(
+            math.log10(thr) if thr > 0 else zero_x,
+            color="#c44e52",
+            linewidth=2,
+            label=f"threshold {thr:.3g} (selected {'<=' if lowest else '>='})",
+        )
     ax.set_xlim(left, hi + 0.5)
     ticks = list(range(math.ceil(lo), math.floor(hi) + 1))
     if len(ticks) > 12:
-        ticks = ticks[::math.ceil(len(ticks) / 12)]
+        ticks = ticks[:: math.ceil(len(ticks) / 12)]
     labels = [f"$10^{{{t}}}$" for t in ticks]
     if zeros or thr == 0:
         ticks, labels = [zero_x] + ticks, ["0"] + labels

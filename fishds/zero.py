@@ -19,6 +19,7 @@ one parameter's fp32 partition as a copy (moved to the accelerator); fishds need
 (the enforcer writes the frozen entries back after every optimizer step, the compact optimizer locates its
 tensors by storage), so the views are taken here.
 """
+
 from __future__ import annotations
 
 import os
@@ -95,8 +96,11 @@ def inner_optimizer(engine):
 
 def _unfused_fp32_copies(opt) -> dict:
     """DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer): id(param) -> its fp32 copy."""
-    return {id(lp): hp for lps, hps in zip(getattr(opt, "fp16_groups", None) or [],
-                                           getattr(opt, "fp32_groups", None) or []) for lp, hp in zip(lps, hps)}
+    return {
+        id(lp): hp
+        for lps, hps in zip(getattr(opt, "fp16_groups", None) or [], getattr(opt, "fp32_groups", None) or [])
+        for lp, hp in zip(lps, hps)
+    }
 
 
 def stage0_optimizer_state(engine, param, key: str):
@@ -124,8 +128,9 @@ def master_fragments(engine, pool) -> list[tuple[str, torch.Tensor, int, torch.T
     out = []
     if is_zero3(engine):
         if getattr(opt, "offload_optimizer", False) and getattr(opt, "swap_optimizer", False):
-            raise UnsupportedSetup("FISH masks do not support ZeRO-3 optimizer offload to NVMe; "
-                                   "use offload_optimizer.device=cpu or none")
+            raise UnsupportedSetup(
+                "FISH masks do not support ZeRO-3 optimizer offload to NVMe; use offload_optimizer.device=cpu or none"
+            )
         for t in pool.tensors:
             p = t.param
             group, offset, numel = opt.grad_position[opt.get_param_id(p)]
@@ -143,15 +148,23 @@ def master_fragments(engine, pool) -> list[tuple[str, torch.Tensor, int, torch.T
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is not None:
             addr = mapping.lp_fragment_address
-            out.append((t.name, mapping.hp_fragment.reshape(-1), addr.start,
-                        p.data.reshape(-1).narrow(0, addr.start, addr.numel)))
+            out.append(
+                (
+                    t.name,
+                    mapping.hp_fragment.reshape(-1),
+                    addr.start,
+                    p.data.reshape(-1).narrow(0, addr.start, addr.numel),
+                )
+            )
         elif getattr(p, "_hp_mapping", "absent") is None:
             continue  # this rank's partition holds no entry of p
         elif opt is torch_optimizer(engine) and p.dtype == torch.float32:
             out.append((t.name, p.data.reshape(-1), 0, p.data.reshape(-1)))
         else:
-            raise UnsupportedSetup(f"cannot locate the fp32 master weights of {t.name} under optimizer "
-                                   f"{type(opt).__name__}; fishds supports DeepSpeed ZeRO 0-3 in fp32 and bf16")
+            raise UnsupportedSetup(
+                f"cannot locate the fp32 master weights of {t.name} under optimizer "
+                f"{type(opt).__name__}; fishds supports DeepSpeed ZeRO 0-3 in fp32 and bf16"
+            )
     return out
 
 

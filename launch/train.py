@@ -1,8 +1,9 @@
 """fishds training entry point.
 
-    deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero3.json --config configs/demo.yaml [key=value ...]
-    torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml fish.keep_ratio=0.1
+deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero3.json --config configs/demo.yaml [key=value ...]
+torchrun --nproc_per_node 2 launch/train.py --config configs/demo.yaml fish.keep_ratio=0.1
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from fishds.run.train import run
+
         run(cfg, args.ds_config)
     except ConfigError as e:
         print(f"fishds: error: {e}", file=sys.stderr)

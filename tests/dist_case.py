@@ -3,6 +3,7 @@
 Run like launch/train.py (torchrun or single process). Rank 0 writes probe_logits.safetensors into
 output_dir so a test can check that the saved adapter reproduces the model that trained.
 """
+
 import sys
 from pathlib import Path
 
@@ -25,7 +26,9 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--ds_config")
 ap.add_argument("--local_rank", type=int)
 ap.add_argument("overrides", nargs="*")
-import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the test
+import faulthandler
+
+faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the test
 args = ap.parse_args()
 cfg = load_config(None, args.overrides)
 result = run(cfg, args.ds_config)
@@ -35,6 +38,12 @@ model.eval()
 with torch.no_grad():
     logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
 if fdist.is_main():
-    save_file({"logits": logits.float().contiguous(), "input_ids": probe["input_ids"],
-               "attention_mask": probe["attention_mask"]}, str(Path(cfg.output_dir) / "probe_logits.safetensors"))
+    save_file(
+        {
+            "logits": logits.float().contiguous(),
+            "input_ids": probe["input_ids"],
+            "attention_mask": probe["attention_mask"],
+        },
+        str(Path(cfg.output_dir) / "probe_logits.safetensors"),
+    )
 fdist.barrier()

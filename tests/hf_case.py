@@ -7,6 +7,7 @@ collated with fishds' Collator so that the Fisher examples equal those of fishds
 weight decay 0.1. The adapter is written with trainer.save_model(out); the callback writes fish_mask.safetensors
 and init_adapter_model.safetensors there, this script start_adapter.safetensors (the adapter before any step).
 """
+
 import argparse
 import faulthandler
 import sys
@@ -35,23 +36,42 @@ ap.add_argument("--keep_ratio", type=float, default=0.25)
 ap.add_argument("--num_samples", type=int, default=16)
 ap.add_argument("--save_steps", type=int, default=0)
 ap.add_argument("--warmup_steps", type=int, default=0)
-ap.add_argument("--resume_from", type=int, help="afterwards: a fresh model, Trainer and FishCallback resume from "
-                "checkpoint-N and write their adapter into out/resumed")
-ap.add_argument("--then_fishds", help="afterwards, in the same process group: fishds' own run (1 step, ZeRO-2) "
-                "on the same model, data and seeds, into this folder")
+ap.add_argument(
+    "--resume_from",
+    type=int,
+    help="afterwards: a fresh model, Trainer and FishCallback resume from "
+    "checkpoint-N and write their adapter into out/resumed",
+)
+ap.add_argument(
+    "--then_fishds",
+    help="afterwards, in the same process group: fishds' own run (1 step, ZeRO-2) "
+    "on the same model, data and seeds, into this folder",
+)
 args = ap.parse_args()
 faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the test
-
 
 
 def training_args():
     accel = prepare_cpu_deepspeed() if args.ds_config else None  # CPU: gloo ranks for DeepSpeed
     return TrainingArguments(
-        output_dir=args.out, per_device_train_batch_size=4, max_steps=args.steps, learning_rate=0.01,
-        weight_decay=0.1, lr_scheduler_type="linear", max_grad_norm=1.0, logging_steps=1, report_to="none", seed=0,
-        disable_tqdm=True, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        deepspeed=args.ds_config, dataloader_num_workers=0, accelerator_config=accel,
-        use_cpu=not args.ds_config and not torch.cuda.is_available())
+        output_dir=args.out,
+        per_device_train_batch_size=4,
+        max_steps=args.steps,
+        learning_rate=0.01,
+        weight_decay=0.1,
+        lr_scheduler_type="linear",
+        max_grad_norm=1.0,
+        logging_steps=1,
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        save_strategy="steps" if args.save_steps else "no",
+        save_steps=args.save_steps or 500,
+        deepspeed=args.ds_config,
+        dataloader_num_workers=0,
+        accelerator_config=accel,
+        use_cpu=not args.ds_config and not torch.cuda.is_available(),
+    )
 
 
 targs = training_args()
@@ -63,33 +83,47 @@ def make_model():
     torch.manual_seed(0)  # the adapter initialisation of fishds' run with train.seed=0
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     base.config.use_cache = False
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                           task_type="CAUSAL_LM"))
+    return get_peft_model(
+        base,
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
 
 
 model = make_model()
 start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
 fish = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps)
-trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id),
-                  callbacks=[fish])
+trainer = Trainer(
+    model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id), callbacks=[fish]
+)
 trainer.train()
 trainer.save_model(args.out)
 if trainer.is_world_process_zero():
-    save_file({k: v.contiguous() for k, v in adapter_keys(trainer.model, start).items()},
-              str(Path(args.out) / "start_adapter.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in adapter_keys(trainer.model, start).items()},
+        str(Path(args.out) / "start_adapter.safetensors"),
+    )
     engine = type(trainer.model_wrapped).__name__
-    print(f"[hf_case] done: engine {engine}, {fish.report['selected']} selected, losses "
-          f"{[round(h['loss'], 4) for h in trainer.state.log_history if 'loss' in h]}", flush=True)
+    print(
+        f"[hf_case] done: engine {engine}, {fish.report['selected']} selected, losses "
+        f"{[round(h['loss'], 4) for h in trainer.state.log_history if 'loss' in h]}",
+        flush=True,
+    )
 
 if args.resume_from:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a second Trainer in this process (a new job resuming)
     targs = training_args()
-    fish2 = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0,
-                         warmup_steps=args.warmup_steps)
-    trainer2 = Trainer(model=make_model(), args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id),
-                       callbacks=[fish2])
+    fish2 = FishCallback(
+        keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps
+    )
+    trainer2 = Trainer(
+        model=make_model(),
+        args=targs,
+        train_dataset=examples,
+        data_collator=Collator(tok.pad_token_id),
+        callbacks=[fish2],
+    )
     trainer2.train(resume_from_checkpoint=str(Path(args.out) / f"checkpoint-{args.resume_from}"))
     trainer2.save_model(str(Path(args.out) / "resumed"))
     if trainer2.is_world_process_zero():
@@ -99,9 +133,24 @@ if args.then_fishds:  # fishds' own trainer, for the mask comparison (saves a se
     from fishds.config import load_config
     from fishds.run.train import run
 
-    run(load_config(None, [
-        f"model.name_or_path={args.model}", f"data.path={args.train}", "data.max_length=64", "peft.r=4",
-        "peft.alpha=8", "peft.target_modules=[q_proj,v_proj]", f"fish.num_samples={args.num_samples}",
-        f"fish.keep_ratio={args.keep_ratio}", "fish.seed=0", "train.seed=0", "train.max_steps=1",
-        "train.micro_batch_size=4", f"output_dir={args.then_fishds}"]),
-        str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"))
+    run(
+        load_config(
+            None,
+            [
+                f"model.name_or_path={args.model}",
+                f"data.path={args.train}",
+                "data.max_length=64",
+                "peft.r=4",
+                "peft.alpha=8",
+                "peft.target_modules=[q_proj,v_proj]",
+                f"fish.num_samples={args.num_samples}",
+                f"fish.keep_ratio={args.keep_ratio}",
+                "fish.seed=0",
+                "train.seed=0",
+                "train.max_steps=1",
+                "train.micro_batch_size=4",
+                f"output_dir={args.then_fishds}",
+            ],
+        ),
+        str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero2.json"),
+    )

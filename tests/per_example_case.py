@@ -5,6 +5,7 @@ dense training steps (so that LoRA's B is not zero and every score is informativ
 fish.per_example=loop and =batched on the same examples. Rank 0 writes per_example.json into output_dir:
 {method: {"max_abs_diff", "max_score", "looped_tensors", "passes_loop", "passes_batched"}} (over all ranks).
 """
+
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ ap.add_argument("--ds_config")
 ap.add_argument("--local_rank", type=int)
 ap.add_argument("--methods", default="lora")
 ap.add_argument("overrides", nargs="*")
-import faulthandler; faulthandler.dump_traceback_later(300, exit=True)  # noqa: E702 - a hung collective fails
+import faulthandler
+
+faulthandler.dump_traceback_later(300, exit=True)  # noqa: E702 - a hung collective fails
 args = ap.parse_args()
 results = {}
 out_dir = None
@@ -44,12 +47,21 @@ for method in args.methods.split(","):
     mbs = cfg.train.micro_batch_size
     loop, st_loop = collect_scores(s.engine, s.pool, samples, "sample", mbs, s.collate, per_example="loop")
     batched, st_b = collect_scores(s.engine, s.pool, samples, "sample", mbs, s.collate, per_example="batched")
-    figs = torch.tensor([float((loop - batched).abs().max()) if loop.numel() else 0.0,
-                         float(loop.abs().max()) if loop.numel() else 0.0], dtype=torch.float64)
+    figs = torch.tensor(
+        [
+            float((loop - batched).abs().max()) if loop.numel() else 0.0,
+            float(loop.abs().max()) if loop.numel() else 0.0,
+        ],
+        dtype=torch.float64,
+    )
     fdist.all_reduce_(figs, op=dist.ReduceOp.MAX)
-    results[method] = {"max_abs_diff": float(figs[0]), "max_score": float(figs[1]),
-                       "looped_tensors": st_b["looped_tensors"], "passes_loop": st_loop["passes_per_rank"],
-                       "passes_batched": st_b["passes_per_rank"]}
+    results[method] = {
+        "max_abs_diff": float(figs[0]),
+        "max_score": float(figs[1]),
+        "looped_tensors": st_b["looped_tensors"],
+        "passes_loop": st_loop["passes_per_rank"],
+        "passes_batched": st_b["passes_per_rank"],
+    }
     del s
 if fdist.is_main():
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ Start it as 2 ranks (torchrun, or plain processes with RANK/WORLD_SIZE/MASTER_AD
 group comes from fishds.dist.init_distributed, so FISHDS_COLLECTIVE_TIMEOUT_S bounds rank 0's wait. Rank 0
 prints one line `RESULT {...}` and exits 3 when the collective failed (0 if it unexpectedly returned).
 """
+
 import json
 import os
 import signal
@@ -27,8 +28,10 @@ mode = sys.argv[1]
 assert mode in ("kill", "hang"), mode
 init_distributed()
 rank = dist.get_rank()
-print(f"rank {rank} of {dist.get_world_size()} up, collective timeout {collective_timeout().total_seconds():.0f}s",
-      flush=True)
+print(
+    f"rank {rank} of {dist.get_world_size()} up, collective timeout {collective_timeout().total_seconds():.0f}s",
+    flush=True,
+)
 dist.barrier()  # both ranks are connected before one of them fails
 if rank == 1:
     if mode == "kill":
@@ -42,6 +45,7 @@ try:
     outcome, error = "returned", ""
 except Exception as e:  # noqa: BLE001 - whatever the backend raises: what matters is that it raises
     outcome, error = "raised", f"{type(e).__name__}: {str(e)[:300]}"
-print("RESULT " + json.dumps({"outcome": outcome, "seconds": round(time.monotonic() - t0, 2), "error": error}),
-      flush=True)
+print(
+    "RESULT " + json.dumps({"outcome": outcome, "seconds": round(time.monotonic() - t0, 2), "error": error}), flush=True
+)
 os._exit(3 if outcome == "raised" else 0)  # no process-group teardown: it could wait on the dead peer again

@@ -3,6 +3,7 @@
 F[j] = sum_i (dL(x_i, y_i)/d theta_j)^2 over the N scoring examples, one example per backward pass;
 mask = the k largest scores, ties broken by (parameter name, flat index).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,7 @@ def reference_scores(cfg: Config) -> dict[str, torch.Tensor]:
     collate = Collator(tok.pad_token_id)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     scores = {n: torch.zeros_like(p) for n, p in params.items()}
-    for i in order[:cfg.fish.num_samples]:
+    for i in order[: cfg.fish.num_samples]:
         model.zero_grad(set_to_none=True)
         model(**collate([examples[i]])).loss.backward()
         for n, p in params.items():
@@ -43,7 +44,7 @@ def reference_mask(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.T
     sel[order] = True
     out, off = {}, 0
     for n in names:
-        out[n] = sel[off:off + scores[n].numel()].view(scores[n].shape)
+        out[n] = sel[off : off + scores[n].numel()].view(scores[n].shape)
         off += scores[n].numel()
     return out
 
@@ -72,7 +73,7 @@ def reference_moments(cfg: Config, state: dict[str, torch.Tensor]) -> tuple[dict
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     sq = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
     sm = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-    for i in order[:cfg.fish.num_samples]:
+    for i in order[: cfg.fish.num_samples]:
         model.zero_grad(set_to_none=True)
         model(**collate([examples[i]])).loss.backward()
         for n, p in params.items():
@@ -102,11 +103,16 @@ def reference_warmup(cfg: Config, state: dict[str, torch.Tensor], world: int, st
         for batch in step:
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
-            sums.append(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                          ignore_index=-100, reduction="sum"))
+            sums.append(
+                torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+                )
+            )
             targets += int((labels != -100).sum())
         (sum(sums) / targets).backward()
         opt.step()
         sched.step()
-    return ({n: p.detach().clone() for n, p in params.items()},
-            {n: opt.state[p]["exp_avg_sq"].clone() for n, p in params.items()})
+    return (
+        {n: p.detach().clone() for n, p in params.items()},
+        {n: opt.state[p]["exp_avg_sq"].clone() for n, p in params.items()},
+    )

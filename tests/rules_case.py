@@ -1,10 +1,12 @@
 """Test driver: many selection rules on one DeepSpeed engine, in one launch (1 or 2 ranks).
 
 Phase A: the adapter is set to a fixed non-zero state (lora_B seeded; the same on every world size), then every
-rule in PHASE_A selects through fishds.fish.selection.select_masks (scores saved with fish.save_scores). Phase B: WARMUP dense
+rule in PHASE_A selects through fishds.fish.selection.select_masks (scores saved with fish.save_scores).
+Phase B: WARMUP dense
 steps from that state, then the warm-up scores (adam_v, movement). Rank 0 writes into --out: state_a / initial /
 final adapters (param names), <rule>/masks.safetensors, <rule>/<score>_scores.safetensors, <rule>/report.json.
 """
+
 import sys
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from safetensors.torch import save_file  # noqa: E402
 
 from fishds import dist as fdist  # noqa: E402
 from fishds.config import load_config  # noqa: E402
-from fishds.fish.enforce import reset_unselected  # noqa: E402
 from fishds.fish.adapter import gather_adapter  # noqa: E402
+from fishds.fish.enforce import reset_unselected  # noqa: E402
 from fishds.fish.selection import scoring_examples, select_masks  # noqa: E402
 from fishds.run.train import setup, train_step  # noqa: E402
 
@@ -68,14 +70,20 @@ assert all(torch.equal(gather_adapter(pool)[n], v) for n, v in state_a.items())
 
 def run_rules(rules: dict, initial=None):
     for name, ov in rules.items():
-        rcfg = load_config(None, args.overrides + [f"{k}={v}" for k, v in ov.items()] + [
-            f"fish.dense_steps={WARMUP}", "fish.save_scores=true", f"output_dir={out / name}"])
+        rcfg = load_config(
+            None,
+            args.overrides
+            + [f"{k}={v}" for k, v in ov.items()]
+            + [f"fish.dense_steps={WARMUP}", "fish.save_scores=true", f"output_dir={out / name}"],
+        )
         (out / name).mkdir(parents=True, exist_ok=True)
-        masks, report = select_masks(rcfg.fish, engine, pool, s.k, examples, s.collate, rcfg.train.micro_batch_size,
-                                     out / name, initial)
+        masks, report = select_masks(
+            rcfg.fish, engine, pool, s.k, examples, s.collate, rcfg.train.micro_batch_size, out / name, initial
+        )
         if fdist.is_main():
-            save_file({n: m.to(torch.uint8).contiguous() for n, m in masks.items()},
-                      str(out / name / "masks.safetensors"))
+            save_file(
+                {n: m.to(torch.uint8).contiguous() for n, m in masks.items()}, str(out / name / "masks.safetensors")
+            )
             (out / name / "report.json").write_text(json.dumps(report))
         fdist.barrier()
 

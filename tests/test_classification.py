@@ -3,6 +3,7 @@
 The head is trained in full and counted in the budget; the mask is exact; masked entries never move;
 accuracy is reported for eval and test data; the saved adapter reproduces the logits.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ def _data(toy) -> dict:
         write_classification(root / "cls_train.jsonl", 256, seed=0)
         write_classification(root / "cls_eval.jsonl", 32, seed=1)
         write_classification(root / "cls_test.jsonl", 24, seed=2)
-    return {"data.format": "classification", "data.path": str(root / "cls_train.jsonl"),
-            "data.eval_path": str(root / "cls_eval.jsonl"), "data.test_path": str(root / "cls_test.jsonl")}
+    return {
+        "data.format": "classification",
+        "data.path": str(root / "cls_train.jsonl"),
+        "data.eval_path": str(root / "cls_eval.jsonl"),
+        "data.test_path": str(root / "cls_test.jsonl"),
+    }
 
 
 def _check(out, model_path: str, head: str):
@@ -55,8 +60,12 @@ def _check(out, model_path: str, head: str):
 def test_decoder_classification_zero3(toy, tmp_path):
     """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks."""
     out = tmp_path / "dec"
-    ov = base_overrides(toy, out, **_data(toy), **{"train.weight_decay": 0.1, "data.max_eval_examples": 32,
-                                                  "data.max_test_examples": 24})
+    ov = base_overrides(
+        toy,
+        out,
+        **_data(toy),
+        **{"train.weight_decay": 0.1, "data.max_eval_examples": 32, "data.max_test_examples": 24},
+    )
     launch(2, ov, "zero3.json")
     report = _check(out, toy["model"], "score")
     assert report["zero_stage"] == 3
@@ -64,13 +73,27 @@ def test_decoder_classification_zero3(toy, tmp_path):
 
 def test_encoder_classification_match_rank_zero2(toy, tmp_path):
     """Toy BERT, LoRA r=4 on query/value masked to the trainable count of plain r=2 (head included), ZeRO-2."""
-    bert = make_tiny_bert(toy["root"] / "bert") if not (toy["root"] / "bert" / "config.json").exists() \
+    bert = (
+        make_tiny_bert(toy["root"] / "bert")
+        if not (toy["root"] / "bert" / "config.json").exists()
         else toy["root"] / "bert"
+    )
     out = tmp_path / "enc"
-    ov = base_overrides(toy, out, **_data(toy), **{
-        "model.name_or_path": str(bert), "peft.target_modules": "[query,value]", "fish.keep_ratio": "null",
-        "fish.budget": "match_rank", "fish.match_r": 2, "train.weight_decay": 0.1, "data.max_eval_examples": 32,
-        "data.max_test_examples": 24})
+    ov = base_overrides(
+        toy,
+        out,
+        **_data(toy),
+        **{
+            "model.name_or_path": str(bert),
+            "peft.target_modules": "[query,value]",
+            "fish.keep_ratio": "null",
+            "fish.budget": "match_rank",
+            "fish.match_r": 2,
+            "train.weight_decay": 0.1,
+            "data.max_eval_examples": 32,
+            "data.max_test_examples": 24,
+        },
+    )
     launch(2, ov, "zero2.json")
     report = _check(out, str(bert), "classifier")
     b = report["budget"]
@@ -79,6 +102,7 @@ def test_encoder_classification_match_rank_zero2(toy, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     from fishds.merge import merge_adapter
+
     merged = AutoModelForSequenceClassification.from_pretrained(merge_adapter(bert, out, tmp_path / "merged")).eval()
     assert merged.config.id2label == {0: "fresh", 1: "rotten"}
     probe = load_file(str(out / "probe_logits.safetensors"))

@@ -1,4 +1,5 @@
 """fish.compact_optimizer: Adam moments only for the selected entries, same bits as the dense masked AdamW."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ def test_compact_adamw_same_bits_as_dense_masked_adamw_with_warmup_and_state_dic
     idx = mask.nonzero().reshape(-1)
     grads = [torch.randn(n, generator=g) * 10 ** torch.randn(n, generator=g) for _ in range(9)]
     pd, pc = init.clone().requires_grad_(), init.clone().requires_grad_()
-    dense, comp = (torch.optim.AdamW([pd], lr=0.01, weight_decay=0.1),
-                   CompactAdamW([pc], lr=0.01, weight_decay=0.1))
+    dense, comp = (torch.optim.AdamW([pd], lr=0.01, weight_decay=0.1), CompactAdamW([pc], lr=0.01, weight_decay=0.1))
     for step, gr in enumerate(grads):
         if step == 3:
             frozen = pd.detach()[~mask].clone()
@@ -56,11 +56,14 @@ def test_compact_adamw_same_bits_as_dense_masked_adamw_with_warmup_and_state_dic
         comp.select(pc, idx[1:])
 
 
-@pytest.mark.parametrize("extra,ds_opt,needle", [
-    ({"train.optimizer": "sgd"}, False, "train.optimizer=sgd"),
-    ({"fish.selection": "dense"}, False, "fish.selection=dense"),
-    ({}, True, "optimizer section"),
-])
+@pytest.mark.parametrize(
+    "extra,ds_opt,needle",
+    [
+        ({"train.optimizer": "sgd"}, False, "train.optimizer=sgd"),
+        ({"fish.selection": "dense"}, False, "fish.selection=dense"),
+        ({}, True, "optimizer section"),
+    ],
+)
 def test_compact_refused_where_it_cannot_work(toy, tmp_path, extra, ds_opt, needle):
     cfg = load_config(None, base_overrides(toy, tmp_path, **{"fish.compact_optimizer": "true", **extra}))
     path = None
@@ -75,6 +78,7 @@ def test_compact_checkpoint_refused_by_a_dense_resume():
     from types import SimpleNamespace
 
     from fishds.fish.compact import check_resumed_state
+
     p = torch.zeros(10, requires_grad=True)
     opt = CompactAdamW([p], lr=0.1)
     opt.select(p, torch.tensor([1, 4]))
@@ -94,8 +98,13 @@ def _adapters_equal(a, b):
 @pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json"])
 def test_compact_matches_dense_masked_adamw_two_ranks(toy, tmp_path, ds_config):
     """2 ranks, wd 0.1, clipping; ZeRO-3 also: 1 dense warm-up step, and a resume from a compact checkpoint."""
-    extra = {"train.weight_decay": 0.1, "train.grad_clip": 0.5, "train.max_steps": 5, "fish.keep_ratio": 0.1,
-             "data.max_eval_examples": 4}
+    extra = {
+        "train.weight_decay": 0.1,
+        "train.grad_clip": 0.5,
+        "train.max_steps": 5,
+        "fish.keep_ratio": 0.1,
+        "data.max_eval_examples": 4,
+    }
     if ds_config == "zero3.json":
         extra.update({"fish.dense_steps": 1, "train.save_every": 2})
     dense, comp = tmp_path / "dense", tmp_path / "compact"

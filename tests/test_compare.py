@@ -1,4 +1,5 @@
 """bench/compare.py: the protocol's statistics on synthetic rows, and the driver end to end on a toy classifier."""
+
 from __future__ import annotations
 
 import json
@@ -25,10 +26,19 @@ def _rows(values: dict, lrs=(1e-3, 1e-2, 1e-1)) -> list[dict]:
     for arm, by_lr in values.items():
         for lr, (ev, te) in by_lr.items():
             for seed, (e, t) in enumerate(zip(ev, te)):
-                base = {"budget": "p1:4:2", "selection": arm, "score": arm, "allocation": "global", "trainable": 10,
-                        "seed": seed, "lr": lr}
-                rows += [{**base, "split": "eval", "metric": "eval_accuracy", "value": e},
-                         {**base, "split": "test", "metric": "test_accuracy", "value": t}]
+                base = {
+                    "budget": "p1:4:2",
+                    "selection": arm,
+                    "score": arm,
+                    "allocation": "global",
+                    "trainable": 10,
+                    "seed": seed,
+                    "lr": lr,
+                }
+                rows += [
+                    {**base, "split": "eval", "metric": "eval_accuracy", "value": e},
+                    {**base, "split": "test", "metric": "test_accuracy", "value": t},
+                ]
     return rows
 
 
@@ -36,9 +46,13 @@ def test_summary_chooses_on_eval_reports_test_with_paired_t_intervals():
     dense_t, rand_t = [0.70, 0.72, 0.71, 0.69, 0.73], [0.71, 0.70, 0.72, 0.70, 0.71]
     rule_t = [0.75, 0.74, 0.76, 0.73, 0.77]
     low = [0.5] * 5
-    rows = _rows({"dense": {1e-3: ([0.9] * 5, dense_t), 1e-2: ([0.8] * 5, low), 1e-1: ([0.7] * 5, low)},
-                  "random": {1e-3: ([0.7] * 5, low), 1e-2: ([0.9] * 5, rand_t), 1e-1: ([0.8] * 5, low)},
-                  "saliency/module@20": {1e-3: ([0.7] * 5, low), 1e-2: ([0.8] * 5, low), 1e-1: ([0.9] * 5, rule_t)}})
+    rows = _rows(
+        {
+            "dense": {1e-3: ([0.9] * 5, dense_t), 1e-2: ([0.8] * 5, low), 1e-1: ([0.7] * 5, low)},
+            "random": {1e-3: ([0.7] * 5, low), 1e-2: ([0.9] * 5, rand_t), 1e-1: ([0.8] * 5, low)},
+            "saliency/module@20": {1e-3: ([0.7] * 5, low), 1e-2: ([0.8] * 5, low), 1e-1: ([0.9] * 5, rule_t)},
+        }
+    )
     cells, table, warnings = compare.summarise(rows)
     by = {c["selection"]: c for c in cells}
     assert by["dense"]["lr"] == 1e-3 and by["random"]["lr"] == 1e-2 and by["saliency/module@20"]["lr"] == 1e-1
@@ -55,8 +69,12 @@ def test_summary_chooses_on_eval_reports_test_with_paired_t_intervals():
     assert not any("10 x plain" in w for w in warnings)  # 0.1 >= 10 x 0.001
     assert "Δ vs random" in table and f"{100 * statistics.mean(d):+.2f}" in table
     # screening: choose and report on eval only; a grid short of 10 x plain's rate is flagged
-    rows = _rows({"dense": {1e-2: ([0.9] * 5, low), 3e-2: ([0.8] * 5, low)},
-                  "random": {1e-2: ([0.7] * 5, low), 3e-2: ([0.85] * 5, low)}})
+    rows = _rows(
+        {
+            "dense": {1e-2: ([0.9] * 5, low), 3e-2: ([0.8] * 5, low)},
+            "random": {1e-2: ([0.7] * 5, low), 3e-2: ([0.85] * 5, low)},
+        }
+    )
     cells, _, warnings = compare.summarise([r for r in rows if r["split"] == "eval"], split="eval")
     assert {c["selection"]: c["mean"] for c in cells}["random"] == pytest.approx(0.85)
     assert any("below 10 x plain" in w for w in warnings)
@@ -78,22 +96,69 @@ def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path):
         make_tiny_bert(bert)
     data = _data(toy)
     config = tmp_path / "toy.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": {"name_or_path": str(bert)}, "peft": {"method": "lora", "target_modules": ["query", "value"]},
-        "fish": {"num_samples": 8}, "data": {"path": data["data.path"], "format": "classification",
-                                             "eval_path": data["data.eval_path"], "test_path": data["data.test_path"],
-                                             "max_length": 32, "max_eval_examples": 32},
-        "train": {"max_steps": 4, "micro_batch_size": 8}, "output_dir": str(tmp_path / "unused")}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(bert)},
+                "peft": {"method": "lora", "target_modules": ["query", "value"]},
+                "fish": {"num_samples": 8},
+                "data": {
+                    "path": data["data.path"],
+                    "format": "classification",
+                    "eval_path": data["data.eval_path"],
+                    "test_path": data["data.test_path"],
+                    "max_length": 32,
+                    "max_eval_examples": 32,
+                },
+                "train": {"max_steps": 4, "micro_batch_size": 8},
+                "output_dir": str(tmp_path / "unused"),
+            }
+        )
+    )
     results = tmp_path / "results"
-    rc = compare.main(["--config", str(config), "--task", "toy", "--seeds", "0", "1", "--lrs", "1e-3",
-                       "--budgets", "p1:4:2", "--arms", "dense", "random", "saliency/tensor@2",
-                       "--runs", str(tmp_path / "runs"), "--results", str(results)])
+    rc = compare.main(
+        [
+            "--config",
+            str(config),
+            "--task",
+            "toy",
+            "--seeds",
+            "0",
+            "1",
+            "--lrs",
+            "1e-3",
+            "--budgets",
+            "p1:4:2",
+            "--arms",
+            "dense",
+            "random",
+            "saliency/tensor@2",
+            "--runs",
+            str(tmp_path / "runs"),
+            "--results",
+            str(results),
+        ]
+    )
     assert rc == 0
     out = json.loads((results / "compare-toy.json").read_text())
     assert {r["split"] for r in out["rows"]} == {"eval", "test"} and len(out["rows"]) == 3 * 2 * 2
     for r in out["rows"]:  # the existing schema plus score and allocation
-        assert {"task", "model", "method", "selection", "score", "allocation", "budget", "trainable", "seed", "lr",
-                "split", "metric", "value", "seconds"} <= set(r)
+        assert {
+            "task",
+            "model",
+            "method",
+            "selection",
+            "score",
+            "allocation",
+            "budget",
+            "trainable",
+            "seed",
+            "lr",
+            "split",
+            "metric",
+            "value",
+            "seconds",
+        } <= set(r)
     cells = {c["selection"]: c for c in out["cells"]}
     rule = cells["saliency/tensor@2"]
     assert rule["score"] == "saliency" and rule["allocation"] == "tensor" and rule["n"] == 2
@@ -106,8 +171,11 @@ def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path):
     assert "Δ vs plain" in (results / "compare-toy.md").read_text()
     # paired seeds: the same head initialisation across arms for a seed, another one for another seed
     runs = tmp_path / "runs" / "toy"
-    head = {name: {k: v for k, v in load_file(str(runs / name / "init_adapter_model.safetensors")).items()
-                   if "classifier" in k} for name in ("p1-4-2_dense_lr0.001_s0", "p1-4-2_random_lr0.001_s0",
-                                                      "p1-4-2_random_lr0.001_s1")}
+    head = {
+        name: {
+            k: v for k, v in load_file(str(runs / name / "init_adapter_model.safetensors")).items() if "classifier" in k
+        }
+        for name in ("p1-4-2_dense_lr0.001_s0", "p1-4-2_random_lr0.001_s0", "p1-4-2_random_lr0.001_s1")
+    }
     a, b, c = head.values()
     assert a and all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)

@@ -1,5 +1,6 @@
 """Several datasets in one run (data.datasets, mixed by weight) and Hugging Face Hub names resolved offline
 from a local HF cache folder the test builds (issue 15, item 4)."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,42 @@ from test_bad_input_more import _fails, _isolated_process_group  # noqa: F401 - 
 
 def _sharegpt(toy: dict, path: Path, n: int) -> Path:
     rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()][:n]
-    path.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"label the review {r['input']}"},
-                                                          {"from": "gpt", "value": r["output"]}]}) + "\n"
-                            for r in rows))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "conversations": [
+                        {"from": "human", "value": f"label the review {r['input']}"},
+                        {"from": "gpt", "value": r["output"]},
+                    ]
+                }
+            )
+            + "\n"
+            for r in rows
+        )
+    )
     return path
 
 
-CHAT = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+CHAT = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
 
 
 def _mix_overrides(toy, tmp_path, chat: Path, **extra) -> dict:
-    entries = [{"path": toy["train"], "weight": 2, "max_examples": 40},
-               {"path": str(chat), "weight": 0.5, "format": "chat", "messages_field": "conversations",
-                "role_field": "from", "content_field": "value", "chat_template": CHAT}]
+    entries = [
+        {"path": toy["train"], "weight": 2, "max_examples": 40},
+        {
+            "path": str(chat),
+            "weight": 0.5,
+            "format": "chat",
+            "messages_field": "conversations",
+            "role_field": "from",
+            "content_field": "value",
+            "chat_template": CHAT,
+        },
+    ]
     return {"data.path": "null", "data.datasets": json.dumps(entries), **extra}
 
 
@@ -44,8 +67,12 @@ def test_mix_weights_are_copies_and_seeded():
 def test_datasets_run_mixes_formats_each_with_its_keys(toy, tmp_path):
     chat = _sharegpt(toy, tmp_path / "chat.jsonl", 30)
     out = tmp_path / "out"
-    proc = launch(1, base_overrides(toy, out, **_mix_overrides(toy, tmp_path, chat, **{
-        "train.max_steps": 2, "data.max_eval_examples": 8})))
+    proc = launch(
+        1,
+        base_overrides(
+            toy, out, **_mix_overrides(toy, tmp_path, chat, **{"train.max_steps": 2, "data.max_eval_examples": 8})
+        ),
+    )
     report = json.loads((out / "fish_report.json").read_text())
     assert report["data_rows"] == {"data.datasets[0].path": 40, "data.datasets[1].path": 30, "data.eval_path": 8}
     assert "[fishds] data.datasets[1].path: 30 rows" in proc.stdout
@@ -57,12 +84,19 @@ def test_datasets_rows_checked_before_weights(toy, tmp_path, capsys, broken_weig
     lines = chat.read_text().splitlines()
     lines[3] = json.dumps({"conversations": [{"role": "user", "content": "x"}]})
     chat.write_text("\n".join(lines) + "\n")
-    ov = base_overrides(toy, tmp_path / "out", **{"model.name_or_path": broken_weights_model,
-                                                  **_mix_overrides(toy, tmp_path, chat)})
-    _fails(ov, capsys, f"data.datasets[1].path={str(chat)!r}: row 4 lacks 'conversations' as a list of "
-                       "{'from': str, 'value': str}")
-    _fails(base_overrides(toy, tmp_path / "out", **{"data.datasets": json.dumps([{"path": toy["train"]}])}), capsys,
-           "give data.path (one dataset) or data.datasets")
+    ov = base_overrides(
+        toy, tmp_path / "out", **{"model.name_or_path": broken_weights_model, **_mix_overrides(toy, tmp_path, chat)}
+    )
+    _fails(
+        ov,
+        capsys,
+        f"data.datasets[1].path={str(chat)!r}: row 4 lacks 'conversations' as a list of {{'from': str, 'value': str}}",
+    )
+    _fails(
+        base_overrides(toy, tmp_path / "out", **{"data.datasets": json.dumps([{"path": toy["train"]}])}),
+        capsys,
+        "give data.path (one dataset) or data.datasets",
+    )
 
 
 def _hub_cache(root: Path, repo_type: str, name: str, files: dict[str, Path]) -> None:
@@ -80,21 +114,47 @@ def _hub_cache(root: Path, repo_type: str, name: str, files: dict[str, Path]) ->
 def test_hub_names_resolve_from_a_local_cache_offline(toy, tmp_path):
     hub = tmp_path / "hf" / "hub"
     _hub_cache(hub, "model", "toyorg/tiny-llama", {p.name: p for p in Path(toy["model"]).iterdir() if p.is_file()})
-    _hub_cache(hub, "dataset", "toyorg/reviews", {"data/train.jsonl": Path(toy["train"]),
-                                                  "data/validation.jsonl": Path(toy["eval"])})
-    env = {"HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
-           "HF_HOME": str(tmp_path / "hf")}
+    _hub_cache(
+        hub,
+        "dataset",
+        "toyorg/reviews",
+        {"data/train.jsonl": Path(toy["train"]), "data/validation.jsonl": Path(toy["eval"])},
+    )
+    env = {
+        "HF_HUB_CACHE": str(hub),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf" / "datasets"),
+        "HF_HOME": str(tmp_path / "hf"),
+    }
     out = tmp_path / "out"
-    launch(1, base_overrides(toy, out, **{"model.name_or_path": "toyorg/tiny-llama", "data.path": "toyorg/reviews",
-                                          "data.eval_path": "toyorg/reviews", "train.max_steps": 1}), env=env)
+    launch(
+        1,
+        base_overrides(
+            toy,
+            out,
+            **{
+                "model.name_or_path": "toyorg/tiny-llama",
+                "data.path": "toyorg/reviews",
+                "data.eval_path": "toyorg/reviews",
+                "train.max_steps": 1,
+            },
+        ),
+        env=env,
+    )
     report = json.loads((out / "fish_report.json").read_text())
     assert report["data_rows"] == {"data.path": 256, "data.eval_path": 16}  # train.jsonl, validation.jsonl
-    proc = launch(1, base_overrides(toy, tmp_path / "out2", **{"model.name_or_path": "toyorg/missing"}), env=env,
-                  expect_ok=False)
+    proc = launch(
+        1, base_overrides(toy, tmp_path / "out2", **{"model.name_or_path": "toyorg/missing"}), env=env, expect_ok=False
+    )
     assert proc.returncode != 0
     assert "model.name_or_path='toyorg/missing' is not a local path, and the Hugging Face Hub model" in proc.stderr
     assert str(hub) in proc.stderr and "offline=True" in proc.stderr
-    proc = launch(1, base_overrides(toy, tmp_path / "out3", **{"model.name_or_path": "toyorg/tiny-llama",
-                                                               "data.path": "toyorg/nothing"}), env=env,
-                  expect_ok=False)
+    proc = launch(
+        1,
+        base_overrides(
+            toy, tmp_path / "out3", **{"model.name_or_path": "toyorg/tiny-llama", "data.path": "toyorg/nothing"}
+        ),
+        env=env,
+        expect_ok=False,
+    )
     assert "data.path='toyorg/nothing' is not a local path, and the Hugging Face Hub dataset" in proc.stderr

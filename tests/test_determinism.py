@@ -1,4 +1,5 @@
 """Same config, same seeds, run twice on 2 ranks (ZeRO-2, CPU): the same mask and the same adapter, bit for bit."""
+
 from __future__ import annotations
 
 import json
@@ -32,4 +33,5 @@ def test_same_config_twice_gives_identical_bits_zero2(toy, tmp_path):
     def figures(out):
         recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
         return [{k: v for k, v in r.items() if k != "seconds"} for r in recs]
+
     assert figures(runs[0]) == figures(runs[1])

@@ -1,4 +1,5 @@
 """FISH-LoRA on real DeepSpeed ranks (2 processes, gloo on CPU): the mask is exact, and masked entries never move."""
+
 from __future__ import annotations
 
 import json
@@ -58,6 +59,7 @@ def assert_logits_reproduced(out, cfg_overrides, atol=1e-5):
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
     if (out / "bottleneck_config.json").exists():
         from fishds.bottleneck import load_bottleneck
+
         model = load_bottleneck(base, out).eval()
     else:
         model = PeftModel.from_pretrained(base, str(out)).eval()
@@ -82,8 +84,11 @@ def assert_masks_at_one_bit(report, world: int, partitioned: bool):
 def test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked(toy, tmp_path):
     """ZeRO-3, AdamW wd=0.1, clipping, accumulation 2: exact mask vs the paper's formula; masked entries fixed."""
     out = tmp_path / "z3"
-    ov = base_overrides(toy, out, **{"train.weight_decay": 0.1, "train.grad_clip": 0.5, "train.grad_accum": 2,
-                                     "fish.save_scores": "true"})
+    ov = base_overrides(
+        toy,
+        out,
+        **{"train.weight_decay": 0.1, "train.grad_clip": 0.5, "train.grad_accum": 2, "fish.save_scores": "true"},
+    )
     launch(2, ov, "zero3.json")
     adapter, masks, report = assert_mask_enforced(out, 224)
     assert report["zero_stage"] == 3 and report["world_size"] == 2
@@ -97,16 +102,20 @@ def test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked(toy, tmp_pa
     assert flat[223] > flat[224] * (1 + 1e-3), "test data must leave a clear gap at the top-k boundary"
     ref_mask = reference_mask(ref, 224)
     from fishds.fish.adapter import adapter_keys
+
     keyed = adapter_keys(initial_model(cfg), ref_mask)
     for key in masks:
         assert torch.equal(masks[key], keyed[key]), key
     assert_logits_reproduced(out, ov)
 
 
-@pytest.mark.parametrize("ds_config,extra", [
-    ("zero2.json", {"train.optimizer": "sgd", "train.momentum": 0.9, "train.weight_decay": 0.1, "train.lr": 0.05}),
-    ("zero0.json", {"train.weight_decay": 0.1, "train.grad_accum": 2}),
-])
+@pytest.mark.parametrize(
+    "ds_config,extra",
+    [
+        ("zero2.json", {"train.optimizer": "sgd", "train.momentum": 0.9, "train.weight_decay": 0.1, "train.lr": 0.05}),
+        ("zero0.json", {"train.weight_decay": 0.1, "train.grad_accum": 2}),
+    ],
+)
 def test_masked_entries_fixed_zero0_zero2(toy, tmp_path, ds_config, extra):
     out = tmp_path / ds_config
     ov = base_overrides(toy, out, **extra)

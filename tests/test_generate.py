@@ -1,4 +1,5 @@
 """fishds generate: one reply with --prompt, a chat on stdin, the chat template, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, base_overrides, launch
+
 from fishds import cli
 from fishds.generate import chat, load, prompt_ids
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
-            "{% if add_generation_prompt %}assistant : {% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} \n{% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +36,14 @@ def reference_reply(toy, adapter: Path, text: str, n: int) -> str:
     tok = AutoTokenizer.from_pretrained(toy["model"])
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(toy["model"]), str(adapter)).eval()
     ids = tok(text, return_tensors="pt")["input_ids"]
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_prompt_reply_matches_peft_and_chat_on_stdin(toy, adapter, capsys):
@@ -44,9 +52,14 @@ def test_prompt_reply_matches_peft_and_chat_on_stdin(toy, adapter, capsys):
     assert got == reference_reply(toy, adapter, "good movie", 6)
     assert got, "greedy decoding of 6 new tokens printed nothing"
 
-    proc = subprocess.run([sys.executable, "-m", "fishds.cli", "generate", "--adapter", str(adapter),
-                           "--max_new_tokens", "6"], input="good movie\nbad plot\n\nnever read\n", text=True,
-                          capture_output=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fishds.cli", "generate", "--adapter", str(adapter), "--max_new_tokens", "6"],
+        input="good movie\nbad plot\n\nnever read\n",
+        text=True,
+        capture_output=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert lines == [got, reference_reply(toy, adapter, "bad plot", 6)]  # the empty line ended the chat
@@ -67,7 +80,9 @@ def test_chat_template_renders_the_conversation(toy, adapter, tmp_path):
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in messages[1::2]] == seen
     rendered = tokenizer.apply_chat_template(messages[:3], add_generation_prompt=True, tokenize=False)
-    assert rendered.startswith("user : good movie \nassistant : ") and rendered.endswith("user : bad plot \nassistant : ")
+    assert rendered.startswith("user : good movie \nassistant : ") and rendered.endswith(
+        "user : bad plot \nassistant : "
+    )
     ids = prompt_ids(tokenizer, messages[:3])
     assert ids[0].tolist() == tokenizer(rendered, add_special_tokens=False)["input_ids"]
 

@@ -7,6 +7,7 @@ training bit for bit (AdamW with weight decay 0.1, so enforcement is needed: mas
 non-zero); every selected entry moved. Without warm-up the mask equals the one fishds' own trainer picks
 for the same model, data, seeds and N (fishds' run is started in the DDP launch, after the Trainer).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,13 +30,35 @@ K = 224  # floor(0.25 * 896): LoRA r=4 on q,v of the 2-layer toy Llama
 def _run(toy, out, *extra, accelerate=False, timeout=300):
     if accelerate:  # accelerate's launcher (its multi-process launch works on CPU ranks too)
         port = str(_free_port())
-        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                    port]
+        launcher = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            port,
+        ]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd = [*launcher, "tests/hf_case.py", "--model", toy["model"], "--train", toy["train"], "--out", str(out),
-           *map(str, extra)]
+    cmd = [
+        *launcher,
+        "tests/hf_case.py",
+        "--model",
+        toy["model"],
+        "--train",
+        toy["train"],
+        "--out",
+        str(out),
+        *map(str, extra),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -86,8 +109,18 @@ def test_hf_trainer_deepspeed_zero3_matches_fishds(toy, tmp_path, ddp_and_fishds
 
 def test_hf_trainer_deepspeed_zero2_warmup_checkpoints_resume(toy, tmp_path):
     out = tmp_path / "out"
-    proc = _run(toy, out, "--ds_config", ROOT / "ds_configs" / "zero2.json", "--warmup_steps", 1, "--save_steps", 2,
-                "--resume_from", 2)
+    proc = _run(
+        toy,
+        out,
+        "--ds_config",
+        ROOT / "ds_configs" / "zero2.json",
+        "--warmup_steps",
+        1,
+        "--save_steps",
+        2,
+        "--resume_from",
+        2,
+    )
     assert "engine DeepSpeedEngine" in proc.stdout and "FISH mask fixed at step 1" in proc.stdout
     report = json.loads((out / "fish_selection.json").read_text())
     assert report["zero_stage"] == 2 and report["step"] == 1
@@ -103,11 +136,14 @@ def test_hf_trainer_deepspeed_zero2_warmup_checkpoints_resume(toy, tmp_path):
 
 # ---- clear errors, in-process (no Trainer run) -------------------------------------------------------------
 
+
 def _tiny(toy, peft: bool):
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(toy["model"])
     if peft:
         from peft import LoraConfig, get_peft_model
+
         model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
     return model
 
@@ -119,8 +155,9 @@ def test_hf_callback_errors(toy):
     with pytest.raises(FishError, match="before the Trainer created its optimizer"):
         fish.fix_mask(SimpleNamespace(optimizer=None))  # e.g. called before trainer.train()
     with pytest.raises(FishError, match="before the Trainer built its DeepSpeed engine"):
-        fish._engine(SimpleNamespace(optimizer=object(), is_deepspeed_enabled=True,
-                                     model_wrapped=torch.nn.Linear(1, 1)))
+        fish._engine(
+            SimpleNamespace(optimizer=object(), is_deepspeed_enabled=True, model_wrapped=torch.nn.Linear(1, 1))
+        )
     with pytest.raises(FishError, match="could not find its Trainer"):
         fish.on_train_begin(None, SimpleNamespace(global_step=0), None)
     with pytest.raises(FishError, match="not a PEFT model"):

@@ -1,6 +1,7 @@
 """Issue 12's layout rules, checked on the source tree: one module names DeepSpeed internals, the two clients of
 the method core (`fishds train`, the HF callback) do not import each other, and the tables (selection rules, PEFT
 methods, data formats) are what the config accepts."""
+
 import re
 import subprocess
 import sys
@@ -13,19 +14,28 @@ DS_INTERNALS = re.compile(r"_hp_mapping|fp32_partitioned_groups_flat|\.ds_tensor
 
 
 def test_deepspeed_internals_are_named_in_zero_py_only():
-    naming = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "fishds").rglob("*.py")
-                    if DS_INTERNALS.search(p.read_text()))
+    naming = sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "fishds").rglob("*.py") if DS_INTERNALS.search(p.read_text())
+    )
     assert naming == ["fishds/zero.py"]
 
 
-@pytest.mark.parametrize("client,other", [("fishds.integrations.hf", "fishds.run.train"),
-                                          ("fishds.run.train", "fishds.integrations")])
+@pytest.mark.parametrize(
+    "client,other", [("fishds.integrations.hf", "fishds.run.train"), ("fishds.run.train", "fishds.integrations")]
+)
 def test_clients_of_the_core_do_not_import_each_other(client, other):
-    code = (f"import sys, {client}; "
-            f"loaded = [m for m in sys.modules if m == {other!r} or m.startswith({other!r} + '.')]; "
-            "assert not loaded, loaded; assert 'fishds.fish.selection' in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    code = (
+        f"import sys, {client}; "
+        f"loaded = [m for m in sys.modules if m == {other!r} or m.startswith({other!r} + '.')]; "
+        "assert not loaded, loaded; assert 'fishds.fish.selection' in sys.modules"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -43,8 +53,14 @@ def test_tables_are_the_config_choices():
     for name in FORMATS:
         assert DataSection(path="x", format=name).format == name
     with pytest.raises(ValueError, match="fish.selection"):
-        Config.model_validate({"model": {"name_or_path": "m"}, "data": {"path": "x"}, "output_dir": "o",
-                               "fish": {"selection": "not-a-rule"}})
+        Config.model_validate(
+            {
+                "model": {"name_or_path": "m"},
+                "data": {"path": "x"},
+                "output_dir": "o",
+                "fish": {"selection": "not-a-rule"},
+            }
+        )
 
 
 def test_callback_arguments_are_validated_by_the_fish_section():
@@ -53,8 +69,12 @@ def test_callback_arguments_are_validated_by_the_fish_section():
     fish = FishCallback(selection="random", num_selected=5, warmup_steps=2)
     assert (fish.selection, fish.num_selected, fish.keep_ratio, fish.warmup_steps) == ("random", 5, None, 2)
     assert FishCallback().keep_ratio == 0.5  # the section's default, as in fishds train
-    for bad, needle in (({"selection": "best"}, "selection"), ({"keep_ratio": 1.5}, "keep_ratio=1.5"),
-                        ({"granularity": "token"}, "granularity"), ({"num_samples": 0}, "num_samples")):
+    for bad, needle in (
+        ({"selection": "best"}, "selection"),
+        ({"keep_ratio": 1.5}, "keep_ratio=1.5"),
+        ({"granularity": "token"}, "granularity"),
+        ({"num_samples": 0}, "num_samples"),
+    ):
         with pytest.raises(FishError, match=needle):
             FishCallback(**bad)
 
@@ -70,11 +90,14 @@ def test_one_adapter_key_parser():
             self.name, self.numel, self.shape = name, numel, (numel,)
 
     class P:
-        tensors = [T("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", 4),
-                   T("base_model.model.model.layers.1.mlp.down_proj.ia3_l.default", 2)]
+        tensors = [
+            T("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", 4),
+            T("base_model.model.model.layers.1.mlp.down_proj.ia3_l.default", 2),
+        ]
 
     masks = {t.name: torch.ones(t.numel, dtype=torch.bool) for t in P.tensors}
     report = mask_report(P, masks)
-    assert sorted(report["per_module"]) == sorted(parse_key(t.name).module for t in P.tensors) == ["down_proj",
-                                                                                                    "q_proj"]
+    assert (
+        sorted(report["per_module"]) == sorted(parse_key(t.name).module for t in P.tensors) == ["down_proj", "q_proj"]
+    )
     assert report["share"] == {"lora_A": 4 / 6, "lora_B": 0.0, "other": 2 / 6}

@@ -2,6 +2,7 @@
 
 Each method runs twice: one process (ZeRO-0) and 2 ranks under ZeRO-3.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Two nodes give the same result as one: torchrun --nnodes 2 (one rank per node, both on this machine) against
 torchrun --standalone --nproc_per_node 2, same overrides, ZeRO-3: the same mask and the same adapter bits."""
+
 from __future__ import annotations
 
 import os
@@ -33,11 +34,34 @@ def launch_two_nodes(overrides: list[str], ds_config: str) -> list[tuple[int, st
         env.pop(k, None)
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "--rdzv_backend", "static"] + script_args
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(node),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            "--rdzv_backend",
+            "static",
+        ] + script_args
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
     results = []
     try:
         for p in procs:

@@ -3,6 +3,7 @@ keeps the fp32 masters and moments on the CPU) and offload_param=cpu at ZeRO-3, 
 
 DeepSpeedCPUAdam is compiled the first time (about 100 s, cached in ~/.cache/torch_extensions): marked slow, out of
 the fast tier (`pytest -m 'not slow'`), still run by `make test`."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from conftest import base_overrides, launch
 @pytest.mark.parametrize("ds, stage", [("zero2_offload.json", 2), ("zero3_offload.json", 3)])
 def test_cpu_offload_keeps_masked_entries_fixed(toy, tmp_path, ds, stage):
     from test_distributed import assert_logits_reproduced, assert_mask_enforced
+
     out = tmp_path / "run"
     ov = base_overrides(toy, out, **{"train.weight_decay": 0.1, "train.max_steps": 6})
     launch(2, ov, ds, timeout=1200)  # the first launch compiles DeepSpeedCPUAdam

@@ -5,20 +5,21 @@ ZeRO-3 (tests/per_example_case.py: LoRA and bottleneck in one launch); padding a
 nothing; parameters without a batched rule are looped and named in the log; a rule that fails the first-batch
 check against autograd's gradient falls back to the loop.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import base_overrides, launch
+
 from fishds.config import load_config
-from fishds.run.data import Collator, load_examples
 from fishds.fish.fisher import collect_scores
+from fishds.fish.pool import Pool
 from fishds.integrations.hf import _TorchOptimizerEngine
 from fishds.model import load_peft_model, load_tokenizer
-from fishds.fish.pool import Pool
+from fishds.run.data import Collator, load_examples
 
 REL = 1e-5  # max |batched - loop| / max score, fp32
 
@@ -92,6 +93,7 @@ def test_first_batch_check_sends_a_wrong_rule_to_the_loop(toy, tmp_path, capsys,
     def wrong(grads, spans, b):
         out = real(grads, spans, b)
         return {i: v * 2 if "lora_B" in pool.tensors[i].name else v for i, v in out.items()}
+
     monkeypatch.setattr(per_example.BatchedFisher, "summed", staticmethod(wrong))
     capsys.readouterr()
     batched, st = _scores(engine, pool, examples, collate, "batched")

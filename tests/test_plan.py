@@ -1,4 +1,5 @@
 """fishds plan: memory per rank from a model config alone, checked against measured per-rank bytes."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ def test_plan_scales_as_the_stages_say():
 
 
 def test_plan_command(capsys):
-    assert main(["plan", "llama-70b", "--zero", "3", "--world", "2", "--quant", "4", "--double_quant",
-                 "--micro_batch", "2"]) == 0
+    assert (
+        main(
+            ["plan", "llama-70b", "--zero", "3", "--world", "2", "--quant", "4", "--double_quant", "--micro_batch", "2"]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "frozen weights" in text and "total (checkpointing)" in text
     assert main(["plan", "llama-7b", "--targets", "q_proj,nope"]) == 2
@@ -49,8 +54,17 @@ def test_plan_within_20_percent_of_measured_lora(toy, tmp_path):
     launch(1, ov)
     cfg = load_config(None, ov)
     m = json.loads((out / "fish_report.json").read_text())["memory_per_rank"][0]
-    est = plan(load_arch(toy["model"]), Setup(zero=0, world=1, precision="fp32", r=cfg.peft.r,
-                                              targets=tuple(cfg.peft.target_modules), keep_ratio=cfg.fish.keep_ratio))
+    est = plan(
+        load_arch(toy["model"]),
+        Setup(
+            zero=0,
+            world=1,
+            precision="fp32",
+            r=cfg.peft.r,
+            targets=tuple(cfg.peft.target_modules),
+            keep_ratio=cfg.fish.keep_ratio,
+        ),
+    )
     for key, mkey in (("frozen", "frozen"), ("adapter", "trainable"), ("optimizer", "optimizer"), ("masks", "masks")):
         assert abs(est[key] - m[mkey]) <= 0.2 * m[mkey], (key, est[key], m[mkey])
     assert abs(est["measurable"] - m["model_states"]) / m["model_states"] < 0.20
@@ -61,9 +75,17 @@ def test_plan_from_run_config(toy, tmp_path, capsys):
     import yaml
 
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(yaml.safe_dump({"model": {"name_or_path": toy["model"]}, "data": {"path": toy["train"]},
-                                        "peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
-                                        "quant": {"bits": 4}, "output_dir": str(tmp_path / "o")}))
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": toy["model"]},
+                "data": {"path": toy["train"]},
+                "peft": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+                "quant": {"bits": 4},
+                "output_dir": str(tmp_path / "o"),
+            }
+        )
+    )
     assert main(["plan", "--config", str(cfg_file), "--world", "2", "--ds_config", "ds_configs/zero3.json"]) == 0
     text = capsys.readouterr().out
     assert "ZeRO-3, 2 rank(s)" in text and "4-bit backbone" in text and "keep 0.5" in text

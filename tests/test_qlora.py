@@ -4,6 +4,7 @@ Each run: exactly k selected, masked entries never move, the 4-bit backbone is s
 per-rank bytes in fish_report.json), the adapter loads on the quantized base (reproducing the trained
 model's logits) and on the unquantized base, and the memory plan matches the measured per-rank bytes.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ def load_base(cfg, quantized: bool):
     from transformers import AutoModelForCausalLM
 
     from fishds import quant
+
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     kw = quant.load_kwargs(cfg) if quantized else {}
     base = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype, **kw)
@@ -40,6 +42,7 @@ def check_adapter_loads(out, ov, atol):
     for quantized in (True, False):
         model = PeftModel.from_pretrained(load_base(cfg, quantized), str(out), autocast_adapter_dtype=False).eval()
         import bitsandbytes as bnb
+
         n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
         assert (n4 > 0) == quantized
         loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
@@ -69,10 +72,19 @@ def check_memory(out, world: int, stage: int, cfg):
             assert m["largest_gathered_param"] > 0
         else:
             assert share == 1.0
-    est = plan(load_arch(cfg.model.name_or_path),
-               Setup(zero=stage, world=world, quant_bits=4, double_quant=cfg.quant.double_quant,
-                     precision=cfg.train.precision, r=cfg.peft.r, targets=tuple(cfg.peft.target_modules),
-                     keep_ratio=cfg.fish.keep_ratio))
+    est = plan(
+        load_arch(cfg.model.name_or_path),
+        Setup(
+            zero=stage,
+            world=world,
+            quant_bits=4,
+            double_quant=cfg.quant.double_quant,
+            precision=cfg.train.precision,
+            r=cfg.peft.r,
+            targets=tuple(cfg.peft.target_modules),
+            keep_ratio=cfg.fish.keep_ratio,
+        ),
+    )
     measured = max(m["model_states"] for m in mem)  # frozen + adapter + optimizer (masters, moments) + masks
     assert abs(est["measurable"] - measured) / measured < 0.20, (est["measurable"], measured)
     return mem
@@ -93,8 +105,17 @@ def test_qlora_fish_zero3_two_ranks_bf16(toy, tmp_path):
 def test_qlora_fish_zero2_two_ranks_uint8_storage(toy, tmp_path):
     """ZeRO-2, fp32, NF4 stored as uint8, SGD with momentum and wd 0.1."""
     out = tmp_path / "z2"
-    ov = base_overrides(toy, out, **{"quant.bits": 4, "quant.storage_dtype": "uint8", "train.optimizer": "sgd",
-                                     "train.weight_decay": 0.1, "train.lr": 0.05})
+    ov = base_overrides(
+        toy,
+        out,
+        **{
+            "quant.bits": 4,
+            "quant.storage_dtype": "uint8",
+            "train.optimizer": "sgd",
+            "train.weight_decay": 0.1,
+            "train.lr": 0.05,
+        },
+    )
     launch(2, ov, "zero2.json")
     assert_mask_enforced(out, K)
     check_memory(out, 2, 2, load_config(None, ov))
@@ -104,20 +125,24 @@ def test_qlora_fish_zero2_two_ranks_uint8_storage(toy, tmp_path):
 def test_qlora_fish_single_process_fp4_double_quant(toy, tmp_path):
     """One process (ZeRO-0), fp32, FP4 with double quantization, AdamW wd 0.1."""
     out = tmp_path / "one"
-    ov = base_overrides(toy, out, **{"quant.bits": 4, "quant.type": "fp4", "quant.double_quant": "true",
-                                     "train.weight_decay": 0.1})
+    ov = base_overrides(
+        toy, out, **{"quant.bits": 4, "quant.type": "fp4", "quant.double_quant": "true", "train.weight_decay": 0.1}
+    )
     launch(1, ov)
     assert_mask_enforced(out, K)
     check_memory(out, 1, 0, load_config(None, ov))
     check_adapter_loads(out, ov, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra,needle", [
-    ({"peft.method": "loha"}, "peft.method='loha'"),
-    ({"peft.method": "pissa"}, "peft.method='pissa'"),
-    ({"train.precision": "bf16", "quant.storage_dtype": "fp32"}, "quant.storage_dtype=fp32"),
-    ({"train.precision": "bf16", "quant.compute_dtype": "fp32"}, "quant.storage_dtype=fp32"),
-])
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ({"peft.method": "loha"}, "peft.method='loha'"),
+        ({"peft.method": "pissa"}, "peft.method='pissa'"),
+        ({"train.precision": "bf16", "quant.storage_dtype": "fp32"}, "quant.storage_dtype=fp32"),
+        ({"train.precision": "bf16", "quant.compute_dtype": "fp32"}, "quant.storage_dtype=fp32"),
+    ],
+)
 def test_qlora_refused_in_preflight(toy, tmp_path, extra, needle):
     """Combinations measured to fail are refused before any weights load, naming the field to change."""
     from fishds.run.preflight import preflight

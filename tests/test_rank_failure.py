@@ -3,6 +3,7 @@
 fishds.dist.init_distributed takes its collective timeout from FISHDS_COLLECTIVE_TIMEOUT_S (seconds). Driver:
 tests/rank_failure_case.py (rank 1 fails, rank 0 enters an all_reduce).
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def _free_port() -> int:
 
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
     # own session, so that the whole tree this test started can be ended by its process-group id
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _end(proc: subprocess.Popen) -> str:
@@ -54,7 +56,7 @@ def _end(proc: subprocess.Popen) -> str:
 def _result(output: str) -> dict:
     lines = [ln for ln in output.splitlines() if ln.startswith("RESULT ")]
     assert lines, output[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_torchrun_launch_ends_when_a_rank_is_killed():
@@ -73,17 +75,30 @@ def test_torchrun_launch_ends_when_a_rank_is_killed():
     assert "collective timeout 20s" in out, out[-4000:]  # the variable reached init_distributed
 
 
-@pytest.mark.parametrize("mode,timeout_s,min_s", [
-    ("kill", 20, 0.0),    # the peer's sockets close: gloo fails the collective at once
-    ("hang", 12, 10.0),   # the peer lives on but never joins: only the collective timeout ends the wait
-])
+@pytest.mark.parametrize(
+    "mode,timeout_s,min_s",
+    [
+        ("kill", 20, 0.0),  # the peer's sockets close: gloo fails the collective at once
+        ("hang", 12, 10.0),  # the peer lives on but never joins: only the collective timeout ends the wait
+    ],
+)
 def test_survivor_exits_on_its_own_timeout(mode, timeout_s, min_s):
     """Plain processes (no launcher to tear the survivor down): rank 0 must leave the collective with an error."""
     port = _free_port()
-    procs = [_start([sys.executable, CASE, mode],
-                    _env(timeout_s, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(port)))
-             for r in (0, 1)]
+    procs = [
+        _start(
+            [sys.executable, CASE, mode],
+            _env(
+                timeout_s,
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            ),
+        )
+        for r in (0, 1)
+    ]
     try:
         try:
             procs[0].wait(timeout=BOUND_S)

@@ -1,4 +1,5 @@
 """fishds report (the mask PNG), fishds merge (adapter folded into the base) and the fishds command line."""
+
 from __future__ import annotations
 
 import json
@@ -48,6 +49,7 @@ def copy_run(src: Path, dst: Path, edit=None) -> Path:
 
 # ---------------------------------------------------------------- report
 
+
 def test_report_png_from_a_finished_run_and_the_cli(trained, tmp_path, capsys):
     report = json.loads((trained / "fish_report.json").read_text())
     assert "log10_histogram" in report["score_stats"] and "threshold_score" in report
@@ -63,6 +65,7 @@ def test_report_png_from_a_finished_run_and_the_cli(trained, tmp_path, capsys):
 
 def test_report_without_threshold_or_scores(trained, tmp_path):
     """Random / dense / mask-file selections have no threshold_score (and no score_stats): still a full page."""
+
     def no_threshold(r):
         r.pop("threshold_score")
 
@@ -112,13 +115,15 @@ def test_report_errors_name_the_argument(tmp_path, capsys):
     (tmp_path / "half").mkdir()
     assert cli.main(["report", str(tmp_path / "half")]) == 2
     assert "fish_mask.safetensors" in capsys.readouterr().err
-    save_masks(tmp_path / "half" / "fish_mask.safetensors",
-               {"a.layers.0.q.lora_A.weight": torch.ones(2, 2, dtype=torch.bool)})
+    save_masks(
+        tmp_path / "half" / "fish_mask.safetensors", {"a.layers.0.q.lora_A.weight": torch.ones(2, 2, dtype=torch.bool)}
+    )
     assert cli.main(["report", str(tmp_path / "half")]) == 2
     assert "fish_report.json" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- merge
+
 
 def probe_logits(model, probe: dict) -> torch.Tensor:
     model.eval()
@@ -166,8 +171,9 @@ def test_merge_reproduces_the_adapter_and_refuses_a_full_folder(toy, trained, tm
     assert cli.main(argv + ["--overwrite"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(merged_dir)
     assert sorted(p.name for p in merged_dir.iterdir()) == before  # replaced whole
-    torch.testing.assert_close(probe_logits(AutoModelForCausalLM.from_pretrained(str(merged_dir)), probe), expected,
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        probe_logits(AutoModelForCausalLM.from_pretrained(str(merged_dir)), probe), expected, atol=1e-5, rtol=1e-5
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -181,17 +187,24 @@ def test_merge_and_train_errors_name_the_argument(toy, trained, tmp_path, capsys
             assert w in err, (w, err)
 
     out = str(tmp_path / "m")
-    one_line_error(["merge", "--base", str(tmp_path / "nope"), "--adapter", str(trained), "--out", out],
-                   "--base", "no such folder")
-    one_line_error(["merge", "--base", toy["model"], "--adapter", str(tmp_path / "nope"), "--out", out],
-                   "--adapter", "no such folder")
+    one_line_error(
+        ["merge", "--base", str(tmp_path / "nope"), "--adapter", str(trained), "--out", out], "--base", "no such folder"
+    )
+    one_line_error(
+        ["merge", "--base", toy["model"], "--adapter", str(tmp_path / "nope"), "--out", out],
+        "--adapter",
+        "no such folder",
+    )
     (tmp_path / "empty").mkdir()
-    one_line_error(["merge", "--base", toy["model"], "--adapter", str(tmp_path / "empty"), "--out", out],
-                   "--adapter", "adapter_config.json")
-    one_line_error(["merge", "--base", str(trained), "--adapter", str(trained), "--out", out],
-                   "--base", "config.json")
-    one_line_error(["merge", "--base", toy["model"], "--adapter", str(trained), "--out", str(trained)],
-                   "--out", "adapter folder")
+    one_line_error(
+        ["merge", "--base", toy["model"], "--adapter", str(tmp_path / "empty"), "--out", out],
+        "--adapter",
+        "adapter_config.json",
+    )
+    one_line_error(["merge", "--base", str(trained), "--adapter", str(trained), "--out", out], "--base", "config.json")
+    one_line_error(
+        ["merge", "--base", toy["model"], "--adapter", str(trained), "--out", str(trained)], "--out", "adapter folder"
+    )
     assert not Path(out).exists()
     one_line_error(["train", "--config", str(tmp_path / "missing.yaml")], "missing.yaml")
     # a config with several problems lists them one per line, as launch/train.py does

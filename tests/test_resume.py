@@ -1,4 +1,5 @@
 """Kill a rank (SIGKILL) mid-training or while a checkpoint is written, resume with resume=auto: same adapter bits."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,13 @@ from safetensors.torch import load_file
 
 from fishds.run.checkpoint import complete_checkpoints
 
-STEPS = {"train.max_steps": 40, "train.save_every": 10, "train.keep_checkpoints": 2, "train.weight_decay": 0.1,
-         "data.max_eval_examples": 4}
+STEPS = {
+    "train.max_steps": 40,
+    "train.save_every": 10,
+    "train.keep_checkpoints": 2,
+    "train.weight_decay": 0.1,
+    "data.max_eval_examples": 4,
+}
 
 
 def assert_same_adapter(a, b):
@@ -35,8 +41,13 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_adapter(toy, tmp_path
     ref, out = tmp_path / "ref", tmp_path / "killed"
     launch(2, base_overrides(toy, ref, **STEPS), "zero3.json")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(launch_command(2, base_overrides(toy, out, **STEPS), "zero3.json"), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        launch_command(2, base_overrides(toy, out, **STEPS), "zero3.json"),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while train_lines(out) < 25 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -49,8 +60,11 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_adapter(toy, tmp_path
     assert done and done[-1] >= "step-00000020", done
     launch(2, base_overrides(toy, out, **STEPS), "zero3.json")  # resume=auto is the default
     assert_same_adapter(ref, out)
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
-             if '"phase": "train"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if '"phase": "train"' in line
+    ]
     assert steps == list(range(1, 41)), "metrics.jsonl holds each step once after the resume"
     assert len(complete_checkpoints(out)) == 2
 
@@ -58,8 +72,14 @@ def test_sigkill_mid_training_then_resume_reaches_the_same_adapter(toy, tmp_path
 def test_sigkill_while_writing_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     launch(2, base_overrides(toy, ref, **STEPS), "zero2.json")
-    proc = launch(2, base_overrides(toy, out, **STEPS), "zero2.json", expect_ok=False, timeout=240,
-                  env={"FISHDS_FAULT_KILL_IN_CHECKPOINT": "20:1"})
+    proc = launch(
+        2,
+        base_overrides(toy, out, **STEPS),
+        "zero2.json",
+        expect_ok=False,
+        timeout=240,
+        env={"FISHDS_FAULT_KILL_IN_CHECKPOINT": "20:1"},
+    )
     assert proc.returncode != 0
     assert [p.name for p in complete_checkpoints(out)] == ["step-00000010"]
     assert (out / "checkpoints" / ".tmp-step-00000020").is_dir(), "the half-written checkpoint stays a temp folder"
@@ -74,10 +94,15 @@ def test_mask_file_reuse_and_mismatch(toy, tmp_path):
     launch(1, base_overrides(toy, first, **{"fish.selection": "random"}))
     launch(1, base_overrides(toy, second, **{"fish.mask_path": first / "fish_mask.safetensors"}))
     from fishds.fish.mask import load_masks
+
     a, b = load_masks(first / "fish_mask.safetensors"), load_masks(second / "fish_mask.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    proc = launch(1, base_overrides(toy, wrong, **{"fish.mask_path": first / "fish_mask.safetensors", "peft.r": 8}),
-                  script="launch/train.py", expect_ok=False)
+    proc = launch(
+        1,
+        base_overrides(toy, wrong, **{"fish.mask_path": first / "fish_mask.safetensors", "peft.r": 8}),
+        script="launch/train.py",
+        expect_ok=False,
+    )
     assert proc.returncode == 2 and "fish.mask_path=" in proc.stderr and "shape" in proc.stderr, proc.stderr[-2000:]
 
 

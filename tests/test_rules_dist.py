@@ -1,6 +1,7 @@
 """Selection rules on real ranks (tests/rules_case.py: every rule on one engine per launch): exact k, the same masks
 on 1 rank (ZeRO-0) and 2 ranks (ZeRO-3), every score against a plain PyTorch reference, masks that follow the
 scores and their allocation, and the controls."""
+
 from __future__ import annotations
 
 import json
@@ -8,21 +9,38 @@ import math
 
 import pytest
 import torch
+from conftest import base_overrides, launch
+from reference import reference_moments, reference_warmup
 from safetensors.torch import load_file
 
-from conftest import base_overrides, launch
-from fishds.fish.allocation import module_of, proportional_quotas
 from fishds.config import load_config
+from fishds.fish.allocation import module_of, proportional_quotas
 from fishds.fish.scores import SNR_EPS
-from reference import reference_moments, reference_warmup
 
 K = 224  # keep_ratio 0.25 of the toy pool (896)
-PHASE_A = ("fisher", "lowest", "fisher_tensor", "saliency_module", "snr_ab", "saliency_matched", "random_tensor",
-           "random_ab", "random_b_only")
+PHASE_A = (
+    "fisher",
+    "lowest",
+    "fisher_tensor",
+    "saliency_module",
+    "snr_ab",
+    "saliency_matched",
+    "random_tensor",
+    "random_ab",
+    "random_b_only",
+)
 PHASE_B = ("adam_v_tensor", "movement_module", "movement")
-SCORE_FILE = {"fisher": "fisher", "lowest": "fisher", "fisher_tensor": "fisher", "saliency_module": "saliency",
-              "snr_ab": "snr", "saliency_matched": "saliency", "adam_v_tensor": "adam_v",
-              "movement_module": "movement", "movement": "movement"}
+SCORE_FILE = {
+    "fisher": "fisher",
+    "lowest": "fisher",
+    "fisher_tensor": "fisher",
+    "saliency_module": "saliency",
+    "snr_ab": "snr",
+    "saliency_matched": "saliency",
+    "adam_v_tensor": "adam_v",
+    "movement_module": "movement",
+    "movement": "movement",
+}
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +170,8 @@ def test_controls(runs):
     b_only = masks_of(d, "random_b_only")
     assert all(int(v.sum()) == 0 for n, v in b_only.items() if ".lora_A." in n)
     b_sizes = {n: v.numel() for n, v in b_only.items() if ".lora_B." in n}
-    for n, q in zip(sorted(b_sizes), proportional_quotas(K, [b_sizes[n] for n in sorted(b_sizes)],
-                                                         [b_sizes[n] for n in sorted(b_sizes)])):
+    for n, q in zip(
+        sorted(b_sizes),
+        proportional_quotas(K, [b_sizes[n] for n in sorted(b_sizes)], [b_sizes[n] for n in sorted(b_sizes)]),
+    ):
         assert int(b_only[n].sum()) == q

@@ -1,24 +1,34 @@
 """Selection rules through the real run (launch/train.py's path): a warm-up rule that keeps the warmed-up values
 of unselected entries (fish.reset_unselected=false), and the head-only control of a classifier."""
+
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import base_overrides, launch
-from fishds.config import load_config
-from fishds.fish.mask import load_masks
-from fishds.fish.adapter import adapter_keys
 from reference import initial_model
+from safetensors.torch import load_file
 from test_classification import _data
 from test_distributed import assert_mask_enforced
+
+from fishds.config import load_config
+from fishds.fish.adapter import adapter_keys
+from fishds.fish.mask import load_masks
 
 
 def test_adam_v_module_keeps_warmed_up_unselected_entries_zero2(toy, tmp_path):
     """adam_v read from ZeRO-2's flat fp32 optimizer partition (movement and ZeRO-0/3 are in test_rules_dist)."""
     out = tmp_path / "adam_v"
-    ov = base_overrides(toy, out, **{"fish.score": "adam_v", "fish.allocation": "module", "fish.dense_steps": 2,
-                                     "fish.reset_unselected": "false", "train.weight_decay": 0.1})
+    ov = base_overrides(
+        toy,
+        out,
+        **{
+            "fish.score": "adam_v",
+            "fish.allocation": "module",
+            "fish.dense_steps": 2,
+            "fish.reset_unselected": "false",
+            "train.weight_decay": 0.1,
+        },
+    )
     launch(2, ov, "zero2.json")
     _, masks, report = assert_mask_enforced(out, 224, bitwise_moved=False)
     assert report["selection"] == "adam_v/module" and report["reset_unselected"] is False

@@ -1,5 +1,6 @@
 """Selection rules, single process: quotas, exact group sums, module names, the tables, config checks, and every
 allocation / control on a pool of PEFT-named tensors against a plain sort."""
+
 from __future__ import annotations
 
 import math
@@ -9,9 +10,17 @@ import pytest
 import torch
 
 from fishds import config as fconfig
-from fishds.fish.allocation import (ALLOCATIONS, AllocationContext, allocation_report, exact_group_sums, layer_of,
-                               module_of, proportional_quotas, tensor_groups)
 from fishds.config import ConfigError, load_config
+from fishds.fish.allocation import (
+    ALLOCATIONS,
+    AllocationContext,
+    allocation_report,
+    exact_group_sums,
+    layer_of,
+    module_of,
+    proportional_quotas,
+    tensor_groups,
+)
 from fishds.fish.pool import Pool
 from fishds.fish.rules import CONTROLS, label
 from fishds.fish.scores import SCORES
@@ -43,7 +52,7 @@ def test_proportional_quotas_sum_respect_bounds_and_follow_weights(seed):
     n = rng.randint(1, 12)
     caps = [rng.randint(0, 50) for _ in range(n)]
     floors = [rng.randint(0, c) for c in caps] if seed % 2 else None
-    weights = [rng.choice([0, 0, rng.randint(1, 10 ** 30)]) for _ in range(n)]
+    weights = [rng.choice([0, 0, rng.randint(1, 10**30)]) for _ in range(n)]
     lo = sum(floors or [0])
     total = rng.randint(lo, sum(caps))
     q = proportional_quotas(total, weights, caps, floors)
@@ -172,15 +181,18 @@ def test_allocation_report_coverage_and_layers():
     assert rep["per_adapted_module"]["base_model.model.model.layers.0.self_attn.q_proj"]["selected"] == 12
 
 
-@pytest.mark.parametrize("overrides,field", [
-    (["fish.score=adam_v"], "fish.dense_steps"),
-    (["fish.score=movement"], "fish.dense_steps"),
-    (["fish.score=random", "fish.allocation=module"], "fish.allocation=module"),
-    (["fish.selection=random", "fish.score=saliency"], "fish.score"),
-    (["fish.score=random", "fish.control=random_matched"], "fish.control=random_matched"),
-    (["fish.allocation=layer"], "fish.allocation"),
-    (["fish.min_density=2"], "fish.min_density"),
-])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["fish.score=adam_v"], "fish.dense_steps"),
+        (["fish.score=movement"], "fish.dense_steps"),
+        (["fish.score=random", "fish.allocation=module"], "fish.allocation=module"),
+        (["fish.selection=random", "fish.score=saliency"], "fish.score"),
+        (["fish.score=random", "fish.control=random_matched"], "fish.control=random_matched"),
+        (["fish.allocation=layer"], "fish.allocation"),
+        (["fish.min_density=2"], "fish.min_density"),
+    ],
+)
 def test_bad_rule_configs_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, BASE + overrides)

@@ -1,5 +1,6 @@
 """exact_topk (radix select) against a reference sort with index tie-break: heavy ties, k at the edges, 1 and 2
 ranks."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,12 @@ def _cases() -> list[tuple[str, torch.Tensor, int]]:
     tied = vals[torch.randint(0, len(vals), (1001,), generator=g)]
     tied[::7] = torch.rand(tied[::7].shape, generator=g)
     spread = torch.randn(3000, generator=g)
-    for name, s in (("tied", tied), ("spread", spread), ("all_equal", torch.full((77,), 0.3)),
-                    ("zeros_and_one", torch.cat([torch.zeros(500), torch.ones(1), torch.zeros(20)]))):
+    for name, s in (
+        ("tied", tied),
+        ("spread", spread),
+        ("all_equal", torch.full((77,), 0.3)),
+        ("zeros_and_one", torch.cat([torch.zeros(500), torch.ones(1), torch.zeros(20)])),
+    ):
         keys = float_keys(s)
         n = keys.numel()
         srt = keys.sort(descending=True).values
@@ -43,8 +48,11 @@ def _cases() -> list[tuple[str, torch.Tensor, int]]:
         out += [(f"{name}-k{k}", keys, k) for k in sorted(x for x in ks if 1 <= x <= n)]
     wide = torch.randint(-(1 << 40), 1 << 40, (2000,), generator=g)  # int64, > 32-bit range: more radix rounds
     wide[::3] = 12345
-    out += [("int64_wide-k1", wide, 1), ("int64_wide-ktie", wide, int((wide > 12345).sum()) + 300),
-            ("random_keys", random_keys(0, 5000, 7), 1234)]
+    out += [
+        ("int64_wide-k1", wide, 1),
+        ("int64_wide-ktie", wide, int((wide > 12345).sum()) + 300),
+        ("random_keys", random_keys(0, 5000, 7), 1234),
+    ]
     return out
 
 
@@ -61,15 +69,20 @@ def _grouped_cases() -> list[tuple[str, torch.Tensor, torch.Tensor, list[int]]]:
     """(name, keys, group ids, quotas): interleaved and contiguous groups, quotas 0, 1, all, inside tie groups."""
     g = torch.Generator().manual_seed(1)
     vals = torch.tensor([0.0, 0.0, 0.25, 0.5, 0.5, 1.0, -1.0])
-    keys = float_keys(vals[torch.randint(0, len(vals), (1500,), generator=g)] + (torch.rand(1500, generator=g) > 0.8)
-                      * torch.rand(1500, generator=g))
+    keys = float_keys(
+        vals[torch.randint(0, len(vals), (1500,), generator=g)]
+        + (torch.rand(1500, generator=g) > 0.8) * torch.rand(1500, generator=g)
+    )
     interleaved = torch.randint(0, 5, (1500,), generator=g)
     contiguous = torch.arange(1500) // 300  # like per-tensor groups of a pool
     out = []
     for name, groups in (("interleaved", interleaved), ("contiguous", contiguous)):
         sizes = torch.bincount(groups, minlength=5).tolist()
-        for quotas in ([1, 0, sizes[2], 37, sizes[4] // 2], [sizes[0] // 3, 2, 0, 0, sizes[4]],
-                       [s // 4 + 1 for s in sizes]):
+        for quotas in (
+            [1, 0, sizes[2], 37, sizes[4] // 2],
+            [sizes[0] // 3, 2, 0, 0, sizes[4]],
+            [s // 4 + 1 for s in sizes],
+        ):
             out.append((f"{name}-{quotas}", keys, groups, quotas))
     out.append(("one-group", keys, torch.zeros(1500, dtype=torch.int64), [400]))
     return out

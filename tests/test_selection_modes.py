@@ -1,4 +1,5 @@
 """Selection modes and world-size invariance on real ranks: fisher, random, lowest, dense, and the warm-up reset."""
+
 from __future__ import annotations
 
 import torch
@@ -36,7 +37,7 @@ def test_world_size_1_and_2_give_the_same_mask_bit_for_bit(toy, tmp_path):
     assert report["share"]["lora_A"] == (POOL // 2 - B_ENTRIES) / (POOL // 2)
     first_a = min(k for k in masks if "lora_A" in k)  # the tie winners: lowest global index = first A tensor
     assert int(masks[first_a].sum()) == POOL // 2 - B_ENTRIES
-    assert bool(masks[first_a].reshape(-1)[:POOL // 2 - B_ENTRIES].all())
+    assert bool(masks[first_a].reshape(-1)[: POOL // 2 - B_ENTRIES].all())
     assert_mask_enforced(two, POOL // 2, bitwise_moved=False)
 
 
@@ -80,9 +81,10 @@ def test_warmup_resets_unselected_entries_under_zero3(toy, tmp_path):
     launch(2, ov, "zero3.json")
     _, masks, report = assert_mask_enforced(out, 224, bitwise_moved=False)
     assert report["share"]["lora_A"] > 0
-    start = adapter_keys(initial_model(load_config(None, ov)),
-                         {n: p.detach() for n, p in initial_model(load_config(None, ov)).named_parameters()
-                          if p.requires_grad})
+    start = adapter_keys(
+        initial_model(load_config(None, ov)),
+        {n: p.detach() for n, p in initial_model(load_config(None, ov)).named_parameters() if p.requires_grad},
+    )
     fixed = load_file(str(out / "init_adapter_model.safetensors"))
     for k, m in masks.items():
         assert torch.equal(fixed[k][~m], start[k][~m]), f"unselected entries of {k} were not reset"

@@ -1,4 +1,5 @@
 """bench/selection_scale.py on 2 real ranks at a tiny size: same selection as gathering, constant traffic."""
+
 import json
 import os
 import subprocess
@@ -10,10 +11,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_selection_scale_bench_two_ranks():
     sizes = [20000, 100003]  # 100003: uneven chunks, not a multiple of 8
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "bench/selection_scale.py", "--sizes", ",".join(map(str, sizes)), "--keep_ratio", "0.01"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "bench/selection_scale.py",
+        "--sizes",
+        ",".join(map(str, sizes)),
+        "--keep_ratio",
+        "0.01",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["pool"] for r in rows] == sizes, proc.stdout

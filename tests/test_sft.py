@@ -1,5 +1,6 @@
 """Supervised fine-tuning as practitioners expect it (issue 15): token-level loss averaging across accumulation and
 ranks, packing with per-example attention isolation, epochs and schedules, truncation counts, chat options."""
+
 from __future__ import annotations
 
 import json
@@ -30,13 +31,30 @@ def test_token_level_loss_same_adapter_for_any_accumulation_and_ranks(toy, tmp_p
     adapters, losses = {}, {}
     for name, (ranks, mbs, ga) in runs.items():
         out = tmp_path / name
-        launch(ranks, base_overrides(toy, out, **{
-            "data.path": data, "data.format": "text", "data.eval_path": data, "fish.selection": "dense",
-            "fish.keep_ratio": "null", "train.optimizer": "sgd", "train.lr": 0.5, "train.grad_clip": 0,
-            "train.micro_batch_size": mbs, "train.grad_accum": ga, "train.max_steps": 3}))
+        launch(
+            ranks,
+            base_overrides(
+                toy,
+                out,
+                **{
+                    "data.path": data,
+                    "data.format": "text",
+                    "data.eval_path": data,
+                    "fish.selection": "dense",
+                    "fish.keep_ratio": "null",
+                    "train.optimizer": "sgd",
+                    "train.lr": 0.5,
+                    "train.grad_clip": 0,
+                    "train.micro_batch_size": mbs,
+                    "train.grad_accum": ga,
+                    "train.max_steps": 3,
+                },
+            ),
+        )
         adapters[name] = load_file(str(out / "adapter_model.safetensors"))
-        losses[name] = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                        if '"phase"' in line]
+        losses[name] = [
+            json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"phase"' in line
+        ]
     init = load_file(str(tmp_path / "4x1" / "init_adapter_model.safetensors"))
     ref = adapters["4x1"]
     assert _rel_diff(init, ref) > 1e-3, "the adapter did not move; the comparison would prove nothing"
@@ -52,8 +70,16 @@ def test_loss_sum_matches_the_models_mean_loss():
     from fishds.run.loss import count_targets, loss_sum
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     ids = torch.randint(0, 50, (3, 9))
     labels = ids.clone()
     labels[0, :4] = -100
@@ -61,16 +87,18 @@ def test_loss_sum_matches_the_models_mean_loss():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     assert count_targets(batch) == 3 * 8 - 3 - 3
     with torch.no_grad():
-        assert float(loss_sum(model, batch) / count_targets(batch)) == pytest.approx(float(model(**batch).loss),
-                                                                                     rel=1e-6)
+        assert float(loss_sum(model, batch) / count_targets(batch)) == pytest.approx(
+            float(model(**batch).loss), rel=1e-6
+        )
 
 
 def _per_example_losses(model, batch: dict, seq_lens: list[list[int]]) -> list[float]:
     """Mean token loss of each example inside the packed rows (targets: shifted labels != -100)."""
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
-    tok = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:],
-                                            ignore_index=-100, reduction="none")
+    tok = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100, reduction="none"
+    )
     valid = batch["labels"][:, 1:] != -100
     out = []
     for i, lens in enumerate(seq_lens):
@@ -94,13 +122,14 @@ def test_packed_example_loss_equals_its_loss_alone(toy, attn):
     from fishds.run.formats import pack
     from fishds.run.loss import count_targets, loss_sum
 
-    model = AutoModelForCausalLM.from_pretrained(toy["model"], attn_implementation="eager" if attn == "eager"
-                                                 else "sdpa", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        toy["model"], attn_implementation="eager" if attn == "eager" else "sdpa", dtype=torch.float32
+    ).eval()
     g = torch.Generator().manual_seed(0)
     examples = []
     for n in [5, 9, 3, 12, 7, 4, 11, 6, 8, 2, 10]:
         ids = torch.randint(4, 40, (n,), generator=g).tolist()
-        labels = [-100] * (n // 3) + ids[n // 3:]  # a prompt without loss, then the answer
+        labels = [-100] * (n // 3) + ids[n // 3 :]  # a prompt without loss, then the answer
         examples.append({"input_ids": ids, "labels": labels})
     blocks = pack(examples, 24)
     assert [n for b in blocks for n in b["seq_lens"]] == [len(e["input_ids"]) for e in examples]  # whole, in order
@@ -115,8 +144,11 @@ def test_packed_example_loss_equals_its_loss_alone(toy, attn):
         alone = [float(loss_sum(model, b) / count_targets(b)) for b in (alone_collate([e]) for e in examples)]
     assert packed == pytest.approx(alone, rel=1e-5, abs=1e-6)
     # and without isolation (plain causal attention over the block) the losses differ: the test can tell
-    leaky = {"input_ids": batch["input_ids"], "labels": batch["labels"],
-             "attention_mask": (batch["input_ids"] != 0).long()}
+    leaky = {
+        "input_ids": batch["input_ids"],
+        "labels": batch["labels"],
+        "attention_mask": (batch["input_ids"] != 0).long(),
+    }
     assert _per_example_losses(model, leaky, [b["seq_lens"] for b in blocks]) != pytest.approx(alone, rel=1e-3)
 
 
@@ -126,8 +158,19 @@ def test_fisher_scores_unpacked_examples(toy, tmp_path):
     scores = {}
     for packing in ("false", "true"):
         out = tmp_path / f"packing_{packing}"
-        launch(1, base_overrides(toy, out, **{"data.packing": packing, "fish.save_scores": "true",
-                                              "train.max_steps": 1, "data.max_eval_examples": 4}))
+        launch(
+            1,
+            base_overrides(
+                toy,
+                out,
+                **{
+                    "data.packing": packing,
+                    "fish.save_scores": "true",
+                    "train.max_steps": 1,
+                    "data.max_eval_examples": 4,
+                },
+            ),
+        )
         scores[packing] = load_file(str(out / "fisher_scores.safetensors"))
         assert json.loads((out / "fish_selection.json").read_text())["num_samples"] == 16
     assert scores["false"].keys() == scores["true"].keys()
@@ -192,9 +235,23 @@ def test_epochs_dense_steps_in_the_budget_and_transformers_schedule(toy, tmp_pat
     from transformers import get_scheduler
 
     out = tmp_path / "out"
-    launch(1, base_overrides(toy, out, **{"data.max_examples": 32, "train.max_steps": "null", "train.epochs": 1.5,
-                                          "train.grad_accum": 2, "fish.dense_steps": 2, "train.scheduler": "cosine",
-                                          "train.lr_warmup_ratio": 0.3, "data.max_eval_examples": 4}))
+    launch(
+        1,
+        base_overrides(
+            toy,
+            out,
+            **{
+                "data.max_examples": 32,
+                "train.max_steps": "null",
+                "train.epochs": 1.5,
+                "train.grad_accum": 2,
+                "fish.dense_steps": 2,
+                "train.scheduler": "cosine",
+                "train.lr_warmup_ratio": 0.3,
+                "data.max_eval_examples": 4,
+            },
+        ),
+    )
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"phase"' in line]
     assert [r["phase"] for r in steps] == ["dense"] * 2 + ["train"] * 4
     assert [r["epoch"] for r in steps] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
@@ -253,10 +310,19 @@ def test_truncated_and_dropped_counts(toy, tmp_path):
         examples = load_examples(tok, toy["train"], "data.path", data, None, cache=tmp_path / "c", counts=counts)
         assert counts == expected and len(examples) == len(rows) - expected["dropped"]
         assert all("truncated" not in e for e in examples)
-    with pytest.raises(ConfigError, match=rf"every example \(all {len(rows)}\) loses all its target tokens to "
-                                          rf"data.max_length={lengths[0]}"):
-        load_examples(tok, toy["train"], "data.path", DataSection(path=toy["train"], max_length=lengths[0]), None,
-                      cache=tmp_path / "c")
+    with pytest.raises(
+        ConfigError,
+        match=rf"every example \(all {len(rows)}\) loses all its target tokens to "
+        rf"data.max_length={lengths[0]}",
+    ):
+        load_examples(
+            tok,
+            toy["train"],
+            "data.path",
+            DataSection(path=toy["train"], max_length=lengths[0]),
+            None,
+            cache=tmp_path / "c",
+        )
 
 
 def test_truncated_and_dropped_in_the_report_and_printed(toy, tmp_path):
@@ -264,21 +330,30 @@ def test_truncated_and_dropped_in_the_report_and_printed(toy, tmp_path):
     n = lengths[len(lengths) // 4] + 1
     expected = _expected_counts(toy, n, rows)
     out = tmp_path / "out"
-    proc = launch(2, base_overrides(toy, out, **{"data.max_length": n, "train.max_steps": 1,
-                                                 "data.max_eval_examples": 8}))
+    proc = launch(
+        2, base_overrides(toy, out, **{"data.max_length": n, "train.max_steps": 1, "data.max_eval_examples": 8})
+    )
     report = json.loads((out / "fish_report.json").read_text())
     assert report["truncated_examples"]["data.path"] == expected["truncated"] > 0
     assert report["dropped_examples"]["data.path"] == expected["dropped"] > 0
     assert report["data_rows"]["data.path"] == len(rows)
     assert set(report["truncated_examples"]) == {"data.path", "data.eval_path"}
-    assert (f"[fishds] data.path: {len(rows):,} rows, {expected['truncated']:,} truncated to data.max_length={n}, "
-            f"{expected['dropped']:,} dropped (no target token left)") in proc.stdout
+    assert (
+        f"[fishds] data.path: {len(rows):,} rows, {expected['truncated']:,} truncated to data.max_length={n}, "
+        f"{expected['dropped']:,} dropped (no target token left)"
+    ) in proc.stdout
 
 
-CHAT = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-        "{% if add_generation_prompt %}<s> assistant : {% endif %}")
-TURNS = [("user", "label the review good movie"), ("assistant", "fresh"), ("user", "label the review awful plot"),
-         ("assistant", "rotten")]
+CHAT = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant : {% endif %}"
+)
+TURNS = [
+    ("user", "label the review good movie"),
+    ("assistant", "fresh"),
+    ("user", "label the review awful plot"),
+    ("assistant", "rotten"),
+]
 
 
 def _learned(tok, e) -> list[str]:
@@ -324,18 +399,37 @@ def test_chat_template_override_string_or_file_and_prefix_check(toy, tmp_path):
         got.append(load_examples(tok, str(f), "data.path", data, None, cache=tmp_path / "c"))
         assert _learned(tok, got[-1][0]) == ["fresh", "</s>", "rotten", "</s>"]
     assert got[0] == got[1]
-    for bad, msg in (("no_such_template.jinja", "is neither a file nor a Jinja template"),
-                     ("{% for m in messages %}", "not a valid Jinja template")):
+    for bad, msg in (
+        ("no_such_template.jinja", "is neither a file nor a Jinja template"),
+        ("{% for m in messages %}", "not a valid Jinja template"),
+    ):
         with pytest.raises(ConfigError, match=msg):
-            load_examples(load_tokenizer(toy["model"]), str(f), "data.path",
-                          DataSection(path=str(f), format="chat", chat_template=bad), None, cache=tmp_path / "c")
+            load_examples(
+                load_tokenizer(toy["model"]),
+                str(f),
+                "data.path",
+                DataSection(path=str(f), format="chat", chat_template=bad),
+                None,
+                cache=tmp_path / "c",
+            )
     # a template that rewrites earlier turns (numbers them from the end) cannot locate the assistant tokens
-    rewriting = ("{% for m in messages %}<s> {{ loop.revindex }} {{ m['role'] }} : {{ m['content'] }} </s> "
-                 "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}")
-    with pytest.raises(ConfigError, match=r"the render of turns 1..1 with the generation prompt of 4 is not a "
-                                          r"prefix of the whole conversation's render"):
-        load_examples(load_tokenizer(toy["model"]), str(f), "data.path",
-                      DataSection(path=str(f), format="chat", chat_template=rewriting), None, cache=tmp_path / "c")
+    rewriting = (
+        "{% for m in messages %}<s> {{ loop.revindex }} {{ m['role'] }} : {{ m['content'] }} </s> "
+        "{% endfor %}{% if add_generation_prompt %}<s> assistant : {% endif %}"
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"the render of turns 1..1 with the generation prompt of 4 is not a "
+        r"prefix of the whole conversation's render",
+    ):
+        load_examples(
+            load_tokenizer(toy["model"]),
+            str(f),
+            "data.path",
+            DataSection(path=str(f), format="chat", chat_template=rewriting),
+            None,
+            cache=tmp_path / "c",
+        )
 
 
 def test_sharegpt_run_with_template_file_learns_the_last_turn(toy, tmp_path):
@@ -344,17 +438,37 @@ def test_sharegpt_run_with_template_file_learns_the_last_turn(toy, tmp_path):
     rows = [json.loads(line) for line in Path(toy["train"]).read_text().splitlines()]
     convs = []
     for a, b in zip(rows[0::2], rows[1::2]):
-        turns = [("human", f"label the review {a['input']}"), ("gpt", a["output"]),
-                 ("human", f"label the review {b['input']}"), ("gpt", b["output"])]
+        turns = [
+            ("human", f"label the review {a['input']}"),
+            ("gpt", a["output"]),
+            ("human", f"label the review {b['input']}"),
+            ("gpt", b["output"]),
+        ]
         convs.append({"conversations": [{"from": r, "value": v} for r, v in turns]})
     data = tmp_path / "sharegpt.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in convs))
     (tmp_path / "t.jinja").write_text(CHAT)
     out = tmp_path / "out"
-    launch(1, base_overrides(toy, out, **{
-        "data.path": data, "data.eval_path": data, "data.format": "chat", "data.messages_field": "conversations",
-        "data.role_field": "from", "data.content_field": "value", "data.chat_template": tmp_path / "t.jinja",
-        "data.train_turns": "last", "data.max_length": 96, "data.max_eval_examples": 8, "train.max_steps": 2}))
+    launch(
+        1,
+        base_overrides(
+            toy,
+            out,
+            **{
+                "data.path": data,
+                "data.eval_path": data,
+                "data.format": "chat",
+                "data.messages_field": "conversations",
+                "data.role_field": "from",
+                "data.content_field": "value",
+                "data.chat_template": tmp_path / "t.jinja",
+                "data.train_turns": "last",
+                "data.max_length": 96,
+                "data.max_eval_examples": 8,
+                "train.max_steps": 2,
+            },
+        ),
+    )
     report = json.loads((out / "fish_report.json").read_text())
     assert report["eval"]["eval_tokens"] == 8 * 2 and report["dropped_examples"]["data.path"] == 0
 

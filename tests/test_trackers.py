@@ -1,5 +1,6 @@
 """train.report_to: TensorBoard, wandb (offline) and mlflow (a file store) on 2 ranks, rank 0 only; the resolved
 run config and DeepSpeed JSON in output_dir (issue 16, item 2)."""
+
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ def test_missing_client_names_report_to_and_pip(toy, tmp_path, monkeypatch):
     import importlib.util
 
     from fishds.run import trackers
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     cfg = load_config(None, base_overrides(toy, tmp_path, **{"train.report_to": "[tensorboard,wandb]"}))
@@ -30,9 +32,18 @@ def test_report_to_tensorboard_wandb_mlflow_offline_rank0(toy, tmp_path, monkeyp
     out = tmp_path / "run"
     store = (tmp_path / "mlruns").as_uri()
     ov = base_overrides(toy, out, **{"train.report_to": "[tensorboard,wandb,mlflow]", "train.eval_every": 2})
-    launch(2, ov, "zero2.json", env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"),
-                                     "WANDB_SILENT": "true", "MLFLOW_TRACKING_URI": store,
-                                     "MLFLOW_ALLOW_FILE_STORE": "true"})
+    launch(
+        2,
+        ov,
+        "zero2.json",
+        env={
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(tmp_path / "wb"),
+            "WANDB_SILENT": "true",
+            "MLFLOW_TRACKING_URI": store,
+            "MLFLOW_ALLOW_FILE_STORE": "true",
+        },
+    )
     # the resolved run config (loads back to the same config) and DeepSpeed JSON, no "auto" left
     again = load_config(out / "fishds_config.yaml")
     assert again == load_config(None, ov)
@@ -42,6 +53,7 @@ def test_report_to_tensorboard_wandb_mlflow_offline_rank0(toy, tmp_path, monkeyp
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # mlflow: one run (rank 0 only) with the config as params, every train step, the mask summary
     from mlflow.tracking import MlflowClient
+
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow >= 3.17 asks for this opt-in to read a file store
     client = MlflowClient(tracking_uri=store)
     runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]

@@ -1,4 +1,5 @@
 """Trainer conveniences: gradient checkpointing (Fisher pass included), TensorBoard scalars and the mask text."""
+
 from __future__ import annotations
 
 from conftest import base_overrides, launch
@@ -12,6 +13,7 @@ def test_gradient_checkpointing_and_tensorboard(toy, tmp_path):
     assert_mask_enforced(out, 224)
     assert_logits_reproduced(out, ov)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0}).Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert acc.Scalars("eval/eval_loss")

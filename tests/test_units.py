@@ -1,4 +1,5 @@
 """Single-process units: exact top-k with ties, random keys, packed-bit masks, pool chunks, config overrides."""
+
 from __future__ import annotations
 
 import json
@@ -54,6 +55,7 @@ def test_packbits_matches_numpy_and_roundtrips(tmp_path):
     save_masks(tmp_path / "m.safetensors", {"a.lora_A.weight": m})
     assert torch.equal(load_masks(tmp_path / "m.safetensors")["a.lora_A.weight"], m)
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         meta = f.metadata()
         assert meta["format"] == FORMAT and json.loads(meta["a.lora_A.weight"]) == [7, 13]
@@ -81,8 +83,17 @@ def test_pool_order_and_chunks():
 
 
 def test_overrides_are_typed_and_unknown_keys_suggest(tmp_path):
-    cfg = load_config(None, ["model.name_or_path=m", "data.path=d", "output_dir=o", "fish.keep_ratio=0.1",
-                             "peft.target_modules=[q_proj,v_proj]", "train.max_steps=7"])
+    cfg = load_config(
+        None,
+        [
+            "model.name_or_path=m",
+            "data.path=d",
+            "output_dir=o",
+            "fish.keep_ratio=0.1",
+            "peft.target_modules=[q_proj,v_proj]",
+            "train.max_steps=7",
+        ],
+    )
     assert cfg.fish.keep_ratio == 0.1 and cfg.peft.target_modules == ["q_proj", "v_proj"] and cfg.train.max_steps == 7
     with pytest.raises(ConfigError, match="did you mean 'fish.keep_ratio'"):
         load_config(None, ["model.name_or_path=m", "data.path=d", "output_dir=o", "fish.keep_ratoi=0.1"])
@@ -96,5 +107,6 @@ def test_readme_config_reference_is_current():
     from pathlib import Path
 
     from fishds.config import config_reference
+
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert config_reference() in readme, "regenerate the README's config reference from fishds/config.py"

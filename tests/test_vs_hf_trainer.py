@@ -1,5 +1,6 @@
 """bench/vs_hf_trainer.py end to end on the toy Llama: four launches (Hugging Face Trainer and fishds train, plain
 LoRA and FISH-LoRA), 1 rank, ZeRO-2, 2 measured steps; the run lines and the ratio lines it prints."""
+
 from __future__ import annotations
 
 import json
@@ -9,16 +10,50 @@ import sys
 
 from conftest import ROOT
 
-RUN_FIELDS = {"trainer": str, "selection": str, "tokens_per_s": float, "peak_rss_mb": float, "peak_rss_train_mb": float,
-              "steps": int, "tokens": int, "seconds": float, "micro_batch_size": int, "zero_stage": int, "ranks": int,
-              "model": str, "cpu_s": float, "tokens_per_cpu_s": float}
+RUN_FIELDS = {
+    "trainer": str,
+    "selection": str,
+    "tokens_per_s": float,
+    "peak_rss_mb": float,
+    "peak_rss_train_mb": float,
+    "steps": int,
+    "tokens": int,
+    "seconds": float,
+    "micro_batch_size": int,
+    "zero_stage": int,
+    "ranks": int,
+    "model": str,
+    "cpu_s": float,
+    "tokens_per_cpu_s": float,
+}
 
 
 def test_vs_hf_trainer_driver(toy, tmp_path):
     out = tmp_path / "vs.jsonl"
-    cmd = [sys.executable, "bench/vs_hf_trainer.py", "--model", toy["model"], "--data", toy["train"], "--ranks", "1",
-           "--steps", "2", "--ds-config", "ds_configs/zero2.json", "--lora-r", "4", "--targets", "q_proj,v_proj",
-           "--max-length", "64", "--num-samples", "8", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "bench/vs_hf_trainer.py",
+        "--model",
+        toy["model"],
+        "--data",
+        toy["train"],
+        "--ranks",
+        "1",
+        "--steps",
+        "2",
+        "--ds-config",
+        "ds_configs/zero2.json",
+        "--lora-r",
+        "4",
+        "--targets",
+        "q_proj,v_proj",
+        "--max-length",
+        "64",
+        "--num-samples",
+        "8",
+        "--out",
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -1,6 +1,7 @@
 """Changing the number of ranks between a checkpoint and its resume (issue 16, item 5): the adapter, the fp32
 masters, the optimizer moments and step and the LR schedule are saved whole (world_state.safetensors) and
 re-partitioned, so 2 ranks -> 1 and 1 -> 2 continue the same run at ZeRO-2 and ZeRO-3."""
+
 from __future__ import annotations
 
 import json
@@ -19,12 +20,16 @@ STEPS = {"train.max_steps": 8, "train.save_every": 4, "train.weight_decay": 0.1,
 
 
 def train_losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r.get("phase") == "train"}
+    return {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r.get("phase") == "train"
+    }
 
 
-@pytest.mark.parametrize("ds, before, after", [("zero2.json", 2, 1), ("zero2.json", 1, 2), ("zero3.json", 2, 1),
-                                               ("zero3.json", 1, 2)])
+@pytest.mark.parametrize(
+    "ds, before, after", [("zero2.json", 2, 1), ("zero2.json", 1, 2), ("zero3.json", 2, 1), ("zero3.json", 1, 2)]
+)
 def test_resume_on_another_number_of_ranks(toy, tmp_path, ds, before, after):
     """The global batch stays 8 (micro 4 x ranks x grad_accum), so the resumed run must follow the uninterrupted one:
     same mask, masked entries at their initial values, losses and adapter as if nothing had changed."""
@@ -58,6 +63,7 @@ def test_resume_on_another_number_of_ranks(toy, tmp_path, ds, before, after):
 
 def test_refusals_name_both_world_sizes(tmp_path):
     from fishds.run.reshard import TENSORS, check
+
     state = {"world_size": 2, "data_position": 3, "micro_batch_size": 3}
     with pytest.raises(ConfigError, match=r"written on 2 rank\(s\), this run has 1.*fish\.compact_optimizer"):
         check(state, tmp_path, 1, True, 3)

@@ -14,6 +14,7 @@
   on the device). --tiny: a Llama of the same layout at width 128, 2 layers.
 Prints one JSON line describing what was made.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,26 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 HERE = Path(__file__).resolve().parent
 MARKER = ".fishds-complete"
-LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
-LLAMA_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False)
+LLAMA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+LLAMA_TINY = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 
 
 def smollm2(cache: Path, tiny: bool) -> dict:
@@ -44,8 +61,14 @@ def smollm2(cache: Path, tiny: bool) -> dict:
     out.mkdir(parents=True)
     cfg = json.loads((HERE / "smollm2" / "config.json").read_text())
     if tiny:
-        cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=16)
+        cfg.update(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+        )
     config = LlamaConfig(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
@@ -54,13 +77,17 @@ def smollm2(cache: Path, tiny: bool) -> dict:
         shutil.copy2(HERE / "smollm2" / name, out / name)
     (out / "tokenizer.json").write_bytes(gzip.decompress((HERE / "smollm2" / "tokenizer.json.gz").read_bytes()))
     (out / MARKER).write_text("random weights, bench/gpu/prepare.py\n")
-    return {"smollm2": str(out), "smollm2_params": sum(p.numel() for p in model.parameters()),
-            "smollm2_weights": "random (seed 0), SmolLM2-135M-Instruct config" + (", shrunk (--tiny)" if tiny else "")}
+    return {
+        "smollm2": str(out),
+        "smollm2_params": sum(p.numel() for p in model.parameters()),
+        "smollm2_weights": "random (seed 0), SmolLM2-135M-Instruct config" + (", shrunk (--tiny)" if tiny else ""),
+    }
 
 
 def synthetic_reviews(cache: Path) -> dict:
-    from fishds.assets import RT_INSTRUCTION
     from toy import WORDS
+
+    from fishds.assets import RT_INSTRUCTION
 
     out = cache / "data" / "rotten_tomatoes" / "alpaca"
     shutil.rmtree(out, ignore_errors=True)
@@ -71,17 +98,21 @@ def synthetic_reviews(cache: Path) -> dict:
         rows = []
         for _ in range(n):
             words = [rng.choice(WORDS) for _ in range(rng.randint(8, 40))]
-            rows.append({"instruction": RT_INSTRUCTION, "input": " ".join(words),
-                         "output": rng.choice(["fresh", "rotten"])})
+            rows.append(
+                {"instruction": RT_INSTRUCTION, "input": " ".join(words), "output": rng.choice(["fresh", "rotten"])}
+            )
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (out / MARKER).write_text("synthetic rows, bench/gpu/prepare.py\n")
-    return {"data": str(out), "data_rows": counts,
-            "data_kind": "synthetic alpaca rows (8-40 random words), not Rotten Tomatoes"}
+    return {
+        "data": str(out),
+        "data_rows": counts,
+        "data_kind": "synthetic alpaca rows (8-40 random words), not Rotten Tomatoes",
+    }
 
 
 def llama7b(folder: Path, tiny: bool) -> dict:
-    from transformers import LlamaConfig
     from toy import make_tiny_llama, write_alpaca
+    from transformers import LlamaConfig
 
     shutil.rmtree(folder, ignore_errors=True)
     make_tiny_llama(folder)  # the word-level tokenizer (the tiny weights are deleted below)
@@ -90,8 +121,12 @@ def llama7b(folder: Path, tiny: bool) -> dict:
     shape = LLAMA_TINY if tiny else LLAMA_7B
     LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2).save_pretrained(folder)
     write_alpaca(folder / "train.jsonl", 2000, seed=0)
-    return {"llama": str(folder), "llama_shape": shape, "llama_weights": "built on the device by qlora_case.py --build "
-            "(random bf16, quantized to NF4 layer by layer)", "llama_data": str(folder / "train.jsonl")}
+    return {
+        "llama": str(folder),
+        "llama_shape": shape,
+        "llama_weights": "built on the device by qlora_case.py --build (random bf16, quantized to NF4 layer by layer)",
+        "llama_data": str(folder / "train.jsonl"),
+    }
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ same config (plan.from_config: same shape, ZeRO stage, world, precision, r, targ
 data.max_length as the sequence length; with data.packing every sequence is max_length tokens). On CPU the
 process's peak RSS instead. One JSON line, appended to $FISHDS_BENCH_RESULTS/qlora_case.jsonl (bench/_session).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,12 +64,24 @@ def build_random_nf4(cfg, model_path: str, dtype, labels=None, pad_token_id=None
     for parent in list(base.model.layers.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=compute, quant_type=cfg.quant.type, quant_storage=storage,
-                                      compress_statistics=cfg.quant.double_quant, device="meta")
-                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type=cfg.quant.type,
-                                             quant_storage=storage, compress_statistics=cfg.quant.double_quant,
-                                             module=q).to(dev)  # quantizes here
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=compute,
+                    quant_type=cfg.quant.type,
+                    quant_storage=storage,
+                    compress_statistics=cfg.quant.double_quant,
+                    device="meta",
+                )
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data,
+                    requires_grad=False,
+                    quant_type=cfg.quant.type,
+                    quant_storage=storage,
+                    compress_statistics=cfg.quant.double_quant,
+                    module=q,
+                ).to(dev)  # quantizes here
                 if child.bias is not None:
                     q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
                 setattr(parent, name, q)
@@ -99,6 +112,7 @@ def main():
     args = ap.parse_args()
     if args.build:
         import fishds.run.train
+
         fishds.run.train.load_peft_model = build_random_nf4
     cuda = torch.cuda.is_available()
     cfg, s = session(args, "fishds-qlora-", ["quant.bits=4"])
@@ -107,8 +121,9 @@ def main():
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     samples = scoring_examples(cfg.fish, s.examples)
-    scores, stats = collect_scores(s.engine, s.pool, samples, cfg.fish.granularity, cfg.train.micro_batch_size,
-                                   s.collate)
+    scores, stats = collect_scores(
+        s.engine, s.pool, samples, cfg.fish.granularity, cfg.train.micro_batch_size, s.collate
+    )
     local_sel, _ = exact_topk(float_keys(scores), s.k)
     masks = share_selection(s.pool, local_sel)
     plain, fish = [], []
@@ -118,28 +133,48 @@ def main():
         fish += timed_steps(s, args.block)
         enforcer.remove()
     from fishds.plan import from_config, plan
+
     arch, setup = from_config(cfg, args.ds_config, fdist.world_size())
     p = plan(arch, setup)
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if fdist.is_main():
         mib = 2**20
         n4 = sum(p_.numel() for p_ in s.engine.module.parameters() if type(p_).__name__ == "Params4bit")
-        rec = {"name": args.name, "device": "cuda" if cuda else "cpu", "model": Path(s.plan.model_path).name,
-               "weights": weights_kind(s.plan.model_path, args.build), "layers": arch.layers, "hidden": arch.hidden,
-               "zero_stage": setup.zero,
-               "world_size": setup.world, "precision": setup.precision, "quant": "nf4", "lora_r": setup.r,
-               "targets": setup.targets if isinstance(setup.targets, str) else ",".join(setup.targets),
-               "keep_ratio": setup.keep_ratio, "micro_batch_size": setup.micro_batch, "seq_len": setup.seq_len,
-               "packed_4bit_values": n4, "pool": s.pool.size, "k": s.k,
-               "plain_step_s": round(statistics.median(plain), 4), "fish_step_s": round(statistics.median(fish), 4),
-               "step_time_ratio": round(statistics.median(fish) / statistics.median(plain), 4),
-               "fisher_pass_s": round(stats["collect_seconds"], 3), "fisher_granularity": cfg.fish.granularity,
-               "fisher_samples": len(samples),
-               "plan_model_states_mib": round(p["model_states"] / mib, 1), "plan_total_mib": round(p["total"] / mib, 1)}
+        rec = {
+            "name": args.name,
+            "device": "cuda" if cuda else "cpu",
+            "model": Path(s.plan.model_path).name,
+            "weights": weights_kind(s.plan.model_path, args.build),
+            "layers": arch.layers,
+            "hidden": arch.hidden,
+            "zero_stage": setup.zero,
+            "world_size": setup.world,
+            "precision": setup.precision,
+            "quant": "nf4",
+            "lora_r": setup.r,
+            "targets": setup.targets if isinstance(setup.targets, str) else ",".join(setup.targets),
+            "keep_ratio": setup.keep_ratio,
+            "micro_batch_size": setup.micro_batch,
+            "seq_len": setup.seq_len,
+            "packed_4bit_values": n4,
+            "pool": s.pool.size,
+            "k": s.k,
+            "plain_step_s": round(statistics.median(plain), 4),
+            "fish_step_s": round(statistics.median(fish), 4),
+            "step_time_ratio": round(statistics.median(fish) / statistics.median(plain), 4),
+            "fisher_pass_s": round(stats["collect_seconds"], 3),
+            "fisher_granularity": cfg.fish.granularity,
+            "fisher_samples": len(samples),
+            "plan_model_states_mib": round(p["model_states"] / mib, 1),
+            "plan_total_mib": round(p["total"] / mib, 1),
+        }
         if cuda:
-            rec.update(static_gpu_mib=round(static / mib, 1), peak_gpu_mib=round(peak / mib, 1),
-                       static_over_plan_states=round(static / p["model_states"], 3),
-                       peak_over_plan_total=round(peak / p["total"], 3))
+            rec.update(
+                static_gpu_mib=round(static / mib, 1),
+                peak_gpu_mib=round(peak / mib, 1),
+                static_over_plan_states=round(static / p["model_states"], 3),
+                peak_over_plan_total=round(peak / p["total"], 3),
+            )
         else:
             rec.update(peak_rss_mib=round(peak / mib, 1))
         record("qlora_case", rec)

@@ -3,6 +3,7 @@ files keyed like the adapter (the mask file, the initial adapter), plus the mask
 
 Used by both clients of the method core (`fishds train` and the Hugging Face callback).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,11 @@ def key_map(model, names: list[str]) -> dict[str, str]:
         return {n: n for n in names}  # bottleneck adapters are saved under their parameter names
     markers = {n: torch.tensor([i, -7], dtype=torch.int64) for i, n in enumerate(names)}
     renamed = get_peft_model_state_dict(model, state_dict={**adapter_buffers(model), **markers})
-    return {names[int(v[0])]: k for k, v in renamed.items()
-            if v.dtype == torch.int64 and v.shape == (2,) and int(v[1]) == -7}
+    return {
+        names[int(v[0])]: k
+        for k, v in renamed.items()
+        if v.dtype == torch.int64 and v.shape == (2,) and int(v[1]) == -7
+    }
 
 
 def adapter_keys(model, by_param_name: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -76,5 +80,10 @@ def mask_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:
     share = {k: (v / total if total else 0.0) for k, v in per_kind.items() if k != OTHER or v}
     from .allocation import allocation_report  # per layer, per adapted module, row/column coverage
 
-    return {"selected": total, "per_tensor": per_tensor, "per_module": per_module, "share": share,
-            **allocation_report(pool, masks)}
+    return {
+        "selected": total,
+        "per_tensor": per_tensor,
+        "per_module": per_module,
+        "share": share,
+        **allocation_report(pool, masks),
+    }

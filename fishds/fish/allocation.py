@@ -12,6 +12,7 @@ Every quota is an exact integer, the quotas sum to k, and they are computed from
 (sizes, exact integer counts, and score sums made exact by exact_group_sums), so the mask is the same bit for bit
 on any number of ranks. The per-group sums travel as one small all-reduce (groups x 256 int64).
 """
+
 from __future__ import annotations
 
 import math
@@ -187,12 +188,15 @@ class Allocation:
     needs_values: bool = False  # shares k by score sums (not defined for random keys)
 
 
-ALLOCATIONS: dict[str, Allocation] = {a.name: a for a in (
-    Allocation("global", _global),
-    Allocation("tensor", _tensor),
-    Allocation("module", _module, needs_values=True),
-    Allocation("ab_balanced", _ab_balanced),
-)}
+ALLOCATIONS: dict[str, Allocation] = {
+    a.name: a
+    for a in (
+        Allocation("global", _global),
+        Allocation("tensor", _tensor),
+        Allocation("module", _module, needs_values=True),
+        Allocation("ab_balanced", _ab_balanced),
+    )
+}
 
 
 def allocation_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:
@@ -216,5 +220,9 @@ def allocation_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:
     for c in coverage.values():
         c["row_share"] = c["rows_covered"] / c["rows"] if c["rows"] else 0.0
         c["col_share"] = c["cols_covered"] / c["cols"] if c["cols"] else 0.0
-    return {"per_layer": per_layer, "per_adapted_module": per_adapted, "coverage": coverage,
-            "coverage_per_tensor": per_tensor}
+    return {
+        "per_layer": per_layer,
+        "per_adapted_module": per_adapted,
+        "coverage": coverage,
+        "coverage_per_tensor": per_tensor,
+    }

@@ -22,6 +22,7 @@ optimizer state (key `idx`), so DeepSpeed checkpoints save and resume the compac
 Only AdamW is offered: train.optimizer=sgd, an optimizer named in the DeepSpeed JSON, optimizer
 offload and selection=dense are refused by `check_config`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -79,14 +80,16 @@ class CompactAdamW(torch.optim.AdamW):
 
     def _dense_step(self, group: dict, params: list) -> None:
         params_with_grad, grads, exp_avgs, exp_avg_sqs, max_sqs, steps = [], [], [], [], [], []
-        has_complex = self._init_group(dict(group, params=params), params_with_grad, grads, exp_avgs, exp_avg_sqs,
-                                       max_sqs, steps)
+        has_complex = self._init_group(
+            dict(group, params=params), params_with_grad, grads, exp_avgs, exp_avg_sqs, max_sqs, steps
+        )
         self._adam(group, params_with_grad, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, has_complex)
 
     def _compact_step(self, group: dict, params: list) -> None:
         if group["amsgrad"] or group["maximize"] or group["capturable"] or group["differentiable"] or group["fused"]:
-            raise UnsupportedSetup("CompactAdamW supports plain AdamW only (no amsgrad, maximize, capturable, "
-                                   "differentiable or fused)")
+            raise UnsupportedSetup(
+                "CompactAdamW supports plain AdamW only (no amsgrad, maximize, capturable, differentiable or fused)"
+            )
         sel, grads, exp_avgs, exp_avg_sqs, steps, where = [], [], [], [], [], []
         for p in params:
             st = self.state[p]
@@ -111,11 +114,29 @@ class CompactAdamW(torch.optim.AdamW):
 
     def _adam(self, group, params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, has_complex) -> None:
         beta1, beta2 = group["betas"]
-        adam(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, amsgrad=group["amsgrad"], has_complex=has_complex,
-             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
-             maximize=group["maximize"], foreach=group["foreach"], capturable=group["capturable"],
-             differentiable=group["differentiable"], fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-             found_inf=getattr(self, "found_inf", None), decoupled_weight_decay=group["decoupled_weight_decay"])
+        adam(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_sqs,
+            steps,
+            amsgrad=group["amsgrad"],
+            has_complex=has_complex,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            capturable=group["capturable"],
+            differentiable=group["differentiable"],
+            fused=group["fused"],
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
 
 
 def check_config(cfg: Config, ds: dict) -> None:
@@ -123,17 +144,25 @@ def check_config(cfg: Config, ds: dict) -> None:
     if not cfg.fish.compact_optimizer:
         return
     if rule(cfg.fish.selection).dense:
-        raise ConfigError("fish.compact_optimizer=true needs a mask; with fish.selection=dense every entry trains "
-                          "(set fish.compact_optimizer=false)")
+        raise ConfigError(
+            "fish.compact_optimizer=true needs a mask; with fish.selection=dense every entry trains "
+            "(set fish.compact_optimizer=false)"
+        )
     if cfg.train.optimizer != "adamw":
-        raise ConfigError(f"fish.compact_optimizer=true supports train.optimizer=adamw only (got "
-                          f"train.optimizer={cfg.train.optimizer}); use adamw or set fish.compact_optimizer=false")
+        raise ConfigError(
+            f"fish.compact_optimizer=true supports train.optimizer=adamw only (got "
+            f"train.optimizer={cfg.train.optimizer}); use adamw or set fish.compact_optimizer=false"
+        )
     if "optimizer" in ds:
-        raise ConfigError("fish.compact_optimizer=true needs fishds' client optimizer: remove the optimizer section "
-                          "from the DeepSpeed JSON (lr and weight decay come from train.lr / train.weight_decay)")
+        raise ConfigError(
+            "fish.compact_optimizer=true needs fishds' client optimizer: remove the optimizer section "
+            "from the DeepSpeed JSON (lr and weight decay come from train.lr / train.weight_decay)"
+        )
     if ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None):
-        raise ConfigError("fish.compact_optimizer=true does not support zero_optimization.offload_optimizer in the "
-                          "DeepSpeed JSON; remove the offload or set fish.compact_optimizer=false")
+        raise ConfigError(
+            "fish.compact_optimizer=true does not support zero_optimization.offload_optimizer in the "
+            "DeepSpeed JSON; remove the offload or set fish.compact_optimizer=false"
+        )
 
 
 def _owner(tensors: list[torch.Tensor], view: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -144,8 +173,10 @@ def _owner(tensors: list[torch.Tensor], view: torch.Tensor) -> tuple[torch.Tenso
             off = view.storage_offset() - p.storage_offset()
             if 0 <= off and off + view.numel() <= p.numel():
                 return p, off
-    raise UnsupportedSetup("cannot find the optimizer tensor that holds a pool tensor's fp32 masters "
-                           "(DeepSpeed layout changed?); set fish.compact_optimizer=false")
+    raise UnsupportedSetup(
+        "cannot find the optimizer tensor that holds a pool tensor's fp32 masters "
+        "(DeepSpeed layout changed?); set fish.compact_optimizer=false"
+    )
 
 
 @torch.no_grad()
@@ -153,21 +184,23 @@ def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
     """Tell the CompactAdamW inside `engine` the local selected entries of every tensor it updates."""
     opt = zero.torch_optimizer(engine)
     if not isinstance(opt, CompactAdamW):
-        raise UnsupportedSetup("fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found "
-                               f"{type(opt).__name__}")
+        raise UnsupportedSetup(
+            f"fish.compact_optimizer needs CompactAdamW inside DeepSpeed, found {type(opt).__name__}"
+        )
     tensors = optimizer_tensors(engine)
     chosen: dict[int, list[torch.Tensor]] = {}
     owner_of: dict[int, torch.Tensor] = {}
     for name, master, start, local in zero.master_fragments(engine, pool):
         if master.numel() == 0:
             continue
-        if not torch.equal(master[:local.numel()].to(local.dtype), local):
-            raise UnsupportedSetup(f"DeepSpeed's fp32 master layout for {name} does not match the model weights "
-                                   "(pinned DeepSpeed: 0.19.8)")
+        if not torch.equal(master[: local.numel()].to(local.dtype), local):
+            raise UnsupportedSetup(
+                f"DeepSpeed's fp32 master layout for {name} does not match the model weights (pinned DeepSpeed: 0.19.8)"
+            )
         p, off = _owner(tensors, master)
         flat_mask = masks[name].reshape(-1).to(master.device)
         n = max(0, min(master.numel(), flat_mask.numel() - start))  # beyond n: ZeRO-3 padding, never selected
-        pos = flat_mask[start:start + n].nonzero().reshape(-1)
+        pos = flat_mask[start : start + n].nonzero().reshape(-1)
         chosen.setdefault(id(p), []).append(pos + off)
         owner_of[id(p)] = p
     for key, p in owner_of.items():
@@ -181,5 +214,7 @@ def apply_mask(engine, pool: Pool, masks: dict[str, torch.Tensor]) -> None:
 def check_resumed_state(engine, compact: bool) -> None:
     """After loading a checkpoint: a compact optimizer state cannot continue in a dense AdamW."""
     if not compact and any("idx" in st for st in zero.torch_optimizer(engine).state.values()):
-        raise ConfigError("this checkpoint holds a compact optimizer state (written with fish.compact_optimizer=true); "
-                          "resume it with fish.compact_optimizer=true")
+        raise ConfigError(
+            "this checkpoint holds a compact optimizer state (written with fish.compact_optimizer=true); "
+            "resume it with fish.compact_optimizer=true"
+        )

@@ -18,6 +18,7 @@ this rank's master entries and which flat indices of the parameter they hold (De
 fishds/zero.py); the layout is checked against the model weights at set-up and a mismatch stops the run
 instead of training with a wrong mask.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,8 +49,11 @@ class MaskEnforcer:
         self.engine = engine
         self.pool = pool
         self.masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry; shared with the caller when possible
-        self._hooks = [t.param.register_hook(self._grad_hook(self.masks, t.name)) for t in pool.tensors
-                       if bool(self.masks.frozen(t.name).any())]
+        self._hooks = [
+            t.param.register_hook(self._grad_hook(self.masks, t.name))
+            for t in pool.tensors
+            if bool(self.masks.frozen(t.name).any())
+        ]
         self.fragments = self._fragments() if restore else []  # restore=False: fishds.fish.compact never moves them
         opt = zero.torch_optimizer(engine)
         self._inner_step = opt.step
@@ -68,15 +72,17 @@ class MaskEnforcer:
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
             return grad.masked_fill(masks.frozen(name).view(shape), 0) if grad.shape == shape else grad
+
         return hook
 
     def _fragments(self) -> list[_Fragment]:
         frags = []
         for name, master, start, local_weights in _master_fragments(self.engine, self.pool):
-            if not torch.equal(master[:local_weights.numel()].to(local_weights.dtype), local_weights):
+            if not torch.equal(master[: local_weights.numel()].to(local_weights.dtype), local_weights):
                 raise UnsupportedSetup(
                     f"DeepSpeed's fp32 master layout for {name} does not match the model weights; this DeepSpeed "
-                    "version is not supported by fishds' mask enforcement (pinned: 0.19.8)")
+                    "version is not supported by fishds' mask enforcement (pinned: 0.19.8)"
+                )
             frozen = self.masks.frozen(name, start, master.numel()).to(master.device)
             frags.append(_Fragment(name, master, start, master[frozen].clone()))
         return frags
@@ -86,8 +92,9 @@ class MaskEnforcer:
         """Write the fixed values back into the masked fp32 master entries (runs after every inner step)."""
         for f in self.fragments:
             if f.frozen_val.numel():
-                f.master.masked_scatter_(self.masks.frozen(f.name, f.start, f.master.numel()).to(f.master.device),
-                                         f.frozen_val)
+                f.master.masked_scatter_(
+                    self.masks.frozen(f.name, f.start, f.master.numel()).to(f.master.device), f.frozen_val
+                )
 
     def remove(self) -> None:
         for h in self._hooks:
@@ -105,7 +112,7 @@ def reset_unselected(engine, pool: Pool, masks: dict[str, torch.Tensor], initial
         flat_init = initial[name].reshape(-1).to(master.device, torch.float32)
         flat_mask = masks[name].reshape(-1).to(master.device)
         n = max(0, min(master.numel(), flat_init.numel() - start))
-        m, v = flat_mask[start:start + n], flat_init[start:start + n]
+        m, v = flat_mask[start : start + n], flat_init[start : start + n]
         master[:n] = torch.where(m, master[:n], v)
     for t in pool.tensors:
         p, init, m = t.param, initial[t.name], masks[t.name]
@@ -113,8 +120,8 @@ def reset_unselected(engine, pool: Pool, masks: dict[str, torch.Tensor], initial
             local = zero.local_tensor(p).reshape(-1)
             start = fdist.rank() * local.numel()
             n = max(0, min(local.numel(), t.numel - start))
-            lm = m.reshape(-1)[start:start + n].to(local.device)
-            lv = init.reshape(-1)[start:start + n].to(local.device, local.dtype)
+            lm = m.reshape(-1)[start : start + n].to(local.device)
+            lv = init.reshape(-1)[start : start + n].to(local.device, local.dtype)
             local[:n] = torch.where(lm, local[:n], lv)
         else:
             p.data.copy_(torch.where(m.to(p.device), p.data, init.to(p.device, p.dtype)))

@@ -9,7 +9,8 @@ what "batch" costs; fish.per_example: loop runs one forward/backward per example
 batched rule covers in either mode). The text below describes the accumulator, common to all modes.
 
 The N examples are dealt round-robin to the ranks, so each counts exactly once. Each rank calls the wrapped module
-(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters with torch.autograd.grad: it has full shape on every ZeRO stage
+(ZeRO-3 still gathers weights through its module hooks) and takes the local gradient of the pool parameters
+with torch.autograd.grad: it has full shape on every ZeRO stage
 (ZeRO-3 gathers the weights for the forward and backward), is never reduced across ranks, and no
 gradient of the frozen base weights is computed. Squares are summed into an fp32 accumulator in pool
 order, held as one tensor per owner chunk (pool.chunk). At the end each chunk is reduced once to the
@@ -24,6 +25,7 @@ the full shape, so its squares cannot be split before the one reduction without 
 plus the gradients of one pass (pool x the parameter dtype's bytes, freed after each pass). The
 statistics collect_scores returns record both peaks and what is held after the reduction.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +39,6 @@ from .. import dist as fdist
 from .. import zero
 from .per_example import CHECK_RTOL, BatchedFisher, per_example_losses
 from .pool import Pool
-
 
 REDUCE_PIECE = 1 << 24  # entries per reduce call (64 MiB of fp32): bounds any staging buffer of the backend
 
@@ -63,7 +64,7 @@ def _passes(n: int, granularity: str, micro_batch_size: int) -> list[list[int]]:
     """This rank's list of example-index groups, one group per backward pass (round-robin over ranks)."""
     mine = list(range(fdist.rank(), n, fdist.world_size()))
     size = 1 if granularity == "sample" else micro_batch_size
-    groups = [mine[i:i + size] for i in range(0, len(mine), size)]
+    groups = [mine[i : i + size] for i in range(0, len(mine), size)]
     per_rank = -(-n // fdist.world_size())
     total = math.ceil(per_rank / size)
     while len(groups) < total:
@@ -71,18 +72,34 @@ def _passes(n: int, granularity: str, micro_batch_size: int) -> list[list[int]]:
     return groups
 
 
-def collect_scores(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
-                   collate: Callable[[list[dict]], dict], progress=None,
-                   per_example: str = "batched") -> tuple[torch.Tensor, dict]:
+def collect_scores(
+    engine,
+    pool: Pool,
+    examples: list[dict],
+    granularity: str,
+    micro_batch_size: int,
+    collate: Callable[[list[dict]], dict],
+    progress=None,
+    per_example: str = "batched",
+) -> tuple[torch.Tensor, dict]:
     """Run the Fisher pass; return this rank's chunk of the scores (fp32) and timing statistics."""
-    (scores,), stats = collect_moments(engine, pool, examples, granularity, micro_batch_size, collate, progress,
-                                       per_example=per_example)
+    (scores,), stats = collect_moments(
+        engine, pool, examples, granularity, micro_batch_size, collate, progress, per_example=per_example
+    )
     return scores, stats
 
 
-def collect_moments(engine, pool: Pool, examples: list[dict], granularity: str, micro_batch_size: int,
-                    collate: Callable[[list[dict]], dict], progress=None, per_example: str = "batched",
-                    with_sum: bool = False) -> tuple[tuple[torch.Tensor, ...], dict]:
+def collect_moments(
+    engine,
+    pool: Pool,
+    examples: list[dict],
+    granularity: str,
+    micro_batch_size: int,
+    collate: Callable[[list[dict]], dict],
+    progress=None,
+    per_example: str = "batched",
+    with_sum: bool = False,
+) -> tuple[tuple[torch.Tensor, ...], dict]:
     """The Fisher pass: this rank's chunk of sum g^2 (the Fisher scores) and, with `with_sum`, of sum g (a second
     accumulator over the same passes, chunked and reduced the same way; saliency and snr), and the statistics.
 
@@ -126,33 +143,45 @@ def collect_moments(engine, pool: Pool, examples: list[dict], granularity: str, 
     if granularity == "sample" and per_example == "batched":
         groups = _passes(len(examples), "batch", micro_batch_size)
         state["total"] = len(groups)
-        loop_params = _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick,
-                                    with_sum)
+        loop_params = _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick, with_sum)
         batched_passes = len(groups)
         if loop_params:
-            fdist.print0(f"[fishds] per-example Fisher: no batched rule for {len(loop_params)} of {len(params)} "
-                         "pool tensors, scored one example at a time: "
-                         + ", ".join(pool.tensors[n].name for n in loop_params))
+            fdist.print0(
+                f"[fishds] per-example Fisher: no batched rule for {len(loop_params)} of {len(params)} "
+                "pool tensors, scored one example at a time: " + ", ".join(pool.tensors[n].name for n in loop_params)
+            )
     if loop_params:
         groups = _passes(len(examples), granularity, micro_batch_size)
         state["total"] += len(groups)
-        _loop_pass(model, zero3, [params[n] for n in loop_params], loop_params, examples, groups, collate, dev, add,
-                   state, tick)
+        _loop_pass(
+            model,
+            zero3,
+            [params[n] for n in loop_params],
+            loop_params,
+            examples,
+            groups,
+            collate,
+            dev,
+            add,
+            state,
+            tick,
+        )
     zero.end_gradient_pass(engine, zero3)
     model.train(was_training)
     t_local = time.perf_counter() - t0
     grad_peak = state["grad_peak"]
-    per_example_stats = {"per_example": per_example if granularity == "sample" else None,
-                         "batched_passes_per_rank": batched_passes,
-                         "looped_tensors": len(loop_params) if granularity == "sample" and per_example == "batched"
-                         else 0}
+    per_example_stats = {
+        "per_example": per_example if granularity == "sample" else None,
+        "batched_passes_per_rank": batched_passes,
+        "looped_tensors": len(loop_params) if granularity == "sample" and per_example == "batched" else 0,
+    }
 
     start, end = bounds[rank]
     if world > 1:
         for acc in [chunks] + ([sums] if sums is not None else []):
             for r in range(world):
                 for a in range(0, acc[r].numel(), REDUCE_PIECE):
-                    dist.reduce(acc[r][a:a + REDUCE_PIECE], dst=r)
+                    dist.reduce(acc[r][a : a + REDUCE_PIECE], dst=r)
                 if r != rank:
                     acc[r] = None  # not ours: free it as soon as it is reduced
     local = chunks[rank].to("cpu")
@@ -160,20 +189,29 @@ def collect_moments(engine, pool: Pool, examples: list[dict], granularity: str, 
     chunks.clear()
     held = local.numel()
     # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
-    flag = torch.tensor([int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held,
-                         state["output_grad_peak"]],
-                        dtype=torch.int64)
+    flag = torch.tensor(
+        [int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held, state["output_grad_peak"]],
+        dtype=torch.int64,
+    )
     fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)
     check_finite(pool, local, start)
     if flag[0].item():
-        raise FisherError("Fisher scores contain NaN or Inf on another rank (its error names the parameter); lower "
-                          "train.lr for the warm-up, check the data, or use train.precision=fp32")
-    stats = {"collect_seconds": time.perf_counter() - t0, "local_pass_seconds": t_local,
-             "passes_per_rank": state["passes"], **per_example_stats,
-             # bytes and entries per rank, max over ranks
-             "accumulator_peak_bytes": int(flag[1]), "grad_peak_bytes": int(flag[2]),
-             "scores_held_bytes": int(flag[3]), "scores_held_entries": int(flag[4]),
-             "output_grad_peak_bytes": int(flag[5])}  # batched: the captured layer-output gradients of one pass
+        raise FisherError(
+            "Fisher scores contain NaN or Inf on another rank (its error names the parameter); lower "
+            "train.lr for the warm-up, check the data, or use train.precision=fp32"
+        )
+    stats = {
+        "collect_seconds": time.perf_counter() - t0,
+        "local_pass_seconds": t_local,
+        "passes_per_rank": state["passes"],
+        **per_example_stats,
+        # bytes and entries per rank, max over ranks
+        "accumulator_peak_bytes": int(flag[1]),
+        "grad_peak_bytes": int(flag[2]),
+        "scores_held_bytes": int(flag[3]),
+        "scores_held_entries": int(flag[4]),
+        "output_grad_peak_bytes": int(flag[5]),
+    }  # batched: the captured layer-output gradients of one pass
     return (local,) + ((local_sum,) if local_sum is not None else ()), stats
 
 
@@ -201,8 +239,9 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(diff <= CHECK_RTOL * scale + 1e-30)
 
 
-def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick,
-                  with_sum: bool = False) -> list[int]:
+def _batched_pass(
+    model, zero3, params, examples, groups, collate, dev, add, state, tick, with_sum: bool = False
+) -> list[int]:
     """Per-example squares of the covered pool tensors, one forward/backward per micro-batch; returns the pool
     indices left for the loop (not covered by a rule, failing the first-batch check, or all of them when the
     model's loss cannot be split per example)."""
@@ -217,29 +256,34 @@ def _batched_pass(model, zero3, params, examples, groups, collate, dev, add, sta
             out = bf.forward(batch)
             b = batch["input_ids"].shape[0] if "input_ids" in batch else next(iter(batch.values())).shape[0]
             logits, labels = getattr(out, "logits", None), batch.get("labels")
-            split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) \
-                else None
+            split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
             loss = split[0].sum() if split is not None else out.loss
             targets, spans = bf.targets()
             checked = sorted(accepted) if gi == 0 else []
             grads = list(torch.autograd.grad(loss, targets + [params[i] for i in checked], allow_unused=True))
             zero.release_backward_leftovers(zero3)
-            state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size()
-                                                             for g in grads[len(targets):] if g is not None))
-            state["output_grad_peak"] = max(state["output_grad_peak"], sum(
-                g.numel() * g.element_size() for g in grads[:len(targets)] if g is not None))
+            state["grad_peak"] = max(
+                state["grad_peak"], sum(g.numel() * g.element_size() for g in grads[len(targets) :] if g is not None)
+            )
+            state["output_grad_peak"] = max(
+                state["output_grad_peak"],
+                sum(g.numel() * g.element_size() for g in grads[: len(targets)] if g is not None),
+            )
             if gi == 0:  # the same decision on every rank: one MIN all-reduce of the flags
-                sums = bf.summed(grads[:len(targets)], spans, b)
+                sums = bf.summed(grads[: len(targets)], spans, b)
                 flags = [int(split is not None and _close(split[1], out.loss.detach()))]
-                flags += [int(g is None or (i in sums and _close(sums[i], g))) for i, g in
-                          zip(checked, grads[len(targets):])]
+                flags += [
+                    int(g is None or (i in sums and _close(sums[i], g))) for i, g in zip(checked, grads[len(targets) :])
+                ]
                 flag = fdist.all_reduce_(torch.tensor(flags, dtype=torch.int64), op=dist.ReduceOp.MIN)
                 if not flag[0]:
-                    fdist.print0("[fishds] per-example Fisher: the model's loss is not one fishds can split per "
-                                 "example (causal LM or sequence classification); scoring one example at a time")
+                    fdist.print0(
+                        "[fishds] per-example Fisher: the model's loss is not one fishds can split per "
+                        "example (causal LM or sequence classification); scoring one example at a time"
+                    )
                     return list(range(len(params)))
                 accepted -= {i for i, ok in zip(checked, flag[1:].tolist()) if not ok}
-                del grads[len(targets):]
+                del grads[len(targets) :]
             squares = bf.squares(grads, spans, b)  # pool-shaped fp32, like one pass's gradients in the loop
             summed = bf.summed(grads, spans, b) if with_sum else {}  # sum g over the batch's examples
             state["grad_peak"] = max(state["grad_peak"], sum(sq.numel() * 4 for sq in squares.values()))
@@ -262,8 +306,10 @@ def check_finite(pool: Pool, local: torch.Tensor, start: int) -> None:
     bad = ~torch.isfinite(local)
     if bool(bad.any()):
         t = pool.tensor_at(start + int(bad.nonzero()[0, 0]))
-        raise FisherError(f"Fisher scores of {t.name} contain NaN or Inf; lower train.lr for the warm-up, check "
-                          "the data for empty or broken examples, or use train.precision=fp32")
+        raise FisherError(
+            f"Fisher scores of {t.name} contain NaN or Inf; lower train.lr for the warm-up, check "
+            "the data for empty or broken examples, or use train.precision=fp32"
+        )
 
 
 @torch.no_grad()
@@ -274,11 +320,11 @@ def gather_scores(pool: Pool, local: torch.Tensor) -> dict[str, torch.Tensor] | 
         return pool.split(local)
     per = pool.chunk(0, world)[1]
     buf = torch.zeros(per, dtype=torch.float32, device=fdist.comm_device())
-    buf[:local.numel()] = local.to(buf.device)
+    buf[: local.numel()] = local.to(buf.device)
     parts = [torch.empty_like(buf) for _ in range(world)] if fdist.is_main() else None
     dist.gather(buf, parts, dst=0)
     if not fdist.is_main():
         return None
     parts = [p.cpu() for p in parts]
-    full = torch.cat([parts[r][:e - s] for r, (s, e) in enumerate(pool.chunk(r, world) for r in range(world))])
+    full = torch.cat([parts[r][: e - s] for r, (s, e) in enumerate(pool.chunk(r, world) for r in range(world))])
     return pool.split(full)

@@ -3,6 +3,7 @@
 The one parser of adapter keys: the mask report of a run (adapter.mask_report: per module, lora_A / lora_B
 shares) and the picture `fishds report` draws (report.py) both read keys through `parse_key`.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,8 +14,10 @@ KINDS = ("lora_A", "lora_B", OTHER)
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 # a part that names an adapter tensor (or the adapter module holding it): the module type is the part before
-_ADAPTER_PART = re.compile(r"^(?:lora_|ia3_|hada_|lokr_|vera_|oft_|boft_|hra_|fourierft_|vblora_|bone_|c3a_|"
-                           r"shira_|miss_|road_|ln_tuning|bottleneck$|modules_to_save$|original_module$)")
+_ADAPTER_PART = re.compile(
+    r"^(?:lora_|ia3_|hada_|lokr_|vera_|oft_|boft_|hra_|fourierft_|vblora_|bone_|c3a_|"
+    r"shira_|miss_|road_|ln_tuning|bottleneck$|modules_to_save$|original_module$)"
+)
 _TRAILING = {"weight", "bias", "default"}
 
 

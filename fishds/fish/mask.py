@@ -7,6 +7,7 @@ File format (`fish_mask.safetensors`): for every adapter tensor, under the same 
 adapter_model.safetensors, the uint8 result of `numpy.packbits` (big bit order) of the flattened
 boolean mask; the safetensors metadata holds {"format": "fishds-packbits-v1", <key>: "[d0, d1]"}.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,8 +72,12 @@ class PackedMasks(Mapping):
             if device is None or all(p.device == torch.device(device) for p, _ in masks._packed.values()):
                 return masks
             return cls({n: (p.to(device), s) for n, (p, s) in masks._packed.items()})
-        return cls({n: (pack_bits(m.bool()) if device is None else pack_bits(m.bool()).to(device), tuple(m.shape))
-                    for n, m in masks.items()})
+        return cls(
+            {
+                n: (pack_bits(m.bool()) if device is None else pack_bits(m.bool()).to(device), tuple(m.shape))
+                for n, m in masks.items()
+            }
+        )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         p, shape = self._packed[name]
@@ -97,7 +102,7 @@ class PackedMasks(Mapping):
         total = _numel(shape)
         n = total - start if n is None else n
         inside = max(0, min(n, total - start))
-        out = unpack_bits(p[start // 8:-(-(start + inside) // 8)], start % 8 + inside, invert=True)[start % 8:]
+        out = unpack_bits(p[start // 8 : -(-(start + inside) // 8)], start % 8 + inside, invert=True)[start % 8 :]
         if inside < n:
             out = torch.cat([out, out.new_zeros(n - inside)])
         return out
@@ -108,8 +113,9 @@ class PackedMasks(Mapping):
 
     def completed(self, shapes: list[tuple[str, tuple[int, ...]]]) -> "PackedMasks":
         """These masks for exactly the given (name, shape) list, all ones for a name not held."""
-        return PackedMasks({n: self._packed.get(n) or (pack_bits(torch.ones(s, dtype=torch.bool)), tuple(s))
-                            for n, s in shapes})
+        return PackedMasks(
+            {n: self._packed.get(n) or (pack_bits(torch.ones(s, dtype=torch.bool)), tuple(s)) for n, s in shapes}
+        )
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +131,7 @@ def share_selection(pool: Pool, local_selected: torch.Tensor) -> PackedMasks:
     packed = pack_bits(local_selected)
     per = -(-(-(-pool.size // world)) // 8)  # bytes of the largest chunk
     buf = torch.zeros(per, dtype=torch.uint8, device=fdist.comm_device())
-    buf[:packed.numel()] = packed.to(buf.device)
+    buf[: packed.numel()] = packed.to(buf.device)
     if world > 1:
         parts = [torch.empty_like(buf) for _ in range(world)]
         dist.all_gather(parts, buf)
@@ -158,8 +164,9 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a fishds mask file (metadata format={meta.get('format')!r}, "
-                             f"expected {FORMAT!r})")
+            raise ValueError(
+                f"{path}: not a fishds mask file (metadata format={meta.get('format')!r}, expected {FORMAT!r})"
+            )
         out = {}
         for key in f.keys():
             shape = json.loads(meta[key])

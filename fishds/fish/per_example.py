@@ -28,6 +28,7 @@ batch form is checked against the model's own loss on the first micro-batch; on 
 examples of the per-example gradients is checked against the parameters' batch gradient. A parameter that fails
 that check, or a loss fishds cannot split per example, goes to the loop (decided on every rank alike).
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,9 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     b = logits.shape[0]
     if labels.dim() == 2 and logits.dim() == 3 and labels.shape == logits.shape[:2]:
         lg, lb = logits[:, :-1].float(), labels[:, 1:]
-        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100,
-                             reduction="none").view(b, -1)
+        ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none").view(
+            b, -1
+        )
         n = (lb != -100).sum(1)
         return ce.sum(1) / n.clamp(min=1), ce.sum() / n.sum().clamp(min=1)
     if logits.dim() == 2 and labels.shape[0] == b:
@@ -90,6 +92,7 @@ class _Linear(_Rule):
         def fwd(module, args, out):
             if capturing():
                 self.calls.append((args[0].detach(), out))
+
         return [self.module.register_forward_hook(fwd)]
 
     def squares(self, grads: list[torch.Tensor], b: int) -> dict[int, torch.Tensor]:
@@ -103,7 +106,7 @@ class _Linear(_Rule):
             step = max(1, CHUNK_ENTRIES // max(1, o * i))
             acc = torch.zeros(o, i, dtype=torch.float32, device=gs[0].device)
             for s in range(0, b, step):
-                per = sum(torch.einsum("bto,bti->boi", g[s:s + step], x[s:s + step]) for g, x in zip(gs, xs))
+                per = sum(torch.einsum("bto,bti->boi", g[s : s + step], x[s : s + step]) for g, x in zip(gs, xs))
                 acc += per.square().sum(0)
             out[self.weight] = acc
         return out
@@ -124,6 +127,7 @@ class _IA3(_Rule):
         def fwd(module, args, out):
             if capturing():
                 self.calls.append((self._base.pop(), out))
+
         return [self.module.base_layer.register_forward_hook(base_fwd), self.module.register_forward_hook(fwd)]
 
     def squares(self, grads, b):

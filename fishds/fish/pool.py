@@ -5,6 +5,7 @@ index inside the tensor. That order breaks ties in the top-k, so the mask does n
 number of ranks. For the distributed selection the pool is cut into contiguous chunks, one per
 rank, each a multiple of 8 entries long so that packed bit masks concatenate without shifting.
 """
+
 from __future__ import annotations
 
 import re
@@ -47,12 +48,18 @@ class Pool:
     @classmethod
     def from_model(cls, model: torch.nn.Module, include=(), exclude=()) -> "Pool":
         """Trainable parameters whose name matches an `include` regex (all if none) and no `exclude` regex."""
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad
-                 and (not include or any(re.search(pat, n) for pat in include))
-                 and not any(re.search(pat, n) for pat in exclude)]
+        named = [
+            (n, p)
+            for n, p in model.named_parameters()
+            if p.requires_grad
+            and (not include or any(re.search(pat, n) for pat in include))
+            and not any(re.search(pat, n) for pat in exclude)
+        ]
         if not named:
-            raise ValueError(f"the FISH pool is empty: no trainable tensor matches fish.pool_include={list(include)} "
-                             f"minus fish.pool_exclude={list(exclude)}")
+            raise ValueError(
+                f"the FISH pool is empty: no trainable tensor matches fish.pool_include={list(include)} "
+                f"minus fish.pool_exclude={list(exclude)}"
+            )
         return cls(named)
 
     def chunk(self, rank: int, world: int) -> tuple[int, int]:
@@ -71,7 +78,7 @@ class Pool:
 
     def split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cut a full-pool flat vector into per-tensor views of full shape, keyed by parameter name."""
-        return {t.name: flat[t.offset:t.offset + t.numel].view(t.shape) for t in self.tensors}
+        return {t.name: flat[t.offset : t.offset + t.numel].view(t.shape) for t in self.tensors}
 
     def flatten(self, by_name: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([by_name[t.name].reshape(-1) for t in self.tensors])
@@ -80,11 +87,12 @@ class Pool:
         """k from the config: floor(keep_ratio * pool size) or the absolute count, checked against the pool."""
         if num_selected is not None:
             if not 1 <= num_selected <= self.size:
-                raise ValueError(f"fish.num_selected={num_selected} must be between 1 and the pool size "
-                                 f"{self.size}")
+                raise ValueError(f"fish.num_selected={num_selected} must be between 1 and the pool size {self.size}")
             return num_selected
         k = int(keep_ratio * self.size)
         if k < 1:
-            raise ValueError(f"fish.keep_ratio={keep_ratio} selects no entry of a pool of {self.size}; "
-                             "raise it or use fish.num_selected")
+            raise ValueError(
+                f"fish.keep_ratio={keep_ratio} selects no entry of a pool of {self.size}; "
+                "raise it or use fish.num_selected"
+            )
         return k

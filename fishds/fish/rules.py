@@ -14,6 +14,7 @@ Controls (`fish.control`, a table, name -> Control) are the arms a comparison ne
 Everything stays distributed: every rank holds only its chunk of the scores, and group sums and counts travel as
 small all-reduces.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,11 +24,11 @@ from typing import Callable
 
 import torch
 
-from .allocation import ALLOCATIONS, AllocationContext, kind_of, proportional_quotas, selected_per_tensor, \
-    tensor_groups
+from .allocation import ALLOCATIONS, AllocationContext, kind_of, proportional_quotas, selected_per_tensor, tensor_groups
 from .pool import Pool
 from .scores import SCORES, ScoreContext, local_scores
 from .select import exact_topk_grouped, key_to_float, random_keys
+
 
 def _config_error(message: str) -> Exception:
     from ..config import ConfigError  # config.py imports this module's CONTROLS table
@@ -41,8 +42,9 @@ LORA_METHODS = ("lora", "rslora", "dora", "pissa", "olora")  # methods with lora
 def rule_of(fish) -> SimpleNamespace:
     """score, allocation and control of a fish config section (or the HF callback's stand-in without them)."""
     score = getattr(fish, "score", None) or fish.selection
-    return SimpleNamespace(score=score, allocation=getattr(fish, "allocation", "global"),
-                           control=getattr(fish, "control", "none"))
+    return SimpleNamespace(
+        score=score, allocation=getattr(fish, "allocation", "global"), control=getattr(fish, "control", "none")
+    )
 
 
 def label(fish) -> str:
@@ -69,17 +71,23 @@ def check(cfg, ds: dict) -> None:
     if f.selection == "dense":
         return
     if r.control == "random_b_only" and cfg.peft.method not in LORA_METHODS:
-        raise _config_error(f"fish.control=random_b_only needs lora_B tensors; peft.method={cfg.peft.method} has none "
-                          f"(use one of {', '.join(LORA_METHODS)})")
+        raise _config_error(
+            f"fish.control=random_b_only needs lora_B tensors; peft.method={cfg.peft.method} has none "
+            f"(use one of {', '.join(LORA_METHODS)})"
+        )
     if r.control == "head_only" and cfg.data.format != "classification":
-        raise _config_error("fish.control=head_only trains only a classification head; it needs "
-                          "data.format=classification")
+        raise _config_error(
+            "fish.control=head_only trains only a classification head; it needs data.format=classification"
+        )
     uses_adam = r.score == "adam_v" and r.control not in ("random_b_only", "head_only")
     if uses_adam:
         named = ds.get("optimizer", {}).get("type", "")
         if (named and "adam" not in named.lower()) or (not named and cfg.train.optimizer != "adamw"):
-            raise _config_error(f"fish.score=adam_v reads AdamW's second moment; train.optimizer={cfg.train.optimizer}"
-                              + (f" (DeepSpeed optimizer {named})" if named else "") + " has none: use adamw")
+            raise _config_error(
+                f"fish.score=adam_v reads AdamW's second moment; train.optimizer={cfg.train.optimizer}"
+                + (f" (DeepSpeed optimizer {named})" if named else "")
+                + " has none: use adamw"
+            )
 
 
 @dataclass(frozen=True)
@@ -107,8 +115,10 @@ def _random_matched(pool, k, start, end, selected, fish, info):
 def _random_b_only(pool, k, start, end, selected, fish, info):
     caps = [t.numel if kind_of(t.name) == "lora_B" else 0 for t in pool.tensors]
     if k > sum(caps):
-        raise _config_error(f"fish.control=random_b_only: k={k} exceeds the {sum(caps)} lora_B entries of the pool; "
-                          "lower fish.keep_ratio / fish.num_selected")
+        raise _config_error(
+            f"fish.control=random_b_only: k={k} exceeds the {sum(caps)} lora_B entries of the pool; "
+            "lower fish.keep_ratio / fish.num_selected"
+        )
     return _random_with(pool, start, end, proportional_quotas(k, caps, caps), fish)
 
 
@@ -116,12 +126,15 @@ def _head_only(pool, k, start, end, selected, fish, info):
     return torch.zeros(end - start, dtype=torch.bool)
 
 
-CONTROLS: dict[str, Control] = {c.name: c for c in (
-    Control("none", _none),
-    Control("random_matched", _random_matched),
-    Control("random_b_only", _random_b_only, runs_rule=False),
-    Control("head_only", _head_only, runs_rule=False),
-)}
+CONTROLS: dict[str, Control] = {
+    c.name: c
+    for c in (
+        Control("none", _none),
+        Control("random_matched", _random_matched),
+        Control("random_b_only", _random_b_only, runs_rule=False),
+        Control("head_only", _head_only, runs_rule=False),
+    )
+}
 
 
 def _share(pool: Pool, per_tensor: list[int]) -> dict:
@@ -174,5 +187,10 @@ def score_stats(local: torch.Tensor) -> dict:
     pos = local[local > 0].double().log10().clamp(edges[0], edges[-1] - 1e-9)
     hist = torch.histc(pos, bins=len(edges) - 1, min=edges[0], max=edges[-1]).to(torch.float64)
     fdist.all_reduce_(hist)
-    return {"sum": float(s[0]), "mean": float(s[0] / s[1]), "max": float(mx[0]), "zeros": int(s[2]),
-            "log10_histogram": {"edges": edges, "counts": [int(c) for c in hist]}}
+    return {
+        "sum": float(s[0]),
+        "mean": float(s[0] / s[1]),
+        "max": float(mx[0]),
+        "zeros": int(s[2]),
+        "log10_histogram": {"edges": edges, "counts": [int(c) for c in hist]},
+    }

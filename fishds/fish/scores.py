@@ -17,6 +17,7 @@ time on every rank (a collective under ZeRO), and only the slice that falls into
 theta is the adapter when the mask is fixed (after any warm-up). Scores of the scoring pass are taken in eval mode
 (dropout off) on the fish.num_samples examples; adam_v and movement cost no forward or backward beyond the warm-up.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class ScoreContext:
     """What a score may read: the `fish:` section (config.FishSection), the micro-batch size of the scoring pass,
     the engine and pool, this rank's chunk, the scoring examples, the adapter at the warm-up's start (or None), and
     `info` (the selection report, filled as it goes)."""
+
     fish: object
     micro_batch_size: int
     engine: object
@@ -71,8 +73,17 @@ class Score:
 
 def _moments(ctx: ScoreContext, with_sum: bool) -> tuple[torch.Tensor, ...]:
     f = ctx.fish
-    moments, stats = collect_moments(ctx.engine, ctx.pool, ctx.examples, f.granularity, ctx.micro_batch_size,
-                                     ctx.collate, progress=ctx.progress, per_example=f.per_example, with_sum=with_sum)
+    moments, stats = collect_moments(
+        ctx.engine,
+        ctx.pool,
+        ctx.examples,
+        f.granularity,
+        ctx.micro_batch_size,
+        ctx.collate,
+        progress=ctx.progress,
+        per_example=f.per_example,
+        with_sum=with_sum,
+    )
     ctx.info.update(stats, num_samples=len(ctx.examples), granularity=f.granularity)
     return moments
 
@@ -88,7 +99,7 @@ def chunk_of(pool: Pool, start: int, end: int, fetch: Callable[[PoolTensor], tor
         full = fetch(t)
         a, b = max(start, t.offset), min(end, t.offset + t.numel)
         if a < b:
-            out[a - start:b - start] = full.reshape(-1)[a - t.offset:b - t.offset].to("cpu", torch.float32)
+            out[a - start : b - start] = full.reshape(-1)[a - t.offset : b - t.offset].to("cpu", torch.float32)
         del full
     return out
 
@@ -99,7 +110,7 @@ def _theta(t: PoolTensor) -> torch.Tensor:
     import deepspeed
 
     with deepspeed.zero.GatheredParameters([t.param], modifier_rank=None):
-        return t.param.detach().reshape(-1)[:t.numel].to("cpu", torch.float32, copy=True)
+        return t.param.detach().reshape(-1)[: t.numel].to("cpu", torch.float32, copy=True)
 
 
 def adam_state(engine, t: PoolTensor, key: str = "exp_avg_sq") -> torch.Tensor:
@@ -110,9 +121,11 @@ def adam_state(engine, t: PoolTensor, key: str = "exp_avg_sq") -> torch.Tensor:
     if value is None:  # stage 0: the torch optimizer's own state, keyed by the parameter or its fp32 copy
         value = zero.stage0_optimizer_state(engine, t.param, key)
     if value is None:
-        raise FisherError(f"fish.score=adam_v: no AdamW {key} for {t.name}; it needs train.optimizer=adamw (or an "
-                          "Adam optimizer in the DeepSpeed JSON) and fish.dense_steps > 0")
-    return value.reshape(-1)[:t.numel]
+        raise FisherError(
+            f"fish.score=adam_v: no AdamW {key} for {t.name}; it needs train.optimizer=adamw (or an "
+            "Adam optimizer in the DeepSpeed JSON) and fish.dense_steps > 0"
+        )
+    return value.reshape(-1)[: t.numel]
 
 
 def _fisher(ctx: ScoreContext) -> torch.Tensor:
@@ -145,15 +158,18 @@ def _random(ctx: ScoreContext) -> torch.Tensor:
     return random_keys(ctx.start, ctx.end, ctx.fish.seed)
 
 
-SCORES: dict[str, Score] = {s.name: s for s in (
-    Score("fisher", _fisher, needs_pass=True),
-    Score("lowest", _fisher, needs_pass=True, lowest=True),
-    Score("saliency", _saliency, needs_pass=True),
-    Score("snr", _snr, needs_pass=True),
-    Score("adam_v", _adam_v, needs_warmup=True),
-    Score("movement", _movement, needs_warmup=True),
-    Score("random", _random, is_random=True),
-)}
+SCORES: dict[str, Score] = {
+    s.name: s
+    for s in (
+        Score("fisher", _fisher, needs_pass=True),
+        Score("lowest", _fisher, needs_pass=True, lowest=True),
+        Score("saliency", _saliency, needs_pass=True),
+        Score("snr", _snr, needs_pass=True),
+        Score("adam_v", _adam_v, needs_warmup=True),
+        Score("movement", _movement, needs_warmup=True),
+        Score("random", _random, is_random=True),
+    )
+}
 
 
 def local_scores(score: Score, ctx: ScoreContext) -> torch.Tensor:

@@ -15,6 +15,7 @@ at most 49,200 + 8 x world bytes in R + 3 all-reduces (R <= 6 for arbitrary int6
 Work per rank: one pass over the local chunk to bin it and one to pick the k-th key's bin; later rounds
 touch only that bin's entries; then one compare over the chunk for the selection.
 """
+
 from __future__ import annotations
 
 import torch
@@ -106,8 +107,11 @@ def exact_topk_grouped(keys: torch.Tensor, groups: torch.Tensor | None, quotas) 
     totals = fdist.all_reduce_(sizes.to(torch.int64)).tolist()
     for g, (q, total) in enumerate(zip(quotas, totals)):
         if not (1 if n_groups == 1 else 0) <= q <= total:
-            raise ValueError(f"k={q} must be between 1 and the pool size {total}" if n_groups == 1 else
-                             f"the quota {q} of group {g} must be between 0 and its size {total}")
+            raise ValueError(
+                f"k={q} must be between 1 and the pool size {total}"
+                if n_groups == 1
+                else f"the quota {q} of group {g} must be between 0 and its size {total}"
+            )
     empty = [q == 0 for q in quotas]
     for g in range(n_groups):
         if empty[g]:
@@ -147,12 +151,14 @@ def exact_topk_grouped(keys: torch.Tensor, groups: torch.Tensor | None, quotas) 
     counts = torch.zeros(fdist.world_size(), n_groups, dtype=torch.int64, device=dev)
     counts[fdist.rank()] = torch.bincount(tgid, minlength=n_groups)
     fdist.all_reduce_(counts)
-    before = counts[:fdist.rank()].sum(0).cpu()
-    take = torch.tensor([max(0, min(int(counts[fdist.rank(), g]), quotas[g] - above[g] - int(before[g])))
-                         for g in range(n_groups)], device=dev)
+    before = counts[: fdist.rank()].sum(0).cpu()
+    take = torch.tensor(
+        [max(0, min(int(counts[fdist.rank(), g]), quotas[g] - above[g] - int(before[g]))) for g in range(n_groups)],
+        device=dev,
+    )
     selected = keys > per_entry(torch.tensor(lo), gid)
     if gid is None:
-        selected[ties[:int(take[0])]] = True
+        selected[ties[: int(take[0])]] = True
     elif ties.numel():
         order = torch.argsort(tgid, stable=True)  # ties by group, ascending local index inside each group
         sorted_gid = tgid[order]

@@ -11,6 +11,7 @@ The flow, called on every rank by both clients (fishds/run/train.py and fishds/i
     -> (after a dense warm-up: enforce.reset_unselected) -> publish_mask (full masks, report, files on rank 0)
 or, instead of scoring, load_mask_for_pool (a mask file of an earlier run).
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,8 @@ import torch
 
 from .. import dist as fdist
 from ..files import MASK_FILE, SCORES_FILE, SELECTION_REPORT, write_json
-from .adapter import gather_adapter, key_map, mask_report, save_initial_adapter, save_mask_file
 from . import rules
+from .adapter import gather_adapter, key_map, mask_report, save_initial_adapter, save_mask_file
 from .fisher import gather_scores
 from .mask import PackedMasks, share_selection
 from .pool import Pool
@@ -35,6 +36,7 @@ class Rule:
     """One `fish.selection` shorthand: its score (fishds/fish/scores.py SCORES) with the global allocation, or
     dense (no mask: k = the whole pool, nothing is enforced, plain PEFT). fish.score / fish.allocation /
     fish.control (fishds/fish/rules.py) refine it."""
+
     doc: str  # one line for the config reference
     dense: bool = False
 
@@ -59,7 +61,7 @@ def allocate_k(fish, pool: Pool) -> int:
 def scoring_examples(fish, examples) -> list:
     """The N examples the Fisher pass uses: a fish.seed permutation of the examples, first N."""
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(fish.seed)).tolist()
-    return [examples[i] for i in order[:fish.num_samples]]
+    return [examples[i] for i in order[: fish.num_samples]]
 
 
 def progress_bar(total: int, desc: str):
@@ -71,8 +73,17 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not (fdist.is_main() and sys.stderr.isatty()), dynamic_ncols=True)
 
 
-def select_masks(fish, engine, pool: Pool, k: int, examples, collate, micro_batch_size: int,
-                 scores_dir: Path | None = None, initial: dict | None = None) -> tuple[dict, dict]:
+def select_masks(
+    fish,
+    engine,
+    pool: Pool,
+    k: int,
+    examples,
+    collate,
+    micro_batch_size: int,
+    scores_dir: Path | None = None,
+    initial: dict | None = None,
+) -> tuple[dict, dict]:
     """The rule's scores -> groups and quotas -> exact distributed top-k -> full masks on every rank, with report
     entries (fishds/fish/rules.py: score x allocation x control).
 
@@ -87,6 +98,7 @@ def select_masks(fish, engine, pool: Pool, k: int, examples, collate, micro_batc
     def advance(done: int, total: int):
         bar.total = total
         bar.update(1)
+
     start, end = pool.chunk(fdist.rank(), fdist.world_size())
     ctx = ScoreContext(fish, micro_batch_size, engine, pool, start, end, examples, collate, initial, advance, info)
     local_sel = rules.select_local(ctx, k)
@@ -104,8 +116,9 @@ def select_masks(fish, engine, pool: Pool, k: int, examples, collate, micro_batc
     return masks, info
 
 
-def publish_mask(model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool,
-                 write: bool = True) -> PackedMasks:
+def publish_mask(
+    model, trainable: Pool, masks: dict, report: dict, out: Path, save_initial: bool, write: bool = True
+) -> PackedMasks:
     """The masks of every trainable tensor (packed, 1 bit per entry; tensors outside the pool train fully: all ones),
     their statistics
     added to `report`, and, with `write`, on rank 0 the mask file, the selection report and the initial adapter.
@@ -138,17 +151,32 @@ def load_mask_for_pool(model, pool: Pool, path: str) -> dict[str, torch.Tensor]:
     missing = sorted(set(key_of.values()) - set(by_key))
     extra = sorted(set(by_key) - set(key_of.values()))
     if missing or extra:
-        raise MaskFileError(f"fish.mask_path={path!r}: keys do not match the adapter (missing {missing[:3]}, "
-                            f"unexpected {extra[:3]}); was it made with the same model, peft.r and target_modules?")
+        raise MaskFileError(
+            f"fish.mask_path={path!r}: keys do not match the adapter (missing {missing[:3]}, "
+            f"unexpected {extra[:3]}); was it made with the same model, peft.r and target_modules?"
+        )
     masks = {}
     for t in pool.tensors:
         m = by_key[key_of[t.name]]
         if tuple(m.shape) != t.shape:
-            raise MaskFileError(f"fish.mask_path={path!r}: {key_of[t.name]} has shape {list(m.shape)}, the "
-                                f"adapter tensor has {list(t.shape)}")
+            raise MaskFileError(
+                f"fish.mask_path={path!r}: {key_of[t.name]} has shape {list(m.shape)}, the "
+                f"adapter tensor has {list(t.shape)}"
+            )
         masks[t.name] = m
     return masks
 
 
-__all__ = ["RULES", "Rule", "rule", "allocate_k", "scoring_examples", "select_masks", "score_stats", "publish_mask",
-           "load_mask_for_pool", "MaskFileError", "MASK_FILE"]
+__all__ = [
+    "RULES",
+    "Rule",
+    "rule",
+    "allocate_k",
+    "scoring_examples",
+    "select_masks",
+    "score_stats",
+    "publish_mask",
+    "load_mask_for_pool",
+    "MaskFileError",
+    "MASK_FILE",
+]

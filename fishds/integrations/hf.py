@@ -20,6 +20,7 @@ init_adapter_model.safetensors (the adapter when the mask was fixed) in `output_
 args.output_dir) and fish_mask.safetensors in every checkpoint folder the Trainer writes. Resuming from such
 a checkpoint reloads its mask instead of scoring again.
 """
+
 from __future__ import annotations
 
 import os
@@ -112,9 +113,12 @@ def fish_section(**kwargs) -> FishSection:
     try:
         return FishSection(**kwargs)
     except ValidationError as e:
-        problems = "; ".join(err["msg"].removeprefix("Value error, ").replace("fish: ", "").replace("fish.", "")
-                             if err["type"] == "value_error" else
-                             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            err["msg"].removeprefix("Value error, ").replace("fish: ", "").replace("fish.", "")
+            if err["type"] == "value_error"
+            else f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+            for err in e.errors()
+        )
         raise FishError(f"FishCallback: {problems}") from None
 
 
@@ -127,7 +131,8 @@ class FishCallback(TrainerCallback):
     selection: fisher (top-k Fisher, the paper), random, lowest (ablations), dense (no mask).
     granularity: sample (per-example squared gradients) or batch (per micro-batch of
         per_device_train_batch_size examples, cheaper).
-    per_example: batched (default: per-example gradients of a whole micro-batch from one pass, fishds/fish/per_example.py)
+    per_example: batched (default: per-example gradients of a whole micro-batch from one pass,
+        fishds/fish/per_example.py)
         or loop (one pass per example); same scores.
     warmup_steps: dense Trainer steps before scoring; unselected entries are then reset to their values at
         the start of training.
@@ -135,15 +140,36 @@ class FishCallback(TrainerCallback):
     mask_path: use this fish_mask.safetensors instead of scoring.
     """
 
-    def __init__(self, keep_ratio: float | None = None, num_selected: int | None = None, num_samples: int = 64,
-                 selection: str = "fisher", granularity: str = "sample", warmup_steps: int = 0, seed: int = 0,
-                 per_example: str = "batched",
-                 scoring_dataset=None, pool_include=(), pool_exclude=(), mask_path: str | None = None,
-                 output_dir: str | None = None, save_initial_adapter: bool = True):
-        self.fish = fish_section(keep_ratio=keep_ratio, num_selected=num_selected, num_samples=num_samples,
-                                 selection=selection, granularity=granularity, dense_steps=warmup_steps, seed=seed,
-                                 per_example=per_example,
-                                 pool_include=list(pool_include), pool_exclude=list(pool_exclude), mask_path=mask_path)
+    def __init__(
+        self,
+        keep_ratio: float | None = None,
+        num_selected: int | None = None,
+        num_samples: int = 64,
+        selection: str = "fisher",
+        granularity: str = "sample",
+        warmup_steps: int = 0,
+        seed: int = 0,
+        per_example: str = "batched",
+        scoring_dataset=None,
+        pool_include=(),
+        pool_exclude=(),
+        mask_path: str | None = None,
+        output_dir: str | None = None,
+        save_initial_adapter: bool = True,
+    ):
+        self.fish = fish_section(
+            keep_ratio=keep_ratio,
+            num_selected=num_selected,
+            num_samples=num_samples,
+            selection=selection,
+            granularity=granularity,
+            dense_steps=warmup_steps,
+            seed=seed,
+            per_example=per_example,
+            pool_include=list(pool_include),
+            pool_exclude=list(pool_exclude),
+            mask_path=mask_path,
+        )
         self.scoring_dataset, self.output_dir, self.save_initial = scoring_dataset, output_dir, save_initial_adapter
         self.masks: dict[str, torch.Tensor] | None = None  # parameter name -> bool mask, once fixed
         self.report: dict = {}
@@ -178,21 +204,27 @@ class FishCallback(TrainerCallback):
                 self._trainer = obj
                 return obj
             frame = frame.f_back
-        raise FishError("FishCallback could not find its Trainer: pass it in Trainer(callbacks=[...]) and let "
-                        "trainer.train() call it, or call fish.attach(trainer)")
+        raise FishError(
+            "FishCallback could not find its Trainer: pass it in Trainer(callbacks=[...]) and let "
+            "trainer.train() call it, or call fish.attach(trainer)"
+        )
 
     def _engine(self, trainer):
         """The DeepSpeed engine, or the torch-optimizer stand-in; FishError if the Trainer is not ready."""
         if trainer.optimizer is None:
-            raise FishError("FishCallback was called before the Trainer created its optimizer (and DeepSpeed "
-                            "engine); the mask is fixed at on_train_begin, inside trainer.train()")
+            raise FishError(
+                "FishCallback was called before the Trainer created its optimizer (and DeepSpeed "
+                "engine); the mask is fixed at on_train_begin, inside trainer.train()"
+            )
         if getattr(trainer, "is_deepspeed_enabled", False):
             from deepspeed import DeepSpeedEngine
 
             engine = trainer.model_wrapped
             if not isinstance(engine, DeepSpeedEngine):
-                raise FishError("FishCallback was called before the Trainer built its DeepSpeed engine "
-                                f"(trainer.model_wrapped is a {type(engine).__name__}); it must run at on_train_begin")
+                raise FishError(
+                    "FishCallback was called before the Trainer built its DeepSpeed engine "
+                    f"(trainer.model_wrapped is a {type(engine).__name__}); it must run at on_train_begin"
+                )
             return engine
         if getattr(trainer, "is_fsdp_enabled", False):
             raise FishError("FishCallback supports DeepSpeed (ZeRO 0-3), DDP and one process, not FSDP")
@@ -204,11 +236,15 @@ class FishCallback(TrainerCallback):
     # ---- pool, data, selection --------------------------------------------------------------------------
     def _pools(self, model) -> tuple[Pool, Pool]:
         if not any(p.requires_grad for p in model.parameters()):
-            raise FishError("the Trainer's model has no trainable parameters: FishCallback selects inside PEFT "
-                            "adapter tensors; wrap the model with peft.get_peft_model(model, LoraConfig(...)) first")
+            raise FishError(
+                "the Trainer's model has no trainable parameters: FishCallback selects inside PEFT "
+                "adapter tensors; wrap the model with peft.get_peft_model(model, LoraConfig(...)) first"
+            )
         if not hasattr(model, "peft_config"):
-            raise FishError(f"the Trainer's model ({type(model).__name__}) is not a PEFT model: FishCallback selects "
-                            "inside PEFT adapter tensors; wrap it with peft.get_peft_model(model, LoraConfig(...))")
+            raise FishError(
+                f"the Trainer's model ({type(model).__name__}) is not a PEFT model: FishCallback selects "
+                "inside PEFT adapter tensors; wrap it with peft.get_peft_model(model, LoraConfig(...))"
+            )
         try:
             pool = Pool.from_model(model, self.pool_include, self.pool_exclude)
         except ValueError as e:
@@ -218,10 +254,13 @@ class FishCallback(TrainerCallback):
     def _scoring_data(self, trainer):
         data = self.scoring_dataset if self.scoring_dataset is not None else trainer.train_dataset
         if data is None or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
-            raise FishError("FishCallback needs a map-style dataset (len and indexing) to draw the Fisher examples "
-                            "from: pass scoring_dataset=... (the Trainer's train_dataset is missing or iterable)")
+            raise FishError(
+                "FishCallback needs a map-style dataset (len and indexing) to draw the Fisher examples "
+                "from: pass scoring_dataset=... (the Trainer's train_dataset is missing or iterable)"
+            )
         try:
             import datasets
+
             if isinstance(data, datasets.Dataset) and hasattr(trainer, "_remove_unused_columns"):
                 data = trainer._remove_unused_columns(data, description="FISH scoring")
         except ImportError:
@@ -232,18 +271,23 @@ class FishCallback(TrainerCallback):
         def collate(examples):
             batch = {k: v for k, v in dict(collator(examples)).items() if torch.is_tensor(v)}
             if not any(n in batch for n in labels):
-                raise FishError(f"the Trainer's data_collator gives no {labels} for the Fisher pass: the scores need "
-                                "the model's loss on true labels (model(**batch).loss)")
+                raise FishError(
+                    f"the Trainer's data_collator gives no {labels} for the Fisher pass: the scores need "
+                    "the model's loss on true labels (model(**batch).loss)"
+                )
             return batch
+
         return data, collate
 
     @staticmethod
     def _check_args(args) -> None:
         gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
         if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant") is True:
-            raise FishError("the Fisher pass takes gradients with torch.autograd.grad, which reentrant gradient "
-                            "checkpointing does not support: set "
-                            "gradient_checkpointing_kwargs={'use_reentrant': False}")
+            raise FishError(
+                "the Fisher pass takes gradients with torch.autograd.grad, which reentrant gradient "
+                "checkpointing does not support: set "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
 
     def _out_dir(self, args) -> Path:
         return Path(self.output_dir or args.output_dir)
@@ -259,8 +303,10 @@ class FishCallback(TrainerCallback):
         mask_path = mask_path or self.mask_path
         if mask_path:
             if not Path(mask_path).is_file():
-                raise FishError(f"no FISH mask file at {mask_path} (resuming at step {trainer.state.global_step}: "
-                                "pass FishCallback(mask_path=<checkpoint>/fish_mask.safetensors) of the run resumed)")
+                raise FishError(
+                    f"no FISH mask file at {mask_path} (resuming at step {trainer.state.global_step}: "
+                    "pass FishCallback(mask_path=<checkpoint>/fish_mask.safetensors) of the run resumed)"
+                )
             try:
                 masks = load_mask_for_pool(model, trainable, mask_path)
             except MaskFileError as e:
@@ -269,21 +315,35 @@ class FishCallback(TrainerCallback):
         else:
             k = allocate_k(self.fish, pool)
             data, collate = self._scoring_data(trainer)
-            masks, report = select_masks(self.fish, engine, pool, k, scoring_examples(self.fish, data), collate,
-                                         trainer.args.per_device_train_batch_size, initial=self._initial)
+            masks, report = select_masks(
+                self.fish,
+                engine,
+                pool,
+                k,
+                scoring_examples(self.fish, data),
+                collate,
+                trainer.args.per_device_train_batch_size,
+                initial=self._initial,
+            )
             if self._initial is not None and self.fish.reset_unselected:  # after a dense warm-up: unselected
                 reset_unselected(engine, pool, masks, self._initial)  # entries back to their start values
             self._initial = None
-        report.update(warmup_steps=self.warmup_steps, world_size=fdist.world_size(),
-                      zero_stage=engine.zero_optimization_stage(), step=trainer.state.global_step)
+        report.update(
+            warmup_steps=self.warmup_steps,
+            world_size=fdist.world_size(),
+            zero_stage=engine.zero_optimization_stage(),
+            step=trainer.state.global_step,
+        )
         masks = publish_mask(model, trainable, masks, report, out, self.save_initial, write=not mask_path)
         self.masks, self.report = masks, report
         if not rule(self.selection).dense or mask_path:
             self.enforcer = MaskEnforcer(engine, trainable, masks)
             self.masks = self.enforcer.masks  # the same bits (1 per entry), held once
-        fdist.print0(f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
-                     f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
-                     f"lora_B {report['share'].get('lora_B', 0):.1%})")
+        fdist.print0(
+            f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
+            f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
+            f"lora_B {report['share'].get('lora_B', 0):.1%})"
+        )
         return masks
 
     # ---- Trainer events --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ train.early_stopping_patience).
 The state (best value and step, evaluations without improvement) travels in each checkpoint's
 fishds_state.json, so a resumed run continues it.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,10 @@ def higher_is_better(name: str) -> bool:
         return False
     if name.endswith(("accuracy", "acc")):
         return True
-    raise ConfigError(f"train.metric_for_best={name!r}: direction unknown; use a name ending in loss (lower is "
-                      "better) or accuracy / acc (higher is better), e.g. eval_loss, eval_accuracy, eval_token_acc")
+    raise ConfigError(
+        f"train.metric_for_best={name!r}: direction unknown; use a name ending in loss (lower is "
+        "better) or accuracy / acc (higher is better), e.g. eval_loss, eval_accuracy, eval_token_acc"
+    )
 
 
 def check(cfg: Config, has_eval: bool, classification: bool) -> None:
@@ -47,15 +50,19 @@ def check(cfg: Config, has_eval: bool, classification: bool) -> None:
     higher_is_better(name)
     known = ("eval_loss", "eval_accuracy") if classification else ("eval_loss", "eval_ppl", "eval_token_acc")
     if name not in known:
-        raise ConfigError(f"train.metric_for_best={t.metric_for_best!r}: evaluation of data.format="
-                          f"{cfg.data.format!r} reports {', '.join(known)}; choose one of them")
+        raise ConfigError(
+            f"train.metric_for_best={t.metric_for_best!r}: evaluation of data.format="
+            f"{cfg.data.format!r} reports {', '.join(known)}; choose one of them"
+        )
     if not has_eval:
         raise ConfigError(f"{key} needs evaluation data: set data.eval_path or data.eval_split")
     if not t.eval_every:
         raise ConfigError(f"{key} needs train.eval_every > 0 (evaluations to compare)")
     if t.save_best and (not t.save_every or t.save_every % t.eval_every):
-        raise ConfigError(f"train.save_best needs train.save_every (now {t.save_every}) to be a positive multiple of "
-                          f"train.eval_every (now {t.eval_every}): each checkpoint is judged by its step's evaluation")
+        raise ConfigError(
+            f"train.save_best needs train.save_every (now {t.save_every}) to be a positive multiple of "
+            f"train.eval_every (now {t.eval_every}): each checkpoint is judged by its step's evaluation"
+        )
 
 
 class BestTracker:
@@ -99,8 +106,15 @@ class BestTracker:
         return bool(self.patience) and self.bad_evals >= self.patience
 
     def state(self) -> dict:
-        return {"metric": self.name, "value": self.value, "step": self.step, "ckpt_value": self.ckpt_value,
-                "ckpt_step": self.ckpt_step, "bad_evals": self.bad_evals, "last": self.last}
+        return {
+            "metric": self.name,
+            "value": self.value,
+            "step": self.step,
+            "ckpt_value": self.ckpt_value,
+            "ckpt_step": self.ckpt_step,
+            "bad_evals": self.bad_evals,
+            "last": self.last,
+        }
 
 
 def install_best_adapter(out: Path, best_folder: Path) -> None:
@@ -121,10 +135,19 @@ def summarise(tracker: BestTracker, report: dict, last_step: int, total_steps: i
     """Add the best-checkpoint entry to the report; True when output_dir must get the best checkpoint's adapter
     (a checkpoint evaluated at least as well as the last step: of equal evaluations the earliest counts)."""
     final = tracker.last[1] if tracker.last and tracker.last[0] == last_step else None
-    use_ckpt = (tracker.ckpt_step is not None and tracker.ckpt_step != last_step
-                and (final is None or not tracker._better(final, tracker.ckpt_value)))  # a tie: the earlier one
+    use_ckpt = (
+        tracker.ckpt_step is not None
+        and tracker.ckpt_step != last_step
+        and (final is None or not tracker._better(final, tracker.ckpt_value))
+    )  # a tie: the earlier one
     step, value = (tracker.ckpt_step, tracker.ckpt_value) if use_ckpt else (last_step, final)
-    report["best"] = {"metric": tracker.name, "step": step, "value": value, "last_step": last_step,
-                      "last_value": final, "stopped_early": last_step < total_steps,
-                      "output_dir_adapter": f"checkpoint step {step}" if use_ckpt else "last step"}
+    report["best"] = {
+        "metric": tracker.name,
+        "step": step,
+        "value": value,
+        "last_step": last_step,
+        "last_value": final,
+        "stopped_early": last_step < total_steps,
+        "output_dir_adapter": f"checkpoint step {step}" if use_ckpt else "last step",
+    }
     return use_ckpt

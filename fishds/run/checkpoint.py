@@ -13,6 +13,7 @@ Every rank writes into a temporary folder `.tmp-step-...`; after a barrier rank 
 renames the folder into place, so a rank killed mid-write leaves only a `.tmp-` folder, which resume
 ignores and the next save removes. Older checkpoints are pruned only after a new one is complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def find_resume(resume: str, output_dir: str | Path) -> Path | None:
         return found[-1] if found else None
     p = Path(resume)
     if not (p / MARKER).is_file():
-        raise FileNotFoundError(f"resume={resume!r} is not a complete fishds checkpoint (no {MARKER}); use "
-                                "resume=auto or a folder under output_dir/checkpoints")
+        raise FileNotFoundError(
+            f"resume={resume!r} is not a complete fishds checkpoint (no {MARKER}); use "
+            "resume=auto or a folder under output_dir/checkpoints"
+        )
     return p
 
 
@@ -71,12 +74,25 @@ def versions() -> dict[str, str]:
     import peft
     import transformers
 
-    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__}
+    return {
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
 
 
-def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, masks: dict[str, torch.Tensor],
-                    keep: int, trainable=None, extra: dict | None = None, protect: int | None = None) -> Path:
+def save_checkpoint(
+    engine,
+    output_dir: str | Path,
+    step: int,
+    position: int,
+    masks: dict[str, torch.Tensor],
+    keep: int,
+    trainable=None,
+    extra: dict | None = None,
+    protect: int | None = None,
+) -> Path:
     """Write a complete checkpoint for `step` (all ranks call this), then prune to the newest `keep`.
 
     trainable (a Pool of every trainable tensor): also write the PEFT adapter at this step (a collective under
@@ -104,9 +120,15 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, position: int, ma
             save_mask_file(engine.module, tmp, masks)  # keyed like the adapter (load_checkpoint maps back)
         else:
             save_masks(tmp / MASK_FILE, masks)
-        state = {"step": step, "data_position": position, "world_size": fdist.world_size(),
-                 "zero_stage": engine.zero_optimization_stage(), "versions": versions(),
-                 "micro_batch_size": engine.train_micro_batch_size_per_gpu(), **(extra or {})}
+        state = {
+            "step": step,
+            "data_position": position,
+            "world_size": fdist.world_size(),
+            "zero_stage": engine.zero_optimization_stage(),
+            "versions": versions(),
+            "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+            **(extra or {}),
+        }
         (tmp / MARKER).write_text(json.dumps(state) + "\n")
         if final.exists():
             shutil.rmtree(final)

@@ -10,6 +10,7 @@ process tokenises while holding `<fingerprint>.lock`, writes the arrow file unde
 into place and records its size, sha256 and row count in `<fingerprint>.json`; a cached file is checked
 against that record when read and rebuilt if it fails.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -58,15 +59,23 @@ def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
         if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
-                wanted = (["validation", "test"] if key == "data.eval_path" else ["test"] if key == "data.test_path"
-                          else ["train"])
+                wanted = (
+                    ["validation", "test"]
+                    if key == "data.eval_path"
+                    else ["test"]
+                    if key == "data.test_path"
+                    else ["train"]
+                )
                 split = next((s for s in wanted if s in ds), None)
                 if split is None:
-                    raise ConfigError(f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
-                                      f"{wanted}; give the split's own folder ({str(path)}/<split>)")
+                    raise ConfigError(
+                        f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
+                        f"{wanted}; give the split's own folder ({str(path)}/<split>)"
+                    )
                 ds = ds[split]
         elif p.suffix == ".csv":
             import pandas as pd
+
             ds = datasets.Dataset.from_pandas(pd.read_csv(p, keep_default_na=False), preserve_index=False)
         else:
             ds = datasets.Dataset.from_parquet(str(p))
@@ -93,8 +102,10 @@ def read_rows(path: str | Path, key: str, data: DataSection, limit: int | None =
     elif p.suffix in (".csv", ".parquet"):
         numbered = _read_datasets(p, key, path)
     else:
-        raise ConfigError(f"{key}={str(path)!r}: unknown file type {p.suffix!r}; use one of {list(TABLE_SUFFIXES)} "
-                          "or a folder saved by datasets")
+        raise ConfigError(
+            f"{key}={str(path)!r}: unknown file type {p.suffix!r}; use one of {list(TABLE_SUFFIXES)} "
+            "or a folder saved by datasets"
+        )
     if limit:
         numbered = numbered[:limit]
     out = []
@@ -117,15 +128,38 @@ def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
     vocab = json.dumps(sorted(tokenizer.get_vocab().items())[:2000])  # cheap identity of the tokenizer
-    h.update(json.dumps([data.model_dump(), limit, labels, split_key, type(tokenizer).__name__, len(tokenizer),
-                         getattr(tokenizer, "chat_template", None), tokenizer.eos_token, tokenizer.pad_token,
-                         vocab], sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            [
+                data.model_dump(),
+                limit,
+                labels,
+                split_key,
+                type(tokenizer).__name__,
+                len(tokenizer),
+                getattr(tokenizer, "chat_template", None),
+                tokenizer.eos_token,
+                tokenizer.pad_token,
+                vocab,
+            ],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     return h.hexdigest()[:24]
 
 
-def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int | None,
-                  labels: list | None = None, cache: Path | None = None, rows: list[dict] | None = None,
-                  counts: dict | None = None) -> ArrowExamples:
+def load_examples(
+    tokenizer,
+    path: str,
+    key: str,
+    data: DataSection,
+    limit: int | None,
+    labels: list | None = None,
+    cache: Path | None = None,
+    rows: list[dict] | None = None,
+    counts: dict | None = None,
+) -> ArrowExamples:
     """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache), as a
     sequence of {"input_ids", "labels"} over the memory-mapped, checked cache file (fishds/examples.py).
     rows: the checked rows of `path` when the caller has read them already (preflight), else they are read here.
@@ -140,8 +174,10 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
     if template is not None:
         tokenizer.chat_template = template  # data.chat_template replaces the tokenizer's (chat, alpaca prompts)
     if FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
-                          "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one")
+        raise ConfigError(
+            f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
+            "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one"
+        )
     counts = {} if counts is None else counts
     cache = cache or cache_dir() / "tokenized"
     cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
@@ -168,16 +204,27 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
         checked = rows if rows is not None else read_rows(path, key, data, limit)
         table = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in checked])
         print(f"[fishds.data] tokenizing {key} ({len(table)} rows) into {cache_file}", flush=True)
-        label_type = (datasets.Value("int64") if FORMATS[data.format].classification
-                      else datasets.List(datasets.Value("int64")))
-        features = datasets.Features({"input_ids": datasets.List(datasets.Value("int32")), "labels": label_type,
-                                      "truncated": datasets.Value("int8")})
+        label_type = (
+            datasets.Value("int64") if FORMATS[data.format].classification else datasets.List(datasets.Value("int64"))
+        )
+        features = datasets.Features(
+            {
+                "input_ids": datasets.List(datasets.Value("int32")),
+                "labels": label_type,
+                "truncated": datasets.Value("int8"),
+            }
+        )
         for stale in cache.glob(f".{cache_file.stem}.tmp-*"):  # of a killed process that held the lock
             stale.unlink(missing_ok=True)
         tmp = cache / f".{cache_file.stem}.tmp-{os.getpid()}.arrow"
         try:
-            tok = table.map(lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels), features=features,
-                            remove_columns=["row"], cache_file_name=str(tmp), desc=f"tokenizing {key}")
+            tok = table.map(
+                lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels),
+                features=features,
+                remove_columns=["row"],
+                cache_file_name=str(tmp),
+                desc=f"tokenizing {key}",
+            )
             n = len(tok)
             del tok
             os.replace(tmp, cache_file)
@@ -193,8 +240,10 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
                 examples, problem = read_cached()  # another process may have written it while this one waited
                 if examples is None:
                     if problem:
-                        print(f"[fishds.data] cached tokenisation of {key} failed its check ({problem}): "
-                              "rebuilding", flush=True)
+                        print(
+                            f"[fishds.data] cached tokenisation of {key} failed its check ({problem}): rebuilding",
+                            flush=True,
+                        )
                     examples = tokenize()
         return examples
 
@@ -218,24 +267,29 @@ def load_examples(tokenizer, path: str, key: str, data: DataSection, limit: int 
             if fdist.world_size() > 1:
                 fdist.barrier()
     if not examples:
-        what = ("no response token is left to learn" if FORMATS[data.format].response_only
-                else "no token is left")
-        raise ConfigError(f"{key}={path!r}: every example (all {counts['rows']}) loses all its target tokens to "
-                          f"data.max_length={data.max_length}, so {what}; raise data.max_length")
+        what = "no response token is left to learn" if FORMATS[data.format].response_only else "no token is left"
+        raise ConfigError(
+            f"{key}={path!r}: every example (all {counts['rows']}) loses all its target tokens to "
+            f"data.max_length={data.max_length}, so {what}; raise data.max_length"
+        )
     return examples
 
 
 def data_counts_line(key: str, counts: dict, max_length: int) -> str:
     """The start-of-run line: rows read, truncated and dropped examples of one data file."""
-    return (f"[fishds] {key}: {counts['rows']:,} rows, {counts['truncated']:,} truncated to data.max_length="
-            f"{max_length}, {counts['dropped']:,} dropped (no target token left)")
+    return (
+        f"[fishds] {key}: {counts['rows']:,} rows, {counts['truncated']:,} truncated to data.max_length="
+        f"{max_length}, {counts['dropped']:,} dropped (no target token left)"
+    )
 
 
 def data_counts_report(counts: dict) -> dict:
     """fish_report.json entries: per data key, rows read, examples truncated, examples dropped."""
-    return {"data_rows": {k: c["rows"] for k, c in counts.items()},
-            "truncated_examples": {k: c["truncated"] for k, c in counts.items()},
-            "dropped_examples": {k: c["dropped"] for k, c in counts.items()}}
+    return {
+        "data_rows": {k: c["rows"] for k, c in counts.items()},
+        "truncated_examples": {k: c["truncated"] for k, c in counts.items()},
+        "dropped_examples": {k: c["dropped"] for k, c in counts.items()},
+    }
 
 
 class Collator:
@@ -257,8 +311,11 @@ class Collator:
         ids = torch.full((len(examples), n), self.pad_id, dtype=torch.long)
         attn = torch.zeros((len(examples), n), dtype=torch.long)
         per_token = isinstance(examples[0]["labels"], list)
-        labels = (torch.full((len(examples), n), -100, dtype=torch.long) if per_token
-                  else torch.tensor([e["labels"] for e in examples], dtype=torch.long))
+        labels = (
+            torch.full((len(examples), n), -100, dtype=torch.long)
+            if per_token
+            else torch.tensor([e["labels"] for e in examples], dtype=torch.long)
+        )
         for i, e in enumerate(examples):
             L = len(e["input_ids"])
             ids[i, :L] = torch.tensor(e["input_ids"])
@@ -310,4 +367,4 @@ class ShardedBatches:
             order = (order * (per_global // max(1, len(order)) + 1))[:per_global]
         start = i * per_global + self.rank * self.mbs
         self.position += 1
-        return [self.examples[j] for j in order[start:start + self.mbs]]
+        return [self.examples[j] for j in order[start : start + self.mbs]]

@@ -3,6 +3,7 @@
 Classification: loss and accuracy per example. Causal LM (alpaca, chat, text): loss, perplexity and
 accuracy per label token (the response tokens for alpaca and chat).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,12 +22,12 @@ def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefi
     was_training = model.training
     model.eval()
     dev = fdist.device()
-    mine = examples[fdist.rank()::fdist.world_size()]
+    mine = examples[fdist.rank() :: fdist.world_size()]
     n_batches = math.ceil(math.ceil(len(examples) / fdist.world_size()) / micro_batch_size)
     totals = torch.zeros(3, dtype=torch.float64)  # loss sum, tokens (or examples), correct
     classify = not isinstance(examples[0]["labels"], list)
     for b in range(n_batches):
-        chunk = mine[b * micro_batch_size:(b + 1) * micro_batch_size]
+        chunk = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
         batch = {k: v.to(dev) for k, v in collate(chunk or examples[:1]).items()}
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         if not chunk:
@@ -42,5 +43,9 @@ def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefi
     loss, acc = float(totals[0] / totals[1]), float(totals[2] / totals[1])
     if classify:
         return {f"{prefix}_loss": loss, f"{prefix}_accuracy": acc, f"{prefix}_examples": int(totals[1])}
-    return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 50.0)), f"{prefix}_token_acc": acc,
-            f"{prefix}_tokens": int(totals[1])}
+    return {
+        f"{prefix}_loss": loss,
+        f"{prefix}_ppl": math.exp(min(loss, 50.0)),
+        f"{prefix}_token_acc": acc,
+        f"{prefix}_tokens": int(totals[1]),
+    }

@@ -7,6 +7,7 @@ a Fisher example). The operating system shares the mapped pages between the rank
 `Picked` is a sequence of items picked from several sequences by (part, row) pairs (data.datasets mixes).
 Both compare equal to a list with the same items.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

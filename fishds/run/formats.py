@@ -16,6 +16,7 @@ Adding a format is one entry in FORMATS (config.DataSection takes its choices fr
 Every tokenized example says whether data.max_length cut it (`truncated`: 0 or 1); examples a too-small
 data.max_length leaves without a single label token come back empty (dropped). fishds/run/data.py counts both.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,21 +31,23 @@ def _error(message: str):
 
     return ConfigError(message)
 
-ALPACA_PROMPT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
-                 "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n")
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
 EMPTY = {"input_ids": [], "labels": []}
 
 
 def _fit(ids: list[int], labels: list[int], n: int, learn_one: bool = False) -> dict:
     """The example cut to n tokens, flagged truncated; empty (dropped) when no label token is left."""
-    kept = [x for x in labels[1 if learn_one else 0:n] if x != -100]
+    kept = [x for x in labels[1 if learn_one else 0 : n] if x != -100]
     out = {"input_ids": ids[:n], "labels": labels[:n]} if kept else dict(EMPTY)
     return {**out, "truncated": int(len(ids) > n)}
 
 
 def _is_label(v) -> bool:
     return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v != "")
-
 
 
 def _check_alpaca(row, data: DataSection) -> str | None:
@@ -55,13 +58,22 @@ def _check_alpaca(row, data: DataSection) -> str | None:
 def _check_chat(row, data: DataSection) -> str | None:
     msgs = row.get(data.messages_field)
     role, content = data.role_field, data.content_field
-    if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get(role), str) and isinstance(m.get(content), str) for m in msgs):
-        return (f"lacks {data.messages_field!r} as a list of {{{role!r}: str, {content!r}: str}} "
-                "(data.messages_field, data.role_field, data.content_field; chat format)")
+    if (
+        not isinstance(msgs, list)
+        or not msgs
+        or not all(
+            isinstance(m, dict) and isinstance(m.get(role), str) and isinstance(m.get(content), str) for m in msgs
+        )
+    ):
+        return (
+            f"lacks {data.messages_field!r} as a list of {{{role!r}: str, {content!r}: str}} "
+            "(data.messages_field, data.role_field, data.content_field; chat format)"
+        )
     if data.train_turns != "all" and not any(m["role"] == "assistant" for m in chat_messages(row, data)):
-        return (f"has no assistant turn in {data.messages_field!r} (roles {sorted({m[role] for m in msgs})}, "
-                f"data.role_map={data.role_map}); the chat format learns the assistant turns")
+        return (
+            f"has no assistant turn in {data.messages_field!r} (roles {sorted({m[role] for m in msgs})}, "
+            f"data.role_map={data.role_map}); the chat format learns the assistant turns"
+        )
     return None
 
 
@@ -74,8 +86,10 @@ def _check_text(row, data: DataSection) -> str | None:
 def _check_classification(row, data: DataSection) -> str | None:
     problem = _check_text(row, data)
     if problem is None and not _is_label(row.get(data.label_field)):
-        return (f"lacks the label field {data.label_field!r} as an integer or a non-empty string (data.label_field, "
-                "classification format)")
+        return (
+            f"lacks the label field {data.label_field!r} as an integer or a non-empty string (data.label_field, "
+            "classification format)"
+        )
     return problem
 
 
@@ -93,15 +107,19 @@ def label_list(rows: list[dict], data: DataSection) -> list:
     if len({type(v) for v in values}) > 1:
         raise _error(f"data.label_field={data.label_field!r}: the training rows mix integer and string labels")
     if len(values) < 2:
-        raise _error(f"data.path: the training rows have {len(values)} distinct value(s) of data.label_field="
-                     f"{data.label_field!r}; classification needs at least 2")
+        raise _error(
+            f"data.path: the training rows have {len(values)} distinct value(s) of data.label_field="
+            f"{data.label_field!r}; classification needs at least 2"
+        )
     return sorted(values)
 
 
 def chat_messages(row: dict, data: DataSection) -> list[dict]:
     """The row's conversation as [{"role", "content"}], roles mapped by data.role_map (ShareGPT: from/value)."""
-    return [{"role": data.role_map.get(m[data.role_field], m[data.role_field]), "content": m[data.content_field]}
-            for m in row[data.messages_field]]
+    return [
+        {"role": data.role_map.get(m[data.role_field], m[data.role_field]), "content": m[data.content_field]}
+        for m in row[data.messages_field]
+    ]
 
 
 def chat_template(data: DataSection) -> str | None:
@@ -117,16 +135,20 @@ def chat_template(data: DataSection) -> str | None:
     try:
         path = None if looks_jinja else Path(value)
         if path is not None and not path.is_file():
-            raise _error(f"data.chat_template={value!r} is neither a file nor a Jinja template (no {{{{ or "
-                              "{%); give the template text or the path of a file that holds it")
+            raise _error(
+                f"data.chat_template={value!r} is neither a file nor a Jinja template (no {{{{ or "
+                "{%); give the template text or the path of a file that holds it"
+            )
         text = path.read_text(encoding="utf-8") if path is not None else value
     except OSError as e:
         raise _error(f"data.chat_template={value!r}: cannot be read ({e})") from None
     try:
         jinja2.Environment().parse(text)
     except jinja2.TemplateSyntaxError as e:
-        raise _error(f"data.chat_template ({'file ' + value if path else 'string'}): not a valid Jinja "
-                          f"template: {e.message} (line {e.lineno})") from None
+        raise _error(
+            f"data.chat_template ({'file ' + value if path else 'string'}): not a valid Jinja "
+            f"template: {e.message} (line {e.lineno})"
+        ) from None
     return text
 
 
@@ -137,6 +159,7 @@ def _chat_ids(tokenizer, messages, max_length: int, train_turns: str = "assistan
     and of turns 1..i+1 must each be the start of the whole conversation's render; a template that rewrites
     earlier turns (e.g. drops past reasoning, numbers the turns from the end) is refused instead of labelling the
     wrong tokens."""
+
     def render(msgs, gen: bool) -> str:
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
@@ -151,33 +174,37 @@ def _chat_ids(tokenizer, messages, max_length: int, train_turns: str = "assistan
     labels = [-100] * len(full)
     for i in turns[-1:] if train_turns == "last" else turns:
         bounds = []
-        for what, text in ((f"turns 1..{i} with the generation prompt", render(messages[:i], True)),
-                           (f"turns 1..{i + 1}", render(messages[:i + 1], False))):
+        for what, text in (
+            (f"turns 1..{i} with the generation prompt", render(messages[:i], True)),
+            (f"turns 1..{i + 1}", render(messages[: i + 1], False)),
+        ):
             if not full_text.startswith(text):
                 raise _error(
                     f"the chat template (data.chat_template, or the tokenizer's): the render of {what} of "
                     f"{len(messages)} is not a prefix of the whole conversation's render, so the assistant tokens "
                     "cannot be located (the template rewrites earlier turns). Give data.chat_template a template "
-                    "that renders each turn the same whatever follows, or use data.train_turns=all")
+                    "that renders each turn the same whatever follows, or use data.train_turns=all"
+                )
             piece = ids(text)
-            if full[:len(piece)] != piece:
+            if full[: len(piece)] != piece:
                 raise _error(
                     f"the chat template's render of {what} tokenizes differently alone and inside the whole "
                     "conversation (a token spans the turn boundary), so the assistant tokens cannot be located; "
-                    "end turns with a special token in data.chat_template, or use data.train_turns=all")
+                    "end turns with a special token in data.chat_template, or use data.train_turns=all"
+                )
             bounds.append(len(piece))
-        labels[bounds[0]:bounds[1]] = full[bounds[0]:bounds[1]]
+        labels[bounds[0] : bounds[1]] = full[bounds[0] : bounds[1]]
     return _fit(full, labels, max_length)
 
 
 def _alpaca_prompt(tokenizer, row: dict) -> str:
     user = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                             add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
     block = f"### Input:\n{row['input']}\n\n" if row.get("input") else ""
     return ALPACA_PROMPT.format(instruction=row["instruction"], input_block=block)
-
 
 
 def _tokenize_alpaca(tokenizer, row: dict, data: DataSection, labels: list | None) -> dict:
@@ -199,12 +226,16 @@ def _tokenize_classification(tokenizer, row: dict, data: DataSection, labels: li
     n = data.max_length
     value = row[data.label_field]
     if value not in labels:
-        raise _error(f"label {value!r} (data.label_field={data.label_field!r}) is not among the training "
-                     f"file's labels {labels}")
+        raise _error(
+            f"label {value!r} (data.label_field={data.label_field!r}) is not among the training file's labels {labels}"
+        )
     ids = tokenizer(row[data.text_field])["input_ids"]
     if len(ids) > n:  # tokenized again with truncation: the tokenizer keeps its special tokens at the end
-        return {"input_ids": tokenizer(row[data.text_field], truncation=True, max_length=n)["input_ids"],
-                "labels": labels.index(value), "truncated": 1}
+        return {
+            "input_ids": tokenizer(row[data.text_field], truncation=True, max_length=n)["input_ids"],
+            "labels": labels.index(value),
+            "truncated": 1,
+        }
     return {"input_ids": ids, "labels": labels.index(value), "truncated": 0}
 
 

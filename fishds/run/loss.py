@@ -12,6 +12,7 @@ not) and averages gradients over the data-parallel ranks (divides by the world s
 loss sum / step targets by the world size, so the reduced gradient is exactly d(sum of target losses) / d theta
 divided by the step's targets.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,6 +44,6 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
     # no KV cache in training; with one, transformers ignores the restarts of packed position_ids (sdpa, eager)
     logits = model(**inputs, use_cache=False).logits[:, :-1].float()
     target = labels[:, 1:].to(logits.device)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                             ignore_index=-100, reduction="sum")
-
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )

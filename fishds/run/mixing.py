@@ -5,6 +5,7 @@ from the data section. Rows are checked per source before weights load (`read_so
 holds each source `weight` times: the integer part as whole copies, the fraction as a seeded sample of that source
 (MIX_SEED, the same for every train.seed), then shuffled with the same fixed seed (`mix`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,18 @@ from .examples import Picked
 from .formats import label_list
 
 MIX_SEED = 0
-ENTRY_KEYS = ("format", "text_field", "label_field", "messages_field", "role_field", "content_field", "role_map",
-              "chat_template", "train_turns", "max_examples")
+ENTRY_KEYS = (
+    "format",
+    "text_field",
+    "label_field",
+    "messages_field",
+    "role_field",
+    "content_field",
+    "role_map",
+    "chat_template",
+    "train_turns",
+    "max_examples",
+)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 adapter (full shapes under ZeRO-3), the resolved configs (written at start) and the metrics log (metrics.jsonl +
 the trackers of train.report_to). File names: fishds/files.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     try:
         if hasattr(model, "bottleneck_config"):
             from ..bottleneck import save_bottleneck
+
             save_bottleneck(model, tmp, adapter)
         else:
             model.save_pretrained(str(tmp), state_dict={**adapter_buffers(model), **adapter}, safe_serialization=True)
@@ -50,6 +52,7 @@ class MetricsLog:
     train.report_to (run/trackers.py: TensorBoard in output_dir/tensorboard with tag = phase/field, wandb, mlflow).
     Trackers are flushed at most every FLUSH_S seconds during training (a TensorBoard flush per step cost
     milliseconds), at every eval record and at close()."""
+
     FLUSH_S = 10.0
 
     def __init__(self, path: Path, append: bool = False, report_to=("tensorboard",), config: dict | None = None):
@@ -61,6 +64,7 @@ class MetricsLog:
             if not append:
                 path.write_text("")
             from .trackers import open_trackers
+
             self.trackers = open_trackers(report_to, path.parent, config or {}, resumed=append)
 
     def truncate_after(self, step: int) -> None:

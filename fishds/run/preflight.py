@@ -2,6 +2,7 @@
 once, here), the data files (read once, here: the tokeniser reuses the rows), the output folder and resume point,
 the model and its target modules, the budget's plain-PEFT baselines. Raises ConfigError naming the key.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from .. import quant
 from ..config import Config, ConfigError, resolve_precision
 from ..dsconfig import resolve_ds_config
 from ..files import CHECKPOINT_STATE, REPORT_FILE
-from ..fish.compact import check_config as check_compact
 from ..fish import rules
+from ..fish.compact import check_config as check_compact
 from ..fish.selection import rule
 from ..hub import resolve_dataset
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
@@ -27,6 +28,7 @@ from .mixing import labels_of, read_sources, sources
 @dataclass
 class Plan:
     """What preflight resolved: paths and checked inputs."""
+
     model_path: str
     data_path: str
     eval_path: str | None
@@ -55,46 +57,74 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
     rules.check(cfg, ds)
     if rules.needs_pass(cfg.fish) and cfg.fish.num_samples < world:
-        raise ConfigError(f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
-                          "every rank needs at least one scoring example")
+        raise ConfigError(
+            f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "
+            "every rank needs at least one scoring example"
+        )
     d = cfg.data
     data_path, eval_path = d.path, d.eval_path
     if data_path == "rotten_tomatoes":
         from ..assets import rotten_tomatoes
+
         files = rotten_tomatoes("classification" if is_classification(cfg) else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
     srcs = sources(d, data_path)  # data.path or data.datasets, Hub names resolved
     read = read_sources(srcs)
     rows = {s.key: r for s, r in read}
     labels = labels_of(read) if is_classification(cfg) else None
-    eval_path, test_path = (resolve_dataset(p, k) if p else None for p, k in ((eval_path, "data.eval_path"),
-                                                                              (d.test_path, "data.test_path")))
-    for key, path, limit in (("data.eval_path", eval_path, d.max_eval_examples),
-                             ("data.test_path", test_path, d.max_test_examples)):
+    eval_path, test_path = (
+        resolve_dataset(p, k) if p else None
+        for p, k in ((eval_path, "data.eval_path"), (d.test_path, "data.test_path"))
+    )
+    for key, path, limit in (
+        ("data.eval_path", eval_path, d.max_eval_examples),
+        ("data.test_path", test_path, d.max_test_examples),
+    ):
         if path:
             rows[key] = read_rows(path, key, d, limit)
             unknown = sorted({str(r[d.label_field]) for r in rows[key]} - {str(v) for v in labels}) if labels else []
             if unknown:
-                raise ConfigError(f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
-                                  f"occur in the training file, whose labels are {labels}")
+                raise ConfigError(
+                    f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
+                    f"occur in the training file, whose labels are {labels}"
+                )
     if cfg.fish.mask_path and not Path(cfg.fish.mask_path).is_file():
         raise ConfigError(f"fish.mask_path={cfg.fish.mask_path!r}: file not found")
     out = Path(cfg.output_dir)
     if (out / REPORT_FILE).exists() and not cfg.overwrite:
-        raise ConfigError(f"output_dir={cfg.output_dir!r} already holds a finished run ({REPORT_FILE}); choose "
-                          "another output_dir or set overwrite=true")
+        raise ConfigError(
+            f"output_dir={cfg.output_dir!r} already holds a finished run ({REPORT_FILE}); choose "
+            "another output_dir or set overwrite=true"
+        )
     try:
         resume_from = None if cfg.overwrite and cfg.resume == "auto" else find_resume(cfg.resume, out)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
     if resume_from is not None:
-        reshard.check(json.loads((resume_from / CHECKPOINT_STATE).read_text()), resume_from, world,
-                      cfg.fish.compact_optimizer, cfg.train.micro_batch_size)
+        reshard.check(
+            json.loads((resume_from / CHECKPOINT_STATE).read_text()),
+            resume_from,
+            world,
+            cfg.fish.compact_optimizer,
+            cfg.train.micro_batch_size,
+        )
     n_labels = len(labels) if labels else None
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
-    return Plan(model_path, srcs[0].path, eval_path, ds_path, out, resume_from,
-                baseline_counts(cfg, model_path, n_labels), test_path, labels, ds, rows, sources=srcs)
+    return Plan(
+        model_path,
+        srcs[0].path,
+        eval_path,
+        ds_path,
+        out,
+        resume_from,
+        baseline_counts(cfg, model_path, n_labels),
+        test_path,
+        labels,
+        ds,
+        rows,
+        sources=srcs,
+    )
 
 
 def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None) -> dict[int, int]:

@@ -10,6 +10,7 @@ enforcer locates them, fishds.zero.master_fragments). The data position is conve
 of examples consumed. Refused, naming both world sizes: fish.compact_optimizer (its moments are per selected
 entry of a partition), a data position that does not divide, a checkpoint without world_state.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,14 +65,18 @@ def gather_state(engine, pool) -> tuple[dict[str, torch.Tensor], dict]:
                     flat, off = zero.optimizer_state_of(engine, master)
                     src = opt.state[flat][key].reshape(-1).narrow(0, off, master.numel())
                 n = max(0, min(master.numel(), t.numel - start))
-                buf[start:start + n] = src[:n].float().cpu()
+                buf[start : start + n] = src[:n].float().cpu()
             out[f"{key}/{t.name}"] = _reduce(buf, engine).reshape(t.shape)
     steps = [st["step"] for st in opt.state.values() if "step" in st]
     step = torch.tensor([float(steps[0]) if steps else 0.0], dtype=torch.float64)
     fdist.all_reduce_(step, op=torch.distributed.ReduceOp.MAX)
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
-    return out, {"optimizer_step": int(step[0]), "state_keys": keys, "lr_scheduler": sched,
-                 "lr": [g["lr"] for g in opt.param_groups]}
+    return out, {
+        "optimizer_step": int(step[0]),
+        "state_keys": keys,
+        "lr_scheduler": sched,
+        "lr": [g["lr"] for g in opt.param_groups],
+    }
 
 
 def save(folder: Path, tensors: dict, extra: dict) -> None:
@@ -89,15 +94,19 @@ def check(state: dict, folder: Path, world: int, compact: bool, micro_batch_size
         return
     where = f"resume: the checkpoint {folder} was written on {saved} rank(s), this run has {world}"
     if compact:
-        raise ConfigError(f"{where}; fish.compact_optimizer keeps moments per selected entry of each rank's partition "
-                          f"and cannot be re-partitioned: resume on {saved} rank(s) or set "
-                          "fish.compact_optimizer=false")
+        raise ConfigError(
+            f"{where}; fish.compact_optimizer keeps moments per selected entry of each rank's partition "
+            f"and cannot be re-partitioned: resume on {saved} rank(s) or set "
+            "fish.compact_optimizer=false"
+        )
     if not (folder / TENSORS).is_file():
         raise ConfigError(f"{where}, and it holds no {TENSORS} (written by an older fishds); resume on {saved} rank(s)")
     consumed = state["data_position"] * state.get("micro_batch_size", micro_batch_size) * saved
     if consumed % (micro_batch_size * world):
-        raise ConfigError(f"{where}: {consumed} examples consumed is not a whole number of micro-batches of "
-                          f"{micro_batch_size} x {world} ranks; change train.micro_batch_size or the rank count")
+        raise ConfigError(
+            f"{where}: {consumed} examples consumed is not a whole number of micro-batches of "
+            f"{micro_batch_size} x {world} ranks; change train.micro_batch_size or the rank count"
+        )
 
 
 def data_position(state: dict, world: int, micro_batch_size: int) -> int:
@@ -125,20 +134,20 @@ def load_state(engine, pool, folder: Path) -> None:
             local = zero.local_tensor(p).reshape(-1)
             start = fdist.rank() * local.numel()
             n = max(0, min(local.numel(), t.numel - start))
-            local[:n].copy_(value[start:start + n])
+            local[:n].copy_(value[start : start + n])
         else:
             p.data.copy_(value.reshape(p.shape))
         if t.name not in frags:
             continue
         master, start = frags[t.name]
         n = max(0, min(master.numel(), t.numel - start))
-        master[:n].copy_(value[start:start + n])
+        master[:n].copy_(value[start : start + n])
         flat, off = zero.optimizer_state_of(engine, master)
         st = opt.state[flat]
         for key in extra["state_keys"]:
             if key not in st:
                 st[key] = torch.zeros_like(flat)
-            st[key].reshape(-1).narrow(0, off, n).copy_(full[f"{key}/{t.name}"].reshape(-1)[start:start + n])
+            st[key].reshape(-1).narrow(0, off, n).copy_(full[f"{key}/{t.name}"].reshape(-1)[start : start + n])
         if step:
             st["step"] = step if deepspeed_opt else torch.tensor(float(step), dtype=torch.float32)
     if engine.lr_scheduler is not None and extra["lr_scheduler"] is not None:

@@ -5,6 +5,7 @@ epoch), else 100. fish.dense_steps (the dense steps before scoring) are the firs
 all of them and is transformers.get_scheduler's (the names TrainingArguments.lr_scheduler_type takes), its warm-up
 train.lr_warmup_steps or ceil(train.lr_warmup_ratio x total_steps).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,11 +33,19 @@ def total_steps(cfg: Config, n_blocks: int, world: int) -> int:
     else:
         steps = DEFAULT_STEPS
     if cfg.fish.dense_steps >= steps and cfg.fish.selection != "dense" and not cfg.fish.mask_path:
-        what = f"train.max_steps={t.max_steps}" if t.max_steps is not None else (
-            f"train.epochs={t.epochs:g} ({steps} steps of {n_blocks} training blocks)" if t.epochs is not None
-            else f"the default {DEFAULT_STEPS} steps")
-        raise ConfigError(f"fish.dense_steps={cfg.fish.dense_steps} leaves no masked step: {what} counts the dense "
-                          "steps too; raise train.max_steps / train.epochs or lower fish.dense_steps")
+        what = (
+            f"train.max_steps={t.max_steps}"
+            if t.max_steps is not None
+            else (
+                f"train.epochs={t.epochs:g} ({steps} steps of {n_blocks} training blocks)"
+                if t.epochs is not None
+                else f"the default {DEFAULT_STEPS} steps"
+            )
+        )
+        raise ConfigError(
+            f"fish.dense_steps={cfg.fish.dense_steps} leaves no masked step: {what} counts the dense "
+            "steps too; raise train.max_steps / train.epochs or lower fish.dense_steps"
+        )
     return steps
 
 
@@ -55,8 +64,13 @@ def scheduler(cfg: Config, steps: int):
     from transformers import get_scheduler
 
     t = cfg.train
-    return lambda opt: get_scheduler(t.scheduler, opt, num_warmup_steps=warmup_steps(cfg, steps),
-                                     num_training_steps=steps, scheduler_specific_kwargs=dict(t.scheduler_kwargs))
+    return lambda opt: get_scheduler(
+        t.scheduler,
+        opt,
+        num_warmup_steps=warmup_steps(cfg, steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs=dict(t.scheduler_kwargs),
+    )
 
 
 def check(cfg: Config) -> None:
@@ -66,5 +80,6 @@ def check(cfg: Config) -> None:
     try:
         scheduler(cfg, steps)(opt)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"train.scheduler={cfg.train.scheduler!r} with train.scheduler_kwargs="
-                          f"{cfg.train.scheduler_kwargs}: {e}") from None
+        raise ConfigError(
+            f"train.scheduler={cfg.train.scheduler!r} with train.scheduler_kwargs={cfg.train.scheduler_kwargs}: {e}"
+        ) from None

@@ -9,6 +9,7 @@ mlflow >= 3.17 accepts with MLFLOW_ALLOW_FILE_STORE=true; default: a file store 
 MLFLOW_EXPERIMENT_NAME (default "fishds").
 A resumed run continues the same wandb / mlflow run: their ids are kept in output_dir/trackers.json.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -26,9 +27,11 @@ def check(cfg: Config) -> None:
     """Preflight: every client named in train.report_to is installed (else a ConfigError with the pip command)."""
     for name in cfg.train.report_to:
         if importlib.util.find_spec(name) is None:
-            raise ConfigError(f"train.report_to includes {name!r} but the {name} package is not installed; run "
-                              f"`pip install 'fishds[trackers]'` (or `pip install {PACKAGES[name]}`), or remove "
-                              f"{name} from train.report_to")
+            raise ConfigError(
+                f"train.report_to includes {name!r} but the {name} package is not installed; run "
+                f"`pip install 'fishds[trackers]'` (or `pip install {PACKAGES[name]}`), or remove "
+                f"{name} from train.report_to"
+            )
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -43,8 +46,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 def _scalars(record: dict) -> dict:
     phase = record.get("phase", "eval")
-    return {f"{phase}/{k}": float(v) for k, v in record.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    return {
+        f"{phase}/{k}": float(v)
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+    }
 
 
 class TensorBoard:
@@ -80,8 +86,14 @@ class WandB:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "fishds"), name=out.name, config=config,
-                              dir=os.environ.get("WANDB_DIR", str(out)), id=run_id, resume="allow" if run_id else None)
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "fishds"),
+            name=out.name,
+            config=config,
+            dir=os.environ.get("WANDB_DIR", str(out)),
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
         self.id = self.run.id
 
     def log(self, record: dict) -> None:
@@ -120,8 +132,9 @@ class MLflow:
             mlflow.log_dict(config, "fishds_config.json")
 
     def log(self, record: dict) -> None:
-        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in _scalars(record).items()},
-                                step=int(record.get("step", 0)))
+        self.mlflow.log_metrics(
+            {k.replace("/", "_"): v for k, v in _scalars(record).items()}, step=int(record.get("step", 0))
+        )
 
     def flush(self) -> None:
         pass

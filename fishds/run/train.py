@@ -8,6 +8,7 @@
    fixed), periodic evaluation and checkpoints
 4. outputs: evaluation, adapter, report (fishds/files.py names every file)
 """
+
 from __future__ import annotations
 
 import json
@@ -22,12 +23,12 @@ from .. import dist as fdist
 from .. import memory, quant, zero
 from ..config import Config, ConfigError
 from ..files import CHECKPOINT_STATE, METRICS_FILE, REPORT_FILE, REPORT_PNG, SELECTION_REPORT, write_json
+from ..fish import rules
 from ..fish.adapter import gather_adapter
 from ..fish.compact import CompactAdamW, check_resumed_state
 from ..fish.compact import apply_mask as apply_compact_mask
 from ..fish.enforce import MaskEnforcer, reset_unselected
 from ..fish.mask import PackedMasks
-from ..fish import rules
 from ..fish.pool import Pool
 from ..fish.selection import (
     MaskFileError,
@@ -105,8 +106,13 @@ def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dic
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     grad_norm = None if grad_norm is None else float(grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm)
-    return {"loss": float(torch.stack(losses).float().sum()), "tokens": tokens, "targets": targets, "lr": lr,
-            "grad_norm": grad_norm}
+    return {
+        "loss": float(torch.stack(losses).float().sum()),
+        "tokens": tokens,
+        "targets": targets,
+        "lr": lr,
+        "grad_norm": grad_norm,
+    }
 
 
 def _dense_grad_norm(engine):
@@ -118,6 +124,7 @@ def _dense_grad_norm(engine):
 @dataclass
 class Session:
     """A ready DeepSpeed engine with its pool, data and helpers (built by `setup`)."""
+
     cfg: Config
     plan: Plan
     engine: object
@@ -148,30 +155,56 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     steps = schedule.total_steps(cfg, len(train_blocks), fdist.world_size())  # ConfigError before weights load
     ds = plan.ds  # resolved once, by preflight
     zero3_loading = None
-    if (ds["zero_optimization"].get("stage", 0) == 3 and not peft_method(cfg).needs_base_weights_at_init
-            and not cfg.peft.modules_to_save and not plan.labels):  # PEFT copies modules_to_save (heads) from weights
+    if (
+        ds["zero_optimization"].get("stage", 0) == 3
+        and not peft_method(cfg).needs_base_weights_at_init
+        and not cfg.peft.modules_to_save
+        and not plan.labels
+    ):  # PEFT copies modules_to_save (heads) from weights
         # transformers loads the weights straight into ZeRO-3 partitions (zero.Init) while this object lives
         from transformers.integrations import HfDeepSpeedConfig
+
         zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841
     model = load_peft_model(cfg, plan.model_path, dtype, plan.labels, tokenizer.pad_token_id)
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
-        fdist.print0(f"[fishds] ZeRO-3 loading: {sum(zero.is_partitioned(p) for p in frozen)}/{len(frozen)} frozen "
-                     "tensors partitioned as they loaded" + (" (transformers loads a 4-bit model whole on every rank; "
-                     "deepspeed.initialize partitions it)" if quant.enabled(cfg) else ""))
+        fdist.print0(
+            f"[fishds] ZeRO-3 loading: {sum(zero.is_partitioned(p) for p in frozen)}/{len(frozen)} frozen "
+            "tensors partitioned as they loaded"
+            + (
+                " (transformers loads a 4-bit model whole on every rank; deepspeed.initialize partitions it)"
+                if quant.enabled(cfg)
+                else ""
+            )
+        )
     exclude = cfg.fish.pool_exclude + head_patterns(cfg)
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
     k = budget["k"]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-                                      optimizer=_client_optimizer(cfg, ds),
-                                      lr_scheduler=None if "scheduler" in ds else schedule.scheduler(cfg, steps),
-                                      config=ds)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        optimizer=_client_optimizer(cfg, ds),
+        lr_scheduler=None if "scheduler" in ds else schedule.scheduler(cfg, steps),
+        config=ds,
+    )
     batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
-    return Session(cfg, plan, engine, Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
-                   Pool.from_model(engine.module), k, budget, examples, eval_examples, collate, batches, test_examples,
-                   steps)
+    return Session(
+        cfg,
+        plan,
+        engine,
+        Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
+        Pool.from_model(engine.module),
+        k,
+        budget,
+        examples,
+        eval_examples,
+        collate,
+        batches,
+        test_examples,
+        steps,
+    )
 
 
 def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
@@ -182,15 +215,17 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
         if not path:
             return []
         counts = plan.data_counts.setdefault(key, {})
-        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, rows=plan.rows.get(key),
-                                 counts=counts)
+        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, rows=plan.rows.get(key), counts=counts)
         fdist.print0(data_counts_line(key, counts, data.max_length))
         return examples
+
     parts = [load(s.path, s.key, s.data.max_examples, s.data) for s in plan.sources]
     examples = mix(parts, [s.weight for s in plan.sources])
     if len(parts) > 1:
-        fdist.print0("[fishds] training mix: " + ", ".join(f"{round(s.weight * len(p))} of {s.key}"
-                                                           for s, p in zip(plan.sources, parts)))
+        fdist.print0(
+            "[fishds] training mix: "
+            + ", ".join(f"{round(s.weight * len(p))} of {s.key}" for s, p in zip(plan.sources, parts))
+        )
     eval_examples = load(plan.eval_path, "data.eval_path", d.max_eval_examples)
     if d.eval_split:
         order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(0)).tolist()
@@ -198,7 +233,7 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
         if n_eval >= len(examples):
             raise ConfigError(f"data.eval_split={d.eval_split} leaves no training examples of {len(examples)}")
         held = set(order[:n_eval])
-        eval_examples = [examples[i] for i in sorted(held)][:d.max_eval_examples]
+        eval_examples = [examples[i] for i in sorted(held)][: d.max_eval_examples]
         examples = subset(examples, [i for i in range(len(examples)) if i not in held])
     return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
 
@@ -233,9 +268,12 @@ class StepLog:
         self.cfg, self.total_steps, self.batches = s.cfg, s.total_steps, s.batches
         resume_from = s.plan.resume_from
         write_run_config(s.plan.output_dir, s.cfg, s.plan.ds)
-        self.metrics = MetricsLog(s.plan.output_dir / METRICS_FILE, append=resume_from is not None,
-                                  report_to=s.cfg.train.report_to,
-                                  config={"fishds": s.cfg.model_dump(mode="json"), "deepspeed": s.plan.ds})
+        self.metrics = MetricsLog(
+            s.plan.output_dir / METRICS_FILE,
+            append=resume_from is not None,
+            report_to=s.cfg.train.report_to,
+            config={"fishds": s.cfg.model_dump(mode="json"), "deepspeed": s.plan.ds},
+        )
         self.bar = progress_bar(self.total_steps, "train")
         self.bar.update(first_step_after(resume_from) - 1)
 
@@ -243,18 +281,29 @@ class StepLog:
         sums = torch.tensor([stats["tokens"], stats["loss"]], dtype=torch.float64)
         fdist.all_reduce_(sums)
         b = self.batches  # the loss is each rank's share of the step's token-weighted mean: summed, not averaged
-        rec = {"step": step, "phase": phase, "loss": float(sums[1]), "lr": stats["lr"],
-               "grad_norm": stats["grad_norm"], "tokens": int(sums[0]), "targets": stats["targets"],
-               "epoch": schedule.epoch_of(b.position, len(b.examples), self.cfg.train.micro_batch_size,
-                                          fdist.world_size()), "seconds": seconds}
+        rec = {
+            "step": step,
+            "phase": phase,
+            "loss": float(sums[1]),
+            "lr": stats["lr"],
+            "grad_norm": stats["grad_norm"],
+            "tokens": int(sums[0]),
+            "targets": stats["targets"],
+            "epoch": schedule.epoch_of(
+                b.position, len(b.examples), self.cfg.train.micro_batch_size, fdist.world_size()
+            ),
+            "seconds": seconds,
+        }
         self.metrics.write(rec)
         tok_s = rec["tokens"] / max(seconds, 1e-9)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
         total = self.total_steps
         if (step % self.cfg.train.log_every == 0 or step == total) and self.bar.disable:
-            fdist.print0(f"[fishds] {phase} step {step}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
-                         f"{tok_s:,.0f} tok/s, {(total - step) * seconds:.0f}s left")
+            fdist.print0(
+                f"[fishds] {phase} step {step}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                f"{tok_s:,.0f} tok/s, {(total - step) * seconds:.0f}s left"
+            )
 
 
 def select_or_load(s: Session, log: StepLog) -> tuple[dict, dict]:
@@ -265,14 +314,26 @@ def select_or_load(s: Session, log: StepLog) -> tuple[dict, dict]:
             masks = load_mask_for_pool(s.engine.module, s.trainable, cfg.fish.mask_path)
         except MaskFileError as e:
             raise ConfigError(str(e)) from None
-        return masks, {"selection": f"file {cfg.fish.mask_path}", "pool_size": pool.size,
-                       "k": sum(int(m.sum()) for m in masks.values())}
+        return masks, {
+            "selection": f"file {cfg.fish.mask_path}",
+            "pool_size": pool.size,
+            "k": sum(int(m.sum()) for m in masks.values()),
+        }
     initial = gather_adapter(pool) if cfg.fish.dense_steps else None
     for step in range(1, cfg.fish.dense_steps + 1):
         t0 = time.perf_counter()
         log(step, "dense", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
-    masks, report = select_masks(cfg.fish, engine, pool, s.k, scoring_examples(cfg.fish, s.examples), s.collate,
-                                 cfg.train.micro_batch_size, s.plan.output_dir, initial)
+    masks, report = select_masks(
+        cfg.fish,
+        engine,
+        pool,
+        s.k,
+        scoring_examples(cfg.fish, s.examples),
+        s.collate,
+        cfg.train.micro_batch_size,
+        s.plan.output_dir,
+        initial,
+    )
     if initial is not None and cfg.fish.reset_unselected:
         reset_unselected(engine, pool, masks, initial)
     report["reset_unselected"] = bool(initial is not None and cfg.fish.reset_unselected)
@@ -305,24 +366,31 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
         masks, report = select_or_load(s, log)
         first_step = cfg.fish.dense_steps + 1
         judge = best.BestTracker(cfg)
-        report.update(zero_stage=engine.zero_optimization_stage(), world_size=fdist.world_size(),
-                      dense_steps=cfg.fish.dense_steps, method=cfg.peft.method, budget=s.budget,
-                      precision=cfg.train.precision, **data_counts_report(s.plan.data_counts))
+        report.update(
+            zero_stage=engine.zero_optimization_stage(),
+            world_size=fdist.world_size(),
+            dense_steps=cfg.fish.dense_steps,
+            method=cfg.peft.method,
+            budget=s.budget,
+            precision=cfg.train.precision,
+            **data_counts_report(s.plan.data_counts),
+        )
         if s.plan.labels:
             report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
         masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
     masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry, held once (the enforcer uses the same object)
     compact = cfg.fish.compact_optimizer
-    enforcer = None if rule(cfg.fish.selection).dense else MaskEnforcer(engine, s.trainable, masks,
-                                                                        restore=not compact)
+    enforcer = None if rule(cfg.fish.selection).dense else MaskEnforcer(engine, s.trainable, masks, restore=not compact)
     if compact:
         apply_compact_mask(engine, s.trainable, masks)
     fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
     log.metrics.mask_summary({k: v for k, v in report.items() if k != "per_tensor"})
-    fdist.print0(f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
-                 f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
-                 f"Fisher pass {report.get('collect_seconds', 0):.1f}s, "
-                 f"selection {report.get('select_seconds', 0):.2f}s")
+    fdist.print0(
+        f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
+        f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
+        f"Fisher pass {report.get('collect_seconds', 0):.1f}s, "
+        f"selection {report.get('select_seconds', 0):.2f}s"
+    )
     return FixedMask(masks, report, enforcer, first_step, judge)
 
 
@@ -344,11 +412,22 @@ def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> int:
         if t.save_every and step % t.save_every == 0 and step != log.total_steps:
             log.metrics.flush()
             judge.on_checkpoint(step)
-            save_checkpoint(engine, s.plan.output_dir, step, batches.position, fixed.masks, t.keep_checkpoints,
-                            s.trainable, {"best": judge.state()}, protect=judge.ckpt_step)
+            save_checkpoint(
+                engine,
+                s.plan.output_dir,
+                step,
+                batches.position,
+                fixed.masks,
+                t.keep_checkpoints,
+                s.trainable,
+                {"best": judge.state()},
+                protect=judge.ckpt_step,
+            )
         if judge.should_stop():
-            fdist.print0(f"[fishds] early stopping at step {step}: {judge.name} did not improve for "
-                         f"{judge.bad_evals} evaluations (best {judge.value} at step {judge.step})")
+            fdist.print0(
+                f"[fishds] early stopping at step {step}: {judge.name} did not improve for "
+                f"{judge.bad_evals} evaluations (best {judge.value} at step {judge.step})"
+            )
             return step
     return log.total_steps
 
@@ -368,8 +447,9 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
             if f"{prefix}_loss" in eval_metrics:
                 acc = eval_metrics.get(f"{prefix}_accuracy", eval_metrics.get(f"{prefix}_token_acc"))
                 what = "accuracy" if f"{prefix}_accuracy" in eval_metrics else "response-token accuracy"
-                fdist.print0(f"[fishds] {prefix} loss {eval_metrics[f'{prefix}_loss']:.4f}, {what} {acc:.1%} on "
-                             f"{n} examples")
+                fdist.print0(
+                    f"[fishds] {prefix} loss {eval_metrics[f'{prefix}_loss']:.4f}, {what} {acc:.1%} on {n} examples"
+                )
     log.metrics.close()
     adapter = gather_adapter(s.trainable)
     report["eval"] = eval_metrics
@@ -382,6 +462,7 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
         write_json(out / REPORT_FILE, report)
         try:  # the run is finished; a failed plot must not fail it
             from ..report import write_report_png
+
             print(f"[fishds] mask report: {write_report_png(out)}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"[fishds] warning: {REPORT_PNG} not written ({e})", flush=True)
@@ -394,9 +475,11 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     """setup -> fix the mask -> masked training loop -> outputs."""
     s = setup(cfg, ds_path)
     log = StepLog(s)
-    fdist.print0(f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {s.pool.size:,} entries in "
-                 f"{len(s.pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={s.k:,} | "
-                 f"ZeRO-{s.engine.zero_optimization_stage()} | {fdist.world_size()} rank(s) | {cfg.train.precision}")
+    fdist.print0(
+        f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {s.pool.size:,} entries in "
+        f"{len(s.pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={s.k:,} | "
+        f"ZeRO-{s.engine.zero_optimization_stage()} | {fdist.world_size()} rank(s) | {cfg.train.precision}"
+    )
     fixed = fix_mask(s, log)
     last_step = train_loop(s, fixed, log)
     return finish(s, fixed, log, last_step)
