@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?= 2
 REQS := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo requirements/gpu.txt; else echo requirements/cpu.txt; fi)
 
-.PHONY: setup demo lint test bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 setup: $(VENV)/.fishds-installed
 
@@ -29,6 +29,12 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q tests $(ARGS)
+
+# a few minutes: unit tests and one 2-rank ZeRO-3 run (Fisher against a reference, masked entries fixed)
+FAST := tests/test_units.py tests/test_layout.py tests/test_select_radix.py tests/test_rules_units.py \
+	tests/test_distributed.py::test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked
+test-fast: lint
+	$(PY) -m pytest -q $(FAST) $(ARGS)
 
 bench: setup
 	$(PY) bench/step_time.py $(ARGS)
