@@ -323,7 +323,7 @@ def worker(args) -> None:
             "peak_rss_train_mb": round(vals[3].item() / mb, 1),
             "steps": s["measured_steps"],
             "tokens": int(tokens),
-            "seconds": round(vals[1].item(), 3),
+            "seconds": round(vals[1].item(), 6),
             "wall_s": round(wall, 1),
             "cpu_s": round(cpu_s, 3),
             "tokens_per_cpu_s": round(tokens / max(cpu_s, 1e-9), 2),
