@@ -1,10 +1,12 @@
-"""What the in-process bench scripts share: a fishds session from --config / --ds_config / overrides, and
-result lines appended to bench/results/<name>.jsonl ($FISHDS_BENCH_RESULTS/<name>.jsonl when set)."""
+"""What the bench scripts share: a fishds session from --config / --ds_config / overrides, result lines appended
+to bench/results/<name>.jsonl ($FISHDS_BENCH_RESULTS/<name>.jsonl when set), and the torchrun command that starts
+a script on several local ranks."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,3 +31,16 @@ def record(name: str, rec: dict) -> None:
     RESULTS_DIR.mkdir(exist_ok=True)
     with (RESULTS_DIR / f"{name}.jsonl").open("a") as f:
         f.write(json.dumps(rec) + "\n")
+
+
+def torchrun(script, ranks: int, args) -> list[str]:
+    """The command that starts `script` with `args` on `ranks` local ranks (torchrun, one standalone node)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        str(script),
+        *[str(a) for a in args],
+    ]

@@ -125,23 +125,23 @@ def main() -> None:
     tokenize_s = time.perf_counter() - t0
     results = {}
     for mode in ("arrow", "lists"):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={args.ranks}",
+        from bench._session import torchrun
+
+        cmd = torchrun(
             __file__,
-            "--worker",
-            "--mode",
-            mode,
-            "--model",
-            str(model),
-            "--data",
-            str(data),
-            "--cache",
-            str(tmp / "cache"),
-        ]
+            args.ranks,
+            [
+                "--worker",
+                "--mode",
+                mode,
+                "--model",
+                str(model),
+                "--data",
+                str(data),
+                "--cache",
+                str(tmp / "cache"),
+            ],
+        )
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
         out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
         recs = [json.loads(line[len("RESULT ") :]) for line in out.splitlines() if line.startswith("RESULT ")]

@@ -52,14 +52,9 @@ def parse(argv=None):
 
 def relaunch(args) -> int:
     """Start this script on args.ranks ranks with torchrun, OMP_NUM_THREADS=1 each."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.ranks}",
-        str(Path(__file__).resolve()),
-    ] + [a for a in sys.argv[1:]]
+    from bench._session import torchrun
+
+    cmd = torchrun(Path(__file__).resolve(), args.ranks, sys.argv[1:])
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     return subprocess.run(cmd, env=env).returncode
 

@@ -349,21 +349,21 @@ def worker(args) -> None:
 
 def launch(args, trainer: str, selection: str, result: Path) -> dict:
     forward = [*sys.argv[1:], "--ds-config", args.ds_config, "--model", args.model, "--data", args.data]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={args.ranks}",
-        str(Path(__file__).resolve()),
-        *forward,
-        "--worker",
-        trainer,
-        "--selection",
-        selection,
-        "--result",
-        str(result),
-    ]
+    from bench._session import torchrun
+
+    cmd = torchrun(
+        Path(__file__).resolve(),
+        args.ranks,
+        [
+            *forward,
+            "--worker",
+            trainer,
+            "--selection",
+            selection,
+            "--result",
+            str(result),
+        ],
+    )
     env = dict(
         os.environ,
         OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
