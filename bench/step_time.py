@@ -46,6 +46,18 @@ def timed_steps(s, n: int) -> list[float]:
     return out
 
 
+def alternating_steps(s, masks, rounds: int, block: int) -> tuple[list[float], list[float]]:
+    """Step times of plain LoRA and FISH-LoRA (mask hooks + optimizer wrapper installed), `rounds` alternating blocks
+    of `block` steps each on the same engine, so drift in machine speed hits both arms alike."""
+    plain, fish = [], []
+    for _ in range(rounds):
+        plain += timed_steps(s, block)
+        enforcer = MaskEnforcer(s.engine, s.pool, masks)
+        fish += timed_steps(s, block)
+        enforcer.remove()
+    return plain, fish
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/demo.yaml")
@@ -71,12 +83,7 @@ def main():
         masks = share_selection(s.pool, local_sel)
         share_bytes = comm.bytes - topk_bytes
 
-    plain, fish = [], []
-    for _ in range(args.rounds):
-        plain += timed_steps(s, args.block)
-        enforcer = MaskEnforcer(s.engine, s.pool, masks)
-        fish += timed_steps(s, args.block)
-        enforcer.remove()
+    plain, fish = alternating_steps(s, masks, args.rounds, args.block)
 
     if fdist.is_main():
         with tempfile.TemporaryDirectory() as d:

@@ -33,9 +33,8 @@ prefer_cpu_accelerator_if_no_cuda()
 import torch  # noqa: E402
 
 from bench._session import record, session  # noqa: E402
-from bench.step_time import timed_steps  # noqa: E402
+from bench.step_time import alternating_steps, timed_steps  # noqa: E402
 from fishds import dist as fdist  # noqa: E402
-from fishds.fish.enforce import MaskEnforcer  # noqa: E402
 from fishds.fish.fisher import collect_scores  # noqa: E402
 from fishds.fish.mask import share_selection  # noqa: E402
 from fishds.fish.select import exact_topk, float_keys  # noqa: E402
@@ -126,12 +125,7 @@ def main():
     )
     local_sel, _ = exact_topk(float_keys(scores), s.k)
     masks = share_selection(s.pool, local_sel)
-    plain, fish = [], []
-    for _ in range(args.rounds):
-        plain += timed_steps(s, args.block)
-        enforcer = MaskEnforcer(s.engine, s.pool, masks)
-        fish += timed_steps(s, args.block)
-        enforcer.remove()
+    plain, fish = alternating_steps(s, masks, args.rounds, args.block)
     from fishds.plan import from_config, plan
 
     arch, setup = from_config(cfg, args.ds_config, fdist.world_size())
