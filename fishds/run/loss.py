@@ -42,8 +42,10 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
         return model(**batch).loss.float() * labels.numel()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     # no KV cache in training; with one, transformers ignores the restarts of packed position_ids (sdpa, eager)
-    logits = model(**inputs, use_cache=False).logits[:, :-1].float()
-    target = labels[:, 1:].to(logits.device)
+    logits = model(**inputs, use_cache=False).logits.float()  # a no-op in fp32
+    # shift the labels, not the logits (as transformers' ForCausalLMLoss does): slicing the logits would copy the
+    # whole (batch x length x vocab) tensor, and its gradient, every micro-batch
+    target = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].to(logits.device)
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
     )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import quant
+from ..assets import TASKS
 from ..config import Config, ConfigError, resolve_precision
 from ..dsconfig import resolve_ds_config
 from ..files import CHECKPOINT_STATE, REPORT_FILE
@@ -63,10 +64,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         )
     d = cfg.data
     data_path, eval_path = d.path, d.eval_path
-    if data_path == "rotten_tomatoes":
-        from ..assets import rotten_tomatoes
-
-        files = rotten_tomatoes("classification" if is_classification(cfg) else "alpaca")
+    if data_path in TASKS:
+        files = TASKS[data_path]("classification" if is_classification(cfg) else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
     srcs = sources(d, data_path)  # data.path or data.datasets, Hub names resolved
     read = read_sources(srcs)
