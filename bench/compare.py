@@ -2,6 +2,7 @@
 honest protocol: paired seeds, each arm's learning rate chosen on validation, paired differences with 95% CIs.
 
     python bench/compare.py --config configs/compare/rt-minilm.yaml [--seeds 0 1 2 3 4] [--lrs 3e-3 1e-2 3e-2 1e-1]
+        [--arm-lrs dense=3e-3,1e-2 random=1e-2,3e-2]
         [--budgets p1:16:4 p2:8:0.25] [--arms fisher random dense saliency/module@20 ...] [--parallel 2]
         [--split eval|test] [key=value ...]
 
@@ -167,12 +168,30 @@ def parse_budget(spec: str) -> dict:
     raise SystemExit(f"compare: budget {spec!r}: use p1:R:r or p2:R:p")
 
 
-def arms(budgets, seeds, lrs, names, steps: int, warmup: int) -> list[dict]:
+def parse_arm_lrs(specs) -> dict[str, list[float]]:
+    """`--arm-lrs ARM=LR,LR ...` -> {arm: [lr, ...]}: that arm's own grid (the others use --lrs)."""
+    out = {}
+    for spec in specs or []:
+        arm, sep, grid = spec.partition("=")
+        try:
+            out[arm] = [float(x) for x in grid.split(",") if x]
+        except ValueError:
+            out[arm] = []
+        if not sep or not out[arm]:
+            raise SystemExit(f"compare: --arm-lrs {spec!r}: write ARM=LR[,LR...], e.g. dense=3e-3,1e-2")
+    return out
+
+
+def arms(budgets, seeds, lrs, names, steps: int, warmup: int, arm_lrs: dict | None = None) -> list[dict]:
+    """Every run: budget x arm x learning rate (the arm's own grid from arm_lrs, else lrs) x seed."""
     out = []
+    unknown = sorted(set(arm_lrs or {}) - set(names))
+    if unknown:
+        raise SystemExit(f"compare: --arm-lrs names arms that --arms does not list: {', '.join(unknown)}")
     for b in budgets:
         for name in names:
             spec = parse_arm(name, warmup)
-            for lr in lrs:
+            for lr in (arm_lrs or {}).get(name, lrs):
                 for seed in seeds:
                     ov = dict(b["dense"] if name == "dense" else b["pool"] if name == "dense_pool" else b["fish"])
                     ov.update(spec["fish"])
@@ -445,6 +464,13 @@ def main(argv=None) -> int:
     ap.add_argument("--task", help="name in the output files (default: the config file's stem)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
+    ap.add_argument(
+        "--arm-lrs",
+        nargs="+",
+        default=[],
+        metavar="ARM=LR,LR",
+        help="an arm's own learning-rate grid (e.g. dense=3e-3,1e-2 after a screen); the other arms use --lrs",
+    )
     ap.add_argument("--budgets", nargs="+", default=["p1:16:4", "p2:8:0.25"])
     ap.add_argument(
         "--arms",
@@ -484,13 +510,15 @@ def main(argv=None) -> int:
     common = {**dict(o.split("=", 1) for o in args.overrides), **files}
     metric = "accuracy" if cfg.data.format == "classification" else "token_acc"
     budgets = [parse_budget(b) for b in args.budgets]
-    todo = arms(budgets, args.seeds, args.lrs, args.arms, cfg.train.max_steps, args.warmup)
+    arm_lrs = parse_arm_lrs(args.arm_lrs)
+    todo = arms(budgets, args.seeds, args.lrs, args.arms, cfg.train.max_steps, args.warmup, arm_lrs)
     out_root = Path(args.runs) / (task if args.split == "test" else f"{task}-screen")
     log_dir = out_root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"[compare] {task}: {len(todo)} runs ({len(budgets)} budgets x {len(args.arms)} arms x "
-        f"{len(args.lrs)} lrs x {len(args.seeds)} seeds), {args.parallel} at a time",
+        f"{len(args.lrs)} lrs{' (or their own grid)' if arm_lrs else ''} x {len(args.seeds)} seeds), "
+        f"{args.parallel} at a time",
         flush=True,
     )
     t0 = time.time()
@@ -517,6 +545,7 @@ def main(argv=None) -> int:
         "split": args.split,
         "seeds": args.seeds,
         "lrs": args.lrs,
+        "arm_lrs": arm_lrs,
         "arms": args.arms,
         "run_seconds_median": statistics.median(r["seconds"] for r in results) if results else None,
     }

@@ -90,6 +90,20 @@ def test_arm_names():
         compare.parse_arm("best/layer", 20)
 
 
+def test_arm_lrs_give_an_arm_its_own_grid():
+    budgets = [compare.parse_budget("p1:16:4")]
+    own = compare.parse_arm_lrs(["dense=3e-3,1e-2"])
+    assert own == {"dense": [3e-3, 1e-2]}
+    todo = compare.arms(budgets, [0, 1], [3e-2], ["dense", "random"], 100, 20, own)
+    lrs = {(a["selection"], a["lr"]) for a in todo}
+    assert lrs == {("dense", 3e-3), ("dense", 1e-2), ("random", 3e-2)} and len(todo) == 6
+    for bad in ("dense", "dense=", "dense=fast"):
+        with pytest.raises(SystemExit, match="ARM=LR"):
+            compare.parse_arm_lrs([bad])
+    with pytest.raises(SystemExit, match="does not list: fisher"):
+        compare.arms(budgets, [0], [1e-2], ["dense"], 100, 20, {"fisher": [1e-2]})
+
+
 def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path):
     bert = toy["root"] / "bert"
     if not (bert / "config.json").exists():
