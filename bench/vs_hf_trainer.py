@@ -177,6 +177,7 @@ def run_fishds(args, meter: Meter) -> None:
         f"fish.keep_ratio={args.keep_ratio}",
         f"fish.num_samples={args.num_samples}",
         f"fish.granularity={args.granularity}",
+        "fish.dense_steps=0",  # the mask from the first step: the measured window holds masked steps only
         "fish.seed=0",
         f"train.max_steps={args.steps + 1}",
         f"train.lr={args.lr}",
@@ -257,7 +258,11 @@ def run_hf(args, meter: Meter) -> None:
         callbacks.insert(
             0,
             FishCallback(
-                keep_ratio=args.keep_ratio, num_samples=args.num_samples, granularity=args.granularity, seed=0
+                keep_ratio=args.keep_ratio,
+                num_samples=args.num_samples,
+                granularity=args.granularity,
+                seed=0,
+                warmup_steps=0,  # as fishds' run: the window holds masked steps only
             ),
         )
     trainer = Trainer(

@@ -99,6 +99,9 @@ ALLOCATIONS = tuple(ALLOCATION_TABLE)  # fishds/fish/allocation.py: the table
 CONTROLS = tuple(CONTROL_TABLE)  # fishds/fish/rules.py: the table
 
 
+DEFAULT_DENSE_STEPS = 20  # fish.dense_steps when unset (runs of 100+ steps); see FishSection.dense_steps_for
+
+
 class FishSection(_Section):
     selection: Literal[tuple(RULES)] = Field(
         "fisher",
@@ -199,14 +202,25 @@ class FishSection(_Section):
         "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
         "offload, a mask (not selection=dense).",
     )
-    dense_steps: int = Field(
-        0,
+    dense_steps: Optional[int] = Field(
+        None,
         ge=0,
-        description="Dense optimizer steps (every pool entry trains) before the "
-        "Fisher scoring (0 = score at initialisation); they count in the run's steps "
-        "(train.max_steps / train.epochs). Unselected entries are then reset to their initial "
-        "values. Formerly fish.warmup_steps (still read, with a deprecation warning).",
+        description="Dense optimizer steps (every pool entry trains) before the mask is scored and fixed; they "
+        "count in the run's steps (train.max_steps / train.epochs). Unset (default): min(20, a fifth of the run's "
+        "steps), at least 1 on runs of 2 steps or more, so the scores are read after training has started (at "
+        "LoRA's initialisation every lora_A gradient is 0). 0: score at initialisation (the paper's rule). "
+        "Unselected entries are then reset to their initial values (fish.reset_unselected). Formerly "
+        "fish.warmup_steps (still read, with a deprecation warning).",
     )
+
+    def dense_steps_for(self, steps: int) -> int:
+        """The dense steps of a run of `steps` optimizer steps: fish.dense_steps when set, else the default rule
+        (min(DEFAULT_DENSE_STEPS, steps // 5), at least 1 when steps >= 2); 0 without a mask to score."""
+        if RULES[self.selection].dense or self.mask_path:
+            return 0 if self.dense_steps is None else self.dense_steps
+        if self.dense_steps is not None:
+            return self.dense_steps
+        return min(DEFAULT_DENSE_STEPS, max(1, steps // 5)) if steps >= 2 else 0
 
     @model_validator(mode="before")
     @classmethod
@@ -264,7 +278,7 @@ class FishSection(_Section):
             return
         if (
             self.score in ("adam_v", "movement")
-            and self.dense_steps == 0
+            and self.dense_steps == 0  # unset: the default dense steps (FishSection.dense_steps_for)
             and self.control not in ("random_b_only", "head_only")
         ):
             raise ValueError(

@@ -35,7 +35,7 @@ ap.add_argument("--steps", type=int, default=4)
 ap.add_argument("--keep_ratio", type=float, default=0.25)
 ap.add_argument("--num_samples", type=int, default=16)
 ap.add_argument("--save_steps", type=int, default=0)
-ap.add_argument("--warmup_steps", type=int, default=0)
+ap.add_argument("--warmup_steps", type=int, default=0, help="-1: unset (FishCallback's default rule)")
 ap.add_argument(
     "--resume_from",
     type=int,
@@ -91,7 +91,8 @@ def make_model():
 
 model = make_model()
 start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
-fish = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps)
+WARMUP = None if args.warmup_steps < 0 else args.warmup_steps
+fish = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP)
 trainer = Trainer(
     model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id), callbacks=[fish]
 )
@@ -115,7 +116,7 @@ if args.resume_from:
     AcceleratorState._reset_state(reset_partial_state=True)  # a second Trainer in this process (a new job resuming)
     targs = training_args()
     fish2 = FishCallback(
-        keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps
+        keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP
     )
     trainer2 = Trainer(
         model=make_model(),

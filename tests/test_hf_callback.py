@@ -134,6 +134,18 @@ def test_hf_trainer_deepspeed_zero2_warmup_checkpoints_resume(toy, tmp_path):
     assert sorted(final) == sorted(resumed) and all(torch.equal(final[k], resumed[k]) for k in final)
 
 
+def test_hf_callback_default_rule_scores_after_dense_steps(toy, tmp_path):
+    """FishCallback() without warmup_steps uses fishds' default: min(20, max_steps // 5) dense steps, never scores at
+    LoRA's initialisation (10 steps: 2 dense)."""
+    out = tmp_path / "out"
+    proc = _run(toy, out, "--warmup_steps", -1, "--steps", 10)
+    assert "FISH warm-up: 2 dense steps before scoring" in proc.stdout
+    assert "FISH mask fixed at step 2" in proc.stdout
+    report = json.loads((out / "fish_selection.json").read_text())
+    assert report["step"] == 2 and report["warmup_steps"] == 2
+    _check_run(out)
+
+
 # ---- clear errors, in-process (no Trainer run) -------------------------------------------------------------
 
 

@@ -184,8 +184,8 @@ def test_allocation_report_coverage_and_layers():
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        (["fish.score=adam_v"], "fish.dense_steps"),
-        (["fish.score=movement"], "fish.dense_steps"),
+        (["fish.score=adam_v", "fish.dense_steps=0"], "fish.dense_steps"),
+        (["fish.score=movement", "fish.dense_steps=0"], "fish.dense_steps"),
         (["fish.score=random", "fish.allocation=module"], "fish.allocation=module"),
         (["fish.selection=random", "fish.score=saliency"], "fish.score"),
         (["fish.score=random", "fish.control=random_matched"], "fish.control=random_matched"),
@@ -207,4 +207,23 @@ def test_selection_is_the_shorthand_for_score_and_labels():
     assert label(f) == "snr+random_matched"
     f = load_config(None, BASE + ["fish.selection=dense"]).fish
     assert f.score is None and label(f) == "dense"
-    assert load_config(None, BASE).fish.score == "fisher"  # the paper's rule stays the default
+    assert load_config(None, BASE).fish.score == "fisher"
+
+
+def test_default_rule_never_scores_at_init_and_the_paper_is_one_switch_away():
+    """Defaults (issue 13, from bench/results/compare-*): Fisher, global top-k, scored after min(20, steps // 5)
+    dense steps (at least 1); fish.dense_steps=0 is the paper's exact rule. Resolved once per run by total_steps."""
+    from fishds.config import DEFAULT_DENSE_STEPS
+    from fishds.run.schedule import total_steps
+
+    f = load_config(None, BASE).fish
+    assert (f.score, f.allocation, f.control, f.dense_steps) == ("fisher", "global", "none", None)
+    assert [f.dense_steps_for(n) for n in (1, 2, 4, 10, 60, 100, 5000)] == [0, 1, 1, 2, 12, 20, DEFAULT_DENSE_STEPS]
+    assert load_config(None, BASE + ["fish.dense_steps=0"]).fish.dense_steps_for(100) == 0  # the paper
+    assert load_config(None, BASE + ["fish.dense_steps=7"]).fish.dense_steps_for(100) == 7
+    assert load_config(None, BASE + ["fish.selection=dense"]).fish.dense_steps_for(100) == 0
+    for steps, dense in ((100, 20), (30, 6)):
+        cfg = load_config(None, BASE + [f"train.max_steps={steps}"])
+        assert total_steps(cfg, 1000, 1) == steps and cfg.fish.dense_steps == dense  # an int from here on
+    # adam_v and movement are read after the dense steps: valid with the default, refused with 0 (above)
+    assert load_config(None, BASE + ["fish.score=adam_v"]).fish.dense_steps_for(100) == 20

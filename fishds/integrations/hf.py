@@ -128,14 +128,16 @@ class FishCallback(TrainerCallback):
     keep_ratio / num_selected: k = floor(keep_ratio * pool) or k itself (keep_ratio 0.5 if neither).
     num_samples: N examples for the Fisher scores, a `seed` permutation of the scoring dataset
         (default: the Trainer's train_dataset), collated with the Trainer's data_collator.
-    selection: fisher (top-k Fisher, the paper), random, lowest (ablations), dense (no mask).
+    selection: fisher (top-k Fisher, the paper), random, lowest (ablations), dense (no mask); score,
+        allocation, control: the rest of the rule (fishds/fish/rules.py), defaults as in `fishds train`.
     granularity: sample (per-example squared gradients) or batch (per micro-batch of
         per_device_train_batch_size examples, cheaper).
     per_example: batched (default: per-example gradients of a whole micro-batch from one pass,
         fishds/fish/per_example.py)
         or loop (one pass per example); same scores.
-    warmup_steps: dense Trainer steps before scoring; unselected entries are then reset to their values at
-        the start of training.
+    warmup_steps: dense Trainer steps before scoring (fish.dense_steps); unselected entries are then reset to their
+        values at the start of training. None (default): fishds' rule, min(20, a fifth of the Trainer's max_steps),
+        at least 1; 0 scores at initialisation (the paper).
     pool_include / pool_exclude: regexes on parameter names; excluded trainable tensors train fully.
     mask_path: use this fish_mask.safetensors instead of scoring.
     """
@@ -145,9 +147,9 @@ class FishCallback(TrainerCallback):
         keep_ratio: float | None = None,
         num_selected: int | None = None,
         num_samples: int = 64,
-        selection: str = "fisher",
+        selection: str | None = None,
         granularity: str = "sample",
-        warmup_steps: int = 0,
+        warmup_steps: int | None = None,
         seed: int = 0,
         per_example: str = "batched",
         scoring_dataset=None,
@@ -156,14 +158,18 @@ class FishCallback(TrainerCallback):
         mask_path: str | None = None,
         output_dir: str | None = None,
         save_initial_adapter: bool = True,
+        score: str | None = None,
+        allocation: str | None = None,
+        control: str | None = None,
     ):
+        rule_args = dict(selection=selection, score=score, allocation=allocation, control=control)
         self.fish = fish_section(
             keep_ratio=keep_ratio,
             num_selected=num_selected,
             num_samples=num_samples,
-            selection=selection,
+            **{k: v for k, v in rule_args.items() if v is not None},  # unset: the defaults of `fishds train`
             granularity=granularity,
-            dense_steps=warmup_steps,
+            **({} if warmup_steps is None else {"dense_steps": warmup_steps}),
             seed=seed,
             per_example=per_example,
             pool_include=list(pool_include),
@@ -351,6 +357,7 @@ class FishCallback(TrainerCallback):
         trainer = self._find_trainer()
         if self.masks is not None:
             raise FishError("this FishCallback already fixed a mask; use a new FishCallback for another train()")
+        self.fish.__dict__["dense_steps"] = self.fish.dense_steps_for(state.max_steps)  # unset: for this run
         if state.global_step > 0 and state.global_step >= self.warmup_steps and not self.mask_path:
             # resumed from a checkpoint written after the mask was fixed: its mask, not new scores
             self.fix_mask(trainer, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / MASK_FILE))
