@@ -9,7 +9,8 @@ honest protocol: paired seeds, each arm's learning rate chosen on validation, pa
 A thin driver over the real entry point (launch/train.py, one process per arm, OMP_NUM_THREADS=1,
 `--parallel` arms at a time). The config is a normal fishds YAML with data.path, data.eval_path
 (validation: picks the learning rate) and data.test_path (reported, never used for a choice); the
-built-in tasks (`data.path: rotten_tomatoes | spam_assassin | convention_2012`, fishds.assets.TASKS) are expanded to their cached jsonl files.
+built-in tasks (`data.path: rotten_tomatoes | spam_assassin | first_names | ...`, fishds.assets.TASKS) are
+expanded to their cached jsonl files.
 
 Arms (`--arms`, names also used in the tables):
 - `dense`: plain PEFT at the matched rank (plain LoRA at the same trainable count); `dense_pool`: plain PEFT at the

