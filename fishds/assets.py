@@ -437,9 +437,7 @@ def _convention_rows() -> list[tuple[str, str, str]]:
 
 def convention_2012(fmt: str = "alpaca") -> dict[str, Path]:
     """Sentences of the 2012 convention speeches (republican = 1 / democrat = 0), split by text hash."""
-    return _write_splits(
-        "convention_2012", fmt, _convention_rows, CONVENTION_INSTRUCTION, ("democrat", "republican")
-    )
+    return _write_splits("convention_2012", fmt, _convention_rows, CONVENTION_INSTRUCTION, ("democrat", "republican"))
 
 
 @functools.lru_cache(maxsize=1)

@@ -115,9 +115,7 @@ if args.resume_from:
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a second Trainer in this process (a new job resuming)
     targs = training_args()
-    fish2 = FishCallback(
-        keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP
-    )
+    fish2 = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP)
     trainer2 = Trainer(
         model=make_model(),
         args=targs,
