@@ -224,7 +224,7 @@ class FishSection(_Section):
             not RULES[self.selection].dense
             and not self.mask_path
             and not SCORE_TABLE[self.score].is_random
-            and self.control in ("none", "random_matched")
+            and CONTROL_TABLE[self.control].runs_rule
         )
         return min(DEFAULT_DENSE_STEPS, max(1, steps // 5)) if reads_training and steps >= 2 else 0
 
@@ -283,9 +283,9 @@ class FishSection(_Section):
         if self.selection == "dense":
             return
         if (
-            self.score in ("adam_v", "movement")
+            SCORE_TABLE[self.score].needs_warmup
             and self.dense_steps == 0  # unset: the default dense steps (FishSection.dense_steps_for)
-            and self.control not in ("random_b_only", "head_only")
+            and CONTROL_TABLE[self.control].runs_rule
         ):
             raise ValueError(
                 f"fish.score={self.score} is read after the dense steps; set fish.dense_steps > 0 (e.g. 20)"

@@ -62,7 +62,7 @@ def label(fish) -> str:
 def needs_pass(fish) -> bool:
     """Whether the rule runs the scoring pass (fish.num_samples examples)."""
     r = rule_of(fish)
-    return fish.selection != "dense" and r.control not in ("random_b_only", "head_only") and SCORES[r.score].needs_pass
+    return fish.selection != "dense" and CONTROLS[r.control].runs_rule and SCORES[r.score].needs_pass
 
 
 def check(cfg, ds: dict) -> None:
