@@ -392,11 +392,16 @@ def test_chat_template_override_string_or_file_and_prefix_check(toy, tmp_path):
     f = tmp_path / "chat.jsonl"
     f.write_text(json.dumps({"messages": [{"role": r, "content": c} for r, c in TURNS]}) + "\n")
     (tmp_path / "t.jinja").write_text(CHAT)
+
+    def load(template, tok=None):
+        tok = tok or load_tokenizer(toy["model"])  # has no chat template of its own
+        data = DataSection(path=str(f), format="chat", chat_template=template)
+        return load_examples(tok, str(f), "data.path", data, None, cache=tmp_path / "c")
+
     got = []
     for template in (CHAT, str(tmp_path / "t.jinja")):
-        tok = load_tokenizer(toy["model"])  # has no chat template of its own
-        data = DataSection(path=str(f), format="chat", chat_template=template)
-        got.append(load_examples(tok, str(f), "data.path", data, None, cache=tmp_path / "c"))
+        tok = load_tokenizer(toy["model"])
+        got.append(load(template, tok))
         assert _learned(tok, got[-1][0]) == ["fresh", "</s>", "rotten", "</s>"]
     assert got[0] == got[1]
     for bad, msg in (
@@ -404,14 +409,7 @@ def test_chat_template_override_string_or_file_and_prefix_check(toy, tmp_path):
         ("{% for m in messages %}", "not a valid Jinja template"),
     ):
         with pytest.raises(ConfigError, match=msg):
-            load_examples(
-                load_tokenizer(toy["model"]),
-                str(f),
-                "data.path",
-                DataSection(path=str(f), format="chat", chat_template=bad),
-                None,
-                cache=tmp_path / "c",
-            )
+            load(bad)
     # a template that rewrites earlier turns (numbers them from the end) cannot locate the assistant tokens
     rewriting = (
         "{% for m in messages %}<s> {{ loop.revindex }} {{ m['role'] }} : {{ m['content'] }} </s> "
@@ -422,14 +420,7 @@ def test_chat_template_override_string_or_file_and_prefix_check(toy, tmp_path):
         match=r"the render of turns 1..1 with the generation prompt of 4 is not a "
         r"prefix of the whole conversation's render",
     ):
-        load_examples(
-            load_tokenizer(toy["model"]),
-            str(f),
-            "data.path",
-            DataSection(path=str(f), format="chat", chat_template=rewriting),
-            None,
-            cache=tmp_path / "c",
-        )
+        load(rewriting)
 
 
 def test_sharegpt_run_with_template_file_learns_the_last_turn(toy, tmp_path):

@@ -40,16 +40,14 @@ LLAMA_7B = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
-LLAMA_TINY = dict(
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    tie_word_embeddings=False,
-)
+LLAMA_TINY = {  # the 7B shape scaled down for --cpu-smoke (same vocabulary, positions, untied head)
+    **LLAMA_7B,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+}
 
 
 def smollm2(cache: Path, tiny: bool) -> dict:
