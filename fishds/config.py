@@ -453,6 +453,13 @@ class TrainSection(_Section):
         "included. Wins over train.epochs when both are set; 100 when neither is.",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    head_lr: Optional[float] = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of the classification head (data.format=classification; the head trains "
+        "in full). Unset = train.lr. Sparse masks train best at rates well above plain LoRA's (FISH_TUNING.md "
+        "6.4); a head sharing such a rate can collapse to the majority class.",
+    )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (masked entries stay fixed anyway).")
     seed: int = Field(0, description="Seed of adapter initialisation, dropout and data order.")
     micro_batch_size: int = Field(4, gt=0, description="Examples per rank per forward pass.")
@@ -596,6 +603,11 @@ class Config(_Section):
             raise ValueError(
                 f"peft.method={self.peft.method} does not train a classification head; use a PEFT "
                 f"method (e.g. lora) with data.format={self.data.format}"
+            )
+        if self.train.head_lr is not None and not FORMATS[self.data.format].classification:
+            raise ValueError(
+                f"train.head_lr={self.train.head_lr} applies to a classification head, but data.format="
+                f"{self.data.format} trains none; remove train.head_lr"
             )
         f = self.fish
         if not RULES[f.selection].dense and f.budget == "match_rank" and f.match_r >= self.peft.r:

@@ -190,6 +190,12 @@ def _scheduler(sched: dict, cfg: Config, src: str) -> None:
             f"{src}: scheduler.type={kind!r} contradicts train.scheduler={t.scheduler!r}; set "
             f"train.scheduler={SCHEDULERS[kind]} or remove the scheduler section"
         )
+    if t.head_lr is not None and kind != "WarmupCosineLR":
+        raise ConfigError(
+            f"{src}: scheduler.type={kind!r} sets one absolute rate for every parameter group, so "
+            f"train.head_lr={t.head_lr} would be ignored; remove the scheduler section (fishds then follows "
+            "train.scheduler) or train.head_lr"
+        )
     params = sched.setdefault("params", {})
     warm = max(1, t.lr_warmup_steps)  # DeepSpeed >= 0.19.6 refuses 0 warm-up steps (the HF integration does this)
     if kind == "WarmupCosineLR":

@@ -109,3 +109,55 @@ def test_encoder_classification_match_rank_zero2(toy, tmp_path):
     with torch.no_grad():
         logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-4)
+
+
+def _bert(toy):
+    root = toy["root"] / "bert"
+    return make_tiny_bert(root) if not (root / "config.json").exists() else root
+
+
+def test_head_lr_trains_the_head_at_its_own_rate_zero2(toy, tmp_path):
+    """train.head_lr puts the head in its own optimizer group at that rate (ZeRO-2, 2 ranks): with a vanishing head
+    rate the head stays put while the adapter trains at train.lr, and masked entries stay fixed."""
+    out = tmp_path / "head_lr"
+    ov = base_overrides(
+        toy,
+        out,
+        **_data(toy),
+        **{
+            "model.name_or_path": str(_bert(toy)),
+            "peft.target_modules": "[query,value]",
+            "train.head_lr": 1e-9,
+            "data.max_eval_examples": 32,
+            "data.max_test_examples": 24,
+        },
+    )
+    launch(2, ov, "zero2.json")
+    report = json.loads((out / "fish_report.json").read_text())
+    adapter, masks, _ = assert_mask_enforced(out, report["selected"], bitwise_moved=False)
+    init = load_file(str(out / "init_adapter_model.safetensors"))
+    head = [k for k in masks if ".classifier." in k]
+    assert head
+    assert max(float((adapter[k] - init[k]).abs().max()) for k in head) < 1e-6
+    lora = [k for k in masks if "lora_" in k and masks[k].any()]
+    assert lora and min(float((adapter[k] - init[k])[masks[k]].abs().max()) for k in lora) > 1e-4
+
+
+def test_head_lr_refusals(tmp_path):
+    """train.head_lr without a head, or beside a DeepSpeed scheduler that sets one absolute rate, is refused."""
+    import pytest
+
+    from fishds.config import ConfigError, load_config
+    from fishds.dsconfig import resolve_ds_config
+
+    need = ["model.name_or_path=m", "data.path=d.jsonl", f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(ConfigError, match=r"train\.head_lr=0\.001 applies to a classification head"):
+        load_config(None, [*need, "data.format=alpaca", "train.head_lr=1e-3"])
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR", "params": {}}}))
+    cfg = load_config(None, [*need, "data.format=classification", "train.head_lr=1e-3", "train.scheduler=constant"])
+    with pytest.raises(ConfigError, match=r"scheduler\.type='WarmupLR'.*train\.head_lr=0\.001 would be ignored"):
+        resolve_ds_config(cfg, str(ds), 1)
+    cfg = load_config(None, [*need, "data.format=classification", "train.head_lr=1e-3", "train.scheduler=cosine"])
+    ds.write_text(json.dumps({"scheduler": {"type": "WarmupCosineLR", "params": {}}}))
+    assert resolve_ds_config(cfg, str(ds), 1)["scheduler"]["type"] == "WarmupCosineLR"  # scales each group's rate

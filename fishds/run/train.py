@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,21 @@ def _client_optimizer(cfg: Config, ds: dict):
         return lambda params: torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     adamw = CompactAdamW if cfg.fish.compact_optimizer else torch.optim.AdamW
     return lambda params: adamw(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def param_groups(cfg: Config, model) -> list:
+    """The trainable parameters; with train.head_lr, the classification head as a second group at that rate (the
+    LR schedule scales every group's peak alike)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.train.head_lr is None:
+        return [p for _, p in trainable]
+    head = [re.compile(pat) for pat in head_patterns(cfg)]
+    is_head = [any(h.search(n) for h in head) for n, _ in trainable]
+    groups = [
+        {"params": [p for (_, p), h in zip(trainable, is_head) if not h]},
+        {"params": [p for (_, p), h in zip(trainable, is_head) if h], "lr": cfg.train.head_lr},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
@@ -183,7 +199,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     k = budget["k"]
     engine, *_ = deepspeed.initialize(
         model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model_parameters=param_groups(cfg, model),
         optimizer=_client_optimizer(cfg, ds),
         lr_scheduler=None if "scheduler" in ds else schedule.scheduler(cfg, steps),
         config=ds,
