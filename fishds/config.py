@@ -457,8 +457,8 @@ class TrainSection(_Section):
         None,
         gt=0,
         description="Peak learning rate of the classification head (data.format=classification; the head trains "
-        "in full). Unset = train.lr. Sparse masks train best at rates well above plain LoRA's (FISH_TUNING.md "
-        "6.4); a head sharing such a rate can collapse to the majority class.",
+        "in full). Unset = train.lr. Lets a comparison raise the adapter's rate (sparse masks may want larger "
+        "ones, FISH_TUNING.md 6.4) while the head keeps its own.",
     )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (masked entries stay fixed anyway).")
     seed: int = Field(0, description="Seed of adapter initialisation, dropout and data order.")
