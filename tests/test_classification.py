@@ -57,6 +57,11 @@ def _check(out, model_path: str, head: str):
     return report
 
 
+def _bert(toy):
+    root = toy["root"] / "bert"
+    return make_tiny_bert(root) if not (root / "config.json").exists() else root
+
+
 def test_decoder_classification_zero3(toy, tmp_path):
     """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks."""
     out = tmp_path / "dec"
@@ -73,11 +78,7 @@ def test_decoder_classification_zero3(toy, tmp_path):
 
 def test_encoder_classification_match_rank_zero2(toy, tmp_path):
     """Toy BERT, LoRA r=4 on query/value masked to the trainable count of plain r=2 (head included), ZeRO-2."""
-    bert = (
-        make_tiny_bert(toy["root"] / "bert")
-        if not (toy["root"] / "bert" / "config.json").exists()
-        else toy["root"] / "bert"
-    )
+    bert = _bert(toy)
     out = tmp_path / "enc"
     ov = base_overrides(
         toy,
@@ -109,11 +110,6 @@ def test_encoder_classification_match_rank_zero2(toy, tmp_path):
     with torch.no_grad():
         logits = merged(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-5, rtol=1e-4)
-
-
-def _bert(toy):
-    root = toy["root"] / "bert"
-    return make_tiny_bert(root) if not (root / "config.json").exists() else root
 
 
 def test_head_lr_trains_the_head_at_its_own_rate_zero2(toy, tmp_path):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,18 +84,16 @@ def _client_optimizer(cfg: Config, ds: dict):
 
 
 def param_groups(cfg: Config, model) -> list:
-    """The trainable parameters; with train.head_lr, the classification head as a second group at that rate (the
-    LR schedule scales every group's peak alike)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    """The trainable parameters; with train.head_lr, the classification head (head_patterns, matched as the pool
+    matches them) as a second group at that rate (the LR schedule scales every group's peak alike)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.train.head_lr is None:
-        return [p for _, p in trainable]
-    head = [re.compile(pat) for pat in head_patterns(cfg)]
-    is_head = [any(h.search(n) for h in head) for n, _ in trainable]
-    groups = [
-        {"params": [p for (_, p), h in zip(trainable, is_head) if not h]},
-        {"params": [p for (_, p), h in zip(trainable, is_head) if h], "lr": cfg.train.head_lr},
+        return trainable
+    head = {id(t.param) for t in Pool.from_model(model, include=head_patterns(cfg)).tensors}
+    return [
+        {"params": [p for p in trainable if id(p) not in head]},
+        {"params": [p for p in trainable if id(p) in head], "lr": cfg.train.head_lr},
     ]
-    return [g for g in groups if g["params"]]
 
 
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
