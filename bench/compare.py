@@ -87,40 +87,39 @@ def t975(df: int) -> float:
 
 
 def parse_arm(name: str, warmup: int) -> dict:
-    """An arm name -> its fish overrides (see the module docstring)."""
+    """An arm name -> its fish overrides (see the module docstring): a rule name of fishds/fish/rules.py's grammar
+    (rules.parse), with @WARMUP, or dense_pool / fisher_warmup."""
+    from fishds.fish import rules
+
     if name == "fisher_warmup":
         name = f"fisher@{warmup}"
-    if name in ("dense", "dense_pool"):
-        return {"name": name, "score": "dense", "allocation": "-", "fish": {"fish.selection": "dense"}, "warmup": 0}
-    if name in ("random_b_only", "head_only"):
-        return {
-            "name": name,
-            "score": "random" if name == "random_b_only" else "-",
-            "allocation": "-",
-            "fish": {"fish.score": "random", "fish.control": name},
-            "warmup": 0,
-        }
-    from fishds.config import ALLOCATIONS, CONTROLS, SCORES
-
     rest, _, w = name.partition("@")
-    rest, _, control = rest.partition("+")
-    score, _, allocation = rest.partition("/")
-    allocation = allocation or "global"
-    if (
-        score not in SCORES
-        or allocation not in ALLOCATIONS
-        or (control and control not in CONTROLS)
-        or (w and not w.isdigit())
-    ):
+    try:
+        fields = rules.parse("dense" if rest == "dense_pool" else rest)
+    except ValueError as e:
         raise SystemExit(
-            f"compare: arm {name!r}: use SCORE[/ALLOCATION][+CONTROL][@WARMUP] with scores {SCORES}, "
-            f"allocations {ALLOCATIONS}, controls {CONTROLS}, or dense, dense_pool, random_b_only, "
-            "head_only, fisher_warmup"
-        )
-    fish = {"fish.score": score, "fish.allocation": allocation}
-    if control:
+            f"compare: arm {name!r}: use SCORE[/ALLOCATION][+CONTROL][@WARMUP], or dense, dense_pool, "
+            f"random_b_only, head_only, fisher_warmup ({e})"
+        ) from None
+    if w and not w.isdigit():
+        raise SystemExit(f"compare: arm {name!r}: @WARMUP must be a number of dense steps, e.g. fisher@20")
+    if "selection" in fields:
+        return {"name": name, "score": "dense", "allocation": "-", "fish": {"fish.selection": "dense"}, "warmup": 0}
+    control = fields["control"]
+    if not rules.CONTROLS[control].runs_rule:  # a control that names itself: no rule, no warm-up
+        score = fields["score"] if rules.CONTROLS[control].trains_pool else "-"
+        fish = {"fish.score": fields["score"], "fish.control": control}
+        return {"name": name, "score": score, "allocation": "-", "fish": fish, "warmup": 0}
+    fish = {"fish.score": fields["score"], "fish.allocation": fields["allocation"]}
+    if control != "none":
         fish["fish.control"] = control
-    return {"name": name, "score": score, "allocation": allocation, "fish": fish, "warmup": int(w or 0)}
+    return {
+        "name": name,
+        "score": fields["score"],
+        "allocation": fields["allocation"],
+        "fish": fish,
+        "warmup": int(w or 0),
+    }
 
 
 def is_random_arm(arm: str) -> bool:

@@ -253,21 +253,17 @@ def run_hf(args, meter: Meter) -> None:
         def on_step_end(self, *_a, **_kw):
             meter.step_end()
 
-    callbacks = [Timing()]
-    if args.selection == "fisher":
-        callbacks.insert(
-            0,
-            FishCallback(
-                keep_ratio=args.keep_ratio,
-                num_samples=args.num_samples,
-                granularity=args.granularity,
-                seed=0,
-                warmup_steps=0,  # as fishds' run: the window holds masked steps only
-            ),
-        )
     trainer = Trainer(
-        model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id), callbacks=callbacks
+        model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id), callbacks=[Timing()]
     )
+    if args.selection == "fisher":
+        FishCallback(
+            keep_ratio=args.keep_ratio,
+            num_samples=args.num_samples,
+            granularity=args.granularity,
+            seed=0,
+            warmup_steps=0,  # as fishds' run: the window holds masked steps only
+        ).attach(trainer)
     trainer.train()
 
 

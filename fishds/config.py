@@ -8,28 +8,19 @@ before any model weights load; `ConfigError` names the key and says what to chan
 from __future__ import annotations
 
 import difflib
-import math
-import warnings
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .fish.allocation import ALLOCATIONS as ALLOCATION_TABLE
-from .fish.rules import CONTROLS as CONTROL_TABLE
-from .fish.scores import SCORES as SCORE_TABLE
-from .fish.selection import RULES
+from .fish.config import CHOICES, DEFAULT_DENSE_STEPS, FishSection
 from .methods import METHODS
 from .run.formats import FORMATS
+from .schema import ConfigError
+from .schema import Section as _Section
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before any heavy work starts."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+__all__ = ["Config", "ConfigError", "FishSection", "DEFAULT_DENSE_STEPS", "load_config", "config_reference"]
 
 
 class ModelSection(_Section):
@@ -94,213 +85,7 @@ class QuantSection(_Section):
     )
 
 
-SCORES = tuple(SCORE_TABLE)  # fishds/fish/scores.py: the table
-ALLOCATIONS = tuple(ALLOCATION_TABLE)  # fishds/fish/allocation.py: the table
-CONTROLS = tuple(CONTROL_TABLE)  # fishds/fish/rules.py: the table
-
-
-DEFAULT_DENSE_STEPS = 20  # fish.dense_steps when unset (runs of 100+ steps); see FishSection.dense_steps_for
-
-
-class FishSection(_Section):
-    selection: Literal[tuple(RULES)] = Field(
-        "fisher",
-        description="; ".join(f"{name}: {r.doc}" for name, r in RULES.items()) + ". Shorthand for "
-        "fish.score (fisher, random, lowest); dense trains every entry.",
-    )
-    score: Optional[Literal[SCORES]] = Field(
-        None,
-        description="What ranks the pool entries (default: fish.selection): fisher (sum of squared per-example "
-        "gradients, the paper), saliency (|theta * sum g|), snr (|sum g| / sqrt(sum g^2 + eps)), adam_v (AdamW's "
-        "exp_avg_sq after the dense warm-up), movement (|theta - theta at the warm-up's start|), random, lowest "
-        "(the k lowest Fisher scores). adam_v and movement need fish.dense_steps > 0 and no scoring pass.",
-    )
-    allocation: Literal[ALLOCATIONS] = Field(
-        "global",
-        description="How k is shared out before the top-k: global (one top-k over the pool, the paper), "
-        "tensor (each pool tensor gets k in proportion to its size), module (per adapted module, in proportion to "
-        "its summed score, at least fish.min_density x the uniform density), ab_balanced (each module gets what a "
-        "global top-k gives it, split over its tensors (LoRA A and B) at equal density).",
-    )
-    control: Literal[CONTROLS] = Field(
-        "none",
-        description="Control arms: random_matched (random entries with the per-tensor counts of the rule "
-        "fish.score + fish.allocation), random_b_only (random entries of lora_B tensors only, lora_A stays at "
-        "init), head_only (classification: no pool entry trains, only the head; k = 0).",
-    )
-    min_density: float = Field(
-        0.25,
-        ge=0,
-        le=1,
-        description="allocation=module: every module keeps at least this "
-        "fraction of the uniform density k / pool size.",
-    )
-    reset_unselected: bool = Field(
-        True,
-        description="After dense steps (fish.dense_steps > 0): reset the "
-        "unselected entries to their initial values (true) or keep their warmed-up "
-        "values (false); either way they stay fixed afterwards.",
-    )
-    keep_ratio: Optional[float] = Field(
-        None,
-        description="Fraction of the pool to train, in (0, 1]: "
-        "k = floor(keep_ratio * pool size). 0.5 when num_selected is not given.",
-    )
-    num_selected: Optional[int] = Field(None, description="Absolute number k of entries to train (1..pool size).")
-    num_samples: int = Field(64, gt=0, description="N: training examples used to estimate the Fisher information.")
-    granularity: Literal["sample", "batch"] = Field(
-        "sample",
-        description="sample: sum of per-example squared gradients (the paper's definition); "
-        "batch: cheaper per-micro-batch variant, squares of micro-batch mean gradients.",
-    )
-    per_example: Literal["batched", "loop"] = Field(
-        "batched",
-        description="How granularity=sample gets its per-example gradients. batched: one forward/backward "
-        "per micro-batch of train.micro_batch_size examples, per-example gradients from module hooks (LoRA A/B, "
-        "rslora/pissa/olora, bottleneck, IA3, linear heads; other tensors, e.g. DoRA's magnitude, VeRA, LoHa, LoKr, "
-        "are scored one example at a time and named in the log); same scores as loop. loop: one forward/backward per "
-        "example (the paper's procedure, slower: under ZeRO-3 every example gathers every layer).",
-    )
-    budget: Literal["keep_ratio", "match_rank"] = Field(
-        "keep_ratio",
-        description="keep_ratio: k from keep_ratio / num_selected; match_rank: k = the trainable count "
-        "of the same method at rank fish.match_r (protocol 1: rank 2r masked to the count of rank r).",
-    )
-    match_r: Optional[int] = Field(
-        None,
-        gt=0,
-        description="The plain-PEFT rank whose trainable count k must equal "
-        "(fish.budget=match_rank); must be below peft.r.",
-    )
-    pool_include: list[str] = Field(
-        default_factory=list,
-        description="Regular expressions: only trainable tensors "
-        "whose name matches one form the pool (empty = all trainable tensors).",
-    )
-    pool_exclude: list[str] = Field(
-        default_factory=list,
-        description="Regular expressions: trainable tensors left out "
-        "of the pool; they train fully and count towards k (e.g. a task head).",
-    )
-    seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
-    mask_path: Optional[str] = Field(
-        None,
-        description="Use this fish_mask.safetensors (from an earlier run) instead "
-        "of scoring; its keys and shapes must match the adapter.",
-    )
-    save_scores: bool = Field(
-        False,
-        description="Also write fisher_scores.safetensors (gathers all scores on "
-        "rank 0: for inspection on small pools only).",
-    )
-    compact_optimizer: bool = Field(
-        False,
-        description="Keep AdamW moments only for the selected entries of each "
-        "rank's partition (12 B per selected entry instead of 8 B per entry; fp32 masters "
-        "and gradients stay dense, as DeepSpeed holds them). Same bits as the dense masked "
-        "AdamW. "
-        "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
-        "offload, a mask (not selection=dense).",
-    )
-    dense_steps: Optional[int] = Field(
-        None,
-        ge=0,
-        description="Dense optimizer steps (every pool entry trains) before the mask is scored and fixed; they "
-        "count in the run's steps (train.max_steps / train.epochs). Unset (default): for a score read from training "
-        "(all but random) min(20, a fifth of the run's steps), at least 1 on runs of 2 steps or more, so the "
-        "scores are read after training has started (at LoRA's initialisation every lora_A gradient is 0); 0 for "
-        "random masks and the random_b_only / head_only controls. 0: score at initialisation (the paper's rule). "
-        "Unselected entries are then reset to their initial values (fish.reset_unselected). Formerly "
-        "fish.warmup_steps (still read, with a deprecation warning).",
-    )
-
-    def dense_steps_for(self, steps: int) -> int:
-        """The dense steps of a run of `steps` optimizer steps: fish.dense_steps when set, else the default rule
-        (min(DEFAULT_DENSE_STEPS, steps // 5), at least 1 when steps >= 2) for a rule that reads the training state,
-        and 0 for one that does not (no mask, a mask file, random scores, the random_b_only / head_only controls)."""
-        if self.dense_steps is not None:
-            return self.dense_steps
-        reads_training = (
-            not RULES[self.selection].dense
-            and not self.mask_path
-            and not SCORE_TABLE[self.score].is_random
-            and CONTROL_TABLE[self.control].runs_rule
-        )
-        return min(DEFAULT_DENSE_STEPS, max(1, steps // 5)) if reads_training and steps >= 2 else 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _warmup_alias(cls, data):
-        """fish.warmup_steps: the old name of fish.dense_steps (clashed with the LR warm-up train.lr_warmup_*)."""
-        if isinstance(data, dict) and "warmup_steps" in data:
-            if "dense_steps" in data:
-                raise ValueError(
-                    "fish.warmup_steps is the deprecated name of fish.dense_steps; set only fish.dense_steps"
-                )
-            warnings.warn(
-                "fish.warmup_steps is deprecated: it is now fish.dense_steps (dense steps before the "
-                "Fisher scoring, not an LR warm-up); rename the key",
-                FutureWarning,
-                stacklevel=2,
-            )
-            data = {**data, "dense_steps": data["warmup_steps"]}
-            del data["warmup_steps"]
-        return data
-
-    @model_validator(mode="after")
-    def _budget(self):
-        self._rule()
-        if RULES[self.selection].dense:
-            return self
-        if self.keep_ratio is not None and self.num_selected is not None:
-            raise ValueError(
-                "fish: set only one of fish.keep_ratio (a fraction in (0, 1]) or fish.num_selected "
-                "(an absolute count), not both"
-            )
-        if self.budget == "match_rank":
-            if self.match_r is None or self.keep_ratio is not None or self.num_selected is not None:
-                raise ValueError("fish.budget=match_rank needs fish.match_r and no fish.keep_ratio / fish.num_selected")
-            return self
-        if self.keep_ratio is None and self.num_selected is None:
-            self.__dict__["keep_ratio"] = 0.5
-        if self.keep_ratio is not None and not (0.0 < self.keep_ratio <= 1.0 and math.isfinite(self.keep_ratio)):
-            raise ValueError(
-                f"fish.keep_ratio={self.keep_ratio} is outside (0, 1]; use e.g. 0.1 to train 10% of the pool"
-            )
-        if self.num_selected is not None and self.num_selected < 1:
-            raise ValueError(f"fish.num_selected={self.num_selected} must be at least 1")
-        return self
-
-    def _rule(self) -> None:
-        """fish.score from fish.selection when unset; contradictions and rules that cannot run, refused."""
-        if self.score is None:
-            self.__dict__["score"] = None if self.selection == "dense" else self.selection
-        elif "selection" in self.model_fields_set and self.selection != self.score:
-            raise ValueError(
-                f"fish.selection={self.selection} and fish.score={self.score} contradict; "
-                "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score"
-            )
-        if self.selection == "dense":
-            return
-        if (
-            SCORE_TABLE[self.score].needs_warmup
-            and self.dense_steps == 0  # unset: the default dense steps (FishSection.dense_steps_for)
-            and CONTROL_TABLE[self.control].runs_rule
-        ):
-            raise ValueError(
-                f"fish.score={self.score} is read after the dense steps; set fish.dense_steps > 0 (e.g. 20)"
-            )
-        if self.score == "random" and self.allocation == "module":
-            raise ValueError(
-                "fish.allocation=module shares k by the modules' summed scores, which fish.score=random "
-                "does not have; use fish.allocation=tensor, or fish.control=random_matched with the rule "
-                "whose module quotas you want"
-            )
-        if self.control == "random_matched" and self.score == "random":
-            raise ValueError(
-                "fish.control=random_matched takes the per-tensor counts of a scored rule; set fish.score "
-                "to that rule (e.g. saliency) instead of random"
-            )
+SCORES, ALLOCATIONS, CONTROLS = (CHOICES[k] for k in ("score", "allocation", "control"))  # fishds/fish/config.py
 
 
 class DatasetEntry(_Section):
@@ -610,7 +395,7 @@ class Config(_Section):
                 f"{self.data.format} trains none; remove train.head_lr"
             )
         f = self.fish
-        if not RULES[f.selection].dense and f.budget == "match_rank" and f.match_r >= self.peft.r:
+        if not f.dense and f.budget == "match_rank" and f.match_r >= self.peft.r:
             raise ValueError(
                 f"fish.match_r={f.match_r} must be below peft.r={self.peft.r} (protocol 1: a larger pool "
                 "masked down to the count of a smaller rank)"

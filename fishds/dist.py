@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .schema import ConfigError
+
 
 def prefer_cpu_accelerator_if_no_cuda() -> None:
     """Select DeepSpeed's CPU accelerator when no CUDA device exists (must run before `import deepspeed`)."""
@@ -27,8 +29,6 @@ def collective_timeout(timeout_minutes: float | None = None) -> datetime.timedel
 
     Raises ConfigError (naming the variable) for a value that is not a positive, finite number.
     """
-    from .config import ConfigError
-
     if timeout_minutes is not None:
         seconds = float(timeout_minutes) * 60.0
         source = f"timeout_minutes={timeout_minutes!r}"
@@ -66,7 +66,7 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
     from . import zero
 
     zero.skip_shm_op_build()
-    zero.default_rendezvous_env()
+    default_rendezvous_env()
     deepspeed.init_distributed(timeout=timeout)
     quiet_logs()
     if get_accelerator().device_name() != "cpu":
@@ -89,6 +89,14 @@ def quiet_logs() -> None:
         transformers.utils.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
+
+
+def default_rendezvous_env() -> None:
+    """A world of one process when no launcher set one up (DeepSpeed would otherwise try MPI)."""
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def _free_port() -> int:

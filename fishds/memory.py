@@ -71,9 +71,16 @@ def _rss() -> int:
         return 0
 
 
-def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
-    from .quant import is_4bit
+def is_4bit(param) -> bool:
+    """A bitsandbytes 4-bit weight (quant.bits=4, fishds/quant.py)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(param, bnb.nn.Params4bit)
 
+
+def measure(engine, masks: dict | None = None, enforcer=None) -> dict:
     model = engine.module
     out = dict.fromkeys(
         (

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, resolve_precision
 from .methods import METHODS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "uint8": torch.uint8}
@@ -34,8 +34,6 @@ def enabled(cfg: Config) -> bool:
 
 
 def compute_dtype(cfg: Config) -> str:
-    from .config import resolve_precision
-
     return cfg.quant.compute_dtype or resolve_precision(cfg)  # follows train.precision (auto resolved)
 
 
@@ -105,11 +103,3 @@ def after_load(model) -> None:
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
-
-
-def is_4bit(param) -> bool:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return False
-    return isinstance(param, bnb.nn.Params4bit)

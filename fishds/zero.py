@@ -22,12 +22,9 @@ tensors by storage), so the views are taken here.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
-
-from . import dist as fdist
 
 
 class UnsupportedSetup(RuntimeError):
@@ -45,14 +42,6 @@ def skip_shm_op_build() -> bool:
         return False
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     return True
-
-
-def default_rendezvous_env() -> None:
-    """A world of one process when no launcher set one up (DeepSpeed would otherwise try MPI)."""
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(fdist._free_port())
 
 
 # ---- parameters ------------------------------------------------------------------------------------------
@@ -135,7 +124,11 @@ def master_fragments(engine, pool) -> list[tuple[str, torch.Tensor, int, torch.T
             p = t.param
             group, offset, numel = opt.grad_position[opt.get_param_id(p)]
             master = opt.fp32_partitioned_groups_flat[group].narrow(0, offset, numel)
-            rank = opt._get_param_partition_rank(p) if hasattr(opt, "_get_param_partition_rank") else fdist.rank()
+            rank = (
+                opt._get_param_partition_rank(p)
+                if hasattr(opt, "_get_param_partition_rank")
+                else torch.distributed.get_rank()
+            )
             out.append((t.name, master, rank * numel, p.ds_tensor.reshape(-1)[:numel]))
         return out
     # DeepSpeed's bf16/fp16 optimizer without ZeRO (FP16_UnfusedOptimizer) keeps one fp32 copy per parameter

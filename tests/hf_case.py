@@ -35,6 +35,8 @@ ap.add_argument("--steps", type=int, default=4)
 ap.add_argument("--keep_ratio", type=float, default=0.25)
 ap.add_argument("--num_samples", type=int, default=16)
 ap.add_argument("--save_steps", type=int, default=0)
+ap.add_argument("--selection", help="FishCallback(selection=...), default: the callback's")
+ap.add_argument("--mask_path", help="FishCallback(mask_path=...)")
 ap.add_argument("--warmup_steps", type=int, default=0, help="-1: unset (FishCallback's default rule)")
 ap.add_argument(
     "--resume_from",
@@ -92,10 +94,16 @@ def make_model():
 model = make_model()
 start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
 WARMUP = None if args.warmup_steps < 0 else args.warmup_steps
-fish = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP)
-trainer = Trainer(
-    model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id), callbacks=[fish]
-)
+trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id))
+rule = {"selection": args.selection} if args.selection else {}
+fish = FishCallback(
+    keep_ratio=args.keep_ratio,
+    num_samples=args.num_samples,
+    seed=0,
+    warmup_steps=WARMUP,
+    mask_path=args.mask_path,
+    **rule,
+).attach(trainer)
 trainer.train()
 trainer.save_model(args.out)
 if trainer.is_world_process_zero():
@@ -115,13 +123,9 @@ if args.resume_from:
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a second Trainer in this process (a new job resuming)
     targs = training_args()
-    fish2 = FishCallback(keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP)
-    trainer2 = Trainer(
-        model=make_model(),
-        args=targs,
-        train_dataset=examples,
-        data_collator=Collator(tok.pad_token_id),
-        callbacks=[fish2],
+    trainer2 = Trainer(model=make_model(), args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id))
+    fish2 = FishCallback(
+        keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=WARMUP, trainer=trainer2
     )
     trainer2.train(resume_from_checkpoint=str(Path(args.out) / f"checkpoint-{args.resume_from}"))
     trainer2.save_model(str(Path(args.out) / "resumed"))

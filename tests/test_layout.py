@@ -101,3 +101,65 @@ def test_one_adapter_key_parser():
         sorted(report["per_module"]) == sorted(parse_key(t.name).module for t in P.tensors) == ["down_proj", "q_proj"]
     )
     assert report["share"] == {"lora_A": 4 / 6, "lora_B": 0.0, "other": 2 / 6}
+
+
+def _imports(path: Path, name: str, modules: set[str]) -> set[str]:
+    """The fishds modules `path` imports anywhere (module level and inside functions; relative imports resolved;
+    the packages above an imported module included, since importing it runs their __init__)."""
+    import ast
+
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    named = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            named.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            named.add(base)
+            named.update(f"{base}.{a.name}" for a in node.names)
+    out = set()
+    for mod in named:
+        while mod and mod not in modules:
+            mod = mod.rpartition(".")[0]
+        while mod:
+            if mod != name:
+                out.add(mod)
+            mod = mod.rpartition(".")[0]
+    return out
+
+
+def test_fishds_has_no_import_cycle():
+    """Following every import statement, module level and function level alike, no fishds module reaches itself
+    (a function-level import cannot hide a circle)."""
+    files = {}
+    for p in (ROOT / "fishds").rglob("*.py"):
+        parts = list(p.relative_to(ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph = {name: _imports(p, name, set(files)) for name, p in files.items()}
+    assert len(graph) > 40 and "fishds.config" in graph["fishds.run.train"]  # the scan sees the package
+    state, cycles = {}, []
+
+    def visit(mod, stack):
+        state[mod] = "open"
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_schema_is_a_leaf_and_the_error_one_class():
+    from fishds import config, schema
+    from fishds.fish import config as fish_config
+
+    assert _imports(ROOT / "fishds" / "schema.py", "fishds.schema", {"fishds", "fishds.config"}) == set()
+    assert config.ConfigError is schema.ConfigError and config.FishSection is fish_config.FishSection

@@ -181,20 +181,33 @@ def _ab_balanced(ctx: AllocationContext):
     return tensor_groups(pool, ctx.start, ctx.end), quotas
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Allocation:
+    """One `fish.allocation`: its doc (the config reference's line) and what it needs of the score."""
+
     name: str
+    doc: str
     groups_and_quotas: Callable[[AllocationContext], tuple[torch.Tensor | None, list[int]]]
-    needs_values: bool = False  # shares k by score sums (not defined for random keys)
+    needs_values: str | None = None  # why it needs score values (random keys have none), or None
 
 
 ALLOCATIONS: dict[str, Allocation] = {
     a.name: a
     for a in (
-        Allocation("global", _global),
-        Allocation("tensor", _tensor),
-        Allocation("module", _module, needs_values=True),
-        Allocation("ab_balanced", _ab_balanced),
+        Allocation(name="global", doc="one top-k over the pool, the paper", groups_and_quotas=_global),
+        Allocation(name="tensor", doc="each pool tensor gets k in proportion to its size", groups_and_quotas=_tensor),
+        Allocation(
+            name="module",
+            doc="per adapted module, in proportion to its summed score, at least fish.min_density x the uniform "
+            "density",
+            groups_and_quotas=_module,
+            needs_values="shares k by the modules' summed scores",
+        ),
+        Allocation(
+            name="ab_balanced",
+            doc="each module gets what a global top-k gives it, split over its tensors (LoRA A and B) at equal density",
+            groups_and_quotas=_ab_balanced,
+        ),
     )
 }
 

@@ -30,11 +30,10 @@ from torch.optim.adam import adam
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import zero
-from ..config import Config, ConfigError
 from ..memory import optimizer_tensors
+from ..schema import ConfigError
 from ..zero import UnsupportedSetup
 from .pool import Pool
-from .selection import rule
 
 
 class CompactAdamW(torch.optim.AdamW):
@@ -139,11 +138,11 @@ class CompactAdamW(torch.optim.AdamW):
         )
 
 
-def check_config(cfg: Config, ds: dict) -> None:
-    """Refuse fish.compact_optimizer where it cannot work (before any weights load)."""
+def check_config(cfg, ds: dict) -> None:
+    """Refuse fish.compact_optimizer where it cannot work (before any weights load; cfg: config.Config)."""
     if not cfg.fish.compact_optimizer:
         return
-    if rule(cfg.fish.selection).dense:
+    if cfg.fish.dense:
         raise ConfigError(
             "fish.compact_optimizer=true needs a mask; with fish.selection=dense every entry trains "
             "(set fish.compact_optimizer=false)"

@@ -24,19 +24,11 @@ from typing import Callable
 
 import torch
 
+from ..schema import ConfigError
 from .allocation import ALLOCATIONS, AllocationContext, kind_of, proportional_quotas, selected_per_tensor, tensor_groups
 from .pool import Pool
 from .scores import SCORES, ScoreContext, local_scores
 from .select import exact_topk_grouped, key_to_float, random_keys
-
-
-def _config_error(message: str) -> Exception:
-    from ..config import ConfigError  # config.py imports this module's CONTROLS table
-
-    return ConfigError(message)
-
-
-LORA_METHODS = ("lora", "rslora", "dora", "pissa", "olora")  # methods with lora_A / lora_B tensors
 
 
 def rule_of(fish) -> SimpleNamespace:
@@ -47,16 +39,53 @@ def rule_of(fish) -> SimpleNamespace:
     )
 
 
+# ---- the rule grammar: one name per rule, used by the config, the reports and bench/compare.py -----------------
+#     dense | CONTROL (a control that runs no rule: random_b_only, head_only) | SCORE[/ALLOCATION][+CONTROL]
+# /global and +none are left out of names.
+
+
+def name_of(score: str | None, allocation: str = "global", control: str = "none") -> str:
+    """The name of a rule (score None: dense, no mask)."""
+    if score is None:
+        return "dense"
+    if not CONTROLS[control].runs_rule:
+        return control
+    name = score if allocation == "global" else f"{score}/{allocation}"
+    return name + ("" if control == "none" else f"+{control}")
+
+
 def label(fish) -> str:
-    """The selection's name in reports: the legacy names for the paper's rule and its ablations, else
-    score/allocation[+control]."""
+    """The selection's name in reports (name_of of the section's rule)."""
     if fish.selection == "dense":
         return "dense"
     r = rule_of(fish)
-    if r.control in ("random_b_only", "head_only"):
-        return r.control
-    name = r.score if r.allocation == "global" else f"{r.score}/{r.allocation}"
-    return name + ("+random_matched" if r.control == "random_matched" else "")
+    return name_of(r.score, r.allocation, r.control)
+
+
+GRAMMAR = "dense, a control that runs no rule, or SCORE[/ALLOCATION][+CONTROL]"
+
+
+def parse(name: str) -> dict[str, str]:
+    """A rule name (name_of's grammar) -> the `fish:` fields it sets ({"selection": "dense"}, or score, allocation
+    and control). ValueError naming the grammar and the table entries for a name that is none."""
+    if name == "dense":
+        return {"selection": "dense"}
+    if name in CONTROLS and not CONTROLS[name].runs_rule:
+        return {"score": "random", "allocation": "global", "control": name}
+    rest, _, control = name.partition("+")
+    score, _, allocation = rest.partition("/")
+    allocation, control = allocation or "global", control or "none"
+    if (
+        score not in SCORES
+        or allocation not in ALLOCATIONS
+        or control not in CONTROLS
+        or not CONTROLS[control].runs_rule
+    ):
+        raise ValueError(
+            f"rule {name!r}: write {GRAMMAR} (scores {', '.join(SCORES)}; allocations {', '.join(ALLOCATIONS)}; "
+            f"controls {', '.join(CONTROLS)})"
+        )
+    return {"score": score, "allocation": allocation, "control": control}
 
 
 def needs_pass(fish) -> bool:
@@ -65,36 +94,19 @@ def needs_pass(fish) -> bool:
     return fish.selection != "dense" and CONTROLS[r.control].runs_rule and SCORES[r.score].needs_pass
 
 
-def check(cfg, ds: dict) -> None:
-    """Cross-section checks of the rule, before any weights load (preflight)."""
-    f, r = cfg.fish, rule_of(cfg.fish)
-    if f.selection == "dense":
-        return
-    if r.control == "random_b_only" and cfg.peft.method not in LORA_METHODS:
-        raise _config_error(
-            f"fish.control=random_b_only needs lora_B tensors; peft.method={cfg.peft.method} has none "
-            f"(use one of {', '.join(LORA_METHODS)})"
-        )
-    if r.control == "head_only" and cfg.data.format != "classification":
-        raise _config_error(
-            "fish.control=head_only trains only a classification head; it needs data.format=classification"
-        )
-    uses_adam = r.score == "adam_v" and r.control not in ("random_b_only", "head_only")
-    if uses_adam:
-        named = ds.get("optimizer", {}).get("type", "")
-        if (named and "adam" not in named.lower()) or (not named and cfg.train.optimizer != "adamw"):
-            raise _config_error(
-                f"fish.score=adam_v reads AdamW's second moment; train.optimizer={cfg.train.optimizer}"
-                + (f" (DeepSpeed optimizer {named})" if named else "")
-                + " has none: use adamw"
-            )
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Control:
+    """One `fish.control`: its doc (the config reference's line) and what it needs, from which FishSection and
+    fishds/fish/config.check_run derive their checks."""
+
     name: str
+    doc: str
     apply: Callable  # (pool, k, start, end, rule's local selection or None, fish, info) -> local selection
     runs_rule: bool = True  # the rule's own mask is computed first (the scoring pass runs)
+    needs_scored_rule: str | None = None  # why a random score cannot be its rule, or None
+    needs_lora_ab: bool = False  # lora_A / lora_B tensors (fishds/methods.py PeftMethod.lora_ab)
+    needs_classification: bool = False  # a classification head (data.format=classification)
+    trains_pool: bool = True  # False: k = 0, no pool entry trains
 
 
 def _none(pool, k, start, end, selected, fish, info):
@@ -115,7 +127,7 @@ def _random_matched(pool, k, start, end, selected, fish, info):
 def _random_b_only(pool, k, start, end, selected, fish, info):
     caps = [t.numel if kind_of(t.name) == "lora_B" else 0 for t in pool.tensors]
     if k > sum(caps):
-        raise _config_error(
+        raise ConfigError(
             f"fish.control=random_b_only: k={k} exceeds the {sum(caps)} lora_B entries of the pool; "
             "lower fish.keep_ratio / fish.num_selected"
         )
@@ -129,10 +141,28 @@ def _head_only(pool, k, start, end, selected, fish, info):
 CONTROLS: dict[str, Control] = {
     c.name: c
     for c in (
-        Control("none", _none),
-        Control("random_matched", _random_matched),
-        Control("random_b_only", _random_b_only, runs_rule=False),
-        Control("head_only", _head_only, runs_rule=False),
+        Control(name="none", doc="the rule itself", apply=_none),
+        Control(
+            name="random_matched",
+            doc="random entries with the per-tensor counts of the rule fish.score + fish.allocation",
+            apply=_random_matched,
+            needs_scored_rule="takes the per-tensor counts of a scored rule",
+        ),
+        Control(
+            name="random_b_only",
+            doc="random entries of lora_B tensors only, lora_A stays at init",
+            apply=_random_b_only,
+            runs_rule=False,
+            needs_lora_ab=True,
+        ),
+        Control(
+            name="head_only",
+            doc="classification: no pool entry trains, only the head; k = 0",
+            apply=_head_only,
+            runs_rule=False,
+            needs_classification=True,
+            trains_pool=False,
+        ),
     )
 }
 

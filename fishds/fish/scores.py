@@ -54,12 +54,17 @@ class ScoreContext:
     values: torch.Tensor | None = None  # this rank's chunk of the score values, once computed (not for random)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Score:
+    """One `fish.score`: its doc (the config reference's line, fishds/fish/config.py) and what it needs, from
+    which FishSection and fishds/fish/config.check_run derive their checks."""
+
     name: str
+    doc: str  # what ranks the entries, one line
     compute: Callable[[ScoreContext], torch.Tensor]  # this rank's chunk: fp32 values (>= 0), or int64 keys (random)
     needs_pass: bool = False  # a forward/backward pass over fish.num_samples scoring examples
-    needs_warmup: bool = False  # state of the dense warm-up (fish.dense_steps > 0)
+    needs_warmup: bool = False  # values from training: state of the dense steps (fish.dense_steps > 0)
+    needs_adam: bool = False  # AdamW's state (train.optimizer=adamw or an Adam optimizer in the DeepSpeed JSON)
     lowest: bool = False  # the k lowest values instead of the k highest
     is_random: bool = False  # compute returns keys, not values
 
@@ -161,13 +166,19 @@ def _random(ctx: ScoreContext) -> torch.Tensor:
 SCORES: dict[str, Score] = {
     s.name: s
     for s in (
-        Score("fisher", _fisher, needs_pass=True),
-        Score("lowest", _fisher, needs_pass=True, lowest=True),
-        Score("saliency", _saliency, needs_pass=True),
-        Score("snr", _snr, needs_pass=True),
-        Score("adam_v", _adam_v, needs_warmup=True),
-        Score("movement", _movement, needs_warmup=True),
-        Score("random", _random, is_random=True),
+        Score(name="fisher", doc="sum of squared per-example gradients, the paper", compute=_fisher, needs_pass=True),
+        Score(name="lowest", doc="the k lowest Fisher scores", compute=_fisher, needs_pass=True, lowest=True),
+        Score(name="saliency", doc="|theta * sum g|", compute=_saliency, needs_pass=True),
+        Score(name="snr", doc="|sum g| / sqrt(sum g^2 + eps)", compute=_snr, needs_pass=True),
+        Score(
+            name="adam_v",
+            doc="AdamW's exp_avg_sq after the dense warm-up",
+            compute=_adam_v,
+            needs_warmup=True,
+            needs_adam=True,
+        ),
+        Score(name="movement", doc="|theta - theta at the warm-up's start|", compute=_movement, needs_warmup=True),
+        Score(name="random", doc="a seeded hash of the entry's index", compute=_random, is_random=True),
     )
 }
 

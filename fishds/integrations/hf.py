@@ -1,20 +1,23 @@
 """FISH-Tuning inside a Hugging Face Trainer (TRL trainers subclass it; untested), with or without DeepSpeed.
 
-    fish = FishCallback(keep_ratio=0.1, num_samples=64)
     trainer = Trainer(model=peft_model, args=TrainingArguments(..., deepspeed="ds_configs/zero3.json"),
-                      train_dataset=ds, data_collator=collator, callbacks=[fish])
+                      train_dataset=ds, data_collator=collator)
+    fish = FishCallback(keep_ratio=0.1, num_samples=64).attach(trainer)
     trainer.train()
 
 At `on_train_begin` the Trainer has built its optimizer and, under DeepSpeed, the engine
 (`trainer.model_wrapped`). The callback then runs the FISH method core (fishds/fish/) on that engine, the same
-flow `fishds train` runs: fish.selection.select_masks (the Fisher pass, ZeRO-3 aware, and the exact distributed
-top-k), fish.selection.publish_mask, and enforce.MaskEnforcer (gradient hooks + wrapper of the inner torch
-optimizer's step). Its arguments are validated as the `fish:` section of a fishds config (config.FishSection).
+front door `fishds train` calls: fish.selection.fix_mask (a mask file, or the Fisher pass, ZeRO-3 aware, and the
+exact distributed top-k; the published mask; enforce.MaskEnforcer: gradient hooks + wrapper of the inner torch
+optimizer's step), with k from fish.selection.budget. Its arguments are validated as the `fish:` section of a
+fishds config (fishds/fish/config.FishSection).
 Without DeepSpeed (one process or DDP) the Trainer's torch optimizer is wrapped the same way, through
 a small stand-in that answers what those functions ask of a DeepSpeed engine (ZeRO stage 0, fp32 weights).
 
-Callbacks do not receive the Trainer; the callback finds it by walking up the call stack to the Trainer
-method that fired the event (or take it explicitly with `FishCallback.attach(trainer)`).
+Callbacks do not receive the Trainer, so the callback is given it: `FishCallback(...).attach(trainer)` registers it
+with the trainer and remembers it (or pass `trainer=` to the constructor after building the Trainer without it).
+Constructing a FishCallback selects DeepSpeed's CPU accelerator where no CUDA device exists (DS_ACCELERATOR=cpu,
+unless set); importing this module changes nothing.
 Files (rank 0): fish_mask.safetensors (fishds-packbits-v1, keyed like adapter_model.safetensors) and
 init_adapter_model.safetensors (the adapter when the mask was fixed) in `output_dir` (default
 args.output_dir) and fish_mask.safetensors in every checkpoint folder the Trainer writes. Resuming from such
@@ -24,33 +27,22 @@ a checkpoint reloads its mask instead of scoring again.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
+from transformers import TrainerCallback
 
 from .. import dist as fdist
-
-fdist.prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
-
-from pydantic import ValidationError  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
-
-from .. import zero  # noqa: E402
-from ..config import FishSection  # noqa: E402
-from ..files import MASK_FILE  # noqa: E402
-from ..fish.adapter import gather_adapter, save_mask_file  # noqa: E402
-from ..fish.enforce import MaskEnforcer, reset_unselected  # noqa: E402
-from ..fish.pool import Pool  # noqa: E402
-from ..fish.selection import (  # noqa: E402
-    MaskFileError,
-    allocate_k,
-    load_mask_for_pool,
-    publish_mask,
-    rule,
-    scoring_examples,
-    select_masks,
-)
+from .. import zero
+from ..files import MASK_FILE
+from ..fish.adapter import gather_adapter, save_mask_file
+from ..fish.config import FishSection
+from ..fish.enforce import MaskEnforcer
+from ..fish.pool import Pool
+from ..fish.selection import MaskFileError, budget
+from ..fish.selection import fix_mask as fix_core
+from ..schema import ConfigError
 
 
 class FishError(RuntimeError):
@@ -72,7 +64,7 @@ def prepare_cpu_deepspeed(timeout_minutes: float | None = None) -> dict | None:
     if not zero.skip_shm_op_build():
         return None
     if "LOCAL_RANK" not in os.environ:  # one process without a launcher: a world of one (DeepSpeed would try MPI)
-        zero.default_rendezvous_env()
+        fdist.default_rendezvous_env()
     from accelerate import PartialState
 
     before = os.environ.get("ACCELERATE_USE_DEEPSPEED")
@@ -161,6 +153,7 @@ class FishCallback(TrainerCallback):
         score: str | None = None,
         allocation: str | None = None,
         control: str | None = None,
+        trainer=None,
     ):
         rule_args = dict(selection=selection, score=score, allocation=allocation, control=control)
         self.fish = fish_section(
@@ -176,44 +169,47 @@ class FishCallback(TrainerCallback):
             pool_exclude=list(pool_exclude),
             mask_path=mask_path,
         )
+        fdist.prefer_cpu_accelerator_if_no_cuda()  # before the Trainer or fishds imports deepspeed
         self.scoring_dataset, self.output_dir, self.save_initial = scoring_dataset, output_dir, save_initial_adapter
         self.masks: dict[str, torch.Tensor] | None = None  # parameter name -> bool mask, once fixed
         self.report: dict = {}
         self.enforcer: MaskEnforcer | None = None
-        self._trainer = None
+        self.trainer = None
         self._initial = None
+        if trainer is not None:
+            self.attach(trainer)
 
-    def __getattr__(self, name):  # keep_ratio, selection, warmup_steps, ...: the validated `fish:` section
-        fish = self.__dict__.get("fish")
-        name = "dense_steps" if name == "warmup_steps" else name  # the callback's name of fish.dense_steps
-        if fish is not None and name in type(fish).model_fields:
-            return getattr(fish, name)
-        raise AttributeError(name)
+    # ---- the validated `fish:` section, read-only ----------------------------------------------------------
+    keep_ratio = property(lambda self: self.fish.keep_ratio)
+    num_selected = property(lambda self: self.fish.num_selected)
+    num_samples = property(lambda self: self.fish.num_samples)
+    selection = property(lambda self: self.fish.selection)
+    score = property(lambda self: self.fish.score)
+    allocation = property(lambda self: self.fish.allocation)
+    control = property(lambda self: self.fish.control)
+    granularity = property(lambda self: self.fish.granularity)
+    warmup_steps = property(lambda self: self.fish.dense_steps)  # the callback's name of fish.dense_steps
+    seed = property(lambda self: self.fish.seed)
+    per_example = property(lambda self: self.fish.per_example)
+    pool_include = property(lambda self: self.fish.pool_include)
+    pool_exclude = property(lambda self: self.fish.pool_exclude)
+    mask_path = property(lambda self: self.fish.mask_path)
 
-    # ---- finding the Trainer and its engine -------------------------------------------------------------
+    # ---- the Trainer and its engine -------------------------------------------------------------------------
     def attach(self, trainer) -> "FishCallback":
-        """Register with `trainer` and remember it (instead of finding it on the call stack)."""
-        self._trainer = trainer
+        """Register with `trainer` and remember it; returns self."""
+        self.trainer = trainer
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
         return self
 
-    def _find_trainer(self):
-        if self._trainer is not None:
-            return self._trainer
-        from transformers import Trainer
-
-        frame = sys._getframe(1)
-        while frame is not None:
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, Trainer):
-                self._trainer = obj
-                return obj
-            frame = frame.f_back
-        raise FishError(
-            "FishCallback could not find its Trainer: pass it in Trainer(callbacks=[...]) and let "
-            "trainer.train() call it, or call fish.attach(trainer)"
-        )
+    def _attached(self):
+        if self.trainer is None:
+            raise FishError(
+                "FishCallback could not find its Trainer: build the Trainer, then call fish.attach(trainer) (or "
+                "pass FishCallback(..., trainer=trainer)) before trainer.train()"
+            )
+        return self.trainer
 
     def _engine(self, trainer):
         """The DeepSpeed engine, or the torch-optimizer stand-in; FishError if the Trainer is not ready."""
@@ -299,65 +295,58 @@ class FishCallback(TrainerCallback):
         return Path(self.output_dir or args.output_dir)
 
     def fix_mask(self, trainer, mask_path: str | None = None) -> dict[str, torch.Tensor]:
-        """Score and select (or read `mask_path`), then start enforcing. Called by the events; public for loops
-        that drive a Trainer's engine themselves (after the optimizer / DeepSpeed engine exists)."""
+        """Score and select (or read `mask_path`), then start enforcing, through the method core's front door
+        (fish.selection.fix_mask, as `fishds train`). Called by the events; public for loops that drive a Trainer's
+        engine themselves (after the optimizer / DeepSpeed engine exists)."""
         engine = self._engine(trainer)
-        model = engine.module
-        pool, trainable = self._pools(model)
+        pool, trainable = self._pools(engine.module)
         self._check_args(trainer.args)
-        out = self._out_dir(trainer.args)
-        mask_path = mask_path or self.mask_path
-        if mask_path:
-            if not Path(mask_path).is_file():
-                raise FishError(
-                    f"no FISH mask file at {mask_path} (resuming at step {trainer.state.global_step}: "
-                    "pass FishCallback(mask_path=<checkpoint>/fish_mask.safetensors) of the run resumed)"
-                )
-            try:
-                masks = load_mask_for_pool(model, trainable, mask_path)
-            except MaskFileError as e:
-                raise FishError(str(e)) from None
-            report = {"selection": f"file {mask_path}", "pool_size": pool.size}
-        else:
-            k = allocate_k(self.fish, pool)
-            data, collate = self._scoring_data(trainer)
-            masks, report = select_masks(
-                self.fish,
-                engine,
-                pool,
-                k,
-                scoring_examples(self.fish, data),
-                collate,
-                trainer.args.per_device_train_batch_size,
-                initial=self._initial,
+        mask_path = mask_path or self.fish.mask_path
+        if mask_path and not Path(mask_path).is_file():
+            raise FishError(
+                f"no FISH mask file at {mask_path} (resuming at step {trainer.state.global_step}: "
+                "pass FishCallback(mask_path=<checkpoint>/fish_mask.safetensors) of the run resumed)"
             )
-            if self._initial is not None and self.fish.reset_unselected:  # after a dense warm-up: unselected
-                reset_unselected(engine, pool, masks, self._initial)  # entries back to their start values
-            self._initial = None
-        report.update(
-            warmup_steps=self.warmup_steps,
-            world_size=fdist.world_size(),
-            zero_stage=engine.zero_optimization_stage(),
-            step=trainer.state.global_step,
-        )
-        masks = publish_mask(model, trainable, masks, report, out, self.save_initial, write=not mask_path)
-        self.masks, self.report = masks, report
-        if not rule(self.selection).dense or mask_path:
-            self.enforcer = MaskEnforcer(engine, trainable, masks)
-            self.masks = self.enforcer.masks  # the same bits (1 per entry), held once
-        fdist.print0(
-            f"[fishds] FISH mask fixed at step {trainer.state.global_step}: {report['selected']:,}/"
-            f"{trainable.size:,} trainable entries (lora_A {report['share'].get('lora_A', 0):.1%}, "
-            f"lora_B {report['share'].get('lora_B', 0):.1%})"
-        )
-        return masks
+        try:
+            k = budget(self.fish, pool, trainable.size)["k"]
+        except ConfigError as e:
+            raise FishError(f"FishCallback: {e}") from None
+        examples, collate = (None, None) if mask_path else self._scoring_data(trainer)
+        try:
+            fixed = fix_core(
+                self.fish,
+                engine=engine,
+                pool=pool,
+                trainable=trainable,
+                k=k,
+                examples=examples,
+                collate=collate,
+                micro_batch_size=trainer.args.per_device_train_batch_size,
+                out=self._out_dir(trainer.args),
+                initial=self._initial,
+                mask_path=mask_path,
+                save_initial=self.save_initial,
+                write=not mask_path,
+                extra=dict(
+                    warmup_steps=self.warmup_steps,
+                    world_size=fdist.world_size(),
+                    zero_stage=engine.zero_optimization_stage(),
+                    step=trainer.state.global_step,
+                ),
+                banner=f"FISH mask fixed at step {trainer.state.global_step}",
+            )
+        except MaskFileError as e:
+            raise FishError(str(e)) from None
+        self._initial = None
+        self.masks, self.report, self.enforcer = fixed.masks, fixed.report, fixed.enforcer
+        return fixed.masks
 
     # ---- Trainer events --------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        trainer = self._find_trainer()
+        trainer = self._attached()
         if self.masks is not None:
             raise FishError("this FishCallback already fixed a mask; use a new FishCallback for another train()")
-        self.fish.__dict__["dense_steps"] = self.fish.dense_steps_for(state.max_steps)  # unset: for this run
+        self.fish = self.fish.resolved(state.max_steps)  # fish.dense_steps unset: the default for this run
         if state.global_step > 0 and state.global_step >= self.warmup_steps and not self.mask_path:
             # resumed from a checkpoint written after the mask was fixed: its mask, not new scores
             self.fix_mask(trainer, str(Path(args.output_dir) / f"checkpoint-{state.global_step}" / MASK_FILE))
@@ -370,13 +359,13 @@ class FishCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.masks is None and state.global_step >= self.warmup_steps:
-            self.fix_mask(self._find_trainer())
+            self.fix_mask(self._attached())
 
     def on_save(self, args, state, control, **kwargs):
         if self.masks is not None and fdist.is_main():
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if ckpt.is_dir():
-                save_mask_file(self._find_trainer().model, ckpt, self.masks)
+                save_mask_file(self._attached().model, ckpt, self.masks)
 
 
 __all__ = ["FishCallback", "FishError", "prepare_cpu_deepspeed", "MASK_FILE"]

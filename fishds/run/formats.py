@@ -20,17 +20,10 @@ data.max_length leaves without a single label token come back empty (dropped). f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-if TYPE_CHECKING:  # config.py takes the format names from FORMATS, so this module cannot import it first
-    from ..config import DataSection
-
-
-def _error(message: str):
-    from ..config import ConfigError
-
-    return ConfigError(message)
-
+from ..schema import ConfigError
+from ..schema import Section as DataSection  # the `data:` section (config.DataSection), which takes FORMATS' names
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes "
@@ -105,9 +98,9 @@ def label_list(rows: list[dict], data: DataSection) -> list:
     """The sorted distinct labels (ints or strings, not mixed); class id = position in this list."""
     values = {r[data.label_field] for r in rows}
     if len({type(v) for v in values}) > 1:
-        raise _error(f"data.label_field={data.label_field!r}: the training rows mix integer and string labels")
+        raise ConfigError(f"data.label_field={data.label_field!r}: the training rows mix integer and string labels")
     if len(values) < 2:
-        raise _error(
+        raise ConfigError(
             f"data.path: the training rows have {len(values)} distinct value(s) of data.label_field="
             f"{data.label_field!r}; classification needs at least 2"
         )
@@ -135,17 +128,17 @@ def chat_template(data: DataSection) -> str | None:
     try:
         path = None if looks_jinja else Path(value)
         if path is not None and not path.is_file():
-            raise _error(
+            raise ConfigError(
                 f"data.chat_template={value!r} is neither a file nor a Jinja template (no {{{{ or "
                 "{%); give the template text or the path of a file that holds it"
             )
         text = path.read_text(encoding="utf-8") if path is not None else value
     except OSError as e:
-        raise _error(f"data.chat_template={value!r}: cannot be read ({e})") from None
+        raise ConfigError(f"data.chat_template={value!r}: cannot be read ({e})") from None
     try:
         jinja2.Environment().parse(text)
     except jinja2.TemplateSyntaxError as e:
-        raise _error(
+        raise ConfigError(
             f"data.chat_template ({'file ' + value if path else 'string'}): not a valid Jinja "
             f"template: {e.message} (line {e.lineno})"
         ) from None
@@ -179,7 +172,7 @@ def _chat_ids(tokenizer, messages, max_length: int, train_turns: str = "assistan
             (f"turns 1..{i + 1}", render(messages[: i + 1], False)),
         ):
             if not full_text.startswith(text):
-                raise _error(
+                raise ConfigError(
                     f"the chat template (data.chat_template, or the tokenizer's): the render of {what} of "
                     f"{len(messages)} is not a prefix of the whole conversation's render, so the assistant tokens "
                     "cannot be located (the template rewrites earlier turns). Give data.chat_template a template "
@@ -187,7 +180,7 @@ def _chat_ids(tokenizer, messages, max_length: int, train_turns: str = "assistan
                 )
             piece = ids(text)
             if full[: len(piece)] != piece:
-                raise _error(
+                raise ConfigError(
                     f"the chat template's render of {what} tokenizes differently alone and inside the whole "
                     "conversation (a token spans the turn boundary), so the assistant tokens cannot be located; "
                     "end turns with a special token in data.chat_template, or use data.train_turns=all"
@@ -226,7 +219,7 @@ def _tokenize_classification(tokenizer, row: dict, data: DataSection, labels: li
     n = data.max_length
     value = row[data.label_field]
     if value not in labels:
-        raise _error(
+        raise ConfigError(
             f"label {value!r} (data.label_field={data.label_field!r}) is not among the training file's labels {labels}"
         )
     ids = tokenizer(row[data.text_field])["input_ids"]

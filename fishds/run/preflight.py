@@ -17,6 +17,7 @@ from ..dsconfig import resolve_ds_config
 from ..files import CHECKPOINT_STATE, REPORT_FILE
 from ..fish import rules
 from ..fish.compact import check_config as check_compact
+from ..fish.config import check_run as check_rule
 from ..fish.selection import rule
 from ..hub import resolve_dataset
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
@@ -56,7 +57,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     trackers.check(cfg)
     schedule.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
-    rules.check(cfg, ds)
+    check_rule(cfg, ds)
     if rules.needs_pass(cfg.fish) and cfg.fish.num_samples < world:
         raise ConfigError(
             f"fish.num_samples={cfg.fish.num_samples} is smaller than the {world} ranks; "

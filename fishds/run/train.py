@@ -26,19 +26,10 @@ from ..files import CHECKPOINT_STATE, METRICS_FILE, REPORT_FILE, REPORT_PNG, SEL
 from ..fish import rules
 from ..fish.adapter import gather_adapter
 from ..fish.compact import CompactAdamW, check_resumed_state
-from ..fish.compact import apply_mask as apply_compact_mask
-from ..fish.enforce import MaskEnforcer, reset_unselected
-from ..fish.mask import PackedMasks
+from ..fish.enforce import MaskEnforcer
 from ..fish.pool import Pool
-from ..fish.selection import (
-    MaskFileError,
-    load_mask_for_pool,
-    progress_bar,
-    publish_mask,
-    rule,
-    scoring_examples,
-    select_masks,
-)
+from ..fish.selection import MaskFileError, budget, enforce_mask, progress_bar
+from ..fish.selection import fix_mask as fix_core
 from ..model import head_patterns, load_peft_model, load_tokenizer, peft_method
 from . import best, schedule
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
@@ -54,7 +45,7 @@ from .preflight import Plan, preflight
 from .reshard import data_position
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunResult:
     engine: object
     pool: Pool
@@ -134,7 +125,7 @@ def _dense_grad_norm(engine):
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
     """A ready DeepSpeed engine with its pool, data and helpers (built by `setup`)."""
 
@@ -192,8 +183,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
         )
     exclude = cfg.fish.pool_exclude + head_patterns(cfg)
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
-    budget = plan_budget(cfg, plan.baselines, pool_before, Pool.from_model(model).size)
-    k = budget["k"]
+    counts = budget(cfg.fish, pool_before, Pool.from_model(model).size, plan.baselines)  # k, computed once
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups(cfg, model),
@@ -204,19 +194,19 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
     return Session(
-        cfg,
-        plan,
-        engine,
-        Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
-        Pool.from_model(engine.module),
-        k,
-        budget,
-        examples,
-        eval_examples,
-        collate,
-        batches,
-        test_examples,
-        steps,
+        cfg=cfg,
+        plan=plan,
+        engine=engine,
+        pool=Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
+        trainable=Pool.from_model(engine.module),
+        k=counts["k"],
+        budget=counts,
+        examples=examples,
+        eval_examples=eval_examples,
+        collate=collate,
+        batches=batches,
+        test_examples=test_examples,
+        total_steps=steps,
     )
 
 
@@ -249,29 +239,6 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
         eval_examples = [examples[i] for i in sorted(held)][: d.max_eval_examples]
         examples = subset(examples, [i for i in range(len(examples)) if i not in held])
     return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
-
-
-def plan_budget(cfg: Config, baselines: dict[int, int], pool: Pool, trainable: int) -> dict:
-    """k, and the plain-PEFT baselines it compares with (../shared/FISH_TUNING.md section 1), counted by fishds."""
-    f = cfg.fish
-    always = trainable - pool.size  # tensors outside the pool train fully and count towards the budget
-    out = {"protocol": f.budget, "pool": pool.size, "always_trained": always, "dense_same_rank": trainable}
-    if rule(f.selection).dense:
-        k = pool.size
-    elif rules.rule_of(f).control == "head_only":  # classification control: only the head (outside the pool) trains
-        out.update(k=0, trainable=always)
-        return out
-    elif f.budget == "match_rank":  # protocol 1: rank r masked down to the count of plain rank match_r
-        k = baselines[f.match_r] - always
-        out.update(baseline_r=f.match_r, baseline_trainable=baselines[f.match_r])
-    else:
-        k = pool.num_selected(f.keep_ratio, f.num_selected)
-        for br, count in baselines.items():  # protocol 2: rank r at keep p vs plain rank r*p
-            out.update(baseline_r=br, baseline_trainable=count)
-    if not 1 <= k <= pool.size:
-        raise ConfigError(f"the budget gives k={k}, outside 1..{pool.size} (pool) for fish.budget={f.budget}")
-    out.update(k=k, trainable=k + always)
-    return out
 
 
 class StepLog:
@@ -319,41 +286,7 @@ class StepLog:
             )
 
 
-def select_or_load(s: Session, log: StepLog) -> tuple[dict, dict]:
-    """A mask file, or dense warm-up (optional) then the core's scoring and selection: the masks and the report."""
-    cfg, engine, pool = s.cfg, s.engine, s.pool
-    if cfg.fish.mask_path:
-        try:
-            masks = load_mask_for_pool(s.engine.module, s.trainable, cfg.fish.mask_path)
-        except MaskFileError as e:
-            raise ConfigError(str(e)) from None
-        return masks, {
-            "selection": f"file {cfg.fish.mask_path}",
-            "pool_size": pool.size,
-            "k": sum(int(m.sum()) for m in masks.values()),
-        }
-    initial = gather_adapter(pool) if cfg.fish.dense_steps else None
-    for step in range(1, cfg.fish.dense_steps + 1):
-        t0 = time.perf_counter()
-        log(step, "dense", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
-    masks, report = select_masks(
-        cfg.fish,
-        engine,
-        pool,
-        s.k,
-        scoring_examples(cfg.fish, s.examples),
-        s.collate,
-        cfg.train.micro_batch_size,
-        s.plan.output_dir,
-        initial,
-    )
-    if initial is not None and cfg.fish.reset_unselected:
-        reset_unselected(engine, pool, masks, initial)
-    report["reset_unselected"] = bool(initial is not None and cfg.fish.reset_unselected)
-    return masks, report
-
-
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class FixedMask:
     masks: dict  # parameter name -> bool mask, every trainable tensor
     report: dict
@@ -363,48 +296,65 @@ class FixedMask:
 
 
 def fix_mask(s: Session, log: StepLog) -> FixedMask:
-    """The mask from a checkpoint, or fixed now (mask file, or warm-up + selection) and published; then enforced."""
+    """The mask from a checkpoint, or fixed now by the method core's front door (fish.selection.fix_mask: a mask
+    file, or the dense steps run here and the selection); then enforced."""
     cfg, engine, out = s.cfg, s.engine, s.plan.output_dir
     resume_from = s.plan.resume_from
     if resume_from is not None:
         state, masks = load_checkpoint(engine, resume_from, s.trainable)
         check_resumed_state(engine, cfg.fish.compact_optimizer)
-        first_step = state["step"] + 1
         s.batches.position = data_position(state, fdist.world_size(), cfg.train.micro_batch_size)
         log.metrics.truncate_after(state["step"])
-        judge = best.BestTracker(cfg, state.get("best"))
-        report = json.loads((out / SELECTION_REPORT).read_text())
         fdist.print0(f"[fishds] resumed from {resume_from} (step {state['step']})")
+        report = json.loads((out / SELECTION_REPORT).read_text())
+        core = enforce_mask(cfg.fish, engine, s.trainable, masks, report, "mask fixed", masked=not cfg.fish.dense)
+        first_step, judge = state["step"] + 1, best.BestTracker(cfg, state.get("best"))
     else:
-        masks, report = select_or_load(s, log)
-        first_step = cfg.fish.dense_steps + 1
-        judge = best.BestTracker(cfg)
-        report.update(
-            zero_stage=engine.zero_optimization_stage(),
-            world_size=fdist.world_size(),
-            dense_steps=cfg.fish.dense_steps,
-            method=cfg.peft.method,
-            budget=s.budget,
-            precision=cfg.train.precision,
-            **data_counts_report(s.plan.data_counts),
-        )
-        if s.plan.labels:
-            report["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
-        masks = publish_mask(engine.module, s.trainable, masks, report, out, cfg.save_initial_adapter)
-    masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry, held once (the enforcer uses the same object)
-    compact = cfg.fish.compact_optimizer
-    enforcer = None if rule(cfg.fish.selection).dense else MaskEnforcer(engine, s.trainable, masks, restore=not compact)
-    if compact:
-        apply_compact_mask(engine, s.trainable, masks)
-    fdist.print0(memory.line(memory.measure(engine, masks, enforcer), fdist.world_size()))
-    log.metrics.mask_summary({k: v for k, v in report.items() if k != "per_tensor"})
-    fdist.print0(
-        f"[fishds] mask fixed: {report['selected']:,}/{s.trainable.size:,} trainable entries "
-        f"(lora_A {report['share'].get('lora_A', 0):.1%}, lora_B {report['share'].get('lora_B', 0):.1%}); "
-        f"Fisher pass {report.get('collect_seconds', 0):.1f}s, "
-        f"selection {report.get('select_seconds', 0):.2f}s"
+        core = _fix_now(s, log)
+        first_step, judge = cfg.fish.dense_steps + 1, best.BestTracker(cfg)
+    fdist.print0(memory.line(memory.measure(engine, core.masks, core.enforcer), fdist.world_size()))
+    log.metrics.mask_summary({k: v for k, v in core.report.items() if k != "per_tensor"})
+    return FixedMask(
+        masks=core.masks, report=core.report, enforcer=core.enforcer, first_step=first_step, best_tracker=judge
     )
-    return FixedMask(masks, report, enforcer, first_step, judge)
+
+
+def _fix_now(s: Session, log: StepLog):
+    """The dense steps (every pool entry trains), then the method core's front door."""
+    cfg, engine = s.cfg, s.engine
+    initial = gather_adapter(s.pool) if cfg.fish.dense_steps and not cfg.fish.mask_path else None
+    for step in range(1, (cfg.fish.dense_steps if initial is not None else 0) + 1):
+        t0 = time.perf_counter()
+        log(step, "dense", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
+    extra = dict(
+        zero_stage=engine.zero_optimization_stage(),
+        world_size=fdist.world_size(),
+        dense_steps=cfg.fish.dense_steps,
+        method=cfg.peft.method,
+        budget=s.budget,
+        precision=cfg.train.precision,
+        **data_counts_report(s.plan.data_counts),
+    )
+    if s.plan.labels:
+        extra["labels"] = s.plan.labels  # class id -> label (num_labels for AutoModelForSequenceClassification)
+    try:
+        return fix_core(
+            cfg.fish,
+            engine=engine,
+            pool=s.pool,
+            trainable=s.trainable,
+            k=s.k,
+            examples=s.examples,
+            collate=s.collate,
+            micro_batch_size=cfg.train.micro_batch_size,
+            out=s.plan.output_dir,
+            initial=initial,
+            mask_path=cfg.fish.mask_path,
+            save_initial=cfg.save_initial_adapter,
+            extra=extra,
+        )
+    except MaskFileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def first_step_after(resume_from: Path | None) -> int:
@@ -481,7 +431,16 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
             print(f"[fishds] warning: {REPORT_PNG} not written ({e})", flush=True)
         print(f"[fishds] adapter written to {out.resolve()} (load with peft.PeftModel.from_pretrained)", flush=True)
     fdist.barrier()
-    return RunResult(engine, s.pool, masks, report, eval_metrics, collate, s.eval_examples, s.test_examples)
+    return RunResult(
+        engine=engine,
+        pool=s.pool,
+        masks=masks,
+        report=report,
+        eval_metrics=eval_metrics,
+        collate=collate,
+        eval_examples=s.eval_examples,
+        test_examples=s.test_examples,
+    )
 
 
 def run(cfg: Config, ds_path: str | None = None) -> RunResult:
