@@ -76,6 +76,16 @@ def training_args():
     )
 
 
+WARMUP = None if args.warmup_steps < 0 else args.warmup_steps
+rule = {"selection": args.selection} if args.selection else {}
+fish = FishCallback(  # first: its arguments are checked before any weights load
+    keep_ratio=args.keep_ratio,
+    num_samples=args.num_samples,
+    seed=0,
+    warmup_steps=WARMUP,
+    mask_path=args.mask_path,
+    **rule,
+)
 targs = training_args()
 tok = load_tokenizer(args.model)
 examples = load_examples(tok, args.train, "data.path", DataSection(path=args.train, max_length=64), None)
@@ -93,17 +103,8 @@ def make_model():
 
 model = make_model()
 start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
-WARMUP = None if args.warmup_steps < 0 else args.warmup_steps
 trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id))
-rule = {"selection": args.selection} if args.selection else {}
-fish = FishCallback(
-    keep_ratio=args.keep_ratio,
-    num_samples=args.num_samples,
-    seed=0,
-    warmup_steps=WARMUP,
-    mask_path=args.mask_path,
-    **rule,
-).attach(trainer)
+fish.attach(trainer)
 trainer.train()
 trainer.save_model(args.out)
 if trainer.is_world_process_zero():
