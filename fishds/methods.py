@@ -2,9 +2,12 @@
 what it supports. Adding a method is one entry here (config.PeftSection takes its choices from this table; the
 README's config reference describes peft.method in config.py).
 
-build(peft_section, r, common, for_counting) -> a peft config; `common` holds target_modules, task_type and
-modules_to_save; for_counting: the config only counts trainable parameters on the meta device (no data-dependent
-initialisation). build=None: fishds adds the adapter itself (fishds/bottleneck.py).
+prefix: the name part under which the method's tensors live in the state dict (`...q_proj.lora_A.default.weight`:
+lora_; fishds/fish/keys.py parses adapter keys with it). build(peft_section, r, common, for_counting) -> a peft
+config; `common` holds target_modules, task_type and modules_to_save; for_counting: the config only counts
+trainable parameters on the meta device (no data-dependent initialisation). build=None: fishds adds the adapter
+itself (fishds/bottleneck.py). Capabilities: lora_ab (lora_A / lora_B factors), quant_4bit (a 4-bit backbone),
+needs_base_weights_at_init (no zero.Init loading under ZeRO-3), trains_head, lora_shapes (`fishds plan`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PeftMethod:
+    prefix: str  # how the method's tensors (or its adapter module) are named in the state dict: fishds/fish/keys.py
     build: Optional[Callable] = None
+    lora_ab: bool = False  # LoRA-style lora_A / lora_B factors (fish.control=random_b_only)
     # adapter creation reads the base weights (DoRA's norms, PiSSA's and OLoRA's decompositions, the weight shapes
     # LoHa, LoKr and VeRA take from the tensor): under ZeRO-3 these load the base model whole on every rank and
     # partition it at deepspeed.initialize, instead of loading it straight into partitions (zero.Init)
@@ -24,6 +29,12 @@ class PeftMethod:
     quant_4bit_zero3_problem: Optional[str] = None  # why quant.bits=4 fails under ZeRO-3 (None: it works)
     trains_head: bool = True  # can train a classification head (data.format=classification)
     lora_shapes: bool = False  # `fishds plan` can size it (LoRA-shaped A/B factors)
+
+    @property
+    def own_adapter(self) -> bool:
+        """fishds adds the adapter itself (build=None: bottleneck hooks, fishds/bottleneck.py): saved under its
+        parameter names, with its own config file, not through PEFT."""
+        return self.build is None
 
 
 def _lora(p, r, common, for_counting):
@@ -66,21 +77,24 @@ def _vera(p, r, common, for_counting):
 
 
 METHODS: dict[str, PeftMethod] = {
-    "lora": PeftMethod(_lora, quant_4bit=True, lora_shapes=True),
+    "lora": PeftMethod(prefix="lora_", build=_lora, lora_ab=True, quant_4bit=True, lora_shapes=True),
     "dora": PeftMethod(
-        _lora,
+        prefix="lora_",
+        build=_lora,
+        lora_ab=True,
         needs_base_weights_at_init=True,
         quant_4bit=True,
         lora_shapes=True,
         quant_4bit_zero3_problem="DeepSpeed meets a 4-bit weight it did not partition: 'Params4bit' "
         "object has no attribute 'ds_status'",
     ),
-    "rslora": PeftMethod(_lora, quant_4bit=True, lora_shapes=True),
-    "pissa": PeftMethod(_lora, needs_base_weights_at_init=True),
-    "olora": PeftMethod(_lora, needs_base_weights_at_init=True),
-    "ia3": PeftMethod(_ia3, quant_4bit=True),
-    "loha": PeftMethod(_loha, needs_base_weights_at_init=True),
-    "lokr": PeftMethod(_lokr, needs_base_weights_at_init=True),
-    "vera": PeftMethod(_vera, needs_base_weights_at_init=True, quant_4bit=True),
-    "bottleneck": PeftMethod(None, trains_head=False),  # Houlsby / Pfeiffer adapters: fishds/bottleneck.py
+    "rslora": PeftMethod(prefix="lora_", build=_lora, lora_ab=True, quant_4bit=True, lora_shapes=True),
+    "pissa": PeftMethod(prefix="lora_", build=_lora, lora_ab=True, needs_base_weights_at_init=True),
+    "olora": PeftMethod(prefix="lora_", build=_lora, lora_ab=True, needs_base_weights_at_init=True),
+    "ia3": PeftMethod(prefix="ia3_", build=_ia3, quant_4bit=True),
+    "loha": PeftMethod(prefix="hada_", build=_loha, needs_base_weights_at_init=True),
+    "lokr": PeftMethod(prefix="lokr_", build=_lokr, needs_base_weights_at_init=True),
+    "vera": PeftMethod(prefix="vera_", build=_vera, needs_base_weights_at_init=True, quant_4bit=True),
+    # Houlsby / Pfeiffer adapters built by fishds (fishds/bottleneck.py): `<module>.bottleneck.{down,up}.*`
+    "bottleneck": PeftMethod(prefix="bottleneck", trains_head=False),
 }

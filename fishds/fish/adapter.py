@@ -33,11 +33,13 @@ def adapter_buffers(model) -> dict[str, torch.Tensor]:
 
 
 def key_map(model, names: list[str]) -> dict[str, str]:
-    """Parameter name -> the key PEFT writes for it into adapter_model.safetensors."""
+    """Parameter name -> the key PEFT writes for it into adapter_model.safetensors (a model PEFT did not build, i.e.
+    fishds' own adapters, PeftMethod.own_adapter: the parameter name itself)."""
+    from peft import PeftModel
     from peft.utils import get_peft_model_state_dict
 
-    if hasattr(model, "bottleneck_config"):
-        return {n: n for n in names}  # bottleneck adapters are saved under their parameter names
+    if not isinstance(model, PeftModel):
+        return {n: n for n in names}  # fishds' bottleneck adapters are saved under their parameter names
     markers = {n: torch.tensor([i, -7], dtype=torch.int64) for i, n in enumerate(names)}
     renamed = get_peft_model_state_dict(model, state_dict={**adapter_buffers(model), **markers})
     return {

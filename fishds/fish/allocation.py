@@ -16,7 +16,6 @@ on any number of ranks. The per-group sums travel as one small all-reduce (group
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
@@ -24,33 +23,10 @@ from typing import Callable
 import torch
 
 from .. import dist as fdist
+from .keys import kind_of, layer_of  # noqa: F401  (adapter keys are parsed in fishds/fish/keys.py alone)
+from .keys import module_path as module_of
 from .pool import Pool
 from .select import exact_topk
-
-ADAPTER_PREFIXES = ("lora_", "ia3_", "hada_", "lokr_", "vera_")  # the PEFT names under which adapter tensors live
-LAYER = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
-
-
-def module_of(name: str) -> str:
-    """The adapted module a pool tensor belongs to: the name up to its adapter part (`...q_proj.lora_A.default.weight`
-    -> `...q_proj`); bottleneck adapters (`...adapter.down.weight`) -> their adapter module."""
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.startswith(ADAPTER_PREFIXES):
-            return ".".join(parts[:i])
-    return ".".join(parts[:-2] if len(parts) > 2 and parts[-1] in ("weight", "bias") else parts[:-1])
-
-
-def kind_of(name: str) -> str:
-    """lora_A, lora_B, or other (what the report's A/B share counts)."""
-    parts = name.split(".")
-    return next((p for p in parts if p in ("lora_A", "lora_B")), "other")
-
-
-def layer_of(name: str) -> str:
-    """The transformer block index in a parameter name (`layers.3.` -> "3"), or "other"."""
-    m = LAYER.search(name)
-    return m.group(1) if m else "other"
 
 
 def tensor_groups(pool: Pool, start: int, end: int) -> torch.Tensor:

@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 
 from ..schema import ConfigError
-from .allocation import ALLOCATIONS, AllocationContext, kind_of, proportional_quotas, selected_per_tensor, tensor_groups
+from .allocation import ALLOCATIONS, AllocationContext, proportional_quotas, selected_per_tensor, tensor_groups
+from .keys import kind_of
 from .pool import Pool
 from .scores import SCORES, ScoreContext, local_scores
 from .select import exact_topk_grouped, key_to_float, random_keys

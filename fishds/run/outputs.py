@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from .. import dist as fdist
+from ..bottleneck import save_bottleneck
 from ..files import RUN_CONFIG, RUN_DS_CONFIG, atomic, write_json
 from ..fish.adapter import adapter_buffers
 
@@ -24,12 +26,10 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
-        if hasattr(model, "bottleneck_config"):
-            from ..bottleneck import save_bottleneck
-
-            save_bottleneck(model, tmp, adapter)
-        else:
+        if isinstance(model, PeftModel):
             model.save_pretrained(str(tmp), state_dict={**adapter_buffers(model), **adapter}, safe_serialization=True)
+        else:  # fishds' own adapters (PeftMethod.own_adapter): fishds/bottleneck.py writes them
+            save_bottleneck(model, tmp, adapter)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
     finally:

@@ -27,7 +27,7 @@ from .data import read_rows
 from .mixing import labels_of, read_sources, sources
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     """What preflight resolved: paths and checked inputs."""
 
@@ -112,17 +112,17 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
     check_model_and_targets(cfg, model_path, n_labels)
     return Plan(
-        model_path,
-        srcs[0].path,
-        eval_path,
-        ds_path,
-        out,
-        resume_from,
-        baseline_counts(cfg, model_path, n_labels),
-        test_path,
-        labels,
-        ds,
-        rows,
+        model_path=model_path,
+        data_path=srcs[0].path,
+        eval_path=eval_path,
+        ds_path=ds_path,
+        output_dir=out,
+        resume_from=resume_from,
+        baselines=baseline_counts(cfg, model_path, n_labels),
+        test_path=test_path,
+        labels=labels,
+        ds=ds,
+        rows=rows,
         sources=srcs,
     )
 
