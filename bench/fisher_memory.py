@@ -20,11 +20,9 @@ on the fish.num_samples scoring examples. Rank 0 prints one JSON object:
 import argparse
 import gc
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
 prefer_cpu_accelerator_if_no_cuda()
 

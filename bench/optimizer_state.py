@@ -19,11 +19,9 @@ bench/results/optimizer_state.jsonl.
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RESULTS = Path(__file__).resolve().parent / "results" / "optimizer_state.jsonl"
 
 
@@ -74,7 +72,7 @@ def main() -> None:
     from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
     prefer_cpu_accelerator_if_no_cuda()
-    import torch  # noqa: F401
+    import torch
 
     from bench._session import record, session
     from fishds import dist as fdist

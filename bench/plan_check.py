@@ -6,12 +6,7 @@ The published figures are whole-process GPU memory (nvidia-smi style: CUDA conte
 communication buffers included); the plan counts tensors only (see fishds/plan.py for every formula).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fishds.plan import PRESETS, Setup, plan  # noqa: E402
+from fishds.plan import PRESETS, Setup, plan
 
 GB, GIB = 1e9, 2**30
 CASES = [  # (name, setup, published GB per GPU, source)

@@ -24,19 +24,16 @@ Collective bytes are counted by bench/_comm.py (shared with bench/step_time.py).
 import argparse
 import gc
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from bench._comm import CommCounter  # noqa: E402
-from fishds import dist as fdist  # noqa: E402
-from fishds.fish.mask import share_selection  # noqa: E402
-from fishds.fish.pool import Pool  # noqa: E402
-from fishds.fish.select import exact_topk, float_keys, key_to_float  # noqa: E402
+from bench._comm import CommCounter
+from fishds import dist as fdist
+from fishds.fish.mask import share_selection
+from fishds.fish.pool import Pool
+from fishds.fish.select import exact_topk, float_keys, key_to_float
 
 BLOCK = 1 << 20
 

@@ -14,13 +14,11 @@ bench/results/step_time.jsonl.
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
 prefer_cpu_accelerator_if_no_cuda()
 

@@ -4,23 +4,21 @@ Run like launch/train.py (torchrun or single process). Rank 0 writes probe_logit
 output_dir so a test can check that the saved adapter reproduces the model that trained.
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
 prefer_cpu_accelerator_if_no_cuda()
 
-import argparse  # noqa: E402
+import argparse
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
-from fishds import dist as fdist  # noqa: E402
-from fishds.config import load_config  # noqa: E402
-from fishds.run.train import run  # noqa: E402
+from fishds import dist as fdist
+from fishds.config import load_config
+from fishds.run.train import run
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ds_config")

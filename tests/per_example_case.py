@@ -6,25 +6,22 @@ fish.per_example=loop and =batched on the same examples. Rank 0 writes per_examp
 {method: {"max_abs_diff", "max_score", "looped_tensors", "passes_loop", "passes_batched"}} (over all ranks).
 """
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
 prefer_cpu_accelerator_if_no_cuda()
 
-import argparse  # noqa: E402
-import json  # noqa: E402
+import argparse
+import json
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from fishds import dist as fdist  # noqa: E402
-from fishds.config import load_config  # noqa: E402
-from fishds.fish.fisher import collect_scores  # noqa: E402
-from fishds.run.train import scoring_examples, setup, train_step  # noqa: E402
+from fishds import dist as fdist
+from fishds.config import load_config
+from fishds.fish.fisher import collect_scores
+from fishds.run.train import scoring_examples, setup, train_step
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ds_config")
@@ -33,7 +30,7 @@ ap.add_argument("--methods", default="lora")
 ap.add_argument("overrides", nargs="*")
 import faulthandler
 
-faulthandler.dump_traceback_later(300, exit=True)  # noqa: E702 - a hung collective fails
+faulthandler.dump_traceback_later(300, exit=True)
 args = ap.parse_args()
 results = {}
 out_dir = None

@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
 prefer_cpu_accelerator_if_no_cuda()
 
