@@ -1,6 +1,6 @@
 """What every fishds cache shares: an inter-process lock per entry and a record of its files, checked on use.
 
-fishds caches converted models and data splits (fishds/assets.py) and tokenised data (fishds/data.py) under
+fishds caches converted models and data splits (fishds/assets.py) and tokenised data (fishds/run/data.py) under
 ``$FISHDS_CACHE`` or ``~/.cache/fishds``. Any number of processes may start on an empty cache at once (ranks of
 one job, independent jobs, nodes sharing a home folder):
 

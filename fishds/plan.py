@@ -231,7 +231,7 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
     t = cfg.peft.target_modules
     targets = "all-linear" if t == "all-linear" else tuple(x for x in ([t] if isinstance(t, str) else t) if x in PROJ)
     keep = None if rule(cfg.fish.selection).dense else (cfg.fish.keep_ratio or 0.5)
-    return load_arch(resolve_model_path(cfg)), Setup(
+    return load_arch(resolve_model_path(cfg.model)), Setup(
         ds["zero_optimization"].get("stage", 0),
         world,
         cfg.quant.bits,

@@ -86,7 +86,7 @@ def build_random_nf4(cfg, model_path: str, dtype, labels=None, pad_token_id=None
     quant.after_load(base)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return get_peft_model(base, peft_config(cfg))
+    return get_peft_model(base, peft_config(cfg.peft, cfg.data))
 
 
 def weights_kind(model_path: str, built: bool) -> str:

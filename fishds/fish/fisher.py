@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -89,6 +90,70 @@ def collect_scores(
     return scores, stats
 
 
+@dataclass
+class Moments:
+    """The Fisher pass's accumulators and statistics on one rank: every owner chunk (pool.chunk) of sum g^2 and,
+    with_sum, of sum g (fp32, on the device), the pass counts and the memory peaks seen."""
+
+    segments: list  # per pool tensor: (owner rank, chunk start, chunk end, tensor start, tensor end)
+    chunks: list  # per owner rank: its chunk of sum g^2 (None once reduced away)
+    sums: list | None  # the same for sum g (saliency, snr), or None
+    progress: Callable | None = None
+    done: int = 0
+    total: int = 0  # passes planned (the progress bar's total)
+    grad_peak: int = 0  # bytes of one pass's pool gradients (or batched squares)
+    output_grad_peak: int = 0  # bytes of the captured layer-output gradients of one batched pass
+
+    @classmethod
+    def for_pool(cls, pool: Pool, with_sum: bool, progress: Callable | None = None) -> "Moments":
+        world = fdist.world_size()
+        bounds = [pool.chunk(r, world) for r in range(world)]
+        chunks = [torch.zeros(e - s, dtype=torch.float32, device=fdist.device()) for s, e in bounds]
+        sums = [torch.zeros_like(c) for c in chunks] if with_sum else None
+        return cls(_segments(pool, bounds), chunks, sums, progress)
+
+    @property
+    def accumulator_bytes(self) -> int:
+        return sum(c.numel() for c in self.chunks) * 4 * (2 if self.sums is not None else 1)
+
+    def add(self, n: int, sq: torch.Tensor, g: torch.Tensor | None = None) -> None:
+        """Add the flat squares `sq` (and, with sums, the flat summed gradients `g`) of pool tensor n."""
+        for r, a, b, c, d in self.segments[n]:
+            self.chunks[r][a:b].add_(sq[c:d])
+            if self.sums is not None:
+                self.sums[r][a:b].add_(g[c:d])
+
+    def saw(self, grads, output: bool = False) -> None:
+        """Record the bytes of one pass's gradients (output: the captured layer-output gradients)."""
+        n = sum(g.numel() * g.element_size() for g in grads if g is not None)
+        if output:
+            self.output_grad_peak = max(self.output_grad_peak, n)
+        else:
+            self.grad_peak = max(self.grad_peak, n)
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def reduce_to_owners(self) -> tuple[torch.Tensor, ...]:
+        """Each chunk reduced once to the rank that owns it (pieces of REDUCE_PIECE entries), the others freed as
+        soon as they are reduced; returns this rank's chunks on the CPU: (sum g^2,) or (sum g^2, sum g)."""
+        world, rank = fdist.world_size(), fdist.rank()
+        accs = [self.chunks] + ([self.sums] if self.sums is not None else [])
+        if world > 1:
+            for acc in accs:
+                for r in range(world):
+                    for a in range(0, acc[r].numel(), REDUCE_PIECE):
+                        dist.reduce(acc[r][a : a + REDUCE_PIECE], dst=r)
+                    if r != rank:
+                        acc[r] = None  # not ours: free it as soon as it is reduced
+        local = tuple(acc[rank].to("cpu") for acc in accs)
+        for acc in accs:
+            acc.clear()
+        return local
+
+
 def collect_moments(
     engine,
     pool: Pool,
@@ -113,88 +178,38 @@ def collect_moments(
     model = engine.module
     was_training = model.training
     model.eval()  # dropout off: scores are a deterministic function of the examples
-    dev = fdist.device()
-    world, rank = fdist.world_size(), fdist.rank()
-    params = [t.param for t in pool.tensors]
-    bounds = [pool.chunk(r, world) for r in range(world)]
-    chunks = [torch.zeros(e - s, dtype=torch.float32, device=dev) for s, e in bounds]  # the accumulator
-    sums = [torch.zeros_like(c) for c in chunks] if with_sum else None  # sum of gradients (saliency, snr)
-    segments = _segments(pool, bounds)
-    acc_peak = sum(c.numel() for c in chunks) * 4 * (2 if with_sum else 1)
-    zero3 = zero.zero3_coordinator(engine)
-
-    def add(n: int, sq: torch.Tensor, g: torch.Tensor | None = None) -> None:
-        """Add the flat squares `sq` (and, with_sum, the flat summed gradients `g`) of pool tensor n."""
-        for r, a, b, c, d in segments[n]:
-            chunks[r][a:b].add_(sq[c:d])
-            if sums is not None:
-                sums[r][a:b].add_(g[c:d])
-
-    state = {"done": 0, "total": 0, "grad_peak": 0, "output_grad_peak": 0, "passes": 0}
-
-    def tick():
-        state["done"] += 1
-        state["passes"] += 1
-        if progress is not None:
-            progress(state["done"], state["total"])
-
-    loop_params = list(range(len(params)))
+    run = _PassInputs(model, zero.zero3_coordinator(engine), [t.param for t in pool.tensors], examples, collate)
+    m = Moments.for_pool(pool, with_sum, progress)
+    acc_peak = m.accumulator_bytes
+    batched = granularity == "sample" and per_example == "batched"
+    loop_params = list(range(len(run.params)))
     batched_passes = 0
-    if granularity == "sample" and per_example == "batched":
+    if batched:
         groups = _passes(len(examples), "batch", micro_batch_size)
-        state["total"] = len(groups)
-        loop_params = _batched_pass(model, zero3, params, examples, groups, collate, dev, add, state, tick, with_sum)
-        batched_passes = len(groups)
+        m.total = batched_passes = len(groups)
+        loop_params = _batched_pass(run, groups, m)
         if loop_params:
             fdist.print0(
-                f"[fishds] per-example Fisher: no batched rule for {len(loop_params)} of {len(params)} "
+                f"[fishds] per-example Fisher: no batched rule for {len(loop_params)} of {len(run.params)} "
                 "pool tensors, scored one example at a time: " + ", ".join(pool.tensors[n].name for n in loop_params)
             )
     if loop_params:
         groups = _passes(len(examples), granularity, micro_batch_size)
-        state["total"] += len(groups)
-        _loop_pass(
-            model,
-            zero3,
-            [params[n] for n in loop_params],
-            loop_params,
-            examples,
-            groups,
-            collate,
-            dev,
-            add,
-            state,
-            tick,
-        )
-    zero.end_gradient_pass(engine, zero3)
+        m.total += len(groups)
+        _loop_pass(run, loop_params, groups, m)
+    zero.end_gradient_pass(engine, run.zero3)
     model.train(was_training)
     t_local = time.perf_counter() - t0
-    grad_peak = state["grad_peak"]
-    per_example_stats = {
-        "per_example": per_example if granularity == "sample" else None,
-        "batched_passes_per_rank": batched_passes,
-        "looped_tensors": len(loop_params) if granularity == "sample" and per_example == "batched" else 0,
-    }
-
-    start, end = bounds[rank]
-    if world > 1:
-        for acc in [chunks] + ([sums] if sums is not None else []):
-            for r in range(world):
-                for a in range(0, acc[r].numel(), REDUCE_PIECE):
-                    dist.reduce(acc[r][a : a + REDUCE_PIECE], dst=r)
-                if r != rank:
-                    acc[r] = None  # not ours: free it as soon as it is reduced
-    local = chunks[rank].to("cpu")
-    local_sum = sums[rank].to("cpu") if sums is not None else None
-    chunks.clear()
+    moments = m.reduce_to_owners()
+    local = moments[0]
     held = local.numel()
     # one MAX all-reduce: a NaN/Inf anywhere stops every rank (not only the chunk's owner), plus memory maxima
     flag = torch.tensor(
-        [int(not bool(torch.isfinite(local).all())), acc_peak, grad_peak, held * 4, held, state["output_grad_peak"]],
+        [int(not bool(torch.isfinite(local).all())), acc_peak, m.grad_peak, held * 4, held, m.output_grad_peak],
         dtype=torch.int64,
     )
     fdist.all_reduce_(flag, op=dist.ReduceOp.MAX)
-    check_finite(pool, local, start)
+    check_finite(pool, local, pool.chunk(fdist.rank(), fdist.world_size())[0])
     if flag[0].item():
         raise FisherError(
             "Fisher scores contain NaN or Inf on another rank (its error names the parameter); lower "
@@ -203,34 +218,51 @@ def collect_moments(
     stats = {
         "collect_seconds": time.perf_counter() - t0,
         "local_pass_seconds": t_local,
-        "passes_per_rank": state["passes"],
-        **per_example_stats,
+        "passes_per_rank": m.done,
+        "per_example": per_example if granularity == "sample" else None,
+        "batched_passes_per_rank": batched_passes,
+        "looped_tensors": len(loop_params) if batched else 0,
         # bytes and entries per rank, max over ranks
         "accumulator_peak_bytes": int(flag[1]),
         "grad_peak_bytes": int(flag[2]),
         "scores_held_bytes": int(flag[3]),
         "scores_held_entries": int(flag[4]),
-        "output_grad_peak_bytes": int(flag[5]),
-    }  # batched: the captured layer-output gradients of one pass
-    return (local,) + ((local_sum,) if local_sum is not None else ()), stats
+        "output_grad_peak_bytes": int(flag[5]),  # batched: the captured layer-output gradients of one pass
+    }
+    return moments, stats
 
 
-def _loop_pass(model, zero3, params, indices, examples, groups, collate, dev, add, state, tick) -> None:
-    """One forward/backward per group; squares of the gradients of `params` (pool indices `indices`) added."""
+@dataclass(frozen=True)
+class _PassInputs:
+    model: torch.nn.Module  # the module, not engine(): no DeepSpeed backward/reduction hooks
+    zero3: object  # zero.zero3_coordinator(engine)
+    params: list  # the pool parameters, in pool order
+    examples: list
+    collate: Callable
+
+    def batch(self, group: list[int]) -> dict:
+        """The collated examples of a group, on the device (a weight-0 pass on example 0 for an empty group)."""
+        return {
+            k: v.to(fdist.device())
+            for k, v in self.collate([self.examples[j] for j in group] or [self.examples[0]]).items()
+        }
+
+
+def _loop_pass(run: _PassInputs, indices: list[int], groups, m: Moments) -> None:
+    """One forward/backward per group; squares of the gradients of the pool tensors `indices` added."""
+    params = [run.params[n] for n in indices]
     for group in groups:
-        batch = collate([examples[j] for j in group] or [examples[0]])
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
+        loss = run.model(**run.batch(group)).loss
         grads = list(torch.autograd.grad(loss, params, allow_unused=True))
-        zero.release_backward_leftovers(zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
-        state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size() for g in grads if g is not None))
+        zero.release_backward_leftovers(run.zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
+        m.saw(grads)
         for j, n in enumerate(indices):
             g, grads[j] = grads[j], None  # free each gradient once it is added
             if group and g is not None:
                 g = g.detach().reshape(-1).to(torch.float32)
-                add(n, g.square(), g)
+                m.add(n, g.square(), g)
         del grads, loss
-        tick()
+        m.tick()
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -239,20 +271,18 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
     return bool(diff <= CHECK_RTOL * scale + 1e-30)
 
 
-def _batched_pass(
-    model, zero3, params, examples, groups, collate, dev, add, state, tick, with_sum: bool = False
-) -> list[int]:
+def _batched_pass(run: _PassInputs, groups, m: Moments) -> list[int]:
     """Per-example squares of the covered pool tensors, one forward/backward per micro-batch; returns the pool
     indices left for the loop (not covered by a rule, failing the first-batch check, or all of them when the
     model's loss cannot be split per example)."""
+    model, params, with_sum = run.model, run.params, m.sums is not None
     bf = BatchedFisher(model, params)
     if not bf.rules:
         return list(range(len(params)))
     accepted = {i for r in bf.rules for i in r.params}
     with bf:
         for gi, group in enumerate(groups):
-            batch = collate([examples[j] for j in group] or [examples[0]])
-            batch = {k: v.to(dev) for k, v in batch.items()}
+            batch = run.batch(group)
             out = bf.forward(batch)
             b = batch["input_ids"].shape[0] if "input_ids" in batch else next(iter(batch.values())).shape[0]
             logits, labels = getattr(out, "logits", None), batch.get("labels")
@@ -261,14 +291,9 @@ def _batched_pass(
             targets, spans = bf.targets()
             checked = sorted(accepted) if gi == 0 else []
             grads = list(torch.autograd.grad(loss, targets + [params[i] for i in checked], allow_unused=True))
-            zero.release_backward_leftovers(zero3)
-            state["grad_peak"] = max(
-                state["grad_peak"], sum(g.numel() * g.element_size() for g in grads[len(targets) :] if g is not None)
-            )
-            state["output_grad_peak"] = max(
-                state["output_grad_peak"],
-                sum(g.numel() * g.element_size() for g in grads[: len(targets)] if g is not None),
-            )
+            zero.release_backward_leftovers(run.zero3)
+            m.saw(grads[len(targets) :])
+            m.saw(grads[: len(targets)], output=True)
             if gi == 0:  # the same decision on every rank: one MIN all-reduce of the flags
                 sums = bf.summed(grads[: len(targets)], spans, b)
                 flags = [int(split is not None and _close(split[1], out.loss.detach()))]
@@ -286,15 +311,15 @@ def _batched_pass(
                 del grads[len(targets) :]
             squares = bf.squares(grads, spans, b)  # pool-shaped fp32, like one pass's gradients in the loop
             summed = bf.summed(grads, spans, b) if with_sum else {}  # sum g over the batch's examples
-            state["grad_peak"] = max(state["grad_peak"], sum(sq.numel() * 4 for sq in squares.values()))
+            m.grad_peak = max(m.grad_peak, sum(sq.numel() * 4 for sq in squares.values()))
             if group:
                 for i, sq in squares.items():
                     if i in accepted:
-                        add(i, sq.reshape(-1), summed[i].reshape(-1).float() if with_sum else None)
+                        m.add(i, sq.reshape(-1), summed[i].reshape(-1).float() if with_sum else None)
             del squares, summed
             del grads, loss, out
             bf.clear()
-            tick()
+            m.tick()
     return [i for i in range(len(params)) if i not in accepted]
 
 

@@ -1,4 +1,4 @@
-"""A selection rule = a score (fishds/scores.py) + an allocation (fishds/allocation.py) + an optional control.
+"""A selection rule = a score (fishds/fish/scores.py) + an allocation (fishds/fish/allocation.py) + a control.
 
     select_local: score this rank's chunk -> keys -> groups and quotas -> exact_topk_grouped -> control
 

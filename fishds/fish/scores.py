@@ -36,9 +36,9 @@ SNR_EPS = 1e-20  # keeps 0 / 0 at 0 (an entry whose every scoring gradient is 0,
 
 @dataclass
 class ScoreContext:
-    """What a score may read: the `fish:` section (config.FishSection), the micro-batch size of the scoring pass,
-    the engine and pool, this rank's chunk, the scoring examples, the adapter at the warm-up's start (or None), and
-    `info` (the selection report, filled as it goes)."""
+    """What a score may read: the `fish:` section (fishds/fish/config.FishSection), the micro-batch size of the
+    scoring pass, the engine and pool, this rank's chunk, the scoring examples, the adapter at the warm-up's start
+    (or None), and `info` (the selection report, filled as it goes)."""
 
     fish: object
     micro_batch_size: int

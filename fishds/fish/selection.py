@@ -2,8 +2,8 @@
 
 A selection rule is a score (fishds/fish/scores.py SCORES), an allocation of k (fishds/fish/allocation.py
 ALLOCATIONS) and an optional control arm (fishds/fish/rules.py CONTROLS), each a table: adding one is one entry
-there. RULES here is the table of `fish.selection` shorthands (fisher, random, lowest, dense). config.FishSection
-(the `fish:` section of `fishds train` and of the Hugging Face callback) takes its choices and their
+there. RULES here is the table of `fish.selection` shorthands (fisher, random, lowest, dense). FishSection
+(fishds/fish/config.py, the `fish:` section of `fishds train` and of the Hugging Face callback) takes its choices and their
 documentation from these tables.
 
 The front door, called on every rank by both clients (fishds/run/train.py and fishds/integrations/hf.py) once
@@ -119,7 +119,7 @@ def select_masks(
     """The rule's scores -> groups and quotas -> exact distributed top-k -> full masks on every rank, with report
     entries (fishds/fish/rules.py: score x allocation x control).
 
-    fish: the `fish:` section (config.FishSection); examples: the scoring examples (see scoring_examples);
+    fish: the `fish:` section (fishds/fish/config.FishSection); examples: the scoring examples (see scoring_examples);
     scores_dir: where fish.save_scores writes the gathered scores; initial: the adapter before a dense warm-up
     (movement scores)."""
     info = {"selection": rules.label(fish), "pool_size": pool.size, "k": k}

@@ -101,7 +101,8 @@ def _torch_optimizer(opt):
 
 
 def fish_section(**kwargs) -> FishSection:
-    """FishCallback's selection arguments as the validated `fish:` section (config.FishSection), or FishError."""
+    """FishCallback's selection arguments as the validated `fish:` section (fishds/fish/config.FishSection), or
+    FishError."""
     try:
         return FishSection(**kwargs)
     except ValidationError as e:

@@ -51,7 +51,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     ds_path = ds_path or cfg.ds_config
     resolve_precision(cfg)  # train.precision=auto -> bf16 / fp32 (load_config did it already for YAML configs)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / the deepspeed launcher before ranks start
-    model_path = resolve_model_path(cfg)  # the model's config.json sizes the hidden-size "auto" buckets
+    model_path = resolve_model_path(cfg.model)  # the model's config.json sizes the hidden-size "auto" buckets
     ds = resolve_ds_config(cfg, ds_path, world, model_path)  # fp16, ZeRO stage, "auto"s, contradictions: up front
     check_compact(cfg, ds)
     trackers.check(cfg)
@@ -66,12 +66,12 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     d = cfg.data
     data_path, eval_path = d.path, d.eval_path
     if data_path in TASKS:
-        files = TASKS[data_path]("classification" if is_classification(cfg) else "alpaca")
+        files = TASKS[data_path]("classification" if is_classification(cfg.data) else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
     srcs = sources(d, data_path)  # data.path or data.datasets, Hub names resolved
     read = read_sources(srcs)
     rows = {s.key: r for s, r in read}
-    labels = labels_of(read) if is_classification(cfg) else None
+    labels = labels_of(read) if is_classification(cfg.data) else None
     eval_path, test_path = (
         resolve_dataset(p, k) if p else None
         for p, k in ((eval_path, "data.eval_path"), (d.test_path, "data.test_path"))
@@ -109,8 +109,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
             cfg.train.micro_batch_size,
         )
     n_labels = len(labels) if labels else None
-    best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg))
-    check_model_and_targets(cfg, model_path, n_labels)
+    best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg.data))
+    check_model_and_targets(cfg.model, cfg.peft, cfg.data, model_path, n_labels)
     return Plan(
         model_path=model_path,
         data_path=srcs[0].path,
@@ -133,7 +133,11 @@ def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None)
     if rule(f.selection).dense:
         return {}
     if f.budget == "match_rank":  # match_r < peft.r: checked by config.Config
-        return {f.match_r: count_trainable(cfg, model_path, f.match_r, num_labels)}
+        return {f.match_r: count_trainable(cfg.model, cfg.peft, cfg.data, model_path, f.match_r, num_labels)}
     if f.keep_ratio is not None and (r * f.keep_ratio).is_integer() and 0 < r * f.keep_ratio < r:
-        return {int(r * f.keep_ratio): count_trainable(cfg, model_path, int(r * f.keep_ratio), num_labels)}
+        return {
+            int(r * f.keep_ratio): count_trainable(
+                cfg.model, cfg.peft, cfg.data, model_path, int(r * f.keep_ratio), num_labels
+            )
+        }
     return {}

@@ -80,7 +80,7 @@ def param_groups(cfg: Config, model) -> list:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if cfg.train.head_lr is None:
         return trainable
-    head = {id(t.param) for t in Pool.from_model(model, include=head_patterns(cfg)).tensors}
+    head = {id(t.param) for t in Pool.from_model(model, include=head_patterns(cfg.data)).tensors}
     return [
         {"params": [p for p in trainable if id(p) not in head]},
         {"params": [p for p in trainable if id(p) in head], "lr": cfg.train.head_lr},
@@ -161,7 +161,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     zero3_loading = None
     if (
         ds["zero_optimization"].get("stage", 0) == 3
-        and not peft_method(cfg).needs_base_weights_at_init
+        and not peft_method(cfg.peft).needs_base_weights_at_init
         and not cfg.peft.modules_to_save
         and not plan.labels
     ):  # PEFT copies modules_to_save (heads) from weights
@@ -181,7 +181,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
                 else ""
             )
         )
-    exclude = cfg.fish.pool_exclude + head_patterns(cfg)
+    exclude = cfg.fish.pool_exclude + head_patterns(cfg.data)
     pool_before = Pool.from_model(model, cfg.fish.pool_include, exclude)
     counts = budget(cfg.fish, pool_before, Pool.from_model(model).size, plan.baselines)  # k, computed once
     engine, *_ = deepspeed.initialize(
