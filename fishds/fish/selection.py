@@ -3,8 +3,8 @@
 A selection rule is a score (fishds/fish/scores.py SCORES), an allocation of k (fishds/fish/allocation.py
 ALLOCATIONS) and an optional control arm (fishds/fish/rules.py CONTROLS), each a table: adding one is one entry
 there. RULES here is the table of `fish.selection` shorthands (fisher, random, lowest, dense). FishSection
-(fishds/fish/config.py, the `fish:` section of `fishds train` and of the Hugging Face callback) takes its choices and their
-documentation from these tables.
+(fishds/fish/config.py, the `fish:` section of `fishds train` and of the Hugging Face callback) takes its choices
+and their documentation from these tables.
 
 The front door, called on every rank by both clients (fishds/run/train.py and fishds/integrations/hf.py) once
 the engine exists (and after any dense warm-up, which each client runs its own way): `fix_mask`, i.e.
