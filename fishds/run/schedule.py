@@ -34,7 +34,7 @@ def total_steps(cfg: Config, n_blocks: int, world: int) -> int:
         steps = DEFAULT_STEPS
     # fish.dense_steps unset: resolved here, once, for this run's length (the rest of the run reads an int)
     cfg.fish = cfg.fish.resolved(steps)
-    if cfg.fish.dense_steps >= steps and cfg.fish.selection != "dense" and not cfg.fish.mask_path:
+    if cfg.fish.dense_steps >= steps and not cfg.fish.dense and not cfg.fish.mask_path:
         what = (
             f"train.max_steps={t.max_steps}"
             if t.max_steps is not None
