@@ -72,3 +72,20 @@ def test_dense_with_a_mask_file_is_refused_by_both_clients(toy, tmp_path):
     assert proc.returncode != 0 and errors, proc.stderr[-3000:]
     assert all("mask_path=" in line for line in errors)
     assert not (tmp_path / "hf").exists() and "[hf_case]" not in proc.stdout
+
+
+def test_a_mask_file_with_dense_steps_is_refused_by_both_clients():
+    """A mask file is used from the first step: dense steps before scoring do not apply (fishds train used to skip
+    them and start masked training after them; FishCallback trained every step masked)."""
+    import pytest
+
+    from fishds.config import ConfigError, load_config
+    from fishds.integrations.hf import FishCallback, FishError
+
+    base = ["model.name_or_path=m", "data.path=d", "output_dir=o", "fish.mask_path=m.safetensors"]
+    with pytest.raises(ConfigError, match=r"fish\.dense_steps=3"):
+        load_config(None, base + ["fish.dense_steps=3"])
+    with pytest.raises(FishError, match="dense_steps=3"):
+        FishCallback(mask_path="m.safetensors", warmup_steps=3)
+    assert load_config(None, base + ["fish.dense_steps=0"]).fish.dense_steps == 0
+    assert FishCallback(mask_path="m.safetensors").warmup_steps is None

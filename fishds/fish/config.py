@@ -125,7 +125,7 @@ class FishSection(Section):
         None,
         description="Use this fish_mask.safetensors (from an earlier run) instead "
         "of scoring; its keys and shapes must match the adapter. Training is then masked by the file "
-        "(not with fish.selection=dense, which trains every entry: refused).",
+        "(not with fish.selection=dense, which trains every entry, nor with fish.dense_steps > 0: refused).",
     )
     save_scores: bool = Field(
         False,
@@ -244,6 +244,11 @@ class FishSection(Section):
                     "drop fish.mask_path, or drop fish.selection=dense to train the file's entries"
                 )
             return
+        if self.mask_path and self.dense_steps:
+            raise ValueError(
+                f"fish.mask_path={self.mask_path!r} fixes the mask before the first step; fish.dense_steps="
+                f"{self.dense_steps} (dense steps before scoring) does not apply to a mask file: remove it"
+            )
         score, allocation, control = SCORES[self.score], ALLOCATIONS[self.allocation], CONTROLS[self.control]
         if score.needs_warmup and self.dense_steps == 0 and control.runs_rule:  # unset: the default dense steps
             raise ValueError(
