@@ -286,7 +286,7 @@ class StepLog:
             )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class FixedMask:
     masks: dict  # parameter name -> bool mask, every trainable tensor
     report: dict
