@@ -100,7 +100,8 @@ def run_stage(args, stage: int, record) -> None:
     from fishds import dist as fdist
     from fishds.config import load_config
     from fishds.fish.fisher import collect_scores
-    from fishds.run.train import scoring_examples, setup, train_step
+    from fishds.fish.selection import scoring_examples
+    from fishds.run.train import setup, train_step
 
     model = "smollm2-135m-instruct" if args.model == "smollm2" else args.model
     n, b = args.num_samples, args.micro_batch_size

@@ -72,7 +72,7 @@ def main() -> None:
     from fishds.dist import prefer_cpu_accelerator_if_no_cuda
 
     prefer_cpu_accelerator_if_no_cuda()
-    import torch
+    import torch  # noqa: F401
 
     from bench._session import record, session
     from fishds import dist as fdist

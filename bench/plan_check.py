@@ -6,7 +6,7 @@ The published figures are whole-process GPU memory (nvidia-smi style: CUDA conte
 communication buffers included); the plan counts tensors only (see fishds/plan.py for every formula).
 """
 
-from fishds.plan import PRESETS, Setup, plan
+from fishds.plan import PRESETS, Setup, plan  # noqa: E402
 
 GB, GIB = 1e9, 2**30
 CASES = [  # (name, setup, published GB per GPU, source)

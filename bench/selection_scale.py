@@ -26,14 +26,14 @@ import gc
 import json
 import time
 
-import torch
-import torch.distributed as dist
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-from bench._comm import CommCounter
-from fishds import dist as fdist
-from fishds.fish.mask import share_selection
-from fishds.fish.pool import Pool
-from fishds.fish.select import exact_topk, float_keys, key_to_float
+from bench._comm import CommCounter  # noqa: E402
+from fishds import dist as fdist  # noqa: E402
+from fishds.fish.mask import share_selection  # noqa: E402
+from fishds.fish.pool import Pool  # noqa: E402
+from fishds.fish.select import exact_topk, float_keys, key_to_float  # noqa: E402
 
 BLOCK = 1 << 20
 

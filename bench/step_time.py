@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 
 prefer_cpu_accelerator_if_no_cuda()
 

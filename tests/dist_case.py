@@ -7,18 +7,18 @@ output_dir so a test can check that the saved adapter reproduces the model that 
 from pathlib import Path
 
 
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 
 prefer_cpu_accelerator_if_no_cuda()
 
-import argparse
+import argparse  # noqa: E402
 
-import torch
-from safetensors.torch import save_file
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
-from fishds import dist as fdist
-from fishds.config import load_config
-from fishds.run.train import run
+from fishds import dist as fdist  # noqa: E402
+from fishds.config import load_config  # noqa: E402
+from fishds.run.train import run  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ds_config")

@@ -12,16 +12,16 @@ import argparse
 import faulthandler
 from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model
-from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noqa: E402
 
-from fishds.config import DataSection
-from fishds.fish.adapter import adapter_keys
-from fishds.integrations.hf import FishCallback, prepare_cpu_deepspeed
-from fishds.model import load_tokenizer
-from fishds.run.data import Collator, load_examples
+from fishds.config import DataSection  # noqa: E402
+from fishds.fish.adapter import adapter_keys  # noqa: E402
+from fishds.integrations.hf import FishCallback, prepare_cpu_deepspeed  # noqa: E402
+from fishds.model import load_tokenizer  # noqa: E402
+from fishds.run.data import Collator, load_examples  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", required=True)

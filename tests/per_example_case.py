@@ -8,20 +8,21 @@ fish.per_example=loop and =batched on the same examples. Rank 0 writes per_examp
 
 from pathlib import Path
 
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 
 prefer_cpu_accelerator_if_no_cuda()
 
-import argparse
-import json
+import argparse  # noqa: E402
+import json  # noqa: E402
 
-import torch
-import torch.distributed as dist
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
-from fishds import dist as fdist
-from fishds.config import load_config
-from fishds.fish.fisher import collect_scores
-from fishds.run.train import scoring_examples, setup, train_step
+from fishds import dist as fdist  # noqa: E402
+from fishds.config import load_config  # noqa: E402
+from fishds.fish.fisher import collect_scores  # noqa: E402
+from fishds.fish.selection import scoring_examples  # noqa: E402
+from fishds.run.train import setup, train_step  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--ds_config")
@@ -30,7 +31,7 @@ ap.add_argument("--methods", default="lora")
 ap.add_argument("overrides", nargs="*")
 import faulthandler
 
-faulthandler.dump_traceback_later(300, exit=True)
+faulthandler.dump_traceback_later(300, exit=True)  # noqa: E702 - a hung collective fails
 args = ap.parse_args()
 results = {}
 out_dir = None

@@ -9,23 +9,23 @@ final adapters (param names), <rule>/masks.safetensors, <rule>/<score>_scores.sa
 
 from pathlib import Path
 
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 
 prefer_cpu_accelerator_if_no_cuda()
 
-import argparse
-import faulthandler
-import json
+import argparse  # noqa: E402
+import faulthandler  # noqa: E402
+import json  # noqa: E402
 
-import torch
-from safetensors.torch import save_file
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
-from fishds import dist as fdist
-from fishds.config import load_config
-from fishds.fish.adapter import gather_adapter
-from fishds.fish.enforce import reset_unselected
-from fishds.fish.selection import scoring_examples, select_masks
-from fishds.run.train import setup, train_step
+from fishds import dist as fdist  # noqa: E402
+from fishds.config import load_config  # noqa: E402
+from fishds.fish.adapter import gather_adapter  # noqa: E402
+from fishds.fish.enforce import reset_unselected  # noqa: E402
+from fishds.fish.selection import scoring_examples, select_masks  # noqa: E402
+from fishds.run.train import setup, train_step  # noqa: E402
 
 WARMUP = 3
 PHASE_A = {  # name -> fish overrides

@@ -24,7 +24,7 @@ import resource
 import statistics
 from pathlib import Path
 
-from fishds.dist import prefer_cpu_accelerator_if_no_cuda
+from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 
 prefer_cpu_accelerator_if_no_cuda()
 
