@@ -14,13 +14,11 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .fish.config import CHOICES, DEFAULT_DENSE_STEPS, FishSection
+from .fish.config import CHOICES, DEFAULT_DENSE_STEPS, FishSection  # noqa: F401  (the `fish:` section lives there)
 from .methods import METHODS
 from .run.formats import FORMATS
-from .schema import ConfigError
+from .schema import ConfigError  # the error type of every section (fishds/schema.py), importable from here
 from .schema import Section as _Section
-
-__all__ = ["Config", "ConfigError", "FishSection", "DEFAULT_DENSE_STEPS", "load_config", "config_reference"]
 
 
 class ModelSection(_Section):
