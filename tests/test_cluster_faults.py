@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 from conftest import ROOT, base_overrides, launch, launch_command
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fishds.cache import file_record
 from fishds.fish.mask import load_masks
@@ -216,3 +216,36 @@ def test_max_nonfinite_steps_is_checked(field):
 
     with pytest.raises(ConfigError, match="max_nonfinite_steps"):
         load_config(None, ["model.name_or_path=x", "data.path=y", "output_dir=z", field])
+
+
+def test_resume_refuses_pickles_unless_trusted_and_skips_damaged_checkpoints(tmp_path, capsys):
+    """Without world_state.safetensors only DeepSpeed's pickles could restore a checkpoint: refused, naming
+    train.resume_trust_pickle; resume=auto passes over a checkpoint whose files changed after they were recorded;
+    an explicit damaged path is refused naming the file."""
+    from fishds.cache import seal
+    from fishds.config import ConfigError
+    from fishds.run.checkpoint import find_resume
+    from fishds.run.reshard import TENSORS, check
+
+    state = {"world_size": 2, "data_position": 3, "micro_batch_size": 3}
+    with pytest.raises(ConfigError, match=r"train\.resume_trust_pickle=true"):
+        check(state, tmp_path, 2, False, 3)
+    check(state, tmp_path, 2, False, 3, trust_pickle=True)
+    root = tmp_path / "out" / "checkpoints"
+    for step in (2, 4):
+        folder = root / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        torch.manual_seed(step)
+        save_file({"a": torch.randn(64)}, str(folder / TENSORS))
+        (folder / "fishds_state.json").write_text(json.dumps({"step": step, "files": seal(folder)["files"]}))
+    assert find_resume("auto", tmp_path / "out") == root / "step-00000004"
+    damaged = root / "step-00000004" / TENSORS
+    raw = bytearray(damaged.read_bytes())
+    raw[-1] ^= 0xFF  # one bit pattern changed, same size: only the hash sees it
+    damaged.write_bytes(bytes(raw))
+    assert find_resume("auto", tmp_path / "out") == root / "step-00000002"
+    assert "step-00000004 is damaged" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=f"{TENSORS} does not hold the bytes"):
+        find_resume(str(root / "step-00000004"), tmp_path / "out")
+    damaged.write_bytes(bytes(raw[:100]))
+    assert "is 100 bytes" in verify(root / "step-00000004")

@@ -153,28 +153,29 @@ def check(
     """Preflight: can the checkpoint written on state['world_size'] ranks resume on `world` ranks, without
     unpickling unless trust_pickle?"""
     saved = state.get("world_size", world)
+    where = f"resume: the checkpoint {folder} was written on {saved} rank(s), this run has {world}"
+    if saved != world:
+        if compact:
+            raise ConfigError(
+                f"{where}; fish.compact_optimizer keeps moments per selected entry of each rank's partition "
+                f"and cannot be re-partitioned: resume on {saved} rank(s) or set "
+                "fish.compact_optimizer=false"
+            )
+        if not (folder / TENSORS).is_file():
+            raise ConfigError(
+                f"{where}, and it holds no {TENSORS} (written by an older fishds); resume on {saved} rank(s)"
+            )
+        consumed = state["data_position"] * state.get("micro_batch_size", micro_batch_size) * saved
+        if consumed % (micro_batch_size * world):
+            raise ConfigError(
+                f"{where}: {consumed} examples consumed is not a whole number of micro-batches of "
+                f"{micro_batch_size} x {world} ranks; change train.micro_batch_size or the rank count"
+            )
     if not trust_pickle and not (folder / TENSORS).is_file():
         raise ConfigError(
             f"resume: the checkpoint {folder} holds no {TENSORS} (written by an older fishds): only DeepSpeed's "
             "pickled engine files could restore it, and loading a pickle runs code of whoever wrote it; set "
             "train.resume_trust_pickle=true if you trust that checkpoint"
-        )
-    if saved == world:
-        return
-    where = f"resume: the checkpoint {folder} was written on {saved} rank(s), this run has {world}"
-    if compact:
-        raise ConfigError(
-            f"{where}; fish.compact_optimizer keeps moments per selected entry of each rank's partition "
-            f"and cannot be re-partitioned: resume on {saved} rank(s) or set "
-            "fish.compact_optimizer=false"
-        )
-    if not (folder / TENSORS).is_file():
-        raise ConfigError(f"{where}, and it holds no {TENSORS} (written by an older fishds); resume on {saved} rank(s)")
-    consumed = state["data_position"] * state.get("micro_batch_size", micro_batch_size) * saved
-    if consumed % (micro_batch_size * world):
-        raise ConfigError(
-            f"{where}: {consumed} examples consumed is not a whole number of micro-batches of "
-            f"{micro_batch_size} x {world} ranks; change train.micro_batch_size or the rank count"
         )
 
 
