@@ -198,6 +198,16 @@ class Guard:
         )
 
 
+def restarts_share_the_store() -> bool:
+    """torchrun restarts workers (--max-restarts > 0) that share its rendezvous store, which can hand a restarted
+    attempt the addresses of the last one (pytorch/pytorch#135712); torchrun passes the variable to its workers."""
+    return (
+        int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+        and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0") != "1"
+    )
+
+
 def write_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 

@@ -566,6 +566,12 @@ def run(cfg: Config, ds_path: str | None = None) -> RunResult:
     with the exit codes of fishds/run/guard.py): divergence, a stop signal, a failed write."""
     s = setup(cfg, ds_path)
     g = guard.Guard(cfg.train.max_nonfinite_steps).install(s.engine)
+    if guard.restarts_share_the_store():
+        fdist.print0(
+            "[fishds] warning: torchrun --max-restarts with its shared rendezvous store: a restarted attempt can read "
+            "the last attempt's addresses and hang in init_process_group; start torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )
     try:
         log = StepLog(s)
         fdist.print0(
