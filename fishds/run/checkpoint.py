@@ -7,11 +7,18 @@ Layout: output_dir/checkpoints/step-00000040/ holding
                        (peft.PeftModel.from_pretrained loads it: evaluate or ship checkpoint-N without resuming)
 - fish_mask.safetensors the mask (fishds-packbits-v1, keyed like the adapter, as in output_dir)
 - rng-rank<R>.safetensors each rank's torch RNG states
-- fishds_state.json     step, data position, world size, ZeRO stage, library versions and the best-metric
-                       state (run/best.py), written last: the completion marker
+- world_state.safetensors + world_state.json  the adapter's fp32 masters, optimizer moments and step, the LR
+                       scheduler and DeepSpeed's counters, whole (run/reshard.py: what a resume restores, on any
+                       number of ranks, without unpickling; optimizer-rank<R>.safetensors for a compact optimizer)
+- fishds_state.json     step, data position, world size, ZeRO stage, library versions, the best-metric state
+                       (run/best.py), the count of skipped non-finite steps (run/guard.py) and `files`: size and
+                       sha256 of every other file; written last: the completion marker
 Every rank writes into a temporary folder `.tmp-step-...`; after a barrier rank 0 writes the marker and
 renames the folder into place, so a rank killed mid-write leaves only a `.tmp-` folder, which resume
-ignores and the next save removes. Older checkpoints are pruned only after a new one is complete.
+ignores and the next save removes. Older checkpoints are pruned only after a new one is complete. A write that
+fails on any rank stops every rank (run/guard.py WriteFailed, exit code 74) and removes the `.tmp-` folder.
+`resume=auto` takes the newest complete checkpoint whose files match their record (`verify`), saying which
+damaged ones it passed over. DeepSpeed's pickled ds/ files are loaded only with train.resume_trust_pickle.
 """
 
 from __future__ import annotations
