@@ -243,3 +243,20 @@ def test_resume_refuses_pickles_unless_trusted_and_skips_damaged_checkpoints(tmp
         find_resume(str(root / "step-00000004"), tmp_path / "out")
     damaged.write_bytes(bytes(raw[:100]))
     assert "is 100 bytes" in verify(root / "step-00000004")
+
+
+def test_legacy_world_state_pt_is_read_without_running_code(tmp_path):
+    """world_state.pt of an older fishds: plain numbers load with the weights-only unpickler; a payload in it
+    raises instead of running."""
+    from fishds.run.reshard import _load_extra
+
+    torch.save(
+        {"optimizer_step": 4, "state_keys": ["exp_avg"], "lr": [0.01], "lr_scheduler": None},
+        tmp_path / "world_state.pt",
+    )
+    assert _load_extra(tmp_path)["optimizer_step"] == 4
+    marker = tmp_path / "payload-ran"
+    (tmp_path / "world_state.pt").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(pickle.UnpicklingError):
+        _load_extra(tmp_path)
+    assert not marker.exists()
