@@ -81,7 +81,9 @@ def test_skip_write_failure_damaged_checkpoint_pickle_divergence_and_preemption_
        step 6) is one more than allowed (the count of step 3 came back from the checkpoint): every rank stops with
        exit code 3, no adapter is written, the checkpoint stays intact;
     3. SIGUSR1 to rank 1 only, at a random step: both ranks stop after the same step with a checkpoint there
-       (exit code 75); the next resume finishes with the adapter of an uninterrupted run, bit for bit."""
+       (exit code 75);
+    4. the final outputs cannot be written: exit code 74, the outputs already there unchanged; the next resume
+       finishes with the adapter of an uninterrupted run, bit for bit."""
     ref, out = tmp_path / "ref", tmp_path / "run"
     extra = {**STEPS, "train.max_nonfinite_steps": 1}
     nan = {"FISHDS_FAULT_NAN_LOSS": "3:1"}
@@ -134,6 +136,16 @@ def test_skip_write_failure_damaged_checkpoint_pickle_divergence_and_preemption_
     assert f"stopped after step {at + 1} of 12" in text, (at, text[-3000:])  # seen at the next step's agreement
     assert (ckpt(out, at + 1) / "fishds_state.json").is_file() and verify(ckpt(out, at + 1)) is None
     assert not (out / "fish_report.json").exists()
+    # 4. the final outputs cannot be written (rank 0, files over 1 KiB): exit code 74, nothing half-written, the
+    # outputs of the start and the checkpoints as they were; the next run resumes and writes them
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"}
+    proc = launch(2, ov, "zero2.json", expect_ok=False, env={**nan, "FISHDS_FAULT_FSIZE": "-1:0:1024"})
+    assert proc.returncode != 0 and worker_exit(proc, EXIT_WRITE_FAILED), proc.stderr[-3000:]
+    assert f"writing the outputs in {out}" in proc.stdout + proc.stderr
+    assert not (out / "fish_report.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not list(out.glob(".adapter.*")), "a temporary adapter folder was left"
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "metrics.jsonl"} == before
+    assert verify(ckpt(out, at + 1)) is None
     launch(2, ov, "zero2.json", env=nan)
     assert not marker.exists()
     assert_same_adapter(ref, out)

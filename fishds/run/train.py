@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .. import dist as fdist
 from .. import memory, quant, zero
@@ -546,7 +547,7 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
             if use_ckpt:
                 best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
             write_json(out / REPORT_FILE, report)
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
             failure = guard.write_error(e)
     guard.agree_writes(failure, f"the outputs in {out}")
     if fdist.is_main():
