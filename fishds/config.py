@@ -329,6 +329,20 @@ class TrainSection(_Section):
         "cosine_with_restarts, {min_lr_rate: 0.1} for cosine_with_min_lr, "
         "{num_decay_steps: 20} for warmup_stable_decay.",
     )
+    max_nonfinite_steps: int = Field(
+        0,
+        ge=0,
+        description="Optimizer steps with a non-finite loss or gradient norm that are skipped (no update on any "
+        "rank, counted as nonfinite_steps in metrics.jsonl) before the run stops as diverged (exit code 3, no "
+        "adapter written, the last checkpoint kept). 0: the first one stops the run.",
+    )
+    resume_trust_pickle: bool = Field(
+        False,
+        description="Resume through DeepSpeed's own engine files (checkpoints/step-N/ds, Python pickles: loading "
+        "one runs code of whoever wrote it). Default false: a resume restores from safetensors and JSON only "
+        "(world_state.*, rng-rank*, fish_mask, fishds_state.json), on any number of ranks. Set true only for "
+        "checkpoints you trust, e.g. ones written by a fishds older than world_state.json.",
+    )
 
     @model_validator(mode="after")
     def _schedule(self):

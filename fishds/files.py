@@ -32,7 +32,8 @@ SCORES_FILE = "fisher_scores.safetensors"
 REPORT_PNG = "fish_mask_report.png"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "fishds_state.json"
-WORLD_STATE_FILE, WORLD_STATE_EXTRA = "world_state.safetensors", "world_state.pt"  # in a checkpoint: see run/reshard.py
+WORLD_STATE_FILE, WORLD_STATE_EXTRA = "world_state.safetensors", "world_state.json"  # in a checkpoint: run/reshard.py
+WORLD_STATE_LEGACY_EXTRA = "world_state.pt"  # what fishds wrote before world_state.json (read weights-only)
 RUN_CONFIG, RUN_DS_CONFIG = "fishds_config.yaml", "ds_config.json"  # the resolved configs, written at start
 TRACKER_IDS = "trackers.json"  # wandb / mlflow run ids, for a resumed run
 # the files of a saved adapter (PEFT's save_pretrained, or fishds/bottleneck.py)

@@ -7,11 +7,18 @@ Layout: output_dir/checkpoints/step-00000040/ holding
                        (peft.PeftModel.from_pretrained loads it: evaluate or ship checkpoint-N without resuming)
 - fish_mask.safetensors the mask (fishds-packbits-v1, keyed like the adapter, as in output_dir)
 - rng-rank<R>.safetensors each rank's torch RNG states
-- fishds_state.json     step, data position, world size, ZeRO stage, library versions and the best-metric
-                       state (run/best.py), written last: the completion marker
+- world_state.safetensors + world_state.json  the adapter's fp32 masters, optimizer moments and step, the LR
+                       scheduler and DeepSpeed's counters, whole (run/reshard.py: what a resume restores, on any
+                       number of ranks, without unpickling; optimizer-rank<R>.safetensors for a compact optimizer)
+- fishds_state.json     step, data position, world size, ZeRO stage, library versions, the best-metric state
+                       (run/best.py), the count of skipped non-finite steps (run/guard.py) and `files`: size and
+                       sha256 of every other file; written last: the completion marker
 Every rank writes into a temporary folder `.tmp-step-...`; after a barrier rank 0 writes the marker and
 renames the folder into place, so a rank killed mid-write leaves only a `.tmp-` folder, which resume
-ignores and the next save removes. Older checkpoints are pruned only after a new one is complete.
+ignores and the next save removes. Older checkpoints are pruned only after a new one is complete. A write that
+fails on any rank stops every rank (run/guard.py WriteFailed, exit code 74) and removes the `.tmp-` folder.
+`resume=auto` takes the newest complete checkpoint whose files match their record (`verify`), saying which
+damaged ones it passed over. DeepSpeed's pickled ds/ files are loaded only with train.resume_trust_pickle.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ import signal
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .. import cache
 from .. import dist as fdist
 from ..files import CHECKPOINT_STATE, CHECKPOINTS_DIR, MASK_FILE
 from ..fish.adapter import gather_adapter, key_map, save_mask_file
 from ..fish.mask import load_masks, save_masks
-from . import reshard
+from . import guard, reshard
 from .outputs import save_adapter
 
 MARKER = CHECKPOINT_STATE  # written last: a complete checkpoint
@@ -47,18 +56,34 @@ def complete_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def find_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint folder to resume from: `auto` = latest complete one (or none), `none`, or a path."""
+    """The checkpoint folder to resume from: `auto` = latest complete one that verifies (or none), `none`, or a path.
+
+    A damaged checkpoint (a file missing, truncated or changed after it was written, see `verify`) is never
+    resumed from: `auto` falls back to the previous complete one, printing a line naming the file; an explicit
+    path raises FileNotFoundError naming it."""
     if resume == "none":
         return None
     if resume == "auto":
-        found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        for folder in reversed(complete_checkpoints(output_dir)):
+            problem = verify(folder)
+            if problem is None:
+                return folder
+            if os.environ.get("RANK", "0") == "0":
+                print(
+                    f"[fishds] resume: checkpoint {folder} is damaged ({problem}); not resuming from it, "
+                    "trying the previous complete one",
+                    flush=True,
+                )
+        return None
     p = Path(resume)
     if not (p / MARKER).is_file():
         raise FileNotFoundError(
             f"resume={resume!r} is not a complete fishds checkpoint (no {MARKER}); use "
             "resume=auto or a folder under output_dir/checkpoints"
         )
+    problem = verify(p)
+    if problem is not None:
+        raise FileNotFoundError(f"resume={resume!r}: the checkpoint is damaged ({problem}); use another checkpoint")
     return p
 
 
@@ -97,59 +122,122 @@ def save_checkpoint(
 
     trainable (a Pool of every trainable tensor): also write the PEFT adapter at this step (a collective under
     ZeRO-3). extra: more fields for fishds_state.json. protect: a step whose checkpoint pruning keeps (the best).
+    A write that fails on any rank (a full disk, a read-only folder) stops the run on every rank with
+    guard.WriteFailed; the temporary folder is removed and the complete checkpoints are left as they were.
+    fishds_state.json records the size and sha256 of every file of the checkpoint (`files`), checked at resume
+    (hashing reads the checkpoint once more: the adapter's state, tens of MB for a 7B LoRA).
     """
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}"
+    what = f"the checkpoint {final}"
+    guard.fault_file_size_limit(step)
+    failure = None
     if fdist.is_main():
         for stale in root.glob(".tmp-step-*") if root.is_dir() else []:
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    fdist.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False, exclude_frozen_parameters=True)
-    save_file(_rng_state(), str(tmp / f"rng-rank{fdist.rank()}.safetensors"))
+        try:
+            tmp.mkdir(parents=True)
+        except OSError as e:
+            failure = guard.write_error(e)
+    _agree(failure, what, tmp)  # in place of a barrier
+    try:
+        engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False, exclude_frozen_parameters=True)
+    except (OSError, RuntimeError) as e:  # torch.save raises RuntimeError for a failed write
+        failure = guard.write_error(e)
+        fdist.barrier()  # the one DeepSpeed's save ends with, which the other ranks wait in
+    if failure is None:
+        try:
+            save_file(_rng_state(), str(tmp / f"rng-rank{fdist.rank()}.safetensors"))
+            if trainable is not None:
+                reshard.save_rank(engine, tmp)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            failure = guard.write_error(e)
     adapter = gather_adapter(trainable) if trainable is not None else None
     whole = reshard.gather_state(engine, trainable) if trainable is not None else None  # world-size independent
     if os.environ.get("FISHDS_FAULT_KILL_IN_CHECKPOINT") == f"{step}:{fdist.rank()}":
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the kill-while-saving test
-    fdist.barrier()
+    _agree(failure, what, tmp)
     if fdist.is_main():
-        if adapter is not None:
-            save_adapter(engine.module, tmp, adapter)
-            reshard.save(tmp, *whole)
-            save_mask_file(engine.module, tmp, masks)  # keyed like the adapter (load_checkpoint maps back)
-        else:
-            save_masks(tmp / MASK_FILE, masks)
-        state = {
-            "step": step,
-            "data_position": position,
-            "world_size": fdist.world_size(),
-            "zero_stage": engine.zero_optimization_stage(),
-            "versions": versions(),
-            "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
-            **(extra or {}),
-        }
-        (tmp / MARKER).write_text(json.dumps(state) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            if protect is None or old.name != f"step-{protect:08d}":
-                shutil.rmtree(old, ignore_errors=True)
-    fdist.barrier()
+        try:
+            if adapter is not None:
+                save_adapter(engine.module, tmp, adapter)
+                reshard.save(tmp, *whole)
+                save_mask_file(engine.module, tmp, masks)  # keyed like the adapter (load_checkpoint maps back)
+            else:
+                save_masks(tmp / MASK_FILE, masks)
+            state = {
+                "step": step,
+                "data_position": position,
+                "world_size": fdist.world_size(),
+                "zero_stage": engine.zero_optimization_stage(),
+                "versions": versions(),
+                "micro_batch_size": engine.train_micro_batch_size_per_gpu(),
+                **(extra or {}),
+                "files": cache.seal(tmp, skip=(MARKER,))["files"],
+            }
+            marker = tmp / f".{MARKER}.tmp"
+            marker.write_text(json.dumps(state) + "\n")
+            os.replace(marker, tmp / MARKER)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except (OSError, RuntimeError, SafetensorError, ValueError) as e:
+            failure = guard.write_error(e)
+        if failure is None:
+            for old in complete_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+                if protect is None or old.name != f"step-{protect:08d}":
+                    shutil.rmtree(old, ignore_errors=True)
+    _agree(failure, what, tmp)
     return final
 
 
-def load_checkpoint(engine, folder: Path, trainable=None) -> tuple[dict, dict[str, torch.Tensor]]:
+def _agree(failure: str | None, what: str, tmp: Path) -> None:
+    try:
+        guard.agree_writes(failure, what)
+    except guard.WriteFailed:
+        if fdist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def verify(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint (None when nothing): every file its fishds_state.json records is
+    present with its size and sha256, and every .safetensors header covers its data. A checkpoint written before
+    the record existed: the safetensors headers only."""
+    try:
+        state = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError) as e:
+        return f"{MARKER}: {e}"
+    files = state.get("files")
+    if files is None:
+        return cache.check(folder, None)
+    problem = cache.check(folder, {"files": files})
+    if problem:
+        return problem
+    for name, rec in files.items():
+        if cache.sha256_file(folder / name) != rec["sha256"]:
+            return f"{name} does not hold the bytes that were written (sha256 differs)"
+    return None
+
+
+def load_checkpoint(
+    engine, folder: Path, trainable=None, trust_pickle: bool = False
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore engine, RNG and return (state, masks). All ranks call this.
 
-    Written on another number of ranks: the adapter, optimizer and scheduler state come from world_state
-    (run/reshard.py) and the data position is converted (preflight checked that it can be)."""
+    By default nothing is unpickled: the adapter's fp32 masters, optimizer moments and step, the LR scheduler and
+    the engine counters come from world_state.safetensors + world_state.json (run/reshard.py, on any number of
+    ranks), the RNG from rng-rank<R>.safetensors, the mask from fish_mask.safetensors, the step, data position and
+    best-metric state from fishds_state.json. DeepSpeed's engine files (ds/, pickled: loading them runs whatever
+    code their writer put there) are read only with trust_pickle (train.resume_trust_pickle), and only on the
+    number of ranks that wrote them."""
     state = json.loads((folder / MARKER).read_text())
-    if state.get("world_size", fdist.world_size()) != fdist.world_size() and trainable is not None:
-        reshard.load_state(engine, trainable, folder)
-    else:
+    same_world = state.get("world_size", fdist.world_size()) == fdist.world_size()
+    if (trust_pickle and same_world) or trainable is None:
         engine.load_checkpoint(str(folder / "ds"), tag="state", load_module_strict=False)
+    else:
+        reshard.load_state(engine, trainable, folder, same_world)
     rng = folder / f"rng-rank{fdist.rank()}.safetensors"
     if rng.is_file():
         rng_state = load_file(str(rng))

@@ -107,6 +107,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
             world,
             cfg.fish.compact_optimizer,
             cfg.train.micro_batch_size,
+            cfg.train.resume_trust_pickle,
         )
     n_labels = len(labels) if labels else None
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg.data))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .. import dist as fdist
 from .. import memory, quant, zero
@@ -31,7 +32,7 @@ from ..fish.pool import Pool
 from ..fish.selection import MaskFileError, budget, enforce_mask, progress_bar
 from ..fish.selection import fix_mask as fix_core
 from ..model import head_patterns, load_peft_model, load_tokenizer, peft_method
-from . import best, schedule
+from . import best, guard, schedule
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .data import Collator, ShardedBatches, data_counts_line, data_counts_report, load_examples
 from .evaluate import evaluate
@@ -90,33 +91,58 @@ def param_groups(cfg: Config, model) -> list:
 def train_step(engine, batches: ShardedBatches, collate, grad_accum: int) -> dict:
     """One optimizer step over grad_accum micro-batches, the loss averaged over all the step's targets on all ranks
     (fishds/run/loss.py); returns this rank's share of that mean loss, token and target counts.
-    One device synchronisation per step (the loss read at the end, besides the targets' all-reduce before the first
-    micro-batch); tokens are counted on the host examples."""
+    One device synchronisation per step (the step's losses, read before the optimizer step so that the run guard
+    (fishds/run/guard.py) can skip a non-finite step on every rank; besides the targets' all-reduce before the first
+    micro-batch and the guard's all-reduce of 3 numbers); tokens are counted on the host examples."""
     dev = fdist.device()
-    losses, grad_norm = [], None
+    g = guard.active()
+    losses, grad_norm, bad = [], None, False
     lr = engine.get_lr()[0]
     raw = [batches.next() for _ in range(grad_accum)]
     tokens = sum(len(e["input_ids"]) for examples in raw for e in examples)
     micro_batches = [collate(examples) for examples in raw]
     targets = step_targets(micro_batches)
+    skipped_before = getattr(engine, "skipped_steps", 0)
+    if g is not None:
+        g.step += 1
     for micro, host in enumerate(micro_batches):
         batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
         loss = token_loss_sum(engine, batch) / targets
+        if g is not None and f"{g.step}:{fdist.rank()}" in os.environ.get("FISHDS_FAULT_NAN_LOSS", "").split(","):
+            loss = loss * float("nan")  # fault injection for the non-finite step tests
         engine.backward(loss * fdist.world_size(), scale_wrt_gas=False)
-        if micro == grad_accum - 1 and engine.zero_optimization_stage() == 0:
-            grad_norm = _dense_grad_norm(engine)  # stage 0 keeps no global norm; grads are reduced here
-        engine.step()
         losses.append(loss.detach())
+        if micro == grad_accum - 1:
+            if engine.zero_optimization_stage() == 0:
+                grad_norm = _dense_grad_norm(engine)  # stage 0 keeps no global norm; grads are reduced here
+            if g is not None:
+                local = torch.stack(losses).float().sum()
+                norm_ok = grad_norm is None or bool(torch.isfinite(grad_norm))
+                bad, total_loss = g.agree(not (bool(torch.isfinite(local)) and norm_ok), float(local))
+                g.skip = bad  # the optimizer wrapper makes no update on any rank
+                g.fault_hooks()
+        engine.step()
+    if g is not None:
+        g.skip = False
+    else:
+        total_loss = None
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     grad_norm = None if grad_norm is None else float(grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm)
-    return {
+    out = {
         "loss": float(torch.stack(losses).float().sum()),
         "tokens": tokens,
         "targets": targets,
         "lr": lr,
         "grad_norm": grad_norm,
     }
+    if g is not None:
+        ds_skipped = getattr(engine, "skipped_steps", 0) > skipped_before
+        if g.after_step(bad, total_loss, grad_norm, lr, ds_skipped, engine.fp16_enabled()):
+            out.update(skipped=True)
+        if g.nonfinite_steps:
+            out.update(nonfinite_steps=g.nonfinite_steps)
+    return out
 
 
 def _dense_grad_norm(engine):
@@ -274,6 +300,7 @@ class StepLog:
             ),
             "seconds": seconds,
         }
+        rec.update({k: stats[k] for k in ("skipped", "nonfinite_steps") if k in stats})  # fishds/run/guard.py
         self.metrics.write(rec)
         tok_s = rec["tokens"] / max(seconds, 1e-9)
         self.bar.update(1)
@@ -301,7 +328,7 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
     cfg, engine, out = s.cfg, s.engine, s.plan.output_dir
     resume_from = s.plan.resume_from
     if resume_from is not None:
-        state, masks = load_checkpoint(engine, resume_from, s.trainable)
+        state, masks = load_checkpoint(engine, resume_from, s.trainable, cfg.train.resume_trust_pickle)
         check_resumed_state(engine, cfg.fish.compact_optimizer)
         s.batches.position = data_position(state, fdist.world_size(), cfg.train.micro_batch_size)
         log.metrics.truncate_after(state["step"])
@@ -361,10 +388,63 @@ def first_step_after(resume_from: Path | None) -> int:
     return json.loads((resume_from / CHECKPOINT_STATE).read_text())["step"] + 1 if resume_from else 1
 
 
+def _checkpoint(s: Session, fixed: FixedMask, log: StepLog, step: int, scheduled: bool = True) -> Path:
+    """A complete checkpoint at `step` (all ranks); `scheduled`: a train.save_every one (the best tracker sees it)."""
+    judge = fixed.best_tracker
+    log.metrics.flush()
+    if scheduled:
+        judge.on_checkpoint(step)
+    g = guard.active()
+    return save_checkpoint(
+        s.engine,
+        s.plan.output_dir,
+        step,
+        s.batches.position,
+        fixed.masks,
+        s.cfg.train.keep_checkpoints,
+        s.trainable,
+        {"best": judge.state(), "nonfinite_steps": g.nonfinite_steps if g is not None else 0},
+        protect=judge.ckpt_step,
+    )
+
+
+def _preempted(s: Session, fixed: FixedMask, log: StepLog, step: int, saved: bool) -> guard.Preempted:
+    """All ranks agreed to stop after `step`: the checkpoint at that step (unless it exists), then the exit."""
+    resumed_at = first_step_after(s.plan.resume_from) - 1
+    if not saved and not (s.plan.resume_from is not None and step == resumed_at):
+        folder = _checkpoint(s, fixed, log, step, scheduled=False)
+    else:
+        folder = checkpoint_root(s.plan.output_dir) / f"step-{step:08d}"
+    log.metrics.close()
+    g = guard.active()
+    sig = f" ({signal_name(g.signal)} on rank 0)" if g is not None and g.signal else ""
+    return guard.Preempted(
+        f"[fishds] preempted{sig}: stopped after step {step} of {log.total_steps}, checkpoint {folder}; run the same "
+        f"command again to continue (resume=auto); exit code {guard.EXIT_PREEMPTED}"
+    )
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
+
+
 def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> int:
     """Masked training from fixed.first_step, with periodic evaluation and checkpoints (the best one kept);
-    returns the last step trained (earlier than the total with early stopping)."""
+    returns the last step trained (earlier than the total with early stopping). A stop signal (fishds/run/guard.py)
+    ends it after the current step with a checkpoint there (guard.Preempted); a signal during the dense steps or the
+    Fisher pass is acted on here, before the first masked step, with a checkpoint at the step the mask was fixed."""
     engine, batches, collate, t, judge = s.engine, s.batches, s.collate, s.cfg.train, fixed.best_tracker
+    g = guard.active()
+    if g is not None:
+        g.step = fixed.first_step - 1
+        if s.plan.resume_from is not None:
+            state = json.loads((s.plan.resume_from / CHECKPOINT_STATE).read_text())
+            g.nonfinite_steps = state.get("nonfinite_steps", 0)
+        g.agree()
+        if g.stop and fixed.first_step <= log.total_steps:
+            raise _preempted(s, fixed, log, fixed.first_step - 1, saved=False)
     for step in range(fixed.first_step, log.total_steps + 1):
         t0 = time.perf_counter()
         log(step, "train", train_step(engine, batches, collate, t.grad_accum), time.perf_counter() - t0)
@@ -372,20 +452,11 @@ def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> int:
             step_eval = evaluate(engine, s.eval_examples, collate, t.micro_batch_size)
             log.metrics.write({"step": step, **step_eval})
             judge.update(step, step_eval)
-        if t.save_every and step % t.save_every == 0 and step != log.total_steps:
-            log.metrics.flush()
-            judge.on_checkpoint(step)
-            save_checkpoint(
-                engine,
-                s.plan.output_dir,
-                step,
-                batches.position,
-                fixed.masks,
-                t.keep_checkpoints,
-                s.trainable,
-                {"best": judge.state()},
-                protect=judge.ckpt_step,
-            )
+        saved = bool(t.save_every and step % t.save_every == 0 and step != log.total_steps)
+        if saved:
+            _checkpoint(s, fixed, log, step)
+        if g is not None and g.stop and step != log.total_steps:
+            raise _preempted(s, fixed, log, step, saved)
         if judge.should_stop():
             fdist.print0(
                 f"[fishds] early stopping at step {step}: {judge.name} did not improve for "
@@ -418,11 +489,18 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
     report["eval"] = eval_metrics
     use_ckpt = best.summarise(judge, report, last_step, log.total_steps) if t.save_best else False
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
+    failure = None
     if fdist.is_main():
-        save_adapter(engine.module, out, adapter)
-        if use_ckpt:
-            best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
-        write_json(out / REPORT_FILE, report)
+        try:  # a failed write (full disk) stops every rank, fish_report.json (the completion marker) unwritten
+            guard.fault_file_size_limit(-1)  # FISHDS_FAULT_FSIZE=-1:0:BYTES: the final outputs' writes fail
+            save_adapter(engine.module, out, adapter)
+            if use_ckpt:
+                best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
+            write_json(out / REPORT_FILE, report)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+            failure = guard.write_error(e)
+    guard.agree_writes(failure, f"the outputs in {out}")
+    if fdist.is_main():
         try:  # the run is finished; a failed plot must not fail it
             from ..report import write_report_png
 
@@ -444,14 +522,26 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
 
 
 def run(cfg: Config, ds_path: str | None = None) -> RunResult:
-    """setup -> fix the mask -> masked training loop -> outputs."""
+    """setup -> fix the mask -> masked training loop -> outputs. Stops early with guard.RunStopped (a SystemExit
+    with the exit codes of fishds/run/guard.py): divergence, a stop signal, a failed write."""
     s = setup(cfg, ds_path)
-    log = StepLog(s)
-    fdist.print0(
-        f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {s.pool.size:,} entries in "
-        f"{len(s.pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={s.k:,} | "
-        f"ZeRO-{s.engine.zero_optimization_stage()} | {fdist.world_size()} rank(s) | {cfg.train.precision}"
-    )
-    fixed = fix_mask(s, log)
-    last_step = train_loop(s, fixed, log)
-    return finish(s, fixed, log, last_step)
+    g = guard.Guard(cfg.train.max_nonfinite_steps).install(s.engine)
+    if guard.restarts_share_the_store():
+        fdist.print0(
+            "[fishds] warning: torchrun --max-restarts with its shared rendezvous store: a restarted attempt can read "
+            "the last attempt's addresses and hang in init_process_group; start torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )
+    try:
+        log = StepLog(s)
+        fdist.print0(
+            f"[fishds] model {s.plan.model_path} | {cfg.peft.method} pool {s.pool.size:,} entries in "
+            f"{len(s.pool.tensors)} tensors | selection {rules.label(cfg.fish)}, k={s.k:,} | "
+            f"ZeRO-{s.engine.zero_optimization_stage()} | {fdist.world_size()} rank(s) | {cfg.train.precision}"
+        )
+        g.fault_hooks()  # FISHDS_FAULT_SIGNAL=0:RANK: a signal before the mask is fixed (the Fisher pass)
+        fixed = fix_mask(s, log)
+        last_step = train_loop(s, fixed, log)
+        return finish(s, fixed, log, last_step)
+    finally:
+        g.close()
