@@ -182,8 +182,9 @@ class TokenCache:
             raw.dataset = raw.dataset.select(range(limit))
         return raw
 
-    def labels(self, src, data: DataSection, limit: int | None) -> list:
-        """Classification: the distinct values of data.label_field in split `src` (every row checked first)."""
+    def check(self, src, data: DataSection, limit: int | None) -> list:
+        """Every row of split `src` checked against data.format (ConfigError naming the first bad one); for
+        classification, the distinct values of data.label_field."""
         import datasets
 
         from .run.data import RowTokenizer

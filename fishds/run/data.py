@@ -123,15 +123,12 @@ def _first_rank(work):
     return result
 
 
-def _chat_template_set(tokenizer, data: DataSection, key: str, path: str) -> None:
+def _chat_template_set(tokenizer, data: DataSection) -> bool:
+    """data.chat_template set on the tokenizer; True when data.format needs a chat template and there is none."""
     template = chat_template(data)
     if template is not None:
         tokenizer.chat_template = template  # data.chat_template replaces the tokenizer's (chat, alpaca prompts)
-    if FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
-            "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one"
-        )
+    return bool(FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None))
 
 
 def load_examples(
@@ -143,6 +140,7 @@ def load_examples(
     labels: list | None = None,
     cache: Path | None = None,
     counts: dict | None = None,
+    hits: dict | None = None,
 ) -> ArrowExamples:
     """The usable examples (some target token left) of one split, as a memory-mapped view of its token cache entry
     (fishds/tokens.py). The first rank resolves the split (fishds/run/splits.py), and checks and tokenises it unless
@@ -150,23 +148,30 @@ def load_examples(
     when they do not see it: another machine without a shared cache folder).
 
     `counts`, when given, receives {"rows", "truncated", "dropped"}: rows read, examples data.max_length cut
-    (kept), and examples dropped because no target token was left."""
+    (kept), and examples dropped because no target token was left. `hits`, when given, receives {key: the cache
+    file} when the first rank found the split in the cache."""
     import datasets
 
     from ..tokens import TokenCache, kept
     from .splits import check_num_proc, resolve
 
     datasets.disable_progress_bars()
-    _chat_template_set(tokenizer, data, key, path)
     counts = {} if counts is None else counts
     tc = TokenCache(tokenizer, cache, check_num_proc(data))
+    no_template = _chat_template_set(tokenizer, data)
 
     def build():
         src = resolve(path, key, data)
+        if no_template:  # the rows first: a bad row is the better message
+            tc.check(src, data, limit)
+            raise ConfigError(
+                f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
+                "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one"
+            )
         k = tc.key(src, data, limit, labels)
         ds, hit = tc.build(k, src, data, limit, labels)
-        if hit:
-            print(f"[fishds.data] {key}: cache hit {tc.file(k)}", flush=True)
+        if hit and hits is not None:
+            hits[key] = str(tc.file(k))
         return k, ds
 
     if fdist.world_size() > 1 and not fdist.is_main():
@@ -184,6 +189,8 @@ def load_examples(
         _first_rank(work)
         ds = box["ds"]
     examples = kept(ds, counts)
+    if not counts["rows"]:
+        raise ConfigError(f"{key}={path!r}: the file is empty")  # blank lines only
     if not examples:
         what = "no response token is left to learn" if FORMATS[data.format].response_only else "no token is left"
         raise ConfigError(
@@ -204,7 +211,7 @@ def class_labels(tokenizer, sources: list, eval_splits: list, cache: Path | None
         for s in sources:
             tc = TokenCache(tokenizer, cache, check_num_proc(s.data))
             src = resolve(s.path, s.key, s.data)
-            values.append((s, tc.labels(src, s.data, s.data.max_examples)))
+            values.append((s, tc.check(src, s.data, s.data.max_examples)))
         if len(values) == 1:
             s, vals = values[0]
             labels = label_list([{s.data.label_field: v} for v in vals], s.data)
@@ -218,7 +225,7 @@ def class_labels(tokenizer, sources: list, eval_splits: list, cache: Path | None
             if not path:
                 continue
             tc = TokenCache(tokenizer, cache, check_num_proc(d))
-            seen = tc.labels(resolve(path, key, d), d, limit)
+            seen = tc.check(resolve(path, key, d), d, limit)
             unknown = sorted({str(v) for v in seen} - {str(v) for v in labels})
             if unknown:
                 raise ConfigError(

@@ -161,6 +161,8 @@ def resolve(path: str, key: str, data: DataSection) -> SplitSource:
                 f"{where}: unknown file type {p.suffix!r}; use one of {list(BUILDERS)} (optionally compressed: "
                 f"{list(COMPRESSED)}), a glob of them, or a folder saved by datasets"
             )
+        if p.stat().st_size == 0:
+            raise ConfigError(f"{where}: the file is empty")
         return _single(path, key, "file", [str(p)], BUILDERS[suffix], names, slicing, fld, explicit)
     if _is_glob(path) and not p.exists():
         files = sorted(f for f in globlib.glob(path, recursive=True) if Path(f).is_file())

@@ -239,8 +239,10 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
     def load(path, key, limit, data=d):
         if not path:
             return []
-        counts = plan.data_counts.setdefault(key, {})
-        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, counts=counts)
+        counts, hits = plan.data_counts.setdefault(key, {}), {}
+        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, counts=counts, hits=hits)
+        if key in hits:
+            fdist.print0(f"[fishds.data] {key}: cache hit {hits[key]}")
         fdist.print0(data_counts_line(key, counts, data.max_length))
         return examples
 
