@@ -140,7 +140,7 @@ def load_examples(
     labels: list | None = None,
     cache: Path | None = None,
     counts: dict | None = None,
-    hits: dict | None = None,
+    files: dict | None = None,
 ) -> ArrowExamples:
     """The usable examples (some target token left) of one split, as a memory-mapped view of its token cache entry
     (fishds/tokens.py). The first rank resolves the split (fishds/run/splits.py), and checks and tokenises it unless
@@ -148,8 +148,8 @@ def load_examples(
     when they do not see it: another machine without a shared cache folder).
 
     `counts`, when given, receives {"rows", "truncated", "dropped"}: rows read, examples data.max_length cut
-    (kept), and examples dropped because no target token was left. `hits`, when given, receives {key: the cache
-    file} when the first rank found the split in the cache."""
+    (kept), and examples dropped because no target token was left. `files`, when given, receives {key: (the cache
+    file, whether it was there already)}."""
     import datasets
 
     from ..tokens import TokenCache, kept
@@ -170,8 +170,8 @@ def load_examples(
             )
         k = tc.key(src, data, limit, labels)
         ds, hit = tc.build(k, src, data, limit, labels)
-        if hit and hits is not None:
-            hits[key] = str(tc.file(k))
+        if files is not None:
+            files[key] = (str(tc.file(k)), hit)
         return k, ds
 
     if fdist.world_size() > 1 and not fdist.is_main():
@@ -179,6 +179,8 @@ def load_examples(
         ds, _ = tc.read(k)
         if ds is None:  # not visible from here (another machine): built here, under the entry's lock
             k, ds = build()
+        elif files is not None:
+            files[key] = (str(tc.file(k)), True)
     else:
         box = {}
 

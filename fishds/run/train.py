@@ -220,10 +220,11 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     )
 
 
-def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
+def load_data(cfg: Config, plan: Plan, tokenizer, files: dict | None = None) -> tuple[list, list, list]:
     """Training, evaluation and test examples (eval from data.eval_path, or data.eval_split of the training rows),
     each split checked and tokenised by the first rank into the token cache (or found there) and memory-mapped by
-    every rank (fishds/run/data.py); classification reads the labels first and sizes the budget's baselines."""
+    every rank (fishds/run/data.py); classification reads the labels first and sizes the budget's baselines.
+    `files` receives {key: (cache file, found there)}."""
     d = cfg.data
     if is_classification(cfg):
         plan.labels = class_labels(
@@ -239,10 +240,12 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
     def load(path, key, limit, data=d):
         if not path:
             return []
-        counts, hits = plan.data_counts.setdefault(key, {}), {}
-        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, counts=counts, hits=hits)
-        if key in hits:
-            fdist.print0(f"[fishds.data] {key}: cache hit {hits[key]}")
+        counts, where = plan.data_counts.setdefault(key, {}), {}
+        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, counts=counts, files=where)
+        if where[key][1]:
+            fdist.print0(f"[fishds.data] {key}: cache hit {where[key][0]}")
+        if files is not None:
+            files.update(where)
         fdist.print0(data_counts_line(key, counts, data.max_length))
         return examples
 
