@@ -278,16 +278,22 @@ def raw_cache() -> Path:
 
 def _load_files(src: SplitSource, files: list[str], num_proc: int | None = None):
     import datasets
+    from datasets.utils import logging as dlog
 
     kwargs = {"keep_default_na": False} if src.builder == "csv" else {}
-    return datasets.load_dataset(
-        src.builder,
-        data_files={"train": files},
-        split="train",
-        cache_dir=str(raw_cache()),
-        num_proc=num_proc if num_proc and len(files) > 1 else None,
-        **kwargs,
-    )
+    level = dlog.get_verbosity()
+    dlog.set_verbosity(dlog.CRITICAL)  # a file that fails is reported once, by open_split, naming the field
+    try:
+        return datasets.load_dataset(
+            src.builder,
+            data_files={"train": files},
+            split="train",
+            cache_dir=str(raw_cache()),
+            num_proc=num_proc if num_proc and len(files) > 1 else None,
+            **kwargs,
+        )
+    finally:
+        dlog.set_verbosity(level)
 
 
 @dataclass
@@ -337,7 +343,8 @@ def open_split(src: SplitSource, num_proc: int | None = None) -> OpenSplit:
                         bad, why = f, e
                         break
             cause = why.__cause__ or why
-            what = f"the file {bad}" if bad else "the file" if len(src.files) == 1 else "a file"
+            bad = bad or (src.files[0] if len(src.files) == 1 else None)
+            what = f"the file {bad}" if bad else "a file"
             raise ConfigError(
                 f"{where}: {what} cannot be read as {src.builder if src.builder != 'text' else 'JSON lines'} "
                 f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); fix or replace it, "
