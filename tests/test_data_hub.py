@@ -88,8 +88,13 @@ def test_sharded_folder_subset_split_slicing_and_data_files(toy, tmp_path):
     shards, counts = _load(toy, tmp_path, str(repo / "main" / "train-*.parquet"))  # a glob of shards
     assert counts["rows"] == 256 and shards == alone
     chat, counts = _load(
-        toy, tmp_path, repo, subset="chat", format="chat", chat_template="{% for m in messages %}{{ m['content'] }} "
-        "</s> {% endfor %}{% if add_generation_prompt %}{% endif %}"
+        toy,
+        tmp_path,
+        repo,
+        subset="chat",
+        format="chat",
+        chat_template="{% for m in messages %}{{ m['content'] }} "
+        "</s> {% endfor %}{% if add_generation_prompt %}{% endif %}",
     )
     assert counts["rows"] == 20
 
@@ -206,7 +211,9 @@ def test_preprocess_from_an_offline_hub_cache_then_a_two_rank_launch_hits_the_ca
     proc = _cli(["preprocess", "--debug", "2", *ov], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = proc.stdout
-    assert "[fishds.data] tokenizing data.path (192 rows)" in out and "[fishds.data] tokenizing data.eval_path (16" in out
+    assert (
+        "[fishds.data] tokenizing data.path (192 rows)" in out and "[fishds.data] tokenizing data.eval_path (16" in out
+    )
     assert "[fishds] data.path: 192 rows, 0 truncated to data.max_length=64, 0 dropped" in out
     assert "[fishds.preprocess] data.packing:" in out and "blocks of at most 64 tokens from 192 examples" in out
     examples = [line for line in out.splitlines() if line.startswith("--- example")]
