@@ -256,3 +256,38 @@ def test_bad_shard_in_a_run_fails_before_weights(toy, tmp_path, capsys, broken_w
     assert err.count("\n") == 1
     _fails(ov + ["data.split=dev"], capsys, "data.split='dev'", "has the splits ['test', 'train']")
     _fails(ov + ["data.subset=extra"], capsys, "data.subset='extra'", "Available: ['main', 'chat']")
+
+
+def test_a_bad_row_stops_every_rank_with_the_first_ranks_message(toy, tmp_path, broken_weights_model):  # noqa: F811
+    """2 ranks: the first checks the rows, finds line 5 bad and stops; the second, waiting for it, stops with the
+    same one-line message instead of waiting out the collective timeout or reading the rows itself."""
+    lines = Path(toy["train"]).read_text().splitlines()
+    lines[4] = json.dumps({"instruction": "label the review", "input": "x"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    proc = launch(
+        2,
+        base_overrides(toy, tmp_path / "out", **{"model.name_or_path": broken_weights_model, "data.path": str(bad)}),
+        "zero2.json",
+        script="launch/train.py",
+        timeout=240,
+        expect_ok=False,
+    )
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    message = f"data.path={str(bad)!r}: row 5 lacks the text field(s) ['output']"
+    assert text.count(message) == 2, text[-4000:]  # printed by each rank
+    assert "deserializ" not in text.lower() and not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_json_lines_rows_are_lines_even_with_unicode_line_separators(toy, tmp_path):
+    """JSON lines are read one row per "\\n" line: a U+2028 inside a string (json.dumps ensure_ascii=False) stays in
+    its row, and blank lines count in the row numbers without being rows."""
+    rows = [{"instruction": "label\u2028the review", "output": "fresh"}, {"instruction": "b", "output": "rotten"}]
+    f = tmp_path / "u.jsonl"
+    f.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n\n" + json.dumps(rows[1]) + "\n{}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"u.jsonl': row 4 lacks the text field\(s\)"):
+        _load(toy, tmp_path, f)
+    f.write_text(json.dumps(rows[0], ensure_ascii=False) + "\n\n" + json.dumps(rows[1]) + "\n", encoding="utf-8")
+    ex, counts = _load(toy, tmp_path, f)
+    assert counts["rows"] == 2 and len(ex) == 2

@@ -143,6 +143,15 @@ def _hub_root(name: str, key: str) -> tuple[str, bool]:
     return str(snapshot(name, "dataset", key)), True
 
 
+def _local_snapshot(name: str) -> str | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id=name, repo_type="dataset", local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the local cache
+        return None
+
+
 def resolve(path: str, key: str, data: DataSection) -> SplitSource:
     """The split of `path` that `key` reads (data.path: data.split, default train; data.eval_path: validation,
     else test; data.test_path: test), resolved to its files; ConfigError naming the field when it has none.
@@ -179,7 +188,13 @@ def resolve(path: str, key: str, data: DataSection) -> SplitSource:
         return _saved(path, key, p, names, slicing, fld)
     if p.is_dir() or is_hub_name(path):
         root, hub = (str(p), False) if p.is_dir() else _hub_root(path, key)
-        return _repo(path, key, root, hub, subset, data_files, names, slicing, fld)
+        try:
+            return _repo(path, key, root, hub, subset, data_files, names, slicing, fld)
+        except ConfigError as e:
+            local = _local_snapshot(path) if root == path and "not available" in str(e) else None
+            if local is None:  # online and the Hub unreachable: its snapshot in the local cache, if there
+                raise
+            return _repo(path, key, local, True, subset, data_files, names, slicing, fld)
     raise ConfigError(f"{where}: file not found")
 
 
