@@ -332,10 +332,10 @@ class DatasetEntry(_Section):
 class DataSection(_Section):
     path: Optional[str] = Field(
         None,
-        description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
-        "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
-        "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
-        "offline). The built-in task names rotten_tomatoes (the embedded default), spam_assassin, "
+        description="Training data: a local .jsonl, .json, .csv, .parquet or .arrow file (or a glob of such "
+        "shards), a folder saved by datasets (save_to_disk), a dataset folder laid out as on the Hub, or a Hugging "
+        "Face Hub dataset name org/name (from the local HF cache offline); the split is data.split (default "
+        "train), with data.subset and data.data_files. Read with datasets (fishds/run/splits.py). The built-in task names rotten_tomatoes (the embedded default), spam_assassin, "
         "convention_2012 and first_names prepare that task from registry packages (train split; validation "
         "as data.eval_path). Required unless data.datasets is given.",
     )
@@ -348,8 +348,8 @@ class DataSection(_Section):
     )
     eval_path: Optional[str] = Field(
         None,
-        description="Evaluation data in the same format (optional; a DatasetDict "
-        "folder gives its 'validation' split, else 'test').",
+        description="Evaluation data in the same format, as data.path takes (optional); its split is "
+        "data.eval_split_name (default 'validation', else 'test').",
     )
     eval_split: float = Field(
         0.0,
