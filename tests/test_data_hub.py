@@ -68,7 +68,7 @@ def _repo(toy, root: Path, broken_test_shard: bool = True) -> Path:
 def _load(toy, tmp_path, path, key="data.path", **fields):
     tok = load_tokenizer(toy["model"])
     counts = {}
-    data = DataSection(path=str(path), max_length=64, **fields)
+    data = DataSection(**{"path": str(path), "max_length": 64, **fields})
     ex = load_examples(tok, str(path), key, data, None, cache=tmp_path / "tok", counts=counts)
     return ex, counts
 
@@ -155,7 +155,7 @@ def test_split_cache_key_covers_only_what_changes_its_tokens(toy, tmp_path, monk
     ]
     for fields in unchanged:
         assert _load(toy, tmp_path, toy["train"], **fields)[0] == first, fields
-    for fields in ({"max_length": 32}, {"format": "text"}, {"split": "train[:10]"}):
+    for fields in ({"max_length": 32}, {"format": "text", "text_field": "input"}, {"split": "train[:10]"}):
         with pytest.raises(AssertionError, match="tokenized again"):
             _load(toy, tmp_path, toy["train"], **fields)
 
