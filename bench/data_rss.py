@@ -1,12 +1,17 @@
-"""Per-rank resident memory of the tokenized training data: Python lists (the code before issue 15 item 7:
-Dataset.to_list() on every rank) against the memory-mapped arrow view (fishds.run.examples.ArrowExamples).
+"""The data path at scale: tokenisation wall time at data.num_proc 1 and 2, and each rank's private memory after
+the whole of a run's data loading (preflight, tokenizer, fishds.run.train.load_data, 200 micro-batches drawn).
 
-    .venv/bin/python bench/data_rss.py [--rows 1000000] [--ranks 2] [--direct]
+    .venv/bin/python bench/data_rss.py [--rows 1000000] [--ranks 2] [--procs 1 2]
 
-Writes a synthetic alpaca file of --rows rows, tokenizes it once (the fishds cache, in a temp folder; the toy
-word-level tokenizer of tests/toy.py), then for each mode starts --ranks ranks (torchrun, gloo) that load the
-examples from that cache, draw 200 micro-batches of 8 (ShardedBatches) and report VmRSS and the peak (VmHWM) in
-MiB. One JSON line per rank and mode, then one line with the ratios; all appended to bench/results/data_rss.jsonl.
+Writes a synthetic alpaca file of --rows rows (the toy word-level tokenizer of tests/toy.py), then
+1. tokenises it into an empty token cache once per --procs value (fishds.run.data.load_examples in one process, as
+   the first rank or `fishds preprocess` does), timing each;
+2. starts --ranks ranks (torchrun, gloo) of a run of that config on the warm cache: each runs preflight, starts the
+   process group, loads the tokenizer and the data (load_data: the cache hit, the memory-mapped examples), draws
+   200 micro-batches of 8 and reports its private memory (RssAnon: anonymous pages, not the mapped arrow file, which
+   the ranks of a machine share and the OS can drop) and VmRSS, before and after, in MiB.
+Prints the figures side by side and appends one JSON line per measurement and a summary line to
+bench/results/data_rss.jsonl (appended: earlier runs stay, each line says its command and rows).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,44 +39,55 @@ def _status_mib(field: str) -> float:
     return float("nan")
 
 
+def _overrides(model: str, data: str, out: str) -> list[str]:
+    return [
+        f"model.name_or_path={model}",
+        f"data.path={data}",
+        "data.max_length=64",
+        "peft.r=4",
+        "peft.target_modules=[q_proj,v_proj]",
+        "fish.num_samples=16",
+        f"output_dir={out}",
+    ]
+
+
 def worker(args) -> None:
     import datasets  # noqa: F401 - imported before the baseline, as a run has it
 
     from fishds import dist as fdist
-    from fishds.config import DataSection
+    from fishds.config import load_config
     from fishds.model import load_tokenizer
-    from fishds.run.data import ShardedBatches, load_examples
+    from fishds.run.data import ShardedBatches
+    from fishds.run.preflight import preflight
+    from fishds.run.train import load_data
 
-    fdist.init_distributed()
-    tok = load_tokenizer(args.model)
-    before = _status_mib("VmRSS")  # after imports and the tokenizer: what remains is the data
-    data = DataSection(path=args.data, max_length=64)
+    cfg = load_config(None, _overrides(args.model, args.data, args.out))
+    before = {"anon": _status_mib("RssAnon"), "rss": _status_mib("VmRSS")}  # imports done: what follows is data
     t0 = time.perf_counter()
-    examples = load_examples(tok, args.data, "data.path", data, None, cache=Path(args.cache))
-    if args.mode == "lists":  # what load_examples returned before: every row as Python lists on every rank
-        examples = [
-            e
-            for e in datasets.Dataset.from_file(examples.dataset.cache_files[0]["filename"]).to_list()
-            if e["input_ids"]
-        ]
+    plan = preflight(cfg, None)
+    after_preflight = _status_mib("RssAnon")  # preflight imports deepspeed and builds meta models: not data
+    fdist.init_distributed()
+    tok = load_tokenizer(plan.model_path)
+    examples, _, _ = load_data(cfg, plan, tok)
     load_s = time.perf_counter() - t0
-    loaded = _status_mib("VmRSS")
+    loaded = {"anon": _status_mib("RssAnon"), "rss": _status_mib("VmRSS")}
     batches = ShardedBatches(examples, 8, fdist.rank(), fdist.world_size(), 0)
     tokens = sum(len(e["input_ids"]) for _ in range(200) for e in batches.next())
     rec = {
         "bench": "data_rss",
-        "mode": args.mode,
+        "what": "rank_memory",
         "rank": fdist.rank(),
         "ranks": fdist.world_size(),
         "examples": len(examples),
-        "rss_before_mib": round(before, 1),
-        "rss_loaded_mib": round(loaded, 1),
-        "rss_after_batches_mib": round(_status_mib("VmRSS"), 1),
-        "peak_rss_mib": round(_status_mib("VmHWM"), 1),
-        # private memory vs mapped file pages (shared between ranks, reclaimable) after the batches
-        "rss_anon_mib": round(_status_mib("RssAnon"), 1),
+        "rss_anon_before_mib": round(before["anon"], 1),
+        "rss_anon_after_preflight_mib": round(after_preflight, 1),
+        "rss_anon_loaded_mib": round(loaded["anon"], 1),
+        "rss_anon_after_batches_mib": round(_status_mib("RssAnon"), 1),
+        "data_private_mib": round(_status_mib("RssAnon") - before["anon"], 1),
+        "vmrss_before_mib": round(before["rss"], 1),
+        "vmrss_after_batches_mib": round(_status_mib("VmRSS"), 1),
         "rss_file_mib": round(_status_mib("RssFile"), 1),
-        "data_rss_mib": round(loaded - before, 1),
+        "peak_rss_mib": round(_status_mib("VmHWM"), 1),
         "load_seconds": round(load_s, 2),
         "tokens_drawn": tokens,
     }
@@ -78,126 +95,112 @@ def worker(args) -> None:
     fdist.barrier()
 
 
+def write_rows(path: Path, rows: int) -> None:
+    from toy import WORDS
+
+    rng = random.Random(0)
+    with path.open("w") as f:
+        for _ in range(rows):
+            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
+            row = {"instruction": "label the review", "input": words, "output": rng.choice(["fresh", "rotten"])}
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--procs", type=int, nargs="+", default=[1, 2], help="data.num_proc values to time")
     ap.add_argument("--worker", action="store_true")
-    ap.add_argument(
-        "--direct",
-        action="store_true",
-        help="write synthetic token ids straight into the "
-        "tokenization cache instead of tokenizing the rows (for 1M rows)",
-    )
-    ap.add_argument("--mode", choices=["lists", "arrow"])
     ap.add_argument("--model")
     ap.add_argument("--data")
-    ap.add_argument("--cache")
+    ap.add_argument("--out")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
 
-    from toy import WORDS, make_tiny_llama
+    from toy import make_tiny_llama
 
     from fishds.config import DataSection
     from fishds.model import load_tokenizer
     from fishds.run.data import load_examples
 
     tmp = Path(tempfile.mkdtemp(prefix="fishds-data-rss-"))
+    os.environ["FISHDS_CACHE"] = str(tmp / "cache")  # the token cache and datasets' raw tables, of this run only
     model = make_tiny_llama(tmp / "model")
-    rng = random.Random(0)
     data = tmp / "train.jsonl"
-    with data.open("w") as f:
-        for _ in range(args.rows):
-            words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 30)))
-            f.write(
-                json.dumps(
-                    {"instruction": "label the review", "input": words, "output": rng.choice(["fresh", "rotten"])}
-                )
-                + "\n"
-            )
-    t0 = time.perf_counter()
-    tok, section = load_tokenizer(str(model)), DataSection(path=str(data), max_length=64)
-    if args.direct:
-        _write_cache_directly(tok, data, section, tmp / "cache", args.rows)
-    else:
-        load_examples(tok, str(data), "data.path", section, None, cache=tmp / "cache")
-    tokenize_s = time.perf_counter() - t0
-    results = {}
-    for mode in ("arrow", "lists"):
-        from bench._session import torchrun
-
-        cmd = torchrun(
-            __file__,
-            args.ranks,
-            [
-                "--worker",
-                "--mode",
-                mode,
-                "--model",
-                str(model),
-                "--data",
-                str(data),
-                "--cache",
-                str(tmp / "cache"),
-            ],
+    write_rows(data, args.rows)
+    command = "bench/data_rss.py " + " ".join(sys.argv[1:])
+    timings = {}
+    for procs in args.procs:
+        shutil.rmtree(tmp / "cache", ignore_errors=True)  # an empty cache: the raw table and the tokens again
+        tok = load_tokenizer(str(model))
+        t0 = time.perf_counter()
+        ex = load_examples(
+            tok, str(data), "data.path", DataSection(path=str(data), max_length=64, num_proc=procs), None
         )
-        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
-        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-        recs = [json.loads(line[len("RESULT ") :]) for line in out.splitlines() if line.startswith("RESULT ")]
-        results[mode] = recs
-        for r in sorted(recs, key=lambda r: r["rank"]):
-            _record({**r, "rows": args.rows, "direct": args.direct, "tokenize_once_seconds": round(tokenize_s, 1)})
-    mean = {m: sum(r["data_rss_mib"] for r in rs) / len(rs) for m, rs in results.items()}
-    peak = {m: max(r["peak_rss_mib"] for r in rs) for m, rs in results.items()}
-    anon = {m: max(r["rss_anon_mib"] for r in rs) for m, rs in results.items()}
+        timings[procs] = time.perf_counter() - t0
+        _record(
+            {
+                "bench": "data_rss",
+                "what": "tokenise",
+                "rows": args.rows,
+                "num_proc": procs,
+                "seconds": round(timings[procs], 1),
+                "rows_per_second": round(args.rows / timings[procs]),
+                "examples": len(ex),
+                "command": command,
+            }
+        )
+    from bench._session import torchrun
+
+    cmd = torchrun(
+        __file__,
+        args.ranks,
+        ["--worker", "--model", str(model), "--data", str(data), "--out", str(tmp / "out")],
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stdout[-3000:] + out.stderr[-3000:])
+    recs = sorted(
+        (json.loads(line[len("RESULT ") :]) for line in out.stdout.splitlines() if line.startswith("RESULT ")),
+        key=lambda r: r["rank"],
+    )
+    for r in recs:
+        _record({**r, "rows": args.rows, "command": command})
+    hit = "[fishds.data] data.path: cache hit" in out.stdout
     _record(
         {
             "bench": "data_rss",
             "summary": True,
             "rows": args.rows,
             "ranks": args.ranks,
-            "rss_anon_mib": anon,
-            "data_rss_mib_per_rank": mean,
-            "lists_over_arrow_data_rss": round(mean["lists"] / max(mean["arrow"], 0.1), 1),
-            "peak_rss_mib_per_rank": peak,
-            "lists_over_arrow_peak": round(peak["lists"] / peak["arrow"], 2),
-            "command": "bench/data_rss.py " + " ".join(sys.argv[1:]),
+            "tokenise_seconds_by_num_proc": {str(k): round(v, 1) for k, v in timings.items()},
+            "data_private_mib_per_rank": [r["data_private_mib"] for r in recs],
+            "vmrss_after_batches_mib_per_rank": [r["vmrss_after_batches_mib"] for r in recs],
+            "launch_found_the_cache": hit,
+            "cpus": len(os.sched_getaffinity(0)),
+            "command": command,
         }
     )
-
-
-def _write_cache_directly(tok, data: Path, section, cache: Path, rows: int) -> None:
-    """--direct: the tokenization cache file load_examples looks for, written with synthetic token ids (16..64 per
-    row, the first 12 labelled -100) straight from numpy: tokenizing 1M rows takes most of an hour on 2 cores."""
-    import numpy as np
-    import pyarrow as pa
-
-    from fishds.run.data import _fingerprint
-
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(16, 65, rows)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    ids = rng.integers(4, 60, int(offsets[-1])).astype(np.int32)
-    labels = ids.astype(np.int64)
-    starts = offsets[:-1]
-    for k in range(12):
-        labels[starts + k] = -100
-    table = pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids)),
-            "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(labels)),
-            "truncated": pa.array(np.zeros(rows, np.int8)),
-        }
-    )
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"{_fingerprint(data, tok, section, None, None, 'data.path')}.arrow"
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table, max_chunksize=10_000)
+    print()
+    print(f"{args.rows:,} rows, {len(os.sched_getaffinity(0))} CPUs (shared machine: timings are noisy)")
+    print("tokenise into an empty cache:  " + "   ".join(f"num_proc {k}: {v:7.1f} s" for k, v in timings.items()))
+    print(f"{'':30}" + "   ".join(f"{'rank ' + str(r['rank']):>17}" for r in recs))
+    for label, field in (
+        ("private (RssAnon) before, MiB", "rss_anon_before_mib"),
+        ("private after preflight, MiB", "rss_anon_after_preflight_mib"),
+        ("private after data, MiB", "rss_anon_after_batches_mib"),
+        ("private: preflight + data, MiB", "data_private_mib"),
+        ("VmRSS after data, MiB", "vmrss_after_batches_mib"),
+        ("load seconds (cache hit)", "load_seconds"),
+    ):
+        print(f"{label:30}" + "   ".join(f"{r[field]:17}" for r in recs))
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _record(rec: dict) -> None:
-    print(json.dumps(rec), flush=True)
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     with (results / "data_rss.jsonl").open("a") as f:

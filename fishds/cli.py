@@ -5,6 +5,7 @@
     fishds merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype float32|bfloat16|float16] [--overwrite]
     fishds plan MODEL --zero 3 --world 2 --quant 4 --r 8 --keep_ratio 0.1 ...  # memory per rank, no weights read
     fishds generate --adapter OUTPUT_DIR [--base BASE] [--prompt TEXT]          # a reply, or a chat on stdin
+    fishds preprocess [--config X] [--ds_config Y] [--debug N] [section.key=value ...]  # tokenise into the cache
 
 Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
 `deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
@@ -26,7 +27,7 @@ def _error(msg: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan,generate}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan,generate,preprocess}")
 
     t = sub.add_parser("train", help="run a FISH training job (same as launch/train.py)")
     t.add_argument("--config", help="fishds YAML config")
@@ -57,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+
+    p = sub.add_parser("preprocess", help="check and tokenise every data split into the cache before a launch")
+    p.add_argument("--config", help="fishds YAML config (the one the launch uses)")
+    p.add_argument("--ds_config", help="DeepSpeed JSON (checked as the launch checks it)")
+    p.add_argument("--debug", type=int, default=0, metavar="N", help="print N training examples, trained tokens marked")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return ap
 
 
@@ -134,6 +141,22 @@ def _generate(args) -> int:
         return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
 
 
+def _preprocess(args) -> int:
+    from .dist import prefer_cpu_accelerator_if_no_cuda
+
+    prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
+    from .config import ConfigError, load_config
+    from .run.preprocess import preprocess
+
+    if args.debug < 0:
+        return _error("--debug must be >= 0")
+    try:
+        preprocess(load_config(args.config, args.overrides), args.ds_config, args.debug)
+    except ConfigError as e:
+        return _error(str(e))
+    return 0
+
+
 def _strip(e: Exception, prefix: str) -> str:
     """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -145,9 +168,8 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
-    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan, "generate": _generate}[args.command](
-        args
-    )
+    commands = {"train": _train, "report": _report, "merge": _merge, "plan": _plan, "generate": _generate}
+    return {**commands, "preprocess": _preprocess}[args.command](args)
 
 
 if __name__ == "__main__":

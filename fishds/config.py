@@ -105,15 +105,21 @@ class DatasetEntry(_Section):
     chat_template: Optional[str] = None
     train_turns: Optional[Literal["assistant", "last", "all"]] = None
     max_examples: Optional[int] = Field(None, gt=0)
+    subset: Optional[str] = Field(None, description="As data.subset, for this dataset.")
+    split: Optional[str] = Field(None, description="As data.split, for this dataset.")
+    data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = Field(
+        None, description="As data.data_files, for this dataset."
+    )
 
 
 class DataSection(_Section):
     path: Optional[str] = Field(
         None,
-        description="Training data: a local .jsonl, .json, .csv or .parquet file, a "
-        "folder saved by datasets (save_to_disk; a DatasetDict folder gives its 'train' "
-        "split), or a Hugging Face Hub dataset name org/name (from the local HF cache "
-        "offline). The built-in task names rotten_tomatoes (the embedded default), spam_assassin, "
+        description="Training data: a local .jsonl, .json, .csv, .parquet or .arrow file (or a glob of such "
+        "shards), a folder saved by datasets (save_to_disk), a dataset folder laid out as on the Hub, or a Hugging "
+        "Face Hub dataset name org/name (from the local HF cache offline); the split is data.split (default "
+        "train), with data.subset and data.data_files. Read with datasets (fishds/run/splits.py). The built-in "
+        "task names rotten_tomatoes (the embedded default), spam_assassin, "
         "convention_2012 and first_names prepare that task from registry packages (train split; validation "
         "as data.eval_path). Required unless data.datasets is given.",
     )
@@ -126,8 +132,8 @@ class DataSection(_Section):
     )
     eval_path: Optional[str] = Field(
         None,
-        description="Evaluation data in the same format (optional; a DatasetDict "
-        "folder gives its 'validation' split, else 'test').",
+        description="Evaluation data in the same format, as data.path takes (optional); its split is "
+        "data.eval_split_name (default 'validation', else 'test').",
     )
     eval_split: float = Field(
         0.0,
@@ -185,6 +191,36 @@ class DataSection(_Section):
         "of {path, weight, and any of format, text_field, label_field, messages_field, role_field, content_field, "
         "role_map, chat_template, train_turns, max_examples} (the rest from this section). Each is row-checked before "
         "weights load; the mix holds each dataset weight times (seeded for fractions), shuffled with a fixed seed.",
+    )
+    subset: Optional[str] = Field(
+        None,
+        description="The configuration (subset) of a Hugging Face Hub dataset or of a local dataset folder with a "
+        "README.md `configs:` list, as datasets.load_dataset's `name` (e.g. 'main' for openai/gsm8k). Applies to "
+        "data.path, data.eval_path and data.test_path. Unset: the dataset's default configuration.",
+    )
+    split: Optional[str] = Field(
+        None,
+        description="The split of data.path, with optional slicing as datasets writes it: 'train', "
+        "'train[:5%]', 'train[1000:2000]'. Unset: 'train'. A single file or glob has the one split 'train'.",
+    )
+    eval_split_name: Optional[str] = Field(
+        None,
+        description="The split of data.eval_path (slicing as data.split). Unset: 'validation', else 'test'.",
+    )
+    test_split_name: Optional[str] = Field(
+        None, description="The split of data.test_path (slicing as data.split). Unset: 'test'."
+    )
+    data_files: Optional[Union[str, list[str], dict[str, Union[str, list[str]]]]] = Field(
+        None,
+        description="Which files of a Hub dataset or local folder make its splits, as datasets.load_dataset's "
+        "data_files: a glob or list (the 'train' split) or {split: glob or list}; paths are relative to the "
+        "repository. Only the files of the split used are downloaded and read.",
+    )
+    num_proc: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Processes that check and tokenise the rows (datasets.map num_proc, on the first rank only). "
+        "Unset: min(8, the CPUs this process may use). At most the CPUs available.",
     )
 
     @model_validator(mode="after")

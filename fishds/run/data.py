@@ -1,152 +1,134 @@
-"""Training data: local files -> checked rows -> cached token ids -> micro-batches.
+"""Training data: data paths -> checked, tokenised, cached splits -> micro-batches.
 
-Inputs (data.path, data.eval_path, data.test_path): a .jsonl / .json / .csv / .parquet file, or a folder
-written by `datasets.Dataset.save_to_disk` (a DatasetDict folder: its "train" split for data.path, its
-"validation" or "test" split for the others). Rows are checked for the fields of data.format before any
-weights load (`read_rows`), with the row number in the message. Formats and tokenisation: fishds/run/formats.py.
-Tokenisation runs once per (file content, tokenizer, settings) and is cached by `datasets` (an arrow
-file under the fishds cache), rank 0 first, the other ranks read the cache. Independent runs share it: one
-process tokenises while holding `<fingerprint>.lock`, writes the arrow file under a temporary name, renames it
-into place and records its size, sha256 and row count in `<fingerprint>.json`; a cached file is checked
-against that record when read and rebuilt if it fails.
+Inputs (data.path, data.datasets[i].path, data.eval_path, data.test_path): a file (.jsonl, .json, .csv, .parquet,
+.arrow), a glob of shards, a folder saved by datasets, a dataset folder laid out as on the Hub, or a Hub name, with
+data.subset, data.split (and data.eval_split_name, data.test_split_name) and data.data_files: fishds/run/splits.py.
+The first rank checks every row against data.format and tokenises it inside `datasets.map(num_proc=data.num_proc)`
+into the token cache (fishds/tokens.py), before any weights load; a bad row is reported with its file and row.
+The other ranks wait for it, then memory-map the cached arrow file: no rank holds raw rows, and the examples stay
+in the arrow file (run/examples.ArrowExamples). `fishds preprocess` fills the cache before a launch, which then
+finds every split there and starts at once. Formats and tokenisation: fishds/run/formats.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .. import cache as fcache
 from .. import dist as fdist
 from ..config import ConfigError, DataSection
 from .examples import ArrowExamples
-from .formats import FORMATS, chat_template, check_row, tokenize_row
-
-TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-CACHE_VERSION = "fishds-data-3"
+from .formats import FORMATS, chat_template, check_row, label_list, tokenize_row
 
 
-def _read_json_lines(p: Path, key: str, path) -> list[tuple[int, object]]:
-    text = p.read_text(encoding="utf-8")
-    if not text.strip():
-        raise ConfigError(f"{key}={str(path)!r}: the file is empty")
-    if p.suffix == ".json":
+class RowTokenizer:
+    """The batched `datasets.map` function of the token cache: each row checked against data.format, then tokenised
+    (formats.tokenize_row); a failing row gives its problem in column `error` (the map goes on; the first failing row
+    is reported after it). JSON lines rows arrive as text (column `text`, one line each; blank lines are `blank`).
+    check_only: the rows are checked and their label (JSON) returned, for the classification label list."""
+
+    def __init__(self, tokenizer, data: DataSection, labels: list | None, json_lines: bool, check_only: bool = False):
+        self.tokenizer, self.data, self.labels = tokenizer, data, labels
+        self.json_lines, self.check_only = json_lines, check_only
+
+    def _row(self, batch: dict, i: int) -> tuple[object, str, int]:
+        """(row, problem or '', blank)"""
+        if not self.json_lines:
+            return {c: batch[c][i] for c in batch}, "", 0
+        line = batch["text"][i]
+        if not line.strip():
+            return None, "", 1
         try:
-            rows = json.loads(text)
+            return json.loads(line), "", 0
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{key}={str(path)!r}: not valid JSON ({e})") from None
-        return list(enumerate(rows if isinstance(rows, list) else [], start=1))
-    numbered = []
-    for i, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
-        if line.strip():
-            try:
-                numbered.append((i, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{key}={str(path)!r}: line {i} is not valid JSON ({e})") from None
-    return numbered
+            return None, f"is not valid JSON ({e})", 0
 
-
-def _read_datasets(p: Path, key: str, path) -> list[tuple[int, object]]:
-    import datasets
-
-    datasets.disable_progress_bars()
-    try:
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                wanted = (
-                    ["validation", "test"]
-                    if key == "data.eval_path"
-                    else ["test"]
-                    if key == "data.test_path"
-                    else ["train"]
-                )
-                split = next((s for s in wanted if s in ds), None)
-                if split is None:
-                    raise ConfigError(
-                        f"{key}={str(path)!r}: the saved DatasetDict has splits {sorted(ds)}, none of "
-                        f"{wanted}; give the split's own folder ({str(path)}/<split>)"
-                    )
-                ds = ds[split]
-        elif p.suffix == ".csv":
-            import pandas as pd
-
-            ds = datasets.Dataset.from_pandas(pd.read_csv(p, keep_default_na=False), preserve_index=False)
-        else:
-            ds = datasets.Dataset.from_parquet(str(p))
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
-        raise ConfigError(f"{key}={str(path)!r}: cannot be read ({type(e).__name__}: {e})") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{key}={str(path)!r}: the file is empty")
-    return list(enumerate(ds.to_list(), start=1))
+    def __call__(self, batch: dict) -> dict:
+        n = len(next(iter(batch.values())))
+        cls = FORMATS[self.data.format].classification
+        out = {"error": []}
+        out.update({"label": []} if self.check_only else {"input_ids": [], "labels": [], "truncated": [], "blank": []})
+        for i in range(n):
+            row, problem, blank = self._row(batch, i)
+            if not problem and not blank:
+                problem = check_row(row, self.data) or ""
+            if self.check_only:
+                ok = not (problem or blank)
+                out["label"].append(json.dumps(row[self.data.label_field]) if ok and cls else "")
+                out["error"].append(problem)
+                continue
+            ex = {"input_ids": [], "labels": 0 if cls else [], "truncated": 0}
+            if not problem and not blank:
+                try:
+                    ex = tokenize_row(self.tokenizer, row, self.data, self.labels)
+                except ConfigError as e:
+                    problem = "\x00" + str(e)
+            for k in ("input_ids", "labels", "truncated"):
+                out[k].append(ex[k])
+            out["blank"].append(blank)
+            out["error"].append(problem)
+        return out
 
 
 def read_rows(path: str | Path, key: str, data: DataSection, limit: int | None = None) -> list[dict]:
-    """Rows of a data file or `datasets` folder, each checked against data.format (no tokenizer needed)."""
-    p = Path(path)
-    if p.is_dir():
-        if not ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
-            raise ConfigError(f"{key}={str(path)!r} is a folder but not one saved by datasets (save_to_disk)")
-        numbered = _read_datasets(p, key, path)
-    elif not p.is_file():
-        raise ConfigError(f"{key}={str(path)!r}: file not found")
-    elif p.suffix in (".jsonl", ".json"):
-        numbered = _read_json_lines(p, key, path)
-    elif p.suffix in (".csv", ".parquet"):
-        numbered = _read_datasets(p, key, path)
-    else:
-        raise ConfigError(
-            f"{key}={str(path)!r}: unknown file type {p.suffix!r}; use one of {list(TABLE_SUFFIXES)} "
-            "or a folder saved by datasets"
-        )
-    if limit:
-        numbered = numbered[:limit]
+    """The checked rows of a data path as Python dicts (small inputs, tests: training reads through the token
+    cache instead)."""
+    from .splits import open_split, resolve
+
+    src = resolve(str(path), key, data)
+    raw = open_split(src)
+    tok = RowTokenizer(None, data, None, src.json_lines, check_only=True)
     out = []
-    for i, row in numbered:
-        problem = check_row(row, data)
+    for i in range(min(len(raw.dataset), limit or len(raw.dataset))):
+        row, problem, blank = tok._row(raw.dataset[i : i + 1], 0)
+        if blank:
+            continue
+        problem = problem or check_row(row, data)
         if problem:
-            raise ConfigError(f"{key}={str(path)!r}: row {i} {problem}")
+            raise ConfigError(f"{raw.where_row(i)} {problem}")
         out.append(row)
     if not out:
-        raise ConfigError(f"{key}={str(path)!r}: no rows")
+        raise ConfigError(f"{key}={str(path)!r}: the file is empty")
     return out
 
 
-def _fingerprint(path: Path, tokenizer, data: DataSection, limit, labels, split_key: str) -> str:
-    h = hashlib.sha256(CACHE_VERSION.encode())
-    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-    for f in files:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items())[:2000])  # cheap identity of the tokenizer
-    h.update(
-        json.dumps(
-            [
-                data.model_dump(),
-                limit,
-                labels,
-                split_key,
-                type(tokenizer).__name__,
-                len(tokenizer),
-                getattr(tokenizer, "chat_template", None),
-                tokenizer.eos_token,
-                tokenizer.pad_token,
-                vocab,
-            ],
-            sort_keys=True,
-            default=str,
-        ).encode()
-    )
-    return h.hexdigest()[:24]
+def _broadcast(obj):
+    """obj of the first rank, on every rank."""
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0, device=fdist.comm_device())
+    return box[0]
+
+
+def _first_rank(work):
+    """work() on the first rank, its result (or its ConfigError, raised) on every rank. work returns what the
+    others receive."""
+    if fdist.world_size() == 1:
+        return work()
+    if fdist.is_main():
+        try:
+            result = work()
+        except ConfigError as e:
+            _broadcast(("error", str(e)))
+            raise
+        except BaseException as e:
+            _broadcast(("error", f"the first rank failed ({type(e).__name__}: {e})"))
+            raise
+        _broadcast(("ok", result))
+        return result
+    status, result = _broadcast(None)
+    if status == "error":
+        raise ConfigError(result)
+    return result
+
+
+def _chat_template_set(tokenizer, data: DataSection) -> bool:
+    """data.chat_template set on the tokenizer; True when data.format needs a chat template and there is none."""
+    template = chat_template(data)
+    if template is not None:
+        tokenizer.chat_template = template  # data.chat_template replaces the tokenizer's (chat, alpaca prompts)
+    return bool(FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None))
 
 
 def load_examples(
@@ -157,115 +139,60 @@ def load_examples(
     limit: int | None,
     labels: list | None = None,
     cache: Path | None = None,
-    rows: list[dict] | None = None,
     counts: dict | None = None,
+    files: dict | None = None,
 ) -> ArrowExamples:
-    """Token ids and labels of every usable row (cached; rank 0 tokenizes first, the others read its cache), as a
-    sequence of {"input_ids", "labels"} over the memory-mapped, checked cache file (fishds/examples.py).
-    rows: the checked rows of `path` when the caller has read them already (preflight), else they are read here.
+    """The usable examples (some target token left) of one split, as a memory-mapped view of its token cache entry
+    (fishds/tokens.py). The first rank resolves the split (fishds/run/splits.py), and checks and tokenises it unless
+    the cache holds it; the other ranks then open the entry it names (and build it themselves under its lock only
+    when they do not see it: another machine without a shared cache folder).
 
     `counts`, when given, receives {"rows", "truncated", "dropped"}: rows read, examples data.max_length cut
-    (kept), and examples dropped because no target token was left."""
+    (kept), and examples dropped because no target token was left. `files`, when given, receives {key: (the cache
+    file, whether it was there already)}."""
     import datasets
 
-    from ..assets import cache_dir
-
-    template = chat_template(data)
-    if template is not None:
-        tokenizer.chat_template = template  # data.chat_template replaces the tokenizer's (chat, alpaca prompts)
-    if FORMATS[data.format].chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
-            "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one"
-        )
-    counts = {} if counts is None else counts
-    cache = cache or cache_dir() / "tokenized"
-    cache_file = cache / f"{_fingerprint(Path(path), tokenizer, data, limit, labels, key)}.arrow"
-
-    record_file = cache_file.with_suffix(".json")
-
-    def read_cached() -> tuple[ArrowExamples | None, str | None]:
-        """The cached examples, memory-mapped (None if absent or failing the check against their record), and what
-        failed."""
-        if not record_file.is_file():
-            return None, None
-        try:
-            rec = json.loads(record_file.read_text())
-            if cache_file.stat().st_size != rec["size"]:
-                return None, f"{cache_file.name} is {cache_file.stat().st_size} bytes, {rec['size']} were written"
-            ds = datasets.Dataset.from_file(str(cache_file))  # memory-mapped
-            if len(ds) != rec["rows"]:
-                return None, f"{cache_file.name} holds {len(ds)} rows, {rec['rows']} were written"
-            return _kept(ds), None
-        except Exception as e:  # noqa: BLE001 - an unreadable cache file is rebuilt
-            return None, f"{type(e).__name__}: {e}"
-
-    def tokenize() -> ArrowExamples:
-        checked = rows if rows is not None else read_rows(path, key, data, limit)
-        table = datasets.Dataset.from_list([{"row": json.dumps(r)} for r in checked])
-        print(f"[fishds.data] tokenizing {key} ({len(table)} rows) into {cache_file}", flush=True)
-        label_type = (
-            datasets.Value("int64") if FORMATS[data.format].classification else datasets.List(datasets.Value("int64"))
-        )
-        features = datasets.Features(
-            {
-                "input_ids": datasets.List(datasets.Value("int32")),
-                "labels": label_type,
-                "truncated": datasets.Value("int8"),
-            }
-        )
-        for stale in cache.glob(f".{cache_file.stem}.tmp-*"):  # of a killed process that held the lock
-            stale.unlink(missing_ok=True)
-        tmp = cache / f".{cache_file.stem}.tmp-{os.getpid()}.arrow"
-        try:
-            tok = table.map(
-                lambda r: tokenize_row(tokenizer, json.loads(r["row"]), data, labels),
-                features=features,
-                remove_columns=["row"],
-                cache_file_name=str(tmp),
-                desc=f"tokenizing {key}",
-            )
-            n = len(tok)
-            del tok
-            os.replace(tmp, cache_file)
-        finally:
-            tmp.unlink(missing_ok=True)
-        fcache.write_json(record_file, {**fcache.file_record(cache_file), "rows": n})
-        return _kept(datasets.Dataset.from_file(str(cache_file)))  # memory-mapped from its final name
-
-    def build() -> ArrowExamples:
-        examples, _ = read_cached()  # the arrow file datasets' map wrote: no need to read and parse the rows again
-        if examples is None:
-            with fcache.lock(cache_file.with_suffix(".lock"), f"tokenizing {key}"):
-                examples, problem = read_cached()  # another process may have written it while this one waited
-                if examples is None:
-                    if problem:
-                        print(
-                            f"[fishds.data] cached tokenisation of {key} failed its check ({problem}): rebuilding",
-                            flush=True,
-                        )
-                    examples = tokenize()
-        return examples
-
-    def _kept(ds) -> ArrowExamples:
-        """The usable rows (some target left) as a view of the arrow file; counts from its columns."""
-        import pyarrow.compute as pc
-
-        keep = pc.list_value_length(ds.data.column("input_ids")).to_numpy(zero_copy_only=False) > 0
-        cut = ds.data.column("truncated").to_numpy()
-        counts.update(rows=len(ds), truncated=int(cut[keep].sum()), dropped=int((~keep).sum()))
-        return ArrowExamples(ds, np.flatnonzero(keep))
+    from ..tokens import TokenCache, kept
+    from .splits import check_num_proc, resolve
 
     datasets.disable_progress_bars()
+    counts = {} if counts is None else counts
+    tc = TokenCache(tokenizer, RowTokenizer, cache, check_num_proc(data))
+    no_template = _chat_template_set(tokenizer, data)
+
+    def build():
+        src = resolve(path, key, data)
+        if no_template:  # the rows first: a bad row is the better message
+            tc.check(src, data, limit)
+            raise ConfigError(
+                f"data.format=chat needs a tokenizer with a chat template, and {key}={path!r} is read with "
+                "one that has none; use data.format=alpaca or text, or a model whose tokenizer has one"
+            )
+        k = tc.key(src, data, limit, labels)
+        ds, hit = tc.build(k, src, data, limit, labels)
+        if files is not None:
+            files[key] = (str(tc.file(k)), hit)
+        return k, ds
+
     if fdist.world_size() > 1 and not fdist.is_main():
-        fdist.barrier()  # rank 0 writes the cache first
-        examples = build()
+        k = _first_rank(lambda: None)
+        ds, _ = tc.read(k)
+        if ds is None:  # not visible from here (another machine): built here, under the entry's lock
+            k, ds = build()
+        elif files is not None:
+            files[key] = (str(tc.file(k)), True)
     else:
-        try:
-            examples = build()
-        finally:
-            if fdist.world_size() > 1:
-                fdist.barrier()
+        box = {}
+
+        def work():
+            box["k"], box["ds"] = build()
+            return box["k"]
+
+        _first_rank(work)
+        ds = box["ds"]
+    examples = kept(ds, counts)
+    if not counts["rows"]:
+        raise ConfigError(f"{key}={path!r}: the file is empty")  # blank lines only
     if not examples:
         what = "no response token is left to learn" if FORMATS[data.format].response_only else "no token is left"
         raise ConfigError(
@@ -273,6 +200,43 @@ def load_examples(
             f"data.max_length={data.max_length}, so {what}; raise data.max_length"
         )
     return examples
+
+
+def class_labels(tokenizer, sources: list, eval_splits: list, cache: Path | None = None) -> list:
+    """Classification: the sorted distinct labels over the training sources (each checked row by row first), the
+    same on every rank (the first rank reads them); eval_splits [(key, path, limit)] must use no other label."""
+    from ..tokens import TokenCache
+    from .splits import check_num_proc, resolve
+
+    def work():
+        values = []
+        for s in sources:
+            tc = TokenCache(tokenizer, RowTokenizer, cache, check_num_proc(s.data))
+            src = resolve(s.path, s.key, s.data)
+            values.append((s, tc.check(src, s.data, s.data.max_examples)))
+        if len(values) == 1:
+            s, vals = values[0]
+            labels = label_list([{s.data.label_field: v} for v in vals], s.data)
+        else:
+            labels = label_list(
+                [{"label": v} for _, vals in values for v in vals],
+                DataSection(path="-", label_field="label", format="classification"),
+            )
+        d = sources[0].data
+        for key, path, limit in eval_splits:
+            if not path:
+                continue
+            tc = TokenCache(tokenizer, RowTokenizer, cache, check_num_proc(d))
+            seen = tc.check(resolve(path, key, d), d, limit)
+            unknown = sorted({str(v) for v in seen} - {str(v) for v in labels})
+            if unknown:
+                raise ConfigError(
+                    f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
+                    f"occur in the training file, whose labels are {labels}"
+                )
+        return labels
+
+    return _first_rank(work)
 
 
 def data_counts_line(key: str, counts: dict, max_length: int) -> str:

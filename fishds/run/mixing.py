@@ -1,7 +1,7 @@
 """Several training datasets in one run (data.datasets), or the one of data.path.
 
 Each source is (key, path, its data settings, weight): data.datasets[i] inherits every data key it does not set
-from the data section. Rows are checked per source before weights load (`read_sources`); once tokenized, the mix
+from the data section. Each source is checked and tokenised with its own settings (fishds/run/data.py); the mix
 holds each source `weight` times: the integer part as whole copies, the fraction as a seeded sample of that source
 (MIX_SEED, the same for every train.seed), then shuffled with the same fixed seed (`mix`).
 """
@@ -15,7 +15,6 @@ import torch
 
 from ..config import ConfigError, DataSection
 from .examples import Picked
-from .formats import label_list
 
 MIX_SEED = 0
 ENTRY_KEYS = (
@@ -29,6 +28,9 @@ ENTRY_KEYS = (
     "chat_template",
     "train_turns",
     "max_examples",
+    "subset",
+    "split",
+    "data_files",
 )
 
 
@@ -41,12 +43,10 @@ class Source:
 
 
 def sources(d: DataSection, data_path: str | None = None) -> list[Source]:
-    """The training sources: data.path (data_path: resolved by preflight) or each data.datasets entry."""
-    from ..hub import resolve_dataset
-
+    """The training sources: data.path (data_path: a built-in task's file, from preflight) or each data.datasets
+    entry (nothing is read here)."""
     if not d.datasets:
-        path = data_path or d.path
-        return [Source("data.path", resolve_dataset(path, "data.path"), d)]
+        return [Source("data.path", data_path or d.path, d)]
     out = []
     base = d.model_dump(exclude={"datasets", "path"})
     for i, e in enumerate(d.datasets):
@@ -56,23 +56,8 @@ def sources(d: DataSection, data_path: str | None = None) -> list[Source]:
             data = DataSection(**{**base, **own, "path": e.path})
         except ValueError as err:
             raise ConfigError(f"data.datasets[{i}]: {err}") from None
-        out.append(Source(key, resolve_dataset(e.path, key), data, e.weight))
+        out.append(Source(key, e.path, data, e.weight))
     return out
-
-
-def read_sources(srcs: list[Source]) -> list[tuple[Source, list[dict]]]:
-    """Every source's rows, each checked against its own format (no tokenizer, no weights)."""
-    from .data import read_rows
-
-    return [(s, read_rows(s.path, s.key, s.data, s.data.max_examples)) for s in srcs]
-
-
-def labels_of(read: list[tuple[Source, list[dict]]]) -> list:
-    """Classification: the sorted distinct labels over all sources (each source's own data.label_field)."""
-    if len(read) == 1:
-        return label_list(read[0][1], read[0][0].data)
-    rows = [{"label": r[s.data.label_field]} for s, rs in read for r in rs]
-    return label_list(rows, DataSection(path="-", label_field="label", format="classification"))
 
 
 def mix(per_source: list, weights: list[float], seed: int = MIX_SEED):

@@ -1,6 +1,7 @@
-"""Every check of a `fishds train` run that can fail without weights, in one pass: the DeepSpeed JSON (resolved
-once, here), the data files (read once, here: the tokeniser reuses the rows), the output folder and resume point,
-the model and its target modules, the budget's plain-PEFT baselines. Raises ConfigError naming the key.
+"""Every check of a `fishds train` run that can fail without weights or data rows, in one pass: the DeepSpeed JSON
+(resolved once, here), the data paths and splits (found, not read: the first rank checks every row while it
+tokenises, fishds/run/data.py, still before weights load), data.num_proc, the output folder and resume point, the
+model and its target modules, the budget's plain-PEFT baselines. Raises ConfigError naming the key.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from ..fish import rules
 from ..fish.compact import check_config as check_compact
 from ..fish.config import check_run as check_rule
 from ..fish.selection import rule
-from ..hub import resolve_dataset
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
 from . import best, reshard, schedule, trackers
 from .checkpoint import find_resume
-from .data import read_rows
-from .mixing import labels_of, read_sources, sources
+from .mixing import sources
+from .splits import check_num_proc, check_path
 
 
 @dataclass(kw_only=True)
@@ -39,9 +39,8 @@ class Plan:
     resume_from: Path | None = None
     baselines: dict = field(default_factory=dict)  # plain-PEFT rank -> trainable count
     test_path: str | None = None
-    labels: list | None = None  # classification: the classes, in class-id order
+    labels: list | None = None  # classification: the classes, in class-id order (set by train.load_data)
     ds: dict = field(default_factory=dict)  # the resolved DeepSpeed config
-    rows: dict = field(default_factory=dict)  # config key (data.path, ...) -> the checked rows preflight read
     data_counts: dict = field(default_factory=dict)  # per data key: rows, truncated, dropped (load_examples)
     sources: list = field(default_factory=list)  # the training sources (mixing.Source): data.path or data.datasets
 
@@ -68,26 +67,15 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     if data_path in TASKS:
         files = TASKS[data_path]("classification" if is_classification(cfg.data) else "alpaca")
         data_path, eval_path = str(files["train"]), eval_path or (None if d.eval_split else str(files["validation"]))
-    srcs = sources(d, data_path)  # data.path or data.datasets, Hub names resolved
-    read = read_sources(srcs)
-    rows = {s.key: r for s, r in read}
-    labels = labels_of(read) if is_classification(cfg.data) else None
-    eval_path, test_path = (
-        resolve_dataset(p, k) if p else None
-        for p, k in ((eval_path, "data.eval_path"), (d.test_path, "data.test_path"))
-    )
-    for key, path, limit in (
-        ("data.eval_path", eval_path, d.max_eval_examples),
-        ("data.test_path", test_path, d.max_test_examples),
-    ):
+    srcs = sources(d, data_path)  # data.path or data.datasets
+    test_path = d.test_path
+    check_num_proc(d)
+    for src in srcs:
+        check_num_proc(src.data)
+        check_path(src.path, src.key, src.data)
+    for key, path in (("data.eval_path", eval_path), ("data.test_path", test_path)):
         if path:
-            rows[key] = read_rows(path, key, d, limit)
-            unknown = sorted({str(r[d.label_field]) for r in rows[key]} - {str(v) for v in labels}) if labels else []
-            if unknown:
-                raise ConfigError(
-                    f"{key}={path!r}: labels {unknown[:5]} (data.label_field={d.label_field!r}) do not "
-                    f"occur in the training file, whose labels are {labels}"
-                )
+            check_path(path, key, d)
     if cfg.fish.mask_path and not Path(cfg.fish.mask_path).is_file():
         raise ConfigError(f"fish.mask_path={cfg.fish.mask_path!r}: file not found")
     out = Path(cfg.output_dir)
@@ -109,9 +97,8 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
             cfg.train.micro_batch_size,
             cfg.train.resume_trust_pickle,
         )
-    n_labels = len(labels) if labels else None
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg.data))
-    check_model_and_targets(cfg.model, cfg.peft, cfg.data, model_path, n_labels)
+    check_model_and_targets(cfg.model, cfg.peft, cfg.data, model_path)  # classification: the head once labels are read
     return Plan(
         model_path=model_path,
         data_path=srcs[0].path,
@@ -119,11 +106,10 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
         ds_path=ds_path,
         output_dir=out,
         resume_from=resume_from,
-        baselines=baseline_counts(cfg, model_path, n_labels),
+        baselines=baseline_counts(cfg, model_path),
         test_path=test_path,
-        labels=labels,
+        labels=None,
         ds=ds,
-        rows=rows,
         sources=srcs,
     )
 

@@ -31,10 +31,10 @@ from ..fish.enforce import MaskEnforcer
 from ..fish.pool import Pool
 from ..fish.selection import MaskFileError, budget, enforce_mask, progress_bar
 from ..fish.selection import fix_mask as fix_core
-from ..model import head_patterns, load_peft_model, load_tokenizer, peft_method
+from ..model import head_patterns, is_classification, load_peft_model, load_tokenizer, peft_method
 from . import best, guard, schedule
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
-from .data import Collator, ShardedBatches, data_counts_line, data_counts_report, load_examples
+from .data import Collator, ShardedBatches, class_labels, data_counts_line, data_counts_report, load_examples
 from .evaluate import evaluate
 from .examples import subset
 from .formats import pack
@@ -42,7 +42,7 @@ from .loss import loss_sum as token_loss_sum
 from .loss import step_targets
 from .mixing import mix
 from .outputs import MetricsLog, save_adapter, write_run_config
-from .preflight import Plan, preflight
+from .preflight import Plan, baseline_counts, preflight
 from .reshard import data_position
 
 
@@ -236,15 +236,32 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
     )
 
 
-def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
-    """Training, evaluation and test examples (eval from data.eval_path, or data.eval_split of the training rows)."""
+def load_data(cfg: Config, plan: Plan, tokenizer, files: dict | None = None) -> tuple[list, list, list]:
+    """Training, evaluation and test examples (eval from data.eval_path, or data.eval_split of the training rows),
+    each split checked and tokenised by the first rank into the token cache (or found there) and memory-mapped by
+    every rank (fishds/run/data.py); classification reads the labels first and sizes the budget's baselines.
+    `files` receives {key: (cache file, found there)}."""
     d = cfg.data
+    if is_classification(cfg.data):
+        plan.labels = class_labels(
+            tokenizer,
+            plan.sources,
+            [
+                ("data.eval_path", plan.eval_path, d.max_eval_examples),
+                ("data.test_path", plan.test_path, d.max_test_examples),
+            ],
+        )
+        plan.baselines = baseline_counts(cfg, plan.model_path, len(plan.labels))
 
-    def load(path, key, limit, data=d):  # the rows preflight read and checked
+    def load(path, key, limit, data=d):
         if not path:
             return []
-        counts = plan.data_counts.setdefault(key, {})
-        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, rows=plan.rows.get(key), counts=counts)
+        counts, where = plan.data_counts.setdefault(key, {}), {}
+        examples = load_examples(tokenizer, path, key, data, limit, plan.labels, counts=counts, files=where)
+        if where[key][1]:
+            fdist.print0(f"[fishds.data] {key}: cache hit {where[key][0]}")
+        if files is not None:
+            files.update(where)
         fdist.print0(data_counts_line(key, counts, data.max_length))
         return examples
 
@@ -262,7 +279,7 @@ def load_data(cfg: Config, plan: Plan, tokenizer) -> tuple[list, list, list]:
         if n_eval >= len(examples):
             raise ConfigError(f"data.eval_split={d.eval_split} leaves no training examples of {len(examples)}")
         held = set(order[:n_eval])
-        eval_examples = [examples[i] for i in sorted(held)][: d.max_eval_examples]
+        eval_examples = subset(examples, sorted(held)[: d.max_eval_examples])
         examples = subset(examples, [i for i in range(len(examples)) if i not in held])
     return examples, eval_examples, load(plan.test_path, "data.test_path", d.max_test_examples)
 
