@@ -106,6 +106,32 @@ def check_model_and_targets(cfg: Config, model_path: str, num_labels: int | None
     return matched
 
 
+ATTN_PACKAGES = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn 3 (flash_attn_interface)"}
+
+
+def check_backends(cfg: Config, zero_stage: int) -> None:
+    """model.attn_implementation and train.loss_impl can run here (installed, CUDA): a one-line ConfigError naming
+    the field otherwise, before any weights load."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    from .run.loss import check_loss_impl
+
+    attn = cfg.model.attn_implementation
+    if attn in ATTN_PACKAGES:
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"model.attn_implementation={attn} runs on a CUDA GPU and there is none here; use sdpa (the default)"
+            )
+        available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+        if not available[attn]():
+            raise ConfigError(
+                f"model.attn_implementation={attn} needs {ATTN_PACKAGES[attn]}, which is not installed (or does not "
+                "support this GPU); install it or use model.attn_implementation=sdpa"
+            )
+    if not is_classification(cfg):
+        check_loss_impl(cfg.train.loss_impl, zero_stage)
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -168,7 +194,11 @@ def load_peft_model(
             label2id={str(v): i for i, v in enumerate(labels)},
         )
     base = auto_class(cfg).from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+        model_path,
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        **kwargs,
     )
     quant.after_load(base)
     if base.config.pad_token_id is None and pad_token_id is not None:

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from .. import dist as fdist
 from .. import zero
+from ..run.loss import example_losses, forward_kwargs, mean_loss
 from .per_example import CHECK_RTOL, BatchedFisher, per_example_losses
 from .pool import Pool
 
@@ -220,7 +221,7 @@ def _loop_pass(model, zero3, params, indices, examples, groups, collate, dev, ad
     for group in groups:
         batch = collate([examples[j] for j in group] or [examples[0]])
         batch = {k: v.to(dev) for k, v in batch.items()}
-        loss = model(**batch).loss  # the module, not engine(): no DeepSpeed backward/reduction hooks
+        loss = mean_loss(model, batch)  # the module, not engine(): no DeepSpeed backward/reduction hooks
         grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         zero.release_backward_leftovers(zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
         state["grad_peak"] = max(state["grad_peak"], sum(g.numel() * g.element_size() for g in grads if g is not None))
@@ -253,10 +254,16 @@ def _batched_pass(
         for gi, group in enumerate(groups):
             batch = collate([examples[j] for j in group] or [examples[0]])
             batch = {k: v.to(dev) for k, v in batch.items()}
-            out = bf.forward(batch)
             b = batch["input_ids"].shape[0] if "input_ids" in batch else next(iter(batch.values())).shape[0]
-            logits, labels = getattr(out, "logits", None), batch.get("labels")
-            split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
+            labels = batch.get("labels")
+            causal = torch.is_tensor(labels) and labels.dim() == 2 and "input_ids" in batch
+            if causal:  # the training loss path (fishds/run/loss.py): per-example sums of its chunked cross-entropy
+                out = bf.forward({k: v for k, v in batch.items() if k != "labels"}, **forward_kwargs(model))
+                split = example_losses(model, out, labels)
+            else:
+                out = bf.forward(batch)
+                logits = getattr(out, "logits", None)
+                split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
             loss = split[0].sum() if split is not None else out.loss
             targets, spans = bf.targets()
             checked = sorted(accepted) if gi == 0 else []
@@ -271,7 +278,8 @@ def _batched_pass(
             )
             if gi == 0:  # the same decision on every rank: one MIN all-reduce of the flags
                 sums = bf.summed(grads[: len(targets)], spans, b)
-                flags = [int(split is not None and _close(split[1], out.loss.detach()))]
+                # causal LM: the loss is fishds' own (the training loss path), nothing of the model's to check against
+                flags = [int(split is not None and (causal or _close(split[1], out.loss.detach())))]
                 flags += [
                     int(g is None or (i in sums and _close(sums[i], g))) for i, g in zip(checked, grads[len(targets) :])
                 ]
