@@ -263,7 +263,9 @@ def _batched_pass(
             else:
                 out = bf.forward(batch)
                 logits = getattr(out, "logits", None)
-                split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
+                split = (
+                    per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
+                )
             loss = split[0].sum() if split is not None else out.loss
             targets, spans = bf.targets()
             checked = sorted(accepted) if gi == 0 else []

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import dist as fdist
+from .. import zero
 
 CHUNK_LOGIT_BYTES = 1 << 27  # train.loss_chunk_tokens unset: a chunk's fp32 logits within 128 MiB
 IMPLS = ("auto", "chunked", "full", "liger", "cce")
@@ -203,18 +204,29 @@ def _target_ce(model, out, labels: torch.Tensor, path: LossPath, fused: bool) ->
     if fused:
         return _fused_sum(path.impl, head, h, t) * weight, rows
     step = path.chunk(out.logits.shape[-1])
+    chunks = -(-h.shape[0] // step)
+    if any(zero.is_partitioned(p) for p in head.parameters()):
+        # ZeRO-3: every call of the head gathers its weight, a collective, so every rank makes as many calls (the
+        # most chunks of any rank; the extra chunks are empty). One small all-reduce per micro-batch.
+        chunks = int(fdist.all_reduce_(torch.tensor([chunks]), op=torch.distributed.ReduceOp.MAX)[0])
     fn = _chunk_ce(head, softcap)
+    # determinism_check off: under ZeRO-3 a frozen head weight is saved as the parameter itself, which its release
+    # after the recompute empties (the metadata check would fail); its backward hook gathers it again before use
     parts = [
-        torch.utils.checkpoint.checkpoint(fn, h[s : s + step], t[s : s + step], use_reentrant=False)
-        for s in range(0, h.shape[0], step)
+        torch.utils.checkpoint.checkpoint(
+            fn,
+            h[i * step : (i + 1) * step],
+            t[i * step : (i + 1) * step],
+            use_reentrant=False,
+            determinism_check="none",
+        )
+        for i in range(chunks)
     ]
     return torch.cat(parts) * weight, rows
 
 
 def _fused_sum(impl: str, head: torch.nn.Linear, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Sum of the token cross-entropies by liger-kernel or cut-cross-entropy (CUDA; imports guarded by configure)."""
-    from .. import zero
-
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
