@@ -129,7 +129,17 @@ def check_backends(cfg: Config, zero_stage: int) -> None:
                 "support this GPU); install it or use model.attn_implementation=sdpa"
             )
     if not is_classification(cfg):
-        check_loss_impl(cfg.train.loss_impl, zero_stage)
+        impl = cfg.train.loss_impl
+        targets = cfg.peft.target_modules
+        adapted = "lm_head" in cfg.peft.modules_to_save or (
+            targets != "all-linear" and "lm_head" in ([targets] if isinstance(targets, str) else targets)
+        )
+        if impl in ("liger", "cce") and adapted:
+            raise ConfigError(
+                f"train.loss_impl={impl} takes the output embedding's weight, but lm_head is adapted (in "
+                "peft.target_modules or peft.modules_to_save); use train.loss_impl=chunked"
+            )
+        check_loss_impl(impl, zero_stage)
 
 
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):

@@ -88,6 +88,19 @@ def test_example_losses_chunked_equal_full(toy, tmp_path):
     assert torch.allclose(res["chunked"][0][0], model(**one).loss, rtol=1e-6)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
+def test_eval_sums_chunked_equal_full(toy, tmp_path, packed):
+    model = _model(toy, tmp_path, {"target_modules": ["q_proj", "v_proj"]})
+    model.eval()
+    batch = _batch(packed, model.config.vocab_size)
+    got = {}
+    for impl in ("full", "chunked"):
+        L.loss_path(model).impl, L.loss_path(model).chunk_tokens = impl, 6
+        got[impl] = L.eval_sums(model, batch)
+    assert got["chunked"][1:] == got["full"][1:] and got["full"][1] == L.count_targets(batch)
+    assert got["chunked"][0] == pytest.approx(got["full"][0], rel=1e-6)
+
+
 def test_chunked_memory_is_one_chunk(toy, tmp_path):
     """No (targets x vocab) tensor is kept for backward by the chunked loss: the largest saved activation (weights
     aside) is one chunk's, as full saves all of them."""
@@ -133,6 +146,16 @@ def test_fused_loss_refused_without_cuda_or_package(toy, tmp_path, impl):
     from fishds.model import check_backends
 
     with pytest.raises(ConfigError, match=f"^train.loss_impl={impl} .*train.loss_impl=chunked"):
+        check_backends(cfg, 2)
+
+
+@pytest.mark.parametrize("impl", ["liger", "cce"])
+@pytest.mark.parametrize("peft", ["peft.modules_to_save=[lm_head]", "peft.target_modules=[q_proj,lm_head]"])
+def test_fused_loss_refused_with_an_adapted_lm_head(toy, tmp_path, impl, peft):
+    cfg = load_config(None, base_overrides(toy, tmp_path / "o") + [f"train.loss_impl={impl}", peft])
+    from fishds.model import check_backends
+
+    with pytest.raises(ConfigError, match=f"^train.loss_impl={impl} .*lm_head is adapted.*loss_impl=chunked"):
         check_backends(cfg, 2)
 
 

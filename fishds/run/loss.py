@@ -170,9 +170,10 @@ def _chunk_ce(head, softcap):
     return fn
 
 
-def _target_ce(model, out, labels: torch.Tensor, path: LossPath, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token cross-entropies of the target tokens (n,) in fp32 - or their sum with a fused kernel -, row of each
-    target (n,)) from a forward asked for hidden states (`forward_kwargs`)."""
+def _targets(model, out, labels: torch.Tensor, path: LossPath):
+    """(head, softcap, hidden states of the target tokens (n, h), their targets (n,), row of each (n,), weight) from
+    a forward asked for hidden states (`forward_kwargs`); weight 0 when the micro-batch has no target (one token
+    then stands in, so that every parameter stays in the backward graph)."""
     from ..config import ConfigError
 
     base = _base(model)
@@ -195,20 +196,31 @@ def _target_ce(model, out, labels: torch.Tensor, path: LossPath, fused: bool) ->
     sel = target != -100
     rows = sel.nonzero()[:, 0]
     weight = 1.0
-    if rows.numel() == 0:  # no target: one token at weight 0 keeps every parameter in the backward graph
+    if rows.numel() == 0:
         sel = torch.zeros_like(sel)
         sel[0, 0] = True
         rows, weight = sel.nonzero()[:, 0], 0.0
         target = torch.zeros_like(target)
-    h, t = hidden[sel], target[sel]
+    return head, softcap, hidden[sel], target[sel], rows, weight
+
+
+def _n_chunks(head, n: int, step: int) -> int:
+    """Chunks of `step` tokens for n targets; under ZeRO-3 every call of the head gathers its weight (a collective),
+    so every rank makes as many calls: the most chunks of any rank (the extra chunks are empty; one small
+    all-reduce per micro-batch)."""
+    chunks = -(-n // step)
+    if any(zero.is_partitioned(p) for p in head.parameters()):
+        chunks = int(fdist.all_reduce_(torch.tensor([chunks]), op=torch.distributed.ReduceOp.MAX)[0])
+    return chunks
+
+
+def _target_ce(model, out, labels: torch.Tensor, path: LossPath, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token cross-entropies of the target tokens (n,) in fp32 - or their sum with a fused kernel -, row of each
+    target (n,)) from a forward asked for hidden states (`forward_kwargs`)."""
+    head, softcap, h, t, rows, weight = _targets(model, out, labels, path)
     if fused:
         return _fused_sum(path.impl, head, h, t) * weight, rows
     step = path.chunk(out.logits.shape[-1])
-    chunks = -(-h.shape[0] // step)
-    if any(zero.is_partitioned(p) for p in head.parameters()):
-        # ZeRO-3: every call of the head gathers its weight, a collective, so every rank makes as many calls (the
-        # most chunks of any rank; the extra chunks are empty). One small all-reduce per micro-batch.
-        chunks = int(fdist.all_reduce_(torch.tensor([chunks]), op=torch.distributed.ReduceOp.MAX)[0])
     fn = _chunk_ce(head, softcap)
     # determinism_check off: under ZeRO-3 a frozen head weight is saved as the parameter itself, which its release
     # after the recompute empties (the metadata check would fail); its backward hook gathers it again before use
@@ -220,9 +232,32 @@ def _target_ce(model, out, labels: torch.Tensor, path: LossPath, fused: bool) ->
             use_reentrant=False,
             determinism_check="none",
         )
-        for i in range(chunks)
+        for i in range(_n_chunks(head, h.shape[0], step))
     ]
     return torch.cat(parts) * weight, rows
+
+
+@torch.no_grad()
+def eval_sums(model, batch: dict) -> tuple[float, int, int]:
+    """Causal LM evaluation of one micro-batch without its full logits (unless train.loss_impl=full): the sum of the
+    target-token cross-entropies, the number of targets and how many the argmax predicts, chunk by chunk."""
+    path = loss_path(model)
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, **forward_kwargs(model))
+    if path.impl == "full":
+        logits, target = out.logits.float(), _shifted(labels).to(out.logits.device)
+        valid = target != -100
+        loss = F.cross_entropy(logits[valid], target[valid], reduction="sum")
+        return float(loss), int(valid.sum()), int((logits.argmax(-1)[valid] == target[valid]).sum())
+    head, softcap, h, t, _, weight = _targets(model, out, labels, path)
+    step = path.chunk(out.logits.shape[-1])
+    loss, correct = torch.zeros((), dtype=torch.float64, device=h.device), torch.zeros((), dtype=torch.long)
+    for i in range(_n_chunks(head, h.shape[0], step)):
+        lg, tc = _project(head, h[i * step : (i + 1) * step], softcap), t[i * step : (i + 1) * step]
+        loss += F.cross_entropy(lg, tc, reduction="sum").double()
+        correct += int((lg.argmax(-1) == tc).sum())
+    return (float(loss), int(h.shape[0]), int(correct)) if weight else (0.0, 0, 0)
 
 
 def _fused_sum(impl: str, head: torch.nn.Linear, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
