@@ -498,8 +498,9 @@ class TrainSection(_Section):
     loss_impl: Literal["auto", "chunked", "full", "liger", "cce"] = Field(
         "auto",
         description="Causal-LM cross-entropy (fishds/run/loss.py): chunked = the final hidden states projected to "
-        "logits a chunk of target tokens at a time, each chunk recomputed in backward (never more than one chunk's "
-        "logits held); full = the model's whole (batch x length x vocab) logits, upcast to fp32 (about 12 bytes x "
+        "logits a chunk of target tokens at a time, never more than one chunk's logits held (a frozen lm_head: each "
+        "chunk's input gradient computed in its forward; an adapted lm_head: each chunk recomputed in backward); "
+        "full = the model's whole (batch x length x vocab) logits, upcast to fp32 (about 12 bytes x "
         "vocab per token: 25 GB at 4 x 4,096 tokens and a 128k vocabulary); liger = liger-kernel's fused linear "
         "cross-entropy (pip install liger-kernel, CUDA); cce = Apple's cut-cross-entropy (pip install "
         "cut-cross-entropy, CUDA, not at ZeRO-3). auto = liger when installed on CUDA and the output embedding is "

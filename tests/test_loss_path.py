@@ -180,8 +180,12 @@ def test_attn_implementation_reaches_the_model(toy, tmp_path):
 
 @pytest.mark.parametrize(
     "ds,extra",
-    [("zero2.json", []), ("zero3.json", ["peft.target_modules=[q_proj,v_proj,lm_head]"])],
-    ids=["zero2", "zero3-lora-lm_head"],
+    [
+        ("zero2.json", []),
+        ("zero3.json", []),  # the frozen head gathered once per micro-batch
+        ("zero3.json", ["peft.target_modules=[q_proj,v_proj,lm_head]"]),  # checkpointed chunks, hooks per call
+    ],
+    ids=["zero2", "zero3", "zero3-lora-lm_head"],
 )
 def test_chunked_equals_full_two_ranks(toy, tmp_path, ds, extra):
     out = tmp_path / "o"
@@ -193,3 +197,20 @@ def test_chunked_equals_full_two_ranks(toy, tmp_path, ds, extra):
         assert r["grad_rel_diff"] <= 1e-6, r
         assert r["engine_grad_rel_diff"] <= 1e-6, r  # engine.backward (DeepSpeed hooks, reduction) with chunked
         assert r["grad_max"] > 0
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_frozen_head_function_equals_autograd(softcap):
+    """The frozen-head path (input gradient computed in the forward) against autograd through F.cross_entropy,
+    with a per-token weighting of the losses (what the per-example Fisher pass differentiates)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w, b = torch.randn(50, 16, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
+    t, scale = torch.randint(0, 50, (37,), generator=g), torch.rand(37, generator=g, dtype=torch.float64)
+    logits = h @ w.T + b
+    logits = torch.tanh(logits / softcap) * softcap if softcap else logits
+    want = torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    (want_g,) = torch.autograd.grad((want * scale).sum(), h)
+    got = L._FrozenLinearCE.apply(h, w, b, t, 8, softcap)
+    (got_g,) = torch.autograd.grad((got * scale).sum(), h)
+    assert torch.allclose(got.double(), want, rtol=1e-6) and torch.allclose(got_g, want_g, rtol=1e-6, atol=1e-9)

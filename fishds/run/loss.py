@@ -19,16 +19,22 @@ How the token cross-entropies are computed (train.loss_impl; fishds/config.py do
 - chunked (the default): one forward of the model asking for the last position's logits only (logits_to_keep=1,
   so the model's own projection costs micro-batch x vocab) and its final hidden states; the hidden states of the
   target tokens (labels != -100: prompt and padding tokens get no logits at all) are projected through the model's
-  output embedding one chunk of train.loss_chunk_tokens tokens at a time, each chunk under
-  torch.utils.checkpoint, so its logits are freed after its loss and recomputed in backward (as torchtune
-  does). At most one chunk's logits exist at once: about 16 bytes x vocab x chunk tokens (the bf16 projection, its
-  fp32 upcast and log-softmax, then the gradient), 0.5 GB at 256 tokens of a 128k vocabulary, whatever the
-  micro-batch. The cost: the output projection runs once more per step (in the recompute). The projection is
-  the output-embedding module itself (get_output_embeddings()), called per chunk, so a LoRA on lm_head, an
-  lm_head in peft.modules_to_save and tied embeddings work unchanged, and under ZeRO-3 its forward hooks gather
-  the partitioned weight for each call (also in the recompute). A Gemma-style final_logit_softcapping is
-  applied; on the first call the chunked logits of the last position are checked against the model's own, so a
-  model whose logits are more than its output embedding refuses chunked (ConfigError, naming train.loss_impl).
+  output embedding one chunk of train.loss_chunk_tokens tokens at a time. At most one chunk's logits exist at once:
+  about 16 bytes x vocab x chunk tokens (the projection, its fp32 upcast, the softmax gradient), 0.5 GB at 256
+  tokens of a 128k vocabulary, whatever the micro-batch. Two ways, the same values:
+  * a frozen plain lm_head (the usual case, tied embeddings and QLoRA included): each chunk's input gradient is
+    computed in its forward (softmax - one-hot, times the weight; the pure-PyTorch form of liger's fused linear
+    cross-entropy) and only that (tokens x hidden) is kept, so the step costs the full loss's two matmuls per
+    token and no recompute; under ZeRO-3 the weight is gathered once per micro-batch (GatheredParameters) for it;
+  * an adapted lm_head (a LoRA target, or in peft.modules_to_save): the output-embedding module itself
+    (get_output_embeddings()) is called per chunk under torch.utils.checkpoint, so its logits are freed after
+    the chunk's loss and recomputed in backward (as torchtune does), and the adapter's gradients flow as usual;
+    under ZeRO-3 its forward hooks gather the partitioned weight for each call (also in the recompute), and every
+    rank makes as many calls (the most chunks of any rank, one small all-reduce per micro-batch). The cost: the
+    output projection runs once more per step.
+  A Gemma-style final_logit_softcapping is applied; on the first call the chunked logits of the last position are
+  checked against the model's own, so a model whose logits are more than its output embedding refuses chunked
+  (ConfigError, naming train.loss_impl).
 - liger / cce: the same hidden states of the target tokens through liger-kernel's fused linear cross-entropy
   (LigerFusedLinearCrossEntropyLoss) or Apple's cut-cross-entropy (linear_cross_entropy): fused kernels that never
   hold a chunk of fp32 logits in memory (CUDA only). They take the output embedding's weight tensor, so they need
@@ -163,6 +169,53 @@ def _project(head, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return logits
 
 
+class _FrozenLinearCE(torch.autograd.Function):
+    """Token cross-entropies (n,) of the logits h W^T + b against t, `step` tokens at a time, for a frozen output
+    embedding: each chunk's input gradient (softmax - one-hot, through a softcap if any, times W) is computed in the
+    forward, so no logits are kept and none are recomputed (the same two matmuls per token as the full loss; the
+    pure-PyTorch form of liger's fused linear cross-entropy). Backward scales the stored input gradient per token."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, t, step: int, softcap):
+        n = h.shape[0]
+        wide = torch.promote_types(h.dtype, torch.float32)  # bf16 logits are upcast, as the full loss does
+        ce = torch.empty(n, dtype=wide, device=h.device)
+        grad = torch.empty_like(h) if h.requires_grad else None
+        rows = torch.arange(min(step, n), device=h.device)
+        for s in range(0, n, step):
+            logits = F.linear(h[s : s + step], weight, bias).to(wide)
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            tgt, r = t[s : s + step], rows[: min(step, n - s)]
+            lse = torch.logsumexp(logits, -1)
+            ce[s : s + step] = lse - logits[r, tgt]
+            if grad is not None:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[r, tgt] -= 1
+                if softcap:
+                    g.mul_(1 - capped.square_())
+                grad[s : s + step] = g.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad_ce):
+        (grad,) = ctx.saved_tensors
+        g = None if grad is None else grad * grad_ce[:, None].to(grad.dtype)
+        return g, None, None, None, None, None
+
+
+def _frozen_ce(head: torch.nn.Linear, h: torch.Tensor, t: torch.Tensor, step: int, softcap) -> torch.Tensor:
+    params = [p for p in head.parameters() if zero.is_partitioned(p)]
+    if not params:
+        return _FrozenLinearCE.apply(h, head.weight, head.bias, t, step, softcap)
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params):  # ZeRO-3: gathered once per micro-batch, used in forward only
+        return _FrozenLinearCE.apply(h, head.weight, head.bias, t, step, softcap)
+
+
 def _chunk_ce(head, softcap):
     def fn(hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(_project(head, hidden, softcap), target, reduction="none")
@@ -219,8 +272,10 @@ def _target_ce(model, out, labels: torch.Tensor, path: LossPath, fused: bool) ->
     target (n,)) from a forward asked for hidden states (`forward_kwargs`)."""
     head, softcap, h, t, rows, weight = _targets(model, out, labels, path)
     if fused:
-        return _fused_sum(path.impl, head, h, t) * weight, rows
+        return _fused_sum(path.impl, head, h, t, softcap) * weight, rows
     step = path.chunk(out.logits.shape[-1])
+    if type(head) is torch.nn.Linear and not any(p.requires_grad for p in head.parameters()):
+        return _frozen_ce(head, h, t, step, softcap) * weight, rows
     fn = _chunk_ce(head, softcap)
     # determinism_check off: under ZeRO-3 a frozen head weight is saved as the parameter itself, which its release
     # after the recompute empties (the metadata check would fail); its backward hook gathers it again before use
@@ -260,15 +315,18 @@ def eval_sums(model, batch: dict) -> tuple[float, int, int]:
     return (float(loss), int(h.shape[0]), int(correct)) if weight else (0.0, 0, 0)
 
 
-def _fused_sum(impl: str, head: torch.nn.Linear, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _fused_sum(impl: str, head: torch.nn.Linear, h: torch.Tensor, t: torch.Tensor, softcap) -> torch.Tensor:
     """Sum of the token cross-entropies by liger-kernel or cut-cross-entropy (CUDA; imports guarded by configure)."""
+    cap = {"softcap": softcap} if softcap else {}
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy
 
-        return linear_cross_entropy(h, head.weight, t, bias=head.bias, ignore_index=-100, reduction="sum").float()
+        return linear_cross_entropy(
+            h, head.weight, t, bias=head.bias, ignore_index=-100, reduction="sum", **cap
+        ).float()
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum")
+    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", **cap)
     params = [p for p in head.parameters() if zero.is_partitioned(p)]
     if not params:
         return ce(head.weight, h, t, head.bias).float()
