@@ -214,3 +214,23 @@ def test_frozen_head_function_equals_autograd(softcap):
     got = L._FrozenLinearCE.apply(h, w, b, t, 8, softcap)
     (got_g,) = torch.autograd.grad((got * scale).sum(), h)
     assert torch.allclose(got.double(), want, rtol=1e-6) and torch.allclose(got_g, want_g, rtol=1e-6, atol=1e-9)
+
+
+def test_configure_resolves_auto_and_refuses_a_model_without_logits_to_keep(toy, tmp_path):
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward cannot skip its full logits
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 8)
+
+        def forward(self, input_ids=None, attention_mask=None):
+            return None
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    assert L.configure(NoKeep(), "auto", None, 0).impl == "full"
+    with pytest.raises(ConfigError, match="train.loss_impl=chunked: NoKeep.forward takes no logits_to_keep"):
+        L.configure(NoKeep(), "chunked", None, 0)
+    model = _model(toy, tmp_path, {"target_modules": ["q_proj", "v_proj"]})
+    assert L.configure(model, "auto", 64, 0).impl == "chunked"  # no CUDA here, so not liger
+    assert L.loss_path(model).chunk_tokens == 64

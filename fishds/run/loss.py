@@ -127,12 +127,25 @@ def _plain_head(model) -> bool:
 
 def configure(model, impl: str, chunk_tokens: int | None, zero_stage: int) -> LossPath:
     """Resolve train.loss_impl for `model` (auto: liger where it runs, else chunked) and attach it; returns it."""
+    import inspect
+
     from ..config import ConfigError
 
+    takes_keep = "logits_to_keep" in inspect.signature(_base(model).forward).parameters
     if impl == "auto":
-        impl = "chunked"
-        if torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None and _plain_head(model):
+        impl = "chunked" if takes_keep else "full"
+        if (
+            takes_keep
+            and torch.cuda.is_available()
+            and importlib.util.find_spec("liger_kernel") is not None
+            and _plain_head(model)
+        ):
             impl = "liger"
+    if impl != "full" and not takes_keep:
+        raise ConfigError(
+            f"train.loss_impl={impl}: {type(_base(model)).__name__}.forward takes no logits_to_keep, so it would "
+            "compute the full logits anyway; use train.loss_impl=full (or auto)"
+        )
     check_loss_impl(impl, zero_stage)
     if impl != "full" and _base(model).get_output_embeddings() is None:
         raise ConfigError(
