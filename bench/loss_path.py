@@ -156,7 +156,8 @@ def main() -> None:
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
     for n in args.tokens:
-        data = write_text(work / f"train-{n}.jsonl", 64 * args.ranks * (args.steps + 2), n // 2 - 2, args.vocab)
+        rows = 64 * args.ranks * (args.steps + 2) if n <= 2048 else 4 * args.ranks * (args.steps + 2) + 8  # 2 a block
+        data = write_text(work / f"train-{n}.jsonl", rows, n // 2 - 2, args.vocab)
         for impl in args.impls:
             ov = [
                 f"model.name_or_path={model}",
