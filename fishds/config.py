@@ -28,6 +28,14 @@ class ModelSection(_Section):
         "'smollm2-135m-instruct' (the embedded default) and 'all-minilm-l6-v2' (a BERT encoder)."
     )
     trust_remote_code: bool = Field(False, description="Allow the model folder's own Python code. Off unless set.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = Field(
+        "sdpa",
+        description="Attention kernel, passed to from_pretrained: sdpa (PyTorch's scaled_dot_product_attention), "
+        "eager, flash_attention_2 (pip install flash-attn) or flash_attention_3 (flash_attn_interface), both on a "
+        "CUDA GPU only. With data.packing, flash kernels read the restarting position_ids (no s x s mask); sdpa and "
+        "eager get a block-diagonal mask of micro_batch x s^2 entries. A backend that is not installed is refused "
+        "before weights load.",
+    )
 
 
 PEFT_METHODS = tuple(METHODS)  # the table of PEFT methods: fishds/methods.py
@@ -305,6 +313,24 @@ class TrainSection(_Section):
         False,
         description="Recompute activations in backward (non-reentrant) to "
         "save memory; the Fisher pass works with it too.",
+    )
+    loss_impl: Literal["auto", "chunked", "full", "liger", "cce"] = Field(
+        "auto",
+        description="Causal-LM cross-entropy (fishds/run/loss.py): chunked = the final hidden states projected to "
+        "logits a chunk of target tokens at a time, never more than one chunk's logits held (a frozen lm_head: each "
+        "chunk's input gradient computed in its forward; an adapted lm_head: each chunk recomputed in backward); "
+        "full = the model's whole (batch x length x vocab) logits, upcast to fp32 (about 12 bytes x "
+        "vocab per token: 25 GB at 4 x 4,096 tokens and a 128k vocabulary); liger = liger-kernel's fused linear "
+        "cross-entropy (pip install liger-kernel, CUDA); cce = Apple's cut-cross-entropy (pip install "
+        "cut-cross-entropy, CUDA, not at ZeRO-3). auto = liger when installed on CUDA and the output embedding is "
+        "a plain frozen layer, else chunked. Classification keeps its head's loss.",
+    )
+    loss_chunk_tokens: Optional[int] = Field(
+        None,
+        gt=0,
+        description="Target tokens per chunk of train.loss_impl=chunked (also the per-example Fisher pass). Unset: "
+        "as many as keep one chunk's fp32 logits within 128 MiB (256 tokens at a 128,256-token vocabulary, 682 at "
+        "49,152).",
     )
     log_every: int = Field(1, gt=0, description="Print a progress line every this many steps (rank 0).")
     eval_every: int = Field(0, ge=0, description="Evaluate every this many steps (0 = only at the end).")

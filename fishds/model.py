@@ -111,6 +111,42 @@ def check_model_and_targets(
     return matched
 
 
+ATTN_PACKAGES = {"flash_attention_2": "flash-attn", "flash_attention_3": "flash-attn 3 (flash_attn_interface)"}
+
+
+def check_backends(cfg: Config, zero_stage: int) -> None:
+    """model.attn_implementation and train.loss_impl can run here (installed, CUDA): a one-line ConfigError naming
+    the field otherwise, before any weights load."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    from .run.loss import check_loss_impl
+
+    attn = cfg.model.attn_implementation
+    if attn in ATTN_PACKAGES:
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"model.attn_implementation={attn} runs on a CUDA GPU and there is none here; use sdpa (the default)"
+            )
+        available = {"flash_attention_2": is_flash_attn_2_available, "flash_attention_3": is_flash_attn_3_available}
+        if not available[attn]():
+            raise ConfigError(
+                f"model.attn_implementation={attn} needs {ATTN_PACKAGES[attn]}, which is not installed (or does not "
+                "support this GPU); install it or use model.attn_implementation=sdpa"
+            )
+    if not is_classification(cfg):
+        impl = cfg.train.loss_impl
+        targets = cfg.peft.target_modules
+        adapted = "lm_head" in cfg.peft.modules_to_save or (
+            targets != "all-linear" and "lm_head" in ([targets] if isinstance(targets, str) else targets)
+        )
+        if impl in ("liger", "cce") and adapted:
+            raise ConfigError(
+                f"train.loss_impl={impl} takes the output embedding's weight, but lm_head is adapted (in "
+                "peft.target_modules or peft.modules_to_save); use train.loss_impl=chunked"
+            )
+        check_loss_impl(impl, zero_stage)
+
+
 def load_tokenizer(model_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -170,7 +206,11 @@ def load_peft_model(
             label2id={str(v): i for i, v in enumerate(labels)},
         )
     base = auto_class(cfg.data).from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+        model_path,
+        dtype=dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=cfg.model.attn_implementation,
+        **kwargs,
     )
     quant.after_load(base)
     if base.config.pad_token_id is None and pad_token_id is not None:

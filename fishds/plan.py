@@ -22,7 +22,14 @@ entries; Llama-style decoder: per layer q, k, v, o, gate, up, down projections):
                                                        out, gate, up, act(gate), act(gate) x up; r per LoRA
                                                        target t for the A outputs)
     without gradient checkpointing: L x one layer;  with: L x b s h a (layer inputs) + one layer (recompute)
-    plus the logits: b s V (a + 8)  (the model's logits, their fp32 upcast in the loss and its gradient).
+    plus the loss path (train.loss_impl, fishds/run/loss.py), its own line:
+      full     b s V (a + 8)          the model's logits, their fp32 upcast in the loss and its gradient
+      chunked  c V (a + 12) + b V a   one chunk of c target tokens (projection, fp32 upcast, log-softmax,
+                                      gradient; c = train.loss_chunk_tokens, default 2^27 / (4 V)), and the
+                                      last position's logits the model still returns
+      liger    b s h (a + 4)          the input gradient liger computes in its forward, and its internal chunk
+                                      of logits (about b s h / V rows of V fp32)
+      cce      b s (h a + 8)          the input gradient and a log-sum-exp per token
 No CUDA context, allocator cache or communication buffers are included.
 """
 
@@ -74,6 +81,15 @@ PRESETS = {  # Llama-2 shapes (Touvron et al. 2023), SmolLM2-135M (the embedded 
     "llama-70b": Arch(8192, 80, 64, 8, 28672, 32000),
     "smollm2-135m": Arch(576, 30, 9, 3, 1536, 49152, tied=True),
 }
+# Hub names whose config.json ships in configs/recipes/shapes/ (Meta's published shapes), so that `fishds plan
+# --config` works offline on the recipes: Llama-3 8B and 70B (128,256-token vocabulary, grouped-query attention)
+SHAPES_DIR = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "shapes"
+HUB_SHAPES = {
+    "meta-llama/Meta-Llama-3-8B": "llama-3-8b",
+    "meta-llama/Meta-Llama-3-8B-Instruct": "llama-3-8b",
+    "meta-llama/Meta-Llama-3-70B": "llama-3-70b",
+    "meta-llama/Meta-Llama-3-70B-Instruct": "llama-3-70b",
+}
 
 
 def load_arch(model: str) -> Arch:
@@ -112,6 +128,8 @@ class Setup:
     micro_batch: int = 1
     seq_len: int = 2048
     compact: bool = False  # fish.compact_optimizer: AdamW moments (+ int32 index) for the selected entries only
+    loss_impl: str = "chunked"  # train.loss_impl (auto plans as chunked: liger is lighter still where it runs)
+    loss_chunk: int | None = None  # train.loss_chunk_tokens
 
 
 def _targets(s: Setup) -> tuple[str, ...]:
@@ -152,9 +170,10 @@ def plan(arch: Arch, s: Setup) -> dict:
     }
     tokens, a = s.micro_batch * s.seq_len, p
     one_layer = tokens * (7 * arch.hidden + 3 * arch.kv + 4 * arch.intermediate + s.r * len(tgt)) * a
-    logits = tokens * arch.vocab * (a + 8)
-    out["activations"] = arch.layers * one_layer + logits
-    out["activations_gc"] = arch.layers * tokens * arch.hidden * a + one_layer + logits
+    out["loss"] = loss_bytes(arch, s)
+    out["loss_impl"] = s.loss_impl
+    out["activations"] = arch.layers * one_layer + out["loss"]
+    out["activations_gc"] = arch.layers * tokens * arch.hidden * a + one_layer + out["loss"]
     states = sum(
         out[k] for k in ("frozen", "adapter", "gradients", "optimizer", "masks", "mask_restore", "largest_gathered")
     )
@@ -169,6 +188,21 @@ def plan(arch: Arch, s: Setup) -> dict:
     return out
 
 
+def loss_bytes(arch: Arch, s: Setup) -> float:
+    """Bytes of the loss path per rank for one micro-batch (module docstring, by train.loss_impl)."""
+    from .run.loss import LossPath
+
+    a, tokens, V = (4 if s.precision == "fp32" else 2), s.micro_batch * s.seq_len, arch.vocab
+    if s.loss_impl == "full":
+        return tokens * V * (a + 8)
+    if s.loss_impl == "liger":
+        return tokens * arch.hidden * (a + 4)
+    if s.loss_impl == "cce":
+        return tokens * (arch.hidden * a + 8)
+    c = min(tokens, LossPath(chunk_tokens=s.loss_chunk).chunk(V))
+    return c * V * (a + 12) + s.micro_batch * V * a
+
+
 def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
     rows = [
         ("frozen weights", "frozen"),
@@ -178,6 +212,7 @@ def table(res: dict, unit: float = 2**30, label: str = "GiB") -> str:
         ("masks (1 bit per entry)", "masks"),
         ("frozen-entry copies (enforcer)", "mask_restore"),
         ("largest gathered layer", "largest_gathered"),
+        (f"loss path ({res.get('loss_impl', 'chunked')})", "loss"),
         ("activations (no checkpointing)", "activations"),
         ("activations (checkpointing)", "activations_gc"),
         ("total (no checkpointing)", "total"),
@@ -215,6 +250,10 @@ def add_arguments(ap) -> None:
     ap.add_argument("--compact", action="store_true", help="fish.compact_optimizer (needs --keep_ratio, adamw)")
     ap.add_argument("--micro_batch", type=int, default=1)
     ap.add_argument("--seq_len", type=int, default=2048)
+    ap.add_argument(
+        "--loss_impl", default="chunked", choices=("chunked", "full", "liger", "cce"), help="train.loss_impl"
+    )
+    ap.add_argument("--loss_chunk_tokens", type=int, default=None, help="train.loss_chunk_tokens")
 
 
 def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
@@ -227,11 +266,13 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
 
     if not METHODS[cfg.peft.method].lora_shapes:
         raise ConfigError(f"peft.method={cfg.peft.method!r}: fishds plan models LoRA-family adapters only")
-    ds = resolve_ds_config(cfg, ds_path or cfg.ds_config, world)
     t = cfg.peft.target_modules
     targets = "all-linear" if t == "all-linear" else tuple(x for x in ([t] if isinstance(t, str) else t) if x in PROJ)
     keep = None if rule(cfg.fish.selection).dense else (cfg.fish.keep_ratio or 0.5)
-    return load_arch(resolve_model_path(cfg.model)), Setup(
+    shape = HUB_SHAPES.get(cfg.model.name_or_path)
+    model_path = str(SHAPES_DIR / shape) if shape else resolve_model_path(cfg.model)
+    ds = resolve_ds_config(cfg, ds_path or cfg.ds_config, world, model_path)
+    return load_arch(model_path), Setup(
         ds["zero_optimization"].get("stage", 0),
         world,
         cfg.quant.bits,
@@ -244,6 +285,8 @@ def from_config(cfg, ds_path: str | None, world: int) -> tuple[Arch, Setup]:
         cfg.train.micro_batch_size,
         cfg.data.max_length,
         cfg.fish.compact_optimizer,
+        "chunked" if cfg.train.loss_impl == "auto" else cfg.train.loss_impl,
+        cfg.train.loss_chunk_tokens,
     )
 
 
@@ -273,4 +316,6 @@ def from_args(args) -> tuple[Arch, Setup]:
         args.micro_batch,
         args.seq_len,
         args.compact,
+        args.loss_impl,
+        args.loss_chunk_tokens,
     )

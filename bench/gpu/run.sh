@@ -12,6 +12,8 @@
 #                        then a Llama-2-7B shape built on the GPU with random weights (bench/gpu/qlora_case.py --build)
 #   fisher_pass.jsonl    batched vs looped vs per-batch Fisher pass (bench/fisher_pass.py, if this tree has it)
 #   vs_hf_trainer.jsonl  fishds train vs Hugging Face Trainer (+FishCallback), 1 rank (bench/vs_hf_trainer.py)
+#   loss_path.jsonl      full vs chunked cross-entropy at Llama-3's 128,256-token vocabulary, bf16, peak GPU memory
+#                        and step time at 2,048 / 8,192 / 16,384 tokens per micro-batch (bench/loss_path.py)
 #   run.log              everything printed
 # SmolLM2 here has RANDOM weights (its config and tokenizer travel in bench/gpu/smollm2/; the 538 MB weights
 # cannot) and the data are synthetic: time and memory depend on shapes; no loss or accuracy here means anything.
@@ -91,12 +93,14 @@ if [[ $SMOKE == 1 ]]; then  # toy sizes: the same code paths, seconds per part
   Q_7B=(--rounds 1 --block 1 fish.num_samples=2 data.max_length=64 train.micro_batch_size=1)
   FP_ARGS=(--num-samples 8 --micro-batch-size 4)
   HF_ARGS=(--steps 2 --max-length 64 --max-examples 64 --num-samples 4 --precision fp32)  # Trainer: no bf16 on CPU
+  LP_ARGS=(--tokens 64 128 --steps 1 --vocab 8192 --precision fp32)
 else
   ST_ARGS=(--rounds 3 --block 5 fish.num_samples=32 data.max_examples=2000 train.micro_batch_size=8)
   Q_SMOL=(--rounds 3 --block 5 fish.num_samples=32 data.max_examples=2000 data.max_length=512)
   Q_7B=(--rounds 2 --block 3 fish.num_samples=8 data.max_length=512 train.micro_batch_size=1)
   FP_ARGS=(--num-samples 64 --micro-batch-size 8)
   HF_ARGS=(--steps 20 --max-length 128 --max-examples 2000 --num-samples 16 --precision bf16)
+  LP_ARGS=(--tokens 2048 8192 16384 --steps 3 --precision bf16)  # 16,384 = Llama-3-8B's 4 x 4,096 micro-batch
 fi
 
 # 1. bf16 step time, FISH vs plain (SmolLM2 shape, ZeRO-2, 1 rank)
@@ -128,6 +132,9 @@ fi
 # 4. fishds train vs the Hugging Face Trainer, plain and FISH, 1 rank
 part vs_hf_trainer 240 "$PY" bench/vs_hf_trainer.py --ranks 1 --ds-config ds_configs/zero2.json "${HF_ARGS[@]}" \
   --out "$RES/vs_hf_trainer.jsonl" --note "random weights (SmolLM2 shape), synthetic data"
+
+# 5. the loss path: full vs chunked cross-entropy at a 128,256-token vocabulary (2-layer Llama, random weights)
+part loss_path 240 "$PY" bench/loss_path.py --ranks 1 "${LP_ARGS[@]}" --note "1 GPU, random weights, synthetic text"
 
 note "done in $(( $(date +%s) - START ))s; results in $RES"
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from .. import dist as fdist
 from .. import zero
+from ..run.loss import example_losses, forward_kwargs, mean_loss
 from .per_example import CHECK_RTOL, BatchedFisher, per_example_losses
 from .pool import Pool
 
@@ -252,7 +253,7 @@ def _loop_pass(run: _PassInputs, indices: list[int], groups, m: Moments) -> None
     """One forward/backward per group; squares of the gradients of the pool tensors `indices` added."""
     params = [run.params[n] for n in indices]
     for group in groups:
-        loss = run.model(**run.batch(group)).loss
+        loss = mean_loss(run.model, run.batch(group))  # the training loss path (fishds/run/loss.py)
         grads = list(torch.autograd.grad(loss, params, allow_unused=True))
         zero.release_backward_leftovers(run.zero3)  # autograd.grad skips the hooks that end a ZeRO-3 backward
         m.saw(grads)
@@ -283,10 +284,18 @@ def _batched_pass(run: _PassInputs, groups, m: Moments) -> list[int]:
     with bf:
         for gi, group in enumerate(groups):
             batch = run.batch(group)
-            out = bf.forward(batch)
             b = batch["input_ids"].shape[0] if "input_ids" in batch else next(iter(batch.values())).shape[0]
-            logits, labels = getattr(out, "logits", None), batch.get("labels")
-            split = per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
+            labels = batch.get("labels")
+            causal = torch.is_tensor(labels) and labels.dim() == 2 and "input_ids" in batch
+            if causal:  # the training loss path (fishds/run/loss.py): per-example sums of its chunked cross-entropy
+                out = bf.forward({k: v for k, v in batch.items() if k != "labels"}, **forward_kwargs(model))
+                split = example_losses(model, out, labels)
+            else:
+                out = bf.forward(batch)
+                logits = getattr(out, "logits", None)
+                split = (
+                    per_example_losses(logits, labels) if torch.is_tensor(logits) and torch.is_tensor(labels) else None
+                )
             loss = split[0].sum() if split is not None else out.loss
             targets, spans = bf.targets()
             checked = sorted(accepted) if gi == 0 else []
@@ -296,7 +305,8 @@ def _batched_pass(run: _PassInputs, groups, m: Moments) -> list[int]:
             m.saw(grads[: len(targets)], output=True)
             if gi == 0:  # the same decision on every rank: one MIN all-reduce of the flags
                 sums = bf.summed(grads[: len(targets)], spans, b)
-                flags = [int(split is not None and _close(split[1], out.loss.detach()))]
+                # causal LM: the loss is fishds' own (the training loss path), nothing of the model's to check against
+                flags = [int(split is not None and (causal or _close(split[1], out.loss.detach())))]
                 flags += [
                     int(g is None or (i in sums and _close(sums[i], g))) for i, g in zip(checked, grads[len(targets) :])
                 ]

@@ -21,10 +21,11 @@ Rules (which parameters this covers):
 Every other pool parameter (DoRA's magnitude, VeRA's lambdas, LoHa / LoKr factors, embeddings, ...) is scored by
 the per-example loop for those parameters only, after the batched pass; one log line names them.
 
-The per-example loss is the one the loop differentiates (model(**one_example).loss): for a causal LM the mean over
-the example's target tokens (labels != -100, shifted by one), for sequence classification its cross-entropy (or
-squared error / BCE), so padding and prompt tokens contribute nothing. It is computed from the logits, and its
-batch form is checked against the model's own loss on the first micro-batch; on the same micro-batch the sum over
+The per-example loss is the one the loop differentiates: for a causal LM the mean over the example's target tokens
+(labels != -100, shifted by one), taken from the training loss path (fishds/run/loss.py: per-example sums of the
+chunked cross-entropy, so no pass holds the micro-batch's full-vocabulary logits); for sequence classification its
+cross-entropy (or squared error / BCE) from the logits, its batch form checked against the model's own loss on the
+first micro-batch. Padding and prompt tokens contribute nothing. On the first micro-batch the sum over
 examples of the per-example gradients is checked against the parameters' batch gradient. A parameter that fails
 that check, or a loss fishds cannot split per example, goes to the loop (decided on every rank alike).
 """
@@ -198,13 +199,15 @@ class BatchedFisher:
             if isinstance(r, _IA3):
                 r._base.clear()
 
-    def forward(self, batch: dict):
+    def forward(self, batch: dict, **kwargs):
         """The model's output on `batch`, with this pass's layer inputs and outputs captured (only in this forward:
-        a recomputation by gradient checkpointing during the backward is not captured again)."""
+        a recomputation by gradient checkpointing during the backward is not captured again, nor the chunked loss's
+        calls of the output embedding after it, fishds/run/loss.py: an adapted lm_head fails the first-batch check
+        and is looped)."""
         self.clear()
         self._capturing = True
         try:
-            return self.model(**batch)
+            return self.model(**batch, **kwargs)
         finally:
             self._capturing = False
 

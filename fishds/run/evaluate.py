@@ -1,7 +1,8 @@
 """Evaluation on held-out data, summed over ranks (every rank runs the same number of forward passes).
 
 Classification: loss and accuracy per example. Causal LM (alpaca, chat, text): loss, perplexity and
-accuracy per label token (the response tokens for alpaca and chat).
+accuracy per label token (the response tokens for alpaca and chat), through the training loss path
+(train.loss_impl: chunked by default, so no pass holds the micro-batch's full-vocabulary logits).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import torch
 
 from .. import dist as fdist
+from .loss import eval_sums
 
 
 @torch.no_grad()
@@ -29,11 +31,15 @@ def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefi
     for b in range(n_batches):
         chunk = mine[b * micro_batch_size : (b + 1) * micro_batch_size]
         batch = {k: v.to(dev) for k, v in collate(chunk or examples[:1]).items()}
+        if not classify:  # the loss path's chunks (fishds/run/loss.py): no full-vocabulary logits held
+            sums = eval_sums(engine, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+            if chunk:  # a padding pass (no chunk) keeps ZeRO-3 collectives matched
+                totals += torch.tensor(sums, dtype=torch.float64)
+            continue
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         if not chunk:
             continue  # padding pass keeps ZeRO-3 collectives matched
-        labels = batch["labels"] if classify else batch["labels"][:, 1:]
-        logits = logits if classify else logits[:, :-1]
+        labels = batch["labels"]
         valid = labels != -100
         loss = torch.nn.functional.cross_entropy(logits[valid], labels[valid], reduction="sum")
         correct = float((logits.argmax(-1)[valid] == labels[valid]).sum())

@@ -31,13 +31,14 @@ from ..fish.enforce import MaskEnforcer
 from ..fish.pool import Pool
 from ..fish.selection import MaskFileError, budget, enforce_mask, progress_bar
 from ..fish.selection import fix_mask as fix_core
-from ..model import head_patterns, is_classification, load_peft_model, load_tokenizer, peft_method
+from ..model import check_backends, head_patterns, is_classification, load_peft_model, load_tokenizer, peft_method
 from . import best, guard, schedule
 from .checkpoint import checkpoint_root, load_checkpoint, save_checkpoint
 from .data import Collator, ShardedBatches, class_labels, data_counts_line, data_counts_report, load_examples
 from .evaluate import evaluate
 from .examples import subset
 from .formats import pack
+from .loss import configure as configure_loss
 from .loss import loss_sum as token_loss_sum
 from .loss import step_targets
 from .mixing import mix
@@ -173,6 +174,7 @@ class Session:
 def setup(cfg: Config, ds_path: str | None = None) -> Session:
     """Preflight, process group, tokenizer and data, model + PEFT adapter, DeepSpeed engine."""
     plan = preflight(cfg, ds_path)
+    check_backends(cfg, plan.ds["zero_optimization"].get("stage", 0))
     fdist.init_distributed()
     start_fresh(plan)
     import deepspeed
@@ -217,6 +219,8 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
         lr_scheduler=None if "scheduler" in ds else schedule.scheduler(cfg, steps),
         config=ds,
     )
+    if not is_classification(cfg):  # train.loss_impl, resolved on the model it computes the loss of
+        configure_loss(engine.module, t.loss_impl, t.loss_chunk_tokens, engine.zero_optimization_stage())
     batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
     return Session(
