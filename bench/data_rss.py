@@ -1,5 +1,5 @@
-"""Per-rank resident memory of the tokenized training data: Python lists (the code before issue 15 item 7:
-Dataset.to_list() on every rank) against the memory-mapped arrow view (fishds.run.examples.ArrowExamples).
+"""Per-rank resident memory of the tokenized training data: Python lists
+(Dataset.to_list() on every rank) against the memory-mapped arrow view (fishds.run.examples.ArrowExamples).
 
     .venv/bin/python bench/data_rss.py [--rows 1000000] [--ranks 2] [--direct]
 

@@ -1,5 +1,5 @@
 """Several datasets in one run (data.datasets, mixed by weight) and Hugging Face Hub names resolved offline
-from a local HF cache folder the test builds (issue 15, item 4)."""
+from a local HF cache folder the test builds."""
 
 from __future__ import annotations
 
