@@ -5,6 +5,9 @@
     fishds merge --base BASE --adapter ADAPTER_DIR --out OUT [--dtype float32|bfloat16|float16] [--overwrite]
     fishds plan MODEL --zero 3 --world 2 --quant 4 --r 8 --keep_ratio 0.1 ...  # memory per rank, no weights read
     fishds generate --adapter OUTPUT_DIR [--base BASE] [--prompt TEXT]          # a reply, or a chat on stdin
+    fishds evaluate --adapter OUTPUT_DIR --data FILE                           # eval loss/ppl/accuracy of an adapter
+    fishds config-schema                                                       # JSON schema of the YAML config
+    fishds --version
 
 Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
 `deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
@@ -24,11 +27,19 @@ def _error(msg: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
-    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan,generate}")
+    from . import __version__
 
-    t = sub.add_parser("train", help="run a FISH training job (same as launch/train.py)")
+    ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
+    ap.add_argument("--version", action="version", version=f"fishds {__version__}")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="run a FISH training job (same as launch/train.py)",
+        epilog=_sections_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--config", help="fishds YAML config")
     t.add_argument("--ds_config", help="DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json)")
     t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -57,7 +68,35 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+
+    sub.add_parser(
+        "config-schema",
+        help="print the JSON schema of the fishds YAML config (for editors' completion)",
+        description="Prints the JSON schema of the fishds config (pydantic's Config.model_json_schema()). "
+        "Save it and point a YAML language server at it: '# yaml-language-server: $schema=./fishds.schema.json'.",
+    )
     return ap
+
+
+def _sections_epilog() -> str:
+    """`fishds train --help`: the config's sections and their keys, read from the schema itself."""
+    import textwrap
+
+    from pydantic import BaseModel
+
+    from .config import Config
+
+    lines = ["config sections (YAML, or section.key=value overrides):"]
+    top = []
+    for name, field in Config.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"  {name + ':':7} " + ", ".join(ann.model_fields))
+        else:
+            top.append(name)
+    lines.append(f"  {'top:':7} " + ", ".join(top))
+    lines.append("every key, its default and meaning: docs/configuration.md (or `fishds config-schema`)")
+    return "\n".join(textwrap.fill(line, 118, subsequent_indent=" " * 10) for line in lines)
 
 
 def _train(args) -> int:
@@ -134,6 +173,15 @@ def _generate(args) -> int:
         return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
 
 
+def _config_schema(args) -> int:
+    import json
+
+    from .config import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=1))
+    return 0
+
+
 def _strip(e: Exception, prefix: str) -> str:
     """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -145,9 +193,15 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
-    return {"train": _train, "report": _report, "merge": _merge, "plan": _plan, "generate": _generate}[args.command](
-        args
-    )
+    commands = {
+        "train": _train,
+        "report": _report,
+        "merge": _merge,
+        "plan": _plan,
+        "generate": _generate,
+        "config-schema": _config_schema,
+    }
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":
