@@ -51,10 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     m = sub.add_parser("merge", help="merge an adapter into its base model (a plain Hugging Face model folder)")
-    m.add_argument("--base", required=True, help="base model folder")
+    m.add_argument("--base", required=True, help="base model folder, or a Hugging Face Hub id (org/name)")
     m.add_argument("--adapter", required=True, help="adapter folder (a fishds output_dir)")
     m.add_argument("--out", required=True, help="where to write the merged model (must not exist or be empty)")
-    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the base model's (config.json dtype)"
+    )
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     from .plan import add_arguments
@@ -68,6 +70,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
     g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+
+    e = sub.add_parser(
+        "evaluate",
+        help="eval-only on a trained adapter: loss, perplexity, token accuracy (or accuracy for a classifier)",
+        description="Scores --data with the adapter, formatted as its run formatted eval data (the run's "
+        "fishds_config.yaml: base model, data format, chat template, max_length, precision, 4-bit loading). "
+        "One process, on the GPU when one is present. Prints one line, then the metrics as JSON.",
+    )
+    e.add_argument("--adapter", required=True, help="a fishds output_dir, or one of its checkpoints/step-N folders")
+    e.add_argument("--data", required=True, help="a data file (.jsonl/.json/.csv/.parquet), datasets folder or Hub id")
+    e.add_argument(
+        "--max_examples", type=int, help="score the first N rows (default: the run's data.max_eval_examples; 0 = all)"
+    )
 
     sub.add_parser(
         "config-schema",
@@ -127,12 +142,14 @@ def _report(args) -> int:
 
 
 def _merge(args) -> int:
-    from .merge import MergeError, check_inputs, merge_adapter
+    from .merge import MergeError, base_dtype, check_inputs, merge_adapter, resolve_base
 
     flags = {"base_model_path": "--base", "adapter_dir": "--adapter", "out_dir": "--out", "dtype": "--dtype"}
     try:
-        check_inputs(args.base, args.adapter, args.out, args.dtype, args.overwrite)  # fail before loading torch models
-        out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        base = resolve_base(args.base)  # a Hub id: its snapshot in the local HF cache (or downloaded)
+        dtype = args.dtype or base_dtype(base)
+        check_inputs(base, args.adapter, args.out, dtype, args.overwrite)  # fail before loading torch models
+        out = merge_adapter(base, args.adapter, args.out, dtype=dtype, overwrite=args.overwrite)
     except MergeError as e:
         return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
     print(out)
@@ -173,6 +190,32 @@ def _generate(args) -> int:
         return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
 
 
+def _evaluate(args) -> int:
+    import json
+
+    from .dist import prefer_cpu_accelerator_if_no_cuda
+
+    prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
+    from .config import ConfigError
+    from .run.evaluate import evaluate_adapter
+
+    if args.max_examples is not None and args.max_examples < 0:
+        return _error("--max_examples must be >= 0 (0 = every row)")
+    try:
+        metrics, n = evaluate_adapter(args.adapter, args.data, args.max_examples)
+    except ConfigError as e:
+        return _error(str(e))
+    if "eval_accuracy" in metrics:
+        print(f"[fishds] {args.data}: loss {metrics['eval_loss']:.6f}, accuracy {metrics['eval_accuracy']:.2%} on {n}")
+    else:
+        print(
+            f"[fishds] {args.data}: loss {metrics['eval_loss']:.6f}, perplexity {metrics['eval_ppl']:.4f}, "
+            f"token accuracy {metrics['eval_token_acc']:.2%} on {n} examples ({metrics['eval_tokens']} target tokens)"
+        )
+    print(json.dumps(metrics), flush=True)
+    return 0
+
+
 def _config_schema(args) -> int:
     import json
 
@@ -199,6 +242,7 @@ def main(argv=None) -> int:
         "merge": _merge,
         "plan": _plan,
         "generate": _generate,
+        "evaluate": _evaluate,
         "config-schema": _config_schema,
     }
     return commands[args.command](args)

@@ -181,4 +181,9 @@ def load_peft_model(
         from .bottleneck import add_bottlenecks
 
         return add_bottlenecks(base, cfg.peft.r, cfg.peft.placement, dtype)
-    return get_peft_model(base, peft_config(cfg))
+    from .hub import given_name
+
+    model = get_peft_model(base, peft_config(cfg))
+    for adapter_cfg in model.peft_config.values():  # saved as adapter_config.json's base_model_name_or_path
+        adapter_cfg.base_model_name_or_path = given_name(cfg.model.name_or_path, model_path)
+    return model

@@ -21,6 +21,7 @@ import torch
 
 from .. import dist as fdist
 from .. import memory, quant, zero
+from ..card import write_run_card
 from ..config import Config, ConfigError
 from ..files import CHECKPOINT_STATE, METRICS_FILE, REPORT_FILE, REPORT_PNG, SELECTION_REPORT, write_json
 from ..fish import rules
@@ -473,6 +474,7 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
         if use_ckpt:
             best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
         write_json(out / REPORT_FILE, report)
+        write_run_card(out, s.cfg, report, s.plan.model_path)
         try:  # the run is finished; a failed plot must not fail it
             from ..report import write_report_png
 
