@@ -85,6 +85,7 @@ def write_model_card(
         tags=["fishds", "fish-tuning", method, "peft"],
     )
     share = f" ({k / pool:.2%} of the pool)" if k is not None and pool else ""
+    origin = f" (converted from the Hub repository `{hub_base}`)" if hub_base and hub_base != base_model else ""
     lines = [
         f"# {Path(out).resolve().name}",
         "",
@@ -94,9 +95,7 @@ def write_model_card(
         "",
         "| | |",
         "|---|---|",
-        f"| base model | `{base_model}`"
-        + (f" (from the Hub repository `{hub_base}`)" if hub_base != base_model else "")
-        + " |",
+        f"| base model | `{base_model}`{origin} |",
         f"| method | {method} |",
         f"| FISH rule | {rule} |",
         f"| trained entries (k) | {k:,}{share} |" if k is not None else "| trained entries (k) | all (no mask) |",
@@ -144,12 +143,12 @@ def write_run_card(out: Path, cfg, report: dict, model_folder: str | None = None
     datasets = [d for d in datasets if d]
     metrics = {k: v for k, v in (report.get("eval") or {}).items() if isinstance(v, (int, float))}
     dense = cfg.fish.selection == "dense"
+    rule = rules.label(cfg.fish) + (f" after {report['dense_steps']} dense steps" if report.get("dense_steps") else "")
     return write_model_card(
         out,
         base_model=cfg.model.name_or_path,
         method=cfg.peft.method,
-        rule=rules.label(cfg.fish)
-        + (f", {report['dense_steps']} dense steps first" if report.get("dense_steps") else ""),
+        rule=rule,
         k=None if dense else report.get("k"),
         pool=report.get("pool_size"),
         seeds={"train.seed": cfg.train.seed, "fish.seed": cfg.fish.seed},
