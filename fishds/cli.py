@@ -65,11 +65,13 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate with a trained adapter (its tokenizer's chat template)")
     g.add_argument("--adapter", required=True, help="adapter folder (a fishds output_dir or checkpoint)")
-    g.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    g.add_argument("--base", help="base model folder or Hub id (default: the adapter's base_model_name_or_path)")
     g.add_argument("--prompt", help="one user message; without it, a chat reads one turn per line on stdin")
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the base model's (config.json dtype)"
+    )
 
     e = sub.add_parser(
         "evaluate",
