@@ -115,7 +115,8 @@ def _tracked_text_files() -> list[Path]:
     files = []
     for name in out.decode().split("\0"):
         path = ROOT / name
-        if name and path.is_file() and path.suffix not in {".png", ".gz", ".pt", ".safetensors"}:
+        binary = path.suffix in {".png", ".gz", ".pt", ".safetensors"}
+        if name and path.is_file() and not binary and path != Path(__file__).resolve():  # this file names them
             files.append(path)
     return files
 
