@@ -66,6 +66,7 @@ def write_model_card(
     settings: dict | None = None,
     trained_with: str = "fishds train",
     base_folder: str | None = None,
+    auto_class: str = "AutoModelForCausalLM",
 ) -> Path:
     """Write out/README.md (atomically) and return its path. `base_model` is the name the user gave (a Hub id stays
     a Hub id); `datasets` the data names (only Hub ids go into the metadata); `license` None = the base model's
@@ -117,9 +118,9 @@ def write_model_card(
         "",
         "```python",
         "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM",
+        f"from transformers import {auto_class}",
         "",
-        f'base = AutoModelForCausalLM.from_pretrained("{hub_base or base_model}")',
+        f'base = {auto_class}.from_pretrained("{hub_base or base_model}")',  # a classifier: num_labels, as trained
         'model = PeftModel.from_pretrained(base, "PATH_OR_REPO_OF_THIS_FOLDER")',
         "```",
         "",
@@ -162,4 +163,5 @@ def write_run_card(out: Path, cfg, report: dict, model_folder: str | None = None
             "train.precision": cfg.train.precision,
         },
         base_folder=model_folder,
+        auto_class="AutoModelForSequenceClassification" if data.format == "classification" else "AutoModelForCausalLM",
     )
