@@ -1,6 +1,7 @@
 # fishds: `make demo` runs the embedded default job, `make test` the test suite.
 # Both create or reuse .venv and install what is needed: requirements/cpu.txt (CPU torch build) on
-# machines without an NVIDIA GPU, requirements/gpu.txt (keeps your CUDA torch) where nvidia-smi works.
+# machines without an NVIDIA GPU, requirements/gpu.txt (keeps your CUDA torch) where nvidia-smi works, and
+# requirements/dev.txt (pytest, ruff, TRL, trackers) with either.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
@@ -10,10 +11,10 @@ REQS := $(shell if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 
 setup: $(VENV)/.fishds-installed
 
-$(VENV)/.fishds-installed: pyproject.toml requirements/cpu.txt requirements/gpu.txt
+$(VENV)/.fishds-installed: pyproject.toml requirements/cpu.txt requirements/gpu.txt requirements/dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r $(REQS)
+	$(PY) -m pip install -q -r $(REQS) -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -28,7 +29,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 test: lint
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 # a few minutes: unit tests and one 2-rank ZeRO-3 run (Fisher against a reference, masked entries fixed)
 FAST := tests/test_units.py tests/test_layout.py tests/test_select_radix.py tests/test_rules_units.py \

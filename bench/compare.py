@@ -540,6 +540,7 @@ def main(argv=None) -> int:
         "config": args.config,
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "wall_seconds": round(time.time() - t0, 1),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),  # UTC day the matrix finished
         "cpu_count": os.cpu_count(),
         "parallel": args.parallel,
         "split": args.split,
@@ -554,7 +555,7 @@ def main(argv=None) -> int:
         json.dumps({"meta": meta, "rows": rows, "cells": cells, "warnings": warnings}, indent=1)
     )
     stem.with_suffix(".md").write_text(
-        f"`{meta['command']}` ({meta['wall_seconds'] / 60:.1f} min wall, "
+        f"`{meta['command']}` ({meta['date']}, {meta['wall_seconds'] / 60:.1f} min wall, "
         f"{meta['cpu_count']} CPU cores, median {meta['run_seconds_median']:.0f} s "
         f"per run)\n\n" + table
     )

@@ -12,7 +12,7 @@ pool size. For each pool size rank 0 prints one JSON line:
   bytes_per_rank, seconds   bytes this rank passed to collectives inside exact_topk (max over ranks) and
                             its wall time (max over ranks; float_keys is timed apart as keys_seconds)
   local_topk_seconds        one torch.topk(min(k, shard)) over the rank's own float32 shard (max over
-                            ranks); the issue's target is ratio_to_local_topk = seconds / it <= 2
+                            ranks); the target is ratio_to_local_topk = seconds / it <= 2
   ratio_with_keys_to_local_topk  (keys_seconds + seconds) / local_topk_seconds: scores to selection
   gather_bytes, gather_seconds  the naive way: dist.gather of every float32 chunk to rank 0 (bytes sent
                             per rank, max) and a top-k there with ties broken by the lowest index

@@ -6,6 +6,9 @@
     fishds plan MODEL --zero 3 --world 2 --quant 4 --r 8 --keep_ratio 0.1 ...  # memory per rank, no weights read
     fishds generate --adapter OUTPUT_DIR [--base BASE] [--prompt TEXT]          # a reply, or a chat on stdin
     fishds preprocess [--config X] [--ds_config Y] [--debug N] [section.key=value ...]  # tokenise into the cache
+    fishds evaluate --adapter OUTPUT_DIR --data FILE                           # eval loss/ppl/accuracy of an adapter
+    fishds config-schema                                                       # JSON schema of the YAML config
+    fishds --version
 
 Multi-rank training: `torchrun --nproc_per_node 2 $(which fishds) train ...` or
 `deepspeed --num_gpus 2 $(which fishds) train ...`. Bad input prints one line `fishds: error: ...` naming
@@ -25,11 +28,19 @@ def _error(msg: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
-    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{train,report,merge,plan,generate,preprocess}")
+    from . import __version__
 
-    t = sub.add_parser("train", help="run a FISH training job (same as launch/train.py)")
+    ap = argparse.ArgumentParser(prog="fishds", description="FISH-Tuning on DeepSpeed: train, report, merge")
+    ap.add_argument("--version", action="version", version=f"fishds {__version__}")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed puts it first
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser(
+        "train",
+        help="run a FISH training job (same as launch/train.py)",
+        epilog=_sections_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     t.add_argument("--config", help="fishds YAML config")
     t.add_argument("--ds_config", help="DeepSpeed JSON (ds_configs/zero{0,1,2,3}.json)")
     t.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -41,10 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     m = sub.add_parser("merge", help="merge an adapter into its base model (a plain Hugging Face model folder)")
-    m.add_argument("--base", required=True, help="base model folder")
+    m.add_argument("--base", required=True, help="base model folder, or a Hugging Face Hub id (org/name)")
     m.add_argument("--adapter", required=True, help="adapter folder (a fishds output_dir)")
     m.add_argument("--out", required=True, help="where to write the merged model (must not exist or be empty)")
-    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    m.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the base model's (config.json dtype)"
+    )
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     from .plan import add_arguments
@@ -53,11 +66,33 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate with a trained adapter (its tokenizer's chat template)")
     g.add_argument("--adapter", required=True, help="adapter folder (a fishds output_dir or checkpoint)")
-    g.add_argument("--base", help="base model folder (default: the adapter's base_model_name_or_path)")
+    g.add_argument("--base", help="base model folder or Hub id (default: the adapter's base_model_name_or_path)")
     g.add_argument("--prompt", help="one user message; without it, a chat reads one turn per line on stdin")
     g.add_argument("--max_new_tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy decoding")
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    g.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: the base model's (config.json dtype)"
+    )
+
+    e = sub.add_parser(
+        "evaluate",
+        help="eval-only on a trained adapter: loss, perplexity, token accuracy (or accuracy for a classifier)",
+        description="Scores --data with the adapter, formatted as its run formatted eval data (the run's "
+        "fishds_config.yaml: base model, data format, chat template, max_length, precision, 4-bit loading). "
+        "One process, on the GPU when one is present. Prints one line, then the metrics as JSON.",
+    )
+    e.add_argument("--adapter", required=True, help="a fishds output_dir, or one of its checkpoints/step-N folders")
+    e.add_argument("--data", required=True, help="a data file (.jsonl/.json/.csv/.parquet), datasets folder or Hub id")
+    e.add_argument(
+        "--max_examples", type=int, help="score the first N rows (default: the run's data.max_eval_examples; 0 = all)"
+    )
+
+    sub.add_parser(
+        "config-schema",
+        help="print the JSON schema of the fishds YAML config (for editors' completion)",
+        description="Prints the JSON schema of the fishds config (pydantic's Config.model_json_schema()). "
+        "Save it and point a YAML language server at it: '# yaml-language-server: $schema=./fishds.schema.json'.",
+    )
 
     p = sub.add_parser("preprocess", help="check and tokenise every data split into the cache before a launch")
     p.add_argument("--config", help="fishds YAML config (the one the launch uses)")
@@ -65,6 +100,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", type=int, default=0, metavar="N", help="print N training examples, trained tokens marked")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     return ap
+
+
+def _sections_epilog() -> str:
+    """`fishds train --help`: the config's sections and their keys, read from the schema itself."""
+    import textwrap
+
+    from pydantic import BaseModel
+
+    from .config import Config
+
+    lines = ["config sections (YAML, or section.key=value overrides):"]
+    top = []
+    for name, field in Config.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"  {name + ':':7} " + ", ".join(ann.model_fields))
+        else:
+            top.append(name)
+    lines.append(f"  {'top:':7} " + ", ".join(top))
+    lines.append("every key, its default and meaning: docs/configuration.md (or `fishds config-schema`)")
+    return "\n".join(textwrap.fill(line, 118, subsequent_indent=" " * 10) for line in lines)
 
 
 def _train(args) -> int:
@@ -95,12 +151,14 @@ def _report(args) -> int:
 
 
 def _merge(args) -> int:
-    from .merge import MergeError, check_inputs, merge_adapter
+    from .merge import MergeError, base_dtype, check_inputs, merge_adapter, resolve_base
 
     flags = {"base_model_path": "--base", "adapter_dir": "--adapter", "out_dir": "--out", "dtype": "--dtype"}
     try:
-        check_inputs(args.base, args.adapter, args.out, args.dtype, args.overwrite)  # fail before loading torch models
-        out = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        base = resolve_base(args.base)  # a Hub id: its snapshot in the local HF cache (or downloaded)
+        dtype = args.dtype or base_dtype(base)
+        check_inputs(base, args.adapter, args.out, dtype, args.overwrite)  # fail before loading torch models
+        out = merge_adapter(base, args.adapter, args.out, dtype=dtype, overwrite=args.overwrite)
     except MergeError as e:
         return _error(f"{flags.get(e.arg, e.arg)} {e.value}: {e.reason}")
     print(out)
@@ -157,6 +215,41 @@ def _preprocess(args) -> int:
     return 0
 
 
+def _evaluate(args) -> int:
+    import json
+
+    from .dist import prefer_cpu_accelerator_if_no_cuda
+
+    prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
+    from .config import ConfigError
+    from .run.evaluate import evaluate_adapter
+
+    if args.max_examples is not None and args.max_examples < 0:
+        return _error("--max_examples must be >= 0 (0 = every row)")
+    try:
+        metrics, n = evaluate_adapter(args.adapter, args.data, args.max_examples)
+    except ConfigError as e:
+        return _error(str(e))
+    if "eval_accuracy" in metrics:
+        print(f"[fishds] {args.data}: loss {metrics['eval_loss']:.6f}, accuracy {metrics['eval_accuracy']:.2%} on {n}")
+    else:
+        print(
+            f"[fishds] {args.data}: loss {metrics['eval_loss']:.6f}, perplexity {metrics['eval_ppl']:.4f}, "
+            f"token accuracy {metrics['eval_token_acc']:.2%} on {n} examples ({metrics['eval_tokens']} target tokens)"
+        )
+    print(json.dumps(metrics), flush=True)
+    return 0
+
+
+def _config_schema(args) -> int:
+    import json
+
+    from .config import Config
+
+    print(json.dumps(Config.model_json_schema(), indent=1))
+    return 0
+
+
 def _strip(e: Exception, prefix: str) -> str:
     """The message without a leading 'PATH: ' (the CLI names the argument itself)."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -168,8 +261,17 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
-    commands = {"train": _train, "report": _report, "merge": _merge, "plan": _plan, "generate": _generate}
-    return {**commands, "preprocess": _preprocess}[args.command](args)
+    commands = {
+        "train": _train,
+        "report": _report,
+        "merge": _merge,
+        "plan": _plan,
+        "generate": _generate,
+        "evaluate": _evaluate,
+        "config-schema": _config_schema,
+        "preprocess": _preprocess,
+    }
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

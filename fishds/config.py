@@ -569,7 +569,7 @@ def resolve_precision(cfg: Config) -> str:
 
 
 def config_reference() -> str:
-    """A markdown table of every key, its default and its documentation (for the README)."""
+    """A markdown table of every key, its default and its documentation (docs/configuration.md)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
     def walk(model: type[BaseModel], prefix: str):
@@ -578,8 +578,14 @@ def config_reference() -> str:
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, prefix + name + ".")
                 continue
-            default = "required" if field.is_required() else repr(field.default)
-            rows.append(f"| `{prefix}{name}` | {default} | {field.description or ''} |")
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:  # list/dict defaults: the value the factory makes
+                default = repr(field.get_default(call_default_factory=True, validated_data={}))
+            else:
+                default = repr(field.default)
+            cells = (default, field.description or "")  # a bare | would end the markdown cell
+            rows.append(f"| `{prefix}{name}` | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
 
     walk(Config, "")
     return "\n".join(rows)

@@ -30,6 +30,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 SCORES_FILE = "fisher_scores.safetensors"
 REPORT_PNG = "fish_mask_report.png"
+MODEL_CARD = "README.md"  # the Hub model card (fishds/card.py)
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_STATE = "fishds_state.json"
 WORLD_STATE_FILE, WORLD_STATE_EXTRA = "world_state.safetensors", "world_state.json"  # in a checkpoint: run/reshard.py

@@ -7,7 +7,9 @@ The base model is the adapter's `base_model_name_or_path` (adapter_config.json) 
 folder; the tokenizer is the adapter folder's when it has one, else the base's. A prompt is rendered with the
 tokenizer's chat template (add_generation_prompt) when it has one, else fed as plain text. Without --prompt,
 each line read from stdin is a user turn; the conversation is kept, and an empty line, `exit` or end of input
-ends it. Decoding is greedy unless --temperature > 0. For benchmark scores use lm-eval-harness (README recipe).
+ends it. Decoding is greedy unless --temperature > 0. The model runs on the GPU when one is present, in the base
+model's dtype (config.json) unless --dtype names another; a Hub id as base is read through the local HF cache.
+For benchmark scores use lm-eval-harness (docs/training.md).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .merge import ADAPTER_CONFIG, TOKENIZER_FILES, MergeError
+from .merge import ADAPTER_CONFIG, TOKENIZER_FILES, MergeError, base_dtype, resolve_base
 
 
 def resolve_inputs(adapter_dir, base: str | None = None) -> tuple[Path, str]:
@@ -48,11 +50,12 @@ def resolve_inputs(adapter_dir, base: str | None = None) -> tuple[Path, str]:
             base,
             "no such folder (the base the adapter was trained on moved?); pass --base with the model folder",
         )
-    return adapter, base
+    return adapter, str(resolve_base(base))  # a Hub id: its snapshot folder
 
 
-def load(adapter_dir, base: str | None = None, dtype: str = "float32"):
-    """(PeftModel in eval mode, tokenizer) for an adapter folder."""
+def load(adapter_dir, base: str | None = None, dtype: str | None = None):
+    """(PeftModel in eval mode on the GPU when there is one, tokenizer) for an adapter folder; dtype None = the
+    base model's."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,9 +63,10 @@ def load(adapter_dir, base: str | None = None, dtype: str = "float32"):
     adapter, base = resolve_inputs(adapter_dir, base)
     tok_src = adapter if any((adapter / f).is_file() for f in TOKENIZER_FILES) else base
     tokenizer = AutoTokenizer.from_pretrained(str(tok_src), trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), trust_remote_code=False)
+    dtype = getattr(torch, dtype or base_dtype(Path(base)))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=False)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False, autocast_adapter_dtype=False)
-    return model.eval(), tokenizer
+    return model.to(dtype).to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
 
 
 def prompt_ids(tokenizer, messages: list[dict]):

@@ -38,6 +38,12 @@ def snapshot(name: str, repo_type: str, key: str) -> Path:
         ) from None
 
 
+def given_name(name: str, resolved: str) -> str:
+    """What an adapter records as its base (adapter_config.json base_model_name_or_path): a Hub id stays the Hub
+    id (loadable anywhere), not the snapshot folder it was read from here; a local path stays the path."""
+    return name if is_hub_name(name) else resolved
+
+
 def resolve_model(name: str, key: str = "model.name_or_path") -> str:
     """A local model folder: the name itself, or the Hub snapshot of org/name."""
     return str(snapshot(name, "model", key)) if is_hub_name(name) else name

@@ -1,6 +1,12 @@
 """Merge a trained PEFT adapter into its base model: a plain Hugging Face model folder, no PEFT needed to load it.
 
-    merge_adapter(base_model_path, adapter_dir, out_dir, dtype="float32") -> out_dir
+    merge_adapter(base_model_path, adapter_dir, out_dir, dtype=None) -> out_dir
+
+The base is a model folder or a Hugging Face Hub id (resolved with fishds/hub.py: the local HF cache offline);
+`dtype` None = the base model's own (config.json dtype / torch_dtype, float32 when it names none). A QLoRA
+adapter (the run's fishds_config.yaml says quant.bits=4) is merged into the dequantized 4-bit base: the base
+is quantized as in training, dequantized to `dtype`, and the adapter folded in, so the merged weights are the
+ones the adapter was trained against (cost: one 4-bit copy of the base during the load, as in training).
 
 The base is loaded with AutoModelForCausalLM, or AutoModelForSequenceClassification for a SEQ_CLS adapter
 (classes from the run's fish_report.json labels; trust_remote_code off), the adapter with
@@ -40,6 +46,55 @@ def _inside(a: Path, b: Path) -> bool:
     return a == b or b in a.parents
 
 
+def resolve_base(base_model_path) -> Path:
+    """A base model folder: the path itself, or the Hub snapshot of an org/name id (MergeError when neither)."""
+    from .config import ConfigError
+    from .hub import is_hub_name, resolve_model
+
+    name = str(base_model_path)
+    if Path(name).is_dir() or not is_hub_name(name):
+        return Path(name)
+    try:
+        return Path(resolve_model(name, "base_model_path"))
+    except ConfigError as e:
+        raise MergeError("base_model_path", name, str(e).split(": ", 1)[-1]) from None
+
+
+def base_dtype(base: Path) -> str:
+    """The dtype the base model's config.json names (dtype, or torch_dtype before transformers 5), else float32."""
+    import json
+
+    try:
+        conf = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    name = str(conf.get("dtype") or conf.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in DTYPES else "float32"
+
+
+def run_config(adapter: Path):
+    """The fishds run config beside an adapter (output_dir, or output_dir/checkpoints/step-N), or None."""
+    from .config import ConfigError, load_config
+    from .files import RUN_CONFIG
+
+    for folder in (adapter, adapter.parent.parent):
+        if (folder / RUN_CONFIG).is_file():
+            try:
+                return load_config(folder / RUN_CONFIG)
+            except ConfigError:
+                return None
+    return None
+
+
+QLORA_NOTE = (
+    "[fishds] merging a QLoRA adapter into the dequantized {type} base ({dtype}): the merged model equals the "
+    "quantized model + adapter it was trained as (quality as evaluated in training), not a full-precision "
+    "fine-tune; the 4-bit rounding error of every base weight stays in the merged weights (for NF4 typically a "
+    "small rise in perplexity against the unquantized base). Merging into the original full-precision base "
+    "instead would put the adapter on weights it was never trained against."
+)
+
+
 def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> None:
     """Every check that needs no weights; raises MergeError naming the argument."""
     base, adapter, out = Path(base_model_path), Path(adapter_dir), Path(out_dir)
@@ -74,7 +129,9 @@ def check_inputs(base_model_path, adapter_dir, out_dir, dtype: str = "float32", 
         )
 
 
-def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False) -> Path:
+def merge_adapter(
+    base_model_path, adapter_dir, out_dir, dtype: str | None = None, overwrite: bool = False, log=print
+) -> Path:
     """Base + adapter -> merged model and tokenizer in out_dir (safetensors). Returns out_dir."""
     import json
 
@@ -82,9 +139,13 @@ def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32",
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    check_inputs(base_model_path, adapter_dir, out_dir, dtype, overwrite)
-    base_path, adapter, out = Path(base_model_path), Path(adapter_dir), Path(out_dir)
+    base_path = resolve_base(base_model_path)
+    dtype = dtype or base_dtype(base_path)
+    check_inputs(base_path, adapter_dir, out_dir, dtype, overwrite)
+    adapter, out = Path(adapter_dir), Path(out_dir)
     torch_dtype = getattr(torch, dtype)
+    run_cfg = run_config(adapter)
+    qlora = run_cfg is not None and run_cfg.quant.bits == 4
     auto, kwargs = AutoModelForCausalLM, {}
     if json.loads((adapter / ADAPTER_CONFIG).read_text()).get("task_type") == "SEQ_CLS":
         report = adapter / REPORT_FILE
@@ -102,8 +163,15 @@ def merge_adapter(base_model_path, adapter_dir, out_dir, dtype: str = "float32",
             "id2label": {i: str(v) for i, v in enumerate(labels)},
             "label2id": {str(v): i for i, v in enumerate(labels)},
         }
+    if qlora:
+        from . import quant
+
+        kwargs.update(quant.load_kwargs(run_cfg))
+        log(QLORA_NOTE.format(type=run_cfg.quant.type, dtype=dtype))
     try:
         model = auto.from_pretrained(str(base_path), dtype=torch_dtype, trust_remote_code=False, **kwargs)
+        if qlora:
+            model = model.dequantize(dtype=torch_dtype)
     except Exception as e:  # noqa: BLE001 - report the loader's failure against the argument
         raise MergeError(
             "base_model_path",

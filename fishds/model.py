@@ -13,6 +13,7 @@ import torch
 from . import quant
 from .bottleneck import PLACEMENT, add_bottlenecks
 from .config import Config, ConfigError, DataSection, ModelSection, PeftSection
+from .hub import given_name
 from .methods import METHODS, PeftMethod
 from .run.formats import FORMATS
 
@@ -133,7 +134,7 @@ def check_backends(cfg: Config, zero_stage: int) -> None:
                 f"model.attn_implementation={attn} needs {ATTN_PACKAGES[attn]}, which is not installed (or does not "
                 "support this GPU); install it or use model.attn_implementation=sdpa"
             )
-    if not is_classification(cfg):
+    if not is_classification(cfg.data):
         impl = cfg.train.loss_impl
         targets = cfg.peft.target_modules
         adapted = "lm_head" in cfg.peft.modules_to_save or (
@@ -221,4 +222,7 @@ def load_peft_model(
         base.enable_input_require_grads()
     if peft_method(cfg.peft).own_adapter:
         return add_bottlenecks(base, cfg.peft.r, cfg.peft.placement, dtype)
-    return get_peft_model(base, peft_config(cfg.peft, cfg.data))
+    model = get_peft_model(base, peft_config(cfg.peft, cfg.data))
+    for adapter_cfg in model.peft_config.values():  # saved as adapter_config.json's base_model_name_or_path
+        adapter_cfg.base_model_name_or_path = given_name(cfg.model.name_or_path, model_path)
+    return model

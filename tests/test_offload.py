@@ -1,4 +1,4 @@
-"""ZeRO-Offload with FISH masks (issue 16, item 4): offload_optimizer=cpu at ZeRO-2 and ZeRO-3 (DeepSpeedCPUAdam
+"""ZeRO-Offload with FISH masks: offload_optimizer=cpu at ZeRO-2 and ZeRO-3 (DeepSpeedCPUAdam
 keeps the fp32 masters and moments on the CPU) and offload_param=cpu at ZeRO-3, 2 ranks, masked entries bit-identical.
 
 DeepSpeedCPUAdam is compiled the first time (about 100 s, cached in ~/.cache/torch_extensions): marked slow, out of

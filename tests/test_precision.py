@@ -1,5 +1,5 @@
-"""train.precision=auto: bf16 where the GPU supports it, fp32 on CPU; quant.compute_dtype follows it (issue 16,
-item 7). The recorded value in fish_report.json is checked by the 2-rank run in test_checkpoints_best.py."""
+"""train.precision=auto: bf16 where the GPU supports it, fp32 on CPU; quant.compute_dtype follows it. The recorded value
+in fish_report.json is checked by the 2-rank run in test_checkpoints_best.py."""
 
 from __future__ import annotations
 

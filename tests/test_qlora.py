@@ -132,6 +132,40 @@ def test_qlora_fish_single_process_fp4_double_quant(toy, tmp_path):
     assert_mask_enforced(out, K)
     check_memory(out, 1, 0, load_config(None, ov))
     check_adapter_loads(out, ov, atol=1e-5)
+    check_merge_and_evaluate(toy, out, tmp_path)
+
+
+def check_merge_and_evaluate(toy, out, tmp_path):
+    """fishds merge folds the QLoRA adapter into the dequantized 4-bit base (saying so): the merged plain model gives
+    the trained quantized model's logits, closer than a merge into the unquantized base; fishds evaluate, loading
+    the base in 4 bits as the run did, prints the run's eval loss."""
+    from transformers import AutoModelForCausalLM
+
+    from fishds.merge import merge_adapter
+
+    probe = load_file(str(out / "probe_logits.safetensors"))
+    lines = []
+    merged = merge_adapter(toy["model"], out, tmp_path / "merged", log=lines.append)
+    assert len(lines) == 1 and "dequantized fp4 base" in lines[0] and "4-bit rounding error" in lines[0]
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits.float()
+    err = (logits - probe["logits"]).abs().max()
+    assert err < 1e-3, err
+    plain = tmp_path / "plain"  # the same adapter folded into the full-precision base: further from the trained model
+    plain.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (plain / name).write_bytes((out / name).read_bytes())
+    model = AutoModelForCausalLM.from_pretrained(str(merge_adapter(toy["model"], plain, tmp_path / "m2")))
+    with torch.no_grad():
+        far = model(input_ids=probe["input_ids"], attention_mask=probe["attention_mask"]).logits - probe["logits"]
+    assert far.abs().max() > 10 * err
+
+    from fishds.run.evaluate import evaluate_adapter
+
+    metrics, _ = evaluate_adapter(out, toy["eval"])
+    want = json.loads((out / "fish_report.json").read_text())["eval"]["eval_loss"]
+    assert abs(metrics["eval_loss"] - want) <= 1e-5 * max(1.0, want), (metrics["eval_loss"], want)
 
 
 @pytest.mark.parametrize(

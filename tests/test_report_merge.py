@@ -209,3 +209,71 @@ def test_merge_and_train_errors_name_the_argument(toy, trained, tmp_path, capsys
     one_line_error(["train", "--config", str(tmp_path / "missing.yaml")], "missing.yaml")
     # a config with several problems lists them one per line, as launch/train.py does
     one_line_error(["train", "model.name_or_path=x"], "output_dir", one_line=False)
+
+
+# ---------------------------------------------------------------- evaluate, model card, merge dtype
+
+
+def test_evaluate_prints_the_runs_eval_loss(toy, trained, tmp_path, capsys):
+    """`fishds evaluate` on the run's adapter and its eval file: the eval loss, perplexity and token accuracy the
+    run reported (the run's formatting from fishds_config.yaml), to 1e-5."""
+    report = json.loads((trained / "fish_report.json").read_text())["eval"]
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--adapter", str(trained), "--data", toy["eval"]]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    got = json.loads(lines[-1])
+    assert lines[-2].startswith(f"[fishds] {toy['eval']}: loss ") and "perplexity" in lines[-2]
+    assert abs(got["eval_loss"] - report["eval_loss"]) <= 1e-5 * max(1.0, abs(report["eval_loss"]))
+    assert got["eval_tokens"] == report["eval_tokens"] and got["eval_token_acc"] == pytest.approx(
+        report["eval_token_acc"], abs=1e-9
+    )
+    assert got["eval_ppl"] == pytest.approx(report["eval_ppl"], rel=1e-5)
+    assert f"{got['eval_loss']:.6f}" in lines[-2]
+    # the run read its eval file's first data.max_eval_examples=16 rows, as evaluate does by default; 0 = all 32
+    for n, more in (("3", False), ("0", True)):
+        assert cli.main(["evaluate", "--adapter", str(trained), "--data", toy["eval"], "--max_examples", n]) == 0
+        tokens = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_tokens"]
+        assert (tokens > got["eval_tokens"]) if more else (tokens < got["eval_tokens"])
+    # a folder without the run's config is refused naming --adapter
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained / name, bare / name)
+    assert cli.main(["evaluate", "--adapter", str(bare), "--data", toy["eval"]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fishds: error: --adapter") and "fishds_config.yaml" in err
+
+
+def test_model_card_and_base_name_in_the_output_dir(toy, trained):
+    """output_dir/README.md is a Hub model card (ModelCard.load parses it) naming the run; the adapter names the base
+    the user gave (a local folder here; a Hub id stays a Hub id: tests/test_datasets_mix.py)."""
+    from huggingface_hub import ModelCard
+
+    from fishds import __version__
+
+    adapter_cfg = json.loads((trained / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == toy["model"]
+    report = json.loads((trained / "fish_report.json").read_text())
+    card = ModelCard.load(trained / "README.md")
+    meta = card.data.to_dict()
+    assert meta["library_name"] == "peft" and "fishds" in meta["tags"] and "lora" in meta["tags"]
+    assert meta["license"] == "other" and "base_model" not in meta  # a local folder is no Hub id
+    text = card.text
+    assert f"{report['k']:,}" in text and f"{report['pool_size']:,}" in text
+    assert "train.seed 0, fish.seed 0" in text and f"fishds | {__version__}" in text
+    assert f"| eval_loss | {report['eval']['eval_loss']:.4f} |" in text
+    assert "| FISH rule | fisher" in text
+
+
+def test_merge_dtype_defaults_to_the_base_models(toy, tmp_path):
+    from fishds.merge import base_dtype, resolve_base
+
+    model = tmp_path / "m"
+    model.mkdir()
+    for conf, want in (({"dtype": "bfloat16"}, "bfloat16"), ({"torch_dtype": "float16"}, "float16"), ({}, "float32")):
+        (model / "config.json").write_text(json.dumps(conf))
+        assert base_dtype(model) == want
+    assert resolve_base(toy["model"]) == Path(toy["model"])
+    with pytest.raises(MergeError) as e:
+        resolve_base("no-such-org/no-such-model-for-fishds")
+    assert e.value.arg == "base_model_path"

@@ -211,7 +211,7 @@ def test_selection_is_the_shorthand_for_score_and_labels():
 
 
 def test_default_rule_never_scores_at_init_and_the_paper_is_one_switch_away():
-    """Defaults (issue 13, from bench/results/compare-*): Fisher, global top-k, scored after min(20, steps // 5)
+    """Defaults (chosen from bench/results/compare-*): Fisher, global top-k, scored after min(20, steps // 5)
     dense steps (at least 1); fish.dense_steps=0 is the paper's exact rule. Resolved once per run by total_steps."""
     from fishds.config import DEFAULT_DENSE_STEPS
     from fishds.run.schedule import total_steps

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning as practitioners expect it (issue 15): token-level loss averaging across accumulation and
+"""Supervised fine-tuning as practitioners expect it: token-level loss averaging across accumulation and
 ranks, packing with per-example attention isolation, epochs and schedules, truncation counts, chat options."""
 
 from __future__ import annotations

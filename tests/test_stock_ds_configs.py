@@ -1,5 +1,5 @@
 """Stock DeepSpeed JSONs (the shapes Axolotl and LLaMA-Factory users copy) work unchanged: every "auto" the
-Hugging Face integration fills is filled, anything else is refused naming the key (issue 16, item 3)."""
+Hugging Face integration fills is filled, anything else is refused naming the key."""
 
 from __future__ import annotations
 

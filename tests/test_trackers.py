@@ -1,5 +1,5 @@
 """train.report_to: TensorBoard, wandb (offline) and mlflow (a file store) on 2 ranks, rank 0 only; the resolved
-run config and DeepSpeed JSON in output_dir (issue 16, item 2)."""
+run config and DeepSpeed JSON in output_dir."""
 
 from __future__ import annotations
 

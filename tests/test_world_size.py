@@ -1,4 +1,4 @@
-"""Changing the number of ranks between a checkpoint and its resume (issue 16, item 5): the adapter, the fp32
+"""Changing the number of ranks between a checkpoint and its resume: the adapter, the fp32
 masters, the optimizer moments and step and the LR schedule are saved whole (world_state.safetensors) and
 re-partitioned, so 2 ranks -> 1 and 1 -> 2 continue the same run at ZeRO-2 and ZeRO-3."""
 

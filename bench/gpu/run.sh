@@ -119,7 +119,7 @@ if [[ $SMOKE == 0 ]]; then  # the plan alone, for the record (CLI as users call 
     --seq_len 512 >> "$LOG" 2>&1
 fi
 
-# 3. Fisher pass: batched vs looped vs per-batch (bench/fisher_pass.py comes with issue 14 parts 1-2)
+# 3. Fisher pass: batched vs looped vs per-batch (bench/fisher_pass.py, when present)
 if [[ -f bench/fisher_pass.py ]]; then
   part fisher_pass 120 "$PY" bench/fisher_pass.py --ranks 1 --model smollm2 --zero-stage 3 "${FP_ARGS[@]}" \
     --out "$RES/fisher_pass.jsonl"

@@ -289,7 +289,8 @@ class FishCallback(TrainerCallback):
             raise FishError(
                 "the Fisher pass takes gradients with torch.autograd.grad, which reentrant gradient "
                 "checkpointing does not support: set "
-                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (TRL's SFTTrainer forces reentrant "
+                "checkpointing for PEFT under ZeRO-3: there set gradient_checkpointing=False, or use ZeRO-2)"
             )
 
     def _out_dir(self, args) -> Path:
@@ -361,6 +362,33 @@ class FishCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.masks is None and state.global_step >= self.warmup_steps:
             self.fix_mask(self._attached())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Rank 0: the model card (README.md) beside the mask, for `huggingface-cli upload` (PEFT's save_model later
+        adds its own fields to it)."""
+        if self.masks is None or not fdist.is_main():
+            return
+        from ..card import write_model_card
+        from ..fish import rules
+
+        model = self._find_trainer().model
+        peft_cfg = next(iter(getattr(model, "peft_config", {}).values()), None)
+        logged = [h for h in state.log_history if any(k.startswith("eval_") for k in h)]
+        metrics = {k: v for k, v in (logged[-1] if logged else {}).items() if k.startswith("eval_")}
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        if losses:
+            metrics["train_loss (last step)"] = losses[-1]
+        write_model_card(
+            self._out_dir(args),
+            base_model=getattr(peft_cfg, "base_model_name_or_path", None) or "unknown",
+            method=str(getattr(peft_cfg, "peft_type", "peft")).split(".")[-1].lower(),
+            rule=self.report.get("selection", rules.label(self.fish)),
+            k=self.report.get("k", self.report.get("selected")),
+            pool=self.report.get("pool_size"),
+            seeds={"TrainingArguments.seed": args.seed, "FishCallback seed": self.fish.seed},
+            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            trained_with=f"{type(self._find_trainer()).__name__} + fishds FishCallback",
+        )
 
     def on_save(self, args, state, control, **kwargs):
         if self.masks is not None and fdist.is_main():

@@ -55,3 +55,75 @@ def evaluate(engine, examples: list[dict], collate, micro_batch_size: int, prefi
         f"{prefix}_token_acc": acc,
         f"{prefix}_tokens": int(totals[1]),
     }
+
+
+class _Forward:
+    """What `evaluate` needs of a DeepSpeed engine (`.module`, a call), for a model outside any engine."""
+
+    def __init__(self, model):
+        self.module = model
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+
+def evaluate_adapter(adapter_dir, data_path: str, max_examples: int | None = None) -> tuple[dict, int]:
+    """Eval-only on a trained adapter (`fishds evaluate`): the run's saved config (fishds_config.yaml in the
+    output_dir, also found from output_dir/checkpoints/step-N) gives the base model, the tokenizer, the data format
+    and its formatting (chat template, fields, max_length), the precision and the 4-bit loading; `data_path` (a file,
+    a datasets folder or a Hub dataset name) is tokenized as the run tokenized its eval data and scored by
+    `evaluate`: the first `max_examples` rows (None = the run's data.max_eval_examples, as its evaluations; 0 = all).
+    Returns (metrics with the `eval_` prefix, examples). One process, on the GPU when one is present.
+    Cost at 7B: one copy of the base in the training precision (or 4-bit) on one device, no optimizer state."""
+    import json
+    from pathlib import Path
+
+    from ..config import ConfigError
+    from ..files import REPORT_FILE
+    from ..merge import run_config
+    from ..model import auto_class, load_tokenizer, resolve_model_path
+    from .data import Collator, load_examples
+
+    adapter = Path(adapter_dir)
+    cfg = run_config(adapter)
+    if cfg is None:
+        raise ConfigError(
+            f"--adapter {adapter}: no fishds_config.yaml in it or two folders up (written by fishds train at start); "
+            "evaluate needs the run's config for the data formatting"
+        )
+    report = next((p / REPORT_FILE for p in (adapter, adapter.parent.parent) if (p / REPORT_FILE).is_file()), None)
+    labels = json.loads(report.read_text()).get("labels") if report is not None else None
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    path = data_path  # a file, folder, glob or Hub id: resolved by load_examples (fishds/run/splits.py)
+    limit = cfg.data.max_eval_examples if max_examples is None else (max_examples or None)
+    examples = load_examples(tokenizer, path, "--data", cfg.data, limit, labels)
+
+    from .. import quant
+
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    kwargs = quant.load_kwargs(cfg)
+    if labels:
+        kwargs.update(
+            num_labels=len(labels),
+            id2label={i: str(v) for i, v in enumerate(labels)},
+            label2id={str(v): i for i, v in enumerate(labels)},
+        )
+    base = auto_class(cfg.data).from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **kwargs
+    )
+    quant.after_load(base)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    if (adapter / "bottleneck_config.json").is_file():
+        from ..bottleneck import load_bottleneck
+
+        model = load_bottleneck(base, adapter)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(adapter), is_trainable=False, autocast_adapter_dtype=False)
+    if not quant.enabled(cfg):  # a 4-bit model is placed by bitsandbytes at load
+        model.to(fdist.device())
+    collate = Collator(tokenizer.pad_token_id, getattr(base.config, "_attn_implementation", None), dtype)
+    return evaluate(_Forward(model), examples, collate, cfg.train.micro_batch_size), len(examples)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from .. import dist as fdist
 from .. import zero
+from ..schema import ConfigError
 
 CHUNK_LOGIT_BYTES = 1 << 27  # train.loss_chunk_tokens unset: a chunk's fp32 logits within 128 MiB
 IMPLS = ("auto", "chunked", "full", "liger", "cce")
@@ -91,8 +92,6 @@ class LossPath:
 def check_loss_impl(impl: str, zero_stage: int = 0) -> None:
     """Refuse a fused implementation that cannot run here (not installed, no CUDA, cce at ZeRO-3): one line naming
     train.loss_impl, before any weights load."""
-    from ..config import ConfigError
-
     if impl not in PACKAGES:
         return
     module, pip = PACKAGES[impl]
@@ -128,8 +127,6 @@ def _plain_head(model) -> bool:
 def configure(model, impl: str, chunk_tokens: int | None, zero_stage: int) -> LossPath:
     """Resolve train.loss_impl for `model` (auto: liger where it runs, else chunked) and attach it; returns it."""
     import inspect
-
-    from ..config import ConfigError
 
     takes_keep = "logits_to_keep" in inspect.signature(_base(model).forward).parameters
     if impl == "auto":
@@ -240,8 +237,6 @@ def _targets(model, out, labels: torch.Tensor, path: LossPath):
     """(head, softcap, hidden states of the target tokens (n, h), their targets (n,), row of each (n,), weight) from
     a forward asked for hidden states (`forward_kwargs`); weight 0 when the micro-batch has no target (one token
     then stands in, so that every parameter stays in the backward graph)."""
-    from ..config import ConfigError
-
     base = _base(model)
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)

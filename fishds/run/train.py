@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 
 from .. import dist as fdist
 from .. import memory, quant, zero
+from ..card import write_run_card
 from ..config import Config, ConfigError
 from ..files import CHECKPOINT_STATE, METRICS_FILE, REPORT_FILE, REPORT_PNG, SELECTION_REPORT, write_json
 from ..fish import rules
@@ -219,7 +220,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
         lr_scheduler=None if "scheduler" in ds else schedule.scheduler(cfg, steps),
         config=ds,
     )
-    if not is_classification(cfg):  # train.loss_impl, resolved on the model it computes the loss of
+    if not is_classification(cfg.data):  # train.loss_impl, resolved on the model it computes the loss of
         configure_loss(engine.module, t.loss_impl, t.loss_chunk_tokens, engine.zero_optimization_stage())
     batches = ShardedBatches(train_blocks, t.micro_batch_size, fdist.rank(), fdist.world_size(), t.seed)
     collate = Collator(tokenizer.pad_token_id, getattr(model.config, "_attn_implementation", None), dtype)
@@ -517,6 +518,7 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
             save_adapter(engine.module, out, adapter)
             if use_ckpt:
                 best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
+            write_run_card(out, s.cfg, report, s.plan.model_path)  # README.md: the model card
             write_json(out / REPORT_FILE, report)
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:
             failure = guard.write_error(e)
