@@ -191,14 +191,9 @@ def count_trainable(
     return sum(p.numel() for p in counted.parameters() if p.requires_grad)
 
 
-def load_peft_model(
-    cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None, pad_token_id: int | None = None
-):
-    """The base model with the PEFT adapter; only adapter parameters (and a classification head) require gradients.
-    Takes the whole config: it reads model, peft, quant, train (seed, gradient checkpointing) and data."""
-    from peft import get_peft_model
-
-    torch.manual_seed(cfg.train.seed)
+def load_base(cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None, pad_token_id=None):
+    """The base model as a run loads it (model.*, quant.* and train.precision; a classification head sized by
+    `labels`), for training (load_peft_model) and for `fishds evaluate`."""
     kwargs = quant.load_kwargs(cfg)  # quant.*, train.precision
     if labels:
         kwargs.update(
@@ -216,6 +211,18 @@ def load_peft_model(
     quant.after_load(base)
     if base.config.pad_token_id is None and pad_token_id is not None:
         base.config.pad_token_id = pad_token_id  # a decoder's classification head reads the last non-pad token
+    return base
+
+
+def load_peft_model(
+    cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None, pad_token_id: int | None = None
+):
+    """The base model with the PEFT adapter; only adapter parameters (and a classification head) require gradients.
+    Takes the whole config: it reads model, peft, quant, train (seed, gradient checkpointing) and data."""
+    from peft import get_peft_model
+
+    torch.manual_seed(cfg.train.seed)
+    base = load_base(cfg, model_path, dtype, labels, pad_token_id)
     base.config.use_cache = False
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

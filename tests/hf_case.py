@@ -111,9 +111,8 @@ if args.trl:
     fish = FishCallback(
         keep_ratio=args.keep_ratio, num_samples=args.num_samples, seed=0, warmup_steps=args.warmup_steps
     )
-    trainer = SFTTrainer(
-        model=args.model, args=targs, train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[fish]
-    )
+    trainer = SFTTrainer(model=args.model, args=targs, train_dataset=ds, processing_class=tok, peft_config=lora)
+    fish.attach(trainer)
     model = trainer.model
     import deepspeed
 

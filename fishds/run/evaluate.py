@@ -81,7 +81,7 @@ def evaluate_adapter(adapter_dir, data_path: str, max_examples: int | None = Non
     from ..config import ConfigError
     from ..files import REPORT_FILE
     from ..merge import run_config
-    from ..model import auto_class, load_tokenizer, resolve_model_path
+    from ..model import load_base, load_tokenizer, resolve_model_path
     from .data import Collator, load_examples
 
     adapter = Path(adapter_dir)
@@ -102,19 +102,7 @@ def evaluate_adapter(adapter_dir, data_path: str, max_examples: int | None = Non
     from .. import quant
 
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    kwargs = quant.load_kwargs(cfg)
-    if labels:
-        kwargs.update(
-            num_labels=len(labels),
-            id2label={i: str(v) for i, v in enumerate(labels)},
-            label2id={str(v): i for i, v in enumerate(labels)},
-        )
-    base = auto_class(cfg.data).from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code, **kwargs
-    )
-    quant.after_load(base)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    base = load_base(cfg, model_path, dtype, labels, tokenizer.pad_token_id)
     if (adapter / "bottleneck_config.json").is_file():
         from ..bottleneck import load_bottleneck
 
