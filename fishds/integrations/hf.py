@@ -371,7 +371,7 @@ class FishCallback(TrainerCallback):
         from ..card import write_model_card
         from ..fish import rules
 
-        model = self._find_trainer().model
+        model = self._attached().model
         peft_cfg = next(iter(getattr(model, "peft_config", {}).values()), None)
         logged = [h for h in state.log_history if any(k.startswith("eval_") for k in h)]
         metrics = {k: v for k, v in (logged[-1] if logged else {}).items() if k.startswith("eval_")}
@@ -387,7 +387,7 @@ class FishCallback(TrainerCallback):
             pool=self.report.get("pool_size"),
             seeds={"TrainingArguments.seed": args.seed, "FishCallback seed": self.fish.seed},
             metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-            trained_with=f"{type(self._find_trainer()).__name__} + fishds FishCallback",
+            trained_with=f"{type(self._attached()).__name__} + fishds FishCallback",
         )
 
     def on_save(self, args, state, control, **kwargs):
