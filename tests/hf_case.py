@@ -97,6 +97,19 @@ fish = FishCallback(  # first: its arguments are checked before any weights load
 )
 targs = training_args()
 tok = load_tokenizer(args.model)
+
+
+def train_and_save(trainer, start: dict) -> None:
+    """Train, write the adapter with trainer.save_model(out), and on rank 0 the adapter before any step."""
+    trainer.train()
+    trainer.save_model(args.out)
+    if trainer.is_world_process_zero():
+        save_file(
+            {k: v.contiguous() for k, v in adapter_keys(trainer.model, start).items()},
+            str(Path(args.out) / "start_adapter.safetensors"),
+        )
+
+
 if args.trl:
     import json
 
@@ -119,13 +132,8 @@ if args.trl:
     lora_params = [p for p in model.parameters() if p.requires_grad]
     with deepspeed.zero.GatheredParameters([p for p in lora_params if hasattr(p, "ds_id")]):
         start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
-    trainer.train()
-    trainer.save_model(args.out)
+    train_and_save(trainer, start)
     if trainer.is_world_process_zero():
-        save_file(
-            {k: v.contiguous() for k, v in adapter_keys(trainer.model, start).items()},
-            str(Path(args.out) / "start_adapter.safetensors"),
-        )
         print(
             f"[hf_case] done: {type(trainer).__name__}, engine {type(trainer.model_wrapped).__name__}, "
             f"{fish.report['selected']} selected, losses "
@@ -150,13 +158,8 @@ model = make_model()
 start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # before any step
 trainer = Trainer(model=model, args=targs, train_dataset=examples, data_collator=Collator(tok.pad_token_id))
 fish.attach(trainer)
-trainer.train()
-trainer.save_model(args.out)
+train_and_save(trainer, start)
 if trainer.is_world_process_zero():
-    save_file(
-        {k: v.contiguous() for k, v in adapter_keys(trainer.model, start).items()},
-        str(Path(args.out) / "start_adapter.safetensors"),
-    )
     engine = type(trainer.model_wrapped).__name__
     print(
         f"[hf_case] done: engine {engine}, {fish.report['selected']} selected, losses "
