@@ -20,7 +20,10 @@ on the fish.num_samples scoring examples. Rank 0 prints one JSON object:
 import argparse
 import gc
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._comm, bench._session
 
 from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 

@@ -19,8 +19,11 @@ bench/results/optimizer_state.jsonl.
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._session
 
 RESULTS = Path(__file__).resolve().parent / "results" / "optimizer_state.jsonl"
 

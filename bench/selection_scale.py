@@ -24,7 +24,11 @@ Collective bytes are counted by bench/_comm.py (shared with bench/step_time.py).
 import argparse
 import gc
 import json
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._comm, bench._session
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

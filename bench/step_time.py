@@ -14,9 +14,12 @@ bench/results/step_time.jsonl.
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench._comm, bench._session
 
 from fishds.dist import prefer_cpu_accelerator_if_no_cuda  # noqa: E402
 

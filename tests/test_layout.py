@@ -163,3 +163,21 @@ def test_the_schema_is_a_leaf_and_the_error_one_class():
 
     assert _imports(ROOT / "fishds" / "schema.py", "fishds.schema", {"fishds", "fishds.config"}) == set()
     assert config.ConfigError is schema.ConfigError and config.FishSection is fish_config.FishSection
+
+
+def test_bench_scripts_find_the_bench_package_without_pythonpath():
+    """`python bench/X.py` puts bench/ (not the repository) on sys.path, and the editable install holds fishds alone:
+    a script importing bench._comm / bench._session must insert the repository root first (CI runs without
+    PYTHONPATH)."""
+    missing = []
+    for p in sorted((ROOT / "bench").glob("*.py")):
+        text = p.read_text()
+        first = re.search(r"^\s*from bench\.|^\s*import bench\.", text, re.M)
+        if first is None:
+            continue
+        root_line = re.search(
+            r"^sys\.path\.insert\(0, str\((ROOT|Path\(__file__\)\.resolve\(\)\.parents\[1\])\)\)", text, re.M
+        )
+        if root_line is None or root_line.start() > first.start():
+            missing.append(p.name)
+    assert not missing, f"bench scripts importing bench.* before putting the repository on sys.path: {missing}"
