@@ -60,10 +60,10 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
     """
     timeout = collective_timeout(timeout_minutes)
     prefer_cpu_accelerator_if_no_cuda()
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     from . import zero
+
+    deepspeed = zero.import_deepspeed()
+    from deepspeed.accelerator import get_accelerator
 
     zero.skip_shm_op_build()
     default_rendezvous_env()

@@ -12,7 +12,8 @@ When DeepSpeed changes its layouts, this file is the one to fix; the enforcement
   ZeRO 3: the optimizer's `fp32_partitioned_groups_flat` at `grad_position[param id]`, which holds partition
   `rank` of the flattened, padded parameter;
 - the ZeRO-3 parameter coordinator (`parameter_offload`), which a pass with torch.autograd.grad must clean up;
-- the CPU set-up: skipping the build of a shared-memory op only DeepSpeed's inference path uses.
+- the CPU set-up: skipping the build of a shared-memory op only DeepSpeed's inference path uses;
+- `import deepspeed` without its autotuner's import of mlflow (import_deepspeed).
 
 DeepSpeed's public `deepspeed.utils.safe_get_local_fp32_param` / `safe_set_local_fp32_param` read and write
 one parameter's fp32 partition as a copy (moved to the accelerator); fishds needs writable views of the masters
@@ -29,6 +30,26 @@ import torch
 
 class UnsupportedSetup(RuntimeError):
     """A DeepSpeed set-up whose internals fishds cannot use (layout changed, NVMe offload, ...)."""
+
+
+# ---- import ----------------------------------------------------------------------------------------------
+def import_deepspeed():
+    """`import deepspeed`, without the import of mlflow that deepspeed/autotuning/autotuner.py makes at
+    `import deepspeed` whenever mlflow is installed (the fishds[trackers] extra): about 3 s of every rank's
+    start-up on a CPU core, for an autotuner fishds never runs (its mlflow logging is then off). A later
+    `import mlflow` (train.report_to: mlflow) works as usual; so does a process that imported mlflow or
+    deepspeed first."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError while this entry is None
+    try:
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 # ---- CPU set-up -------------------------------------------------------------------------------------------

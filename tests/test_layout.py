@@ -2,6 +2,7 @@
 the method core (`fishds train`, the HF callback) do not import each other, and the tables (selection rules, PEFT
 methods, data formats) are what the config accepts."""
 
+import os
 import re
 import subprocess
 import sys
@@ -181,3 +182,17 @@ def test_bench_scripts_find_the_bench_package_without_pythonpath():
         if root_line is None or root_line.start() > first.start():
             missing.append(p.name)
     assert not missing, f"bench scripts importing bench.* before putting the repository on sys.path: {missing}"
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after():
+    """fishds.zero.import_deepspeed (used by fishds.dist.init_distributed): DeepSpeed's autotuner would import mlflow
+    (~3 s per rank) at `import deepspeed`; after it, `import mlflow` (train.report_to: mlflow) still works."""
+    pytest.importorskip("mlflow")
+    code = (
+        "import sys; from fishds import zero; ds = zero.import_deepspeed(); "
+        "assert 'deepspeed.autotuning.autotuner' in sys.modules and 'mlflow' not in sys.modules, "
+        "[m for m in sys.modules if m.startswith('mlflow')][:3]; "
+        "import mlflow; assert mlflow.__version__; assert zero.import_deepspeed() is ds"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
