@@ -194,5 +194,7 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports_after():
         "[m for m in sys.modules if m.startswith('mlflow')][:3]; "
         "import mlflow; assert mlflow.__version__; assert zero.import_deepspeed() is ds"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, DS_ACCELERATOR="cpu")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
