@@ -369,6 +369,11 @@ class TrainSection(_Section):
         "(WANDB_PROJECT, WANDB_MODE=offline work), mlflow (MLFLOW_TRACKING_URI, default output_dir/mlruns); each gets "
         "the run config, the mask summary and every metric. wandb and mlflow: pip install 'fishds[trackers]'.",
     )
+    report_png: bool = Field(
+        True,
+        description="Draw output_dir/fish_mask_report.png when the run ends (rank 0, matplotlib: 1-3 s of CPU "
+        "while the other ranks wait); false skips it, and `fishds report OUTPUT_DIR` draws it later from the outputs.",
+    )
     epochs: Optional[float] = Field(
         None,
         gt=0,

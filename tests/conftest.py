@@ -43,6 +43,7 @@ def base_overrides(toy: dict, out: Path, **extra) -> list[str]:
         "train.lr": 0.01,
         "train.micro_batch_size": 4,
         "output_dir": str(out),
+        "train.report_png": "false",  # the picture costs 1-3 s per run; tests/test_trainer_features.py draws it
     }
     if not {"fish.dense_steps", "fish.warmup_steps"} & set(extra):
         o["fish.dense_steps"] = 0  # score at init: the tests check the mechanics against references at step 0

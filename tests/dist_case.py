@@ -45,3 +45,7 @@ if fdist.is_main():
         str(Path(cfg.output_dir) / "probe_logits.safetensors"),
     )
 fdist.barrier()
+
+from case_exit import exit_now  # noqa: E402
+
+exit_now()

@@ -90,3 +90,7 @@ if fdist.is_main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "loss_case.json").write_text(json.dumps(results))
 fdist.barrier()
+
+from case_exit import exit_now  # noqa: E402
+
+exit_now()

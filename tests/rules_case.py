@@ -95,3 +95,7 @@ if fdist.is_main():
         save_file({n: v.contiguous() for n, v in adapter.items()}, str(out / f"{name}.safetensors"))
     (out / "meta.json").write_text(json.dumps({"k": s.k, "world": fdist.world_size(), "warmup": WARMUP}))
 fdist.barrier()
+
+from case_exit import exit_now  # noqa: E402
+
+exit_now()

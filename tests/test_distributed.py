@@ -92,6 +92,7 @@ def test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked(toy, tmp_pa
     launch(2, ov, "zero3.json")
     adapter, masks, report = assert_mask_enforced(out, 224)
     assert report["zero_stage"] == 3 and report["world_size"] == 2
+    assert not (out / "fish_mask_report.png").exists()  # train.report_png=false (tests/conftest.py)
     assert_masks_at_one_bit(report, 2, partitioned=True)
     cfg = load_config(None, ov)
     ref = reference_scores(cfg)

@@ -1,4 +1,5 @@
-"""Trainer conveniences: gradient checkpointing (Fisher pass included), TensorBoard scalars and the mask text."""
+"""Trainer conveniences: gradient checkpointing (Fisher pass included), TensorBoard scalars, the mask text and the
+mask picture (train.report_png, which tests/conftest.py turns off elsewhere)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ from test_distributed import assert_logits_reproduced, assert_mask_enforced
 
 def test_gradient_checkpointing_and_tensorboard(toy, tmp_path):
     out = tmp_path / "gc"
-    ov = base_overrides(toy, out, **{"train.gradient_checkpointing": "true", "train.weight_decay": 0.1})
-    launch(2, ov, "zero3.json")
+    extra = {"train.gradient_checkpointing": "true", "train.weight_decay": 0.1, "train.report_png": "true"}
+    ov = base_overrides(toy, out, **extra)
+    proc = launch(2, ov, "zero3.json")
+    png = out / "fish_mask_report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"mask report: {png}" in proc.stdout
     assert_mask_enforced(out, 224)
     assert_logits_reproduced(out, ov)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -523,13 +523,14 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
         except (OSError, RuntimeError, ValueError, SafetensorError) as e:
             failure = guard.write_error(e)
     guard.agree_writes(failure, f"the outputs in {out}")
-    if fdist.is_main():
+    if fdist.is_main() and t.report_png:
         try:  # the run is finished; a failed plot must not fail it
             from ..report import write_report_png
 
             print(f"[fishds] mask report: {write_report_png(out)}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"[fishds] warning: {REPORT_PNG} not written ({e})", flush=True)
+    if fdist.is_main():
         print(f"[fishds] adapter written to {out.resolve()} (load with peft.PeftModel.from_pretrained)", flush=True)
     fdist.barrier()
     return RunResult(
