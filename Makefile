@@ -32,7 +32,7 @@ test: lint
 	$(PY) -m pytest -q --durations=15 tests $(ARGS)
 
 # a few minutes: unit tests and one 2-rank ZeRO-3 run (Fisher against a reference, masked entries fixed)
-FAST := tests/test_units.py tests/test_layout.py tests/test_select_radix.py tests/test_rules_units.py \
+FAST := tests/test_units.py tests/test_layout.py tests/test_select_radix.py tests/test_rules_units.py tests/test_structured_units.py \
 	tests/test_distributed.py::test_zero3_two_ranks_matches_reference_fisher_and_freezes_masked
 test-fast: lint
 	$(PY) -m pytest -q $(FAST) $(ARGS)

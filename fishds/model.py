@@ -176,9 +176,18 @@ def peft_config(peft: PeftSection, data: DataSection, r: int | None = None, for_
 
 
 def count_trainable(
-    model: ModelSection, peft: PeftSection, data: DataSection, model_path: str, r: int, num_labels: int | None = None
+    model: ModelSection,
+    peft: PeftSection,
+    data: DataSection,
+    model_path: str,
+    r: int,
+    num_labels: int | None = None,
+    freeze=(),
 ) -> int:
-    """Trainable parameters of plain peft.method at rank r, counted on the meta device (no weights read)."""
+    """Trainable parameters of plain peft.method at rank r, counted on the meta device (no weights read), less the
+    tensors `freeze` (fish.freeze's regular expressions) matches."""
+    import re
+
     from peft import get_peft_model
 
     hf_cfg = hf_config(model, model_path, num_labels)
@@ -188,7 +197,9 @@ def count_trainable(
             counted = add_bottlenecks(base, r, peft.placement)
         else:
             counted = get_peft_model(base, peft_config(peft, data, r=r, for_counting=True))
-    return sum(p.numel() for p in counted.parameters() if p.requires_grad)
+    return sum(
+        p.numel() for n, p in counted.named_parameters() if p.requires_grad and not any(re.search(x, n) for x in freeze)
+    )
 
 
 def load_base(cfg: Config, model_path: str, dtype: torch.dtype, labels: list | None = None, pad_token_id=None):

@@ -117,9 +117,10 @@ def _sorted_topk(values: torch.Tensor, idx: torch.Tensor, q: int) -> set[int]:
     return set(order[:q])
 
 
-@pytest.mark.parametrize("allocation", list(ALLOCATIONS))
+@pytest.mark.parametrize("allocation", [a for a, entry in ALLOCATIONS.items() if entry.select is None])
 @pytest.mark.parametrize("k", [1, 57, 300])
 def test_allocations_exact_k_quotas_follow_their_rule(allocation, k):
+    """The quota allocations; the structured ones (rank, row): tests/test_structured_units.py."""
     pool = lora_pool()
     g = torch.Generator().manual_seed(k)
     values = torch.rand(pool.size, generator=g)

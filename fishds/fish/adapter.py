@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..files import INIT_ADAPTER_FILE, MASK_FILE, atomic
-from .keys import OTHER, parse_key
+from .keys import OTHER, kind_of, parse_key
 from .mask import PackedMasks, save_masks
 from .pool import Pool
 
@@ -64,6 +64,34 @@ def save_mask_file(model, out: Path, masks) -> None:
 def save_initial_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
     keyed = {k: v.contiguous() for k, v in adapter_keys(model, adapter).items()}
     atomic(out / INIT_ADAPTER_FILE, lambda t: save_file(keyed, str(t), metadata={"format": "pt"}))
+
+
+@torch.no_grad()
+def rank_sliced(model, adapter: dict[str, torch.Tensor], masks) -> tuple[dict[str, torch.Tensor], int]:
+    """The adapter of fish.allocation=rank as a plain LoRA of rank r_keep: each module's unselected components
+    (lora_B column 0, never trained, so they add nothing) sliced away, and lora_B multiplied by
+    scaling(r_pool) / scaling(r_keep) so that the saved adapter (adapter_config.json r = r_keep, the same alpha;
+    scaling alpha / r, or alpha / sqrt(r) with rsLoRA) computes the trained model's function. Returns the sliced
+    tensors (parameter names) and r_keep."""
+    cfg = model.peft_config["default"]
+    out, r_keep = dict(adapter), None
+    for name, b in adapter.items():
+        if kind_of(name) != "lora_B":
+            continue
+        keep = masks[name].reshape(b.shape).any(0).nonzero().view(-1)
+        dropped = torch.ones(b.shape[1], dtype=torch.bool)
+        dropped[keep] = False
+        if bool(b[:, dropped].any()):
+            raise ValueError(f"{name}: an unselected rank component is not 0; it cannot be sliced away")
+        if r_keep not in (None, keep.numel()):
+            raise ValueError(f"{name}: {keep.numel()} components kept where other modules keep {r_keep}")
+        r_keep, r_pool = keep.numel(), b.shape[1]
+        ratio = r_keep / r_pool
+        factor = ratio**0.5 if getattr(cfg, "use_rslora", False) else ratio
+        out[name] = (b[:, keep].to(torch.float32) * factor).to(b.dtype).contiguous()
+        a_name = name.replace(".lora_B.", ".lora_A.")
+        out[a_name] = adapter[a_name][keep].contiguous()
+    return out, r_keep
 
 
 def mask_report(pool: Pool, masks: dict[str, torch.Tensor]) -> dict:

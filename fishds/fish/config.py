@@ -120,6 +120,14 @@ class FishSection(Section):
         description="Regular expressions: trainable tensors left out "
         "of the pool; they train fully and count towards k (e.g. a task head).",
     )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="Regular expressions: trainable adapter tensors whose name matches one are frozen before the "
+        "engine is built (never trained, not in the pool, kept at their initialisation and saved with the adapter), "
+        "e.g. [lora_A]: LoRA with fixed random directions (fish.allocation=row needs it; fish.allocation=rank "
+        "with it keeps the chosen directions fixed). Applies to fish.selection=dense too (the plain-LoRA control with "
+        "A frozen). Unlike fish.pool_exclude, whose tensors train fully.",
+    )
     seed: int = Field(0, description="Seed of the random selection and of the Fisher sample draw.")
     mask_path: Optional[str] = Field(
         None,
@@ -165,6 +173,7 @@ class FishSection(Section):
             and not self.mask_path
             and not SCORES[self.score].is_random
             and CONTROLS[self.control].runs_rule
+            and not ALLOCATIONS[self.allocation].scores_at_init
         )
 
     def dense_steps_for(self, steps: int) -> int:
@@ -260,11 +269,26 @@ class FishSection(Section):
                 "does not have; use fish.allocation=tensor, or fish.control=random_matched with the rule "
                 f"whose {self.allocation} quotas you want"
             )
+        if allocation.name == "rank" and self.dense_steps and not self.reset_unselected:
+            raise ValueError(
+                "fish.allocation=rank slices the unselected components away from the saved adapter: they must be "
+                "back at their initialisation (lora_B column 0) after the dense steps; drop "
+                "fish.reset_unselected=false"
+            )
         if score.is_random and control.needs_scored_rule:
             raise ValueError(
                 f"fish.control={self.control} {control.needs_scored_rule}; set fish.score "
                 "to that rule (e.g. saliency) instead of random"
             )
+
+
+def _outside_pool(kind: str, f) -> bool:
+    """Whether a LoRA tensor of this kind (e.g. lora_A) is frozen or kept out of the pool by the section's patterns."""
+    import re
+
+    name = f"base_model.model.model.layers.0.self_attn.q_proj.{kind}.default.weight"
+    matches = lambda pats: any(re.search(p, name) for p in pats)  # noqa: E731
+    return matches(f.freeze) or matches(f.pool_exclude) or bool(f.pool_include and not matches(f.pool_include))
 
 
 def check_run(cfg, ds: dict) -> None:
@@ -273,7 +297,29 @@ def check_run(cfg, ds: dict) -> None:
     f = cfg.fish
     if f.dense:
         return
-    control, score = CONTROLS[f.control], SCORES[f.score]
+    control, score, allocation = CONTROLS[f.control], SCORES[f.score], ALLOCATIONS[f.allocation]
+    if allocation.methods is not None and control.runs_rule and cfg.peft.method not in allocation.methods:
+        raise ConfigError(
+            f"fish.allocation={f.allocation} supports peft.method {', '.join(allocation.methods)}; got "
+            f"peft.method={cfg.peft.method}"
+            + (
+                " (its lora_B is not 0 at initialisation, so unselected components would not be inert)"
+                if f.allocation == "rank" and METHODS[cfg.peft.method].lora_ab
+                else ""
+            )
+        )
+    if f.allocation == "row" and control.runs_rule and not _outside_pool("lora_A", f):
+        raise ConfigError(
+            "fish.allocation=row gives each lora_B row a quota with lora_A fixed: add fish.freeze: [lora_A]"
+        )
+    if f.allocation in ("rank", "row") and f.budget == "keep_ratio" and f.keep_ratio is not None:
+        whole = f.keep_ratio * cfg.peft.r
+        if abs(whole - round(whole)) > 1e-9 or round(whole) < 1:
+            raise ConfigError(
+                f"fish.allocation={f.allocation} keeps whole {'components' if f.allocation == 'rank' else 'counts'}: "
+                f"fish.keep_ratio={f.keep_ratio} x peft.r={cfg.peft.r} = {whole:g} must be a whole number >= 1 "
+                f"(or use fish.budget=match_rank)"
+            )
     if control.needs_lora_ab and not METHODS[cfg.peft.method].lora_ab:
         raise ConfigError(
             f"fish.control={f.control} needs lora_B tensors; peft.method={cfg.peft.method} has none "

@@ -83,6 +83,23 @@ class Pool:
     def flatten(self, by_name: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([by_name[t.name].reshape(-1) for t in self.tensors])
 
+    @staticmethod
+    def freeze_matching(model: torch.nn.Module, patterns) -> list[str]:
+        """fish.freeze: set requires_grad=False on every trainable tensor whose name matches a pattern (before the
+        engine is built, so no optimizer state or gradient exists for them); returns their names."""
+        frozen = [n for n, p in model.named_parameters() if p.requires_grad and any(re.search(x, n) for x in patterns)]
+        for n, p in model.named_parameters():
+            if n in frozen:
+                p.requires_grad_(False)
+        return frozen
+
+    @classmethod
+    def named(cls, model: torch.nn.Module, names) -> "Pool | None":
+        """The tensors of `model` with these names (e.g. fish.freeze's, to save them with the adapter), or None."""
+        names = set(names)
+        named = [(n, p) for n, p in model.named_parameters() if n in names]
+        return cls(named) if named else None
+
     def num_selected(self, keep_ratio: float | None, num_selected: int | None) -> int:
         """k from the config: floor(keep_ratio * pool size) or the absolute count, checked against the pool."""
         if num_selected is not None:

@@ -5,7 +5,10 @@
 Controls (`fish.control`, a table, name -> Control) are the arms a comparison needs beside a rule:
 - none: the rule itself;
 - random_matched: the rule's mask is computed, then replaced by random entries with the same count in every pool
-  tensor (what the rule's allocation alone is worth);
+  tensor (what the rule's allocation alone is worth); for a structured allocation (rank, row) random choices of the
+  same structure: r_keep random components per module, m random entries per row;
+- bottom: the rule's order reversed, its lowest-scored entries (or components) instead of its highest: if the
+  score means anything, this arm must lose;
 - random_b_only: random entries of the lora_B tensors only, k shared over them in proportion to their size; lora_A
   stays fixed at its initialisation (a random projection). `fish.pool_include: [lora_B]` is NOT this: tensors left
   out of the pool train fully (they count as always-trained, like a head), so lora_A would train densely;
@@ -102,15 +105,16 @@ class Control:
 
     name: str
     doc: str
-    apply: Callable  # (pool, k, start, end, rule's local selection or None, fish, info) -> local selection
+    apply: Callable  # (pool, k, start, end, rule's local selection or None, fish, info, actx) -> local selection
     runs_rule: bool = True  # the rule's own mask is computed first (the scoring pass runs)
     needs_scored_rule: str | None = None  # why a random score cannot be its rule, or None
     needs_lora_ab: bool = False  # lora_A / lora_B tensors (fishds/methods.py PeftMethod.lora_ab)
     needs_classification: bool = False  # a classification head (data.format=classification)
     trains_pool: bool = True  # False: k = 0, no pool entry trains
+    reverse: bool = False  # the rule runs on reversed keys (its lowest-ranked entries)
 
 
-def _none(pool, k, start, end, selected, fish, info):
+def _none(pool, k, start, end, selected, fish, info, actx=None):
     return selected
 
 
@@ -119,13 +123,16 @@ def _random_with(pool, start, end, quotas, fish):
     return exact_topk_grouped(keys, tensor_groups(pool, start, end), quotas)[0]
 
 
-def _random_matched(pool, k, start, end, selected, fish, info):
+def _random_matched(pool, k, start, end, selected, fish, info, actx=None):
     quotas = selected_per_tensor(pool, start, end, selected)
     info["rule_share"] = _share(pool, quotas)
+    allocation = ALLOCATIONS[rule_of(fish).allocation]
+    if allocation.select is not None:  # structured: the same structure, random choices
+        return allocation.random_like(actx)
     return _random_with(pool, start, end, quotas, fish)
 
 
-def _random_b_only(pool, k, start, end, selected, fish, info):
+def _random_b_only(pool, k, start, end, selected, fish, info, actx=None):
     caps = [t.numel if kind_of(t.name) == "lora_B" else 0 for t in pool.tensors]
     if k > sum(caps):
         raise ConfigError(
@@ -135,7 +142,7 @@ def _random_b_only(pool, k, start, end, selected, fish, info):
     return _random_with(pool, start, end, proportional_quotas(k, caps, caps), fish)
 
 
-def _head_only(pool, k, start, end, selected, fish, info):
+def _head_only(pool, k, start, end, selected, fish, info, actx=None):
     return torch.zeros(end - start, dtype=torch.bool)
 
 
@@ -148,6 +155,14 @@ CONTROLS: dict[str, Control] = {
             doc="random entries with the per-tensor counts of the rule fish.score + fish.allocation",
             apply=_random_matched,
             needs_scored_rule="takes the per-tensor counts of a scored rule",
+        ),
+        Control(
+            name="bottom",
+            doc="the rule's lowest-ranked entries (or rank components) instead of its highest: a score that means "
+            "anything must beat it",
+            apply=_none,
+            reverse=True,
+            needs_scored_rule="reverses a scored rule's order",
         ),
         Control(
             name="random_b_only",
@@ -182,26 +197,38 @@ def select_local(ctx: ScoreContext, k: int) -> torch.Tensor:
     r = rule_of(fish)
     control = CONTROLS[r.control]
     info.update(score=r.score, allocation=r.allocation, control=r.control)
-    selected = None
+    selected = actx = None
     if control.runs_rule:
         score = SCORES[r.score]
         values = local_scores(score, ctx)
         keys = score.keys(values)
+        if control.reverse:
+            keys = -keys - 1
         if not score.is_random:
             info["score_stats"] = score_stats(values)
         t0 = time.perf_counter()
-        actx = AllocationContext(pool, k, ctx.start, ctx.end, None if score.is_random else values, keys, fish, info)
-        groups, quotas = ALLOCATIONS[r.allocation].groups_and_quotas(actx)
-        selected, thresholds = exact_topk_grouped(keys, groups, quotas)
+        actx = AllocationContext(
+            pool,
+            k,
+            ctx.start,
+            ctx.end,
+            None if score.is_random else values,
+            keys,
+            fish,
+            info,
+            reverse=control.reverse,
+            component_power=score.component_power,
+        )
+        selected, thresholds = ALLOCATIONS[r.allocation].local_selection(actx)
         info["select_seconds"] = time.perf_counter() - t0
-        if r.allocation == "global" and not score.is_random:
+        if r.allocation == "global" and not score.is_random and not control.reverse:
             t = thresholds[0]
             info["threshold_score"] = key_to_float(-t - 1 if score.lowest else t)
         ctx.values = values
     else:
         info["collect_seconds"] = 0.0
     t0 = time.perf_counter()
-    out = control.apply(pool, k, ctx.start, ctx.end, selected, fish, info)
+    out = control.apply(pool, k, ctx.start, ctx.end, selected, fish, info, actx)
     info["select_seconds"] = info.get("select_seconds", 0.0) + time.perf_counter() - t0
     return out
 

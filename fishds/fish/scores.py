@@ -10,12 +10,17 @@ time on every rank (a collective under ZeRO), and only the slice that falls into
 | lowest | the k lowest F[j] (the paper's ablation) | the scoring pass |
 | saliency | abs(theta_j * sum_i g_ij) (SNIP / Taylor; LoRA's A -> cA, B -> B/c leave it) | pass + 1 accumulator |
 | snr | abs(sum_i g_ij) / sqrt(sum_i g_ij^2 + SNR_EPS) (gradient signal/noise, <= sqrt(N)) | pass + 1 accumulator |
+| grad | abs(sum_i g_ij); a LoRA rank component: the norm of its lora_B column's sum g | pass + 1 accumulator |
 | adam_v | AdamW's exp_avg_sq after the dense warm-up (a free Fisher of the reduced gradients) | warm-up, no pass |
 | movement | abs(theta_j - theta_j at the warm-up's start) | warm-up, no pass |
 | random | a seeded hash of the global index (same mask for any world size) | nothing |
 
 theta is the adapter when the mask is fixed (after any warm-up). Scores of the scoring pass are taken in eval mode
 (dropout off) on the fish.num_samples examples; adam_v and movement cost no forward or backward beyond the warm-up.
+
+grad at LoRA's initialisation (B = 0): lora_B's gradient column j is s x G A_j^T summed over the examples (G the
+full-weight gradient), so the norm of that column, the rank component's grad score (fish.allocation=rank), says how
+well the random direction A_j aligns with G: a Fisher-informed choice of directions.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Score:
     needs_adam: bool = False  # AdamW's state (train.optimizer=adamw or an Adam optimizer in the DeepSpeed JSON)
     lowest: bool = False  # the k lowest values instead of the k highest
     is_random: bool = False  # compute returns keys, not values
+    component_power: int = 1  # a group of entries (a LoRA rank component) scores sum(value ** this): 2 for a norm
 
     def keys(self, values: torch.Tensor) -> torch.Tensor:
         """Integer keys whose descending order is the selection order (exact_topk_grouped takes the largest)."""
@@ -147,6 +153,10 @@ def _snr(ctx: ScoreContext) -> torch.Tensor:
     return g.abs_().div_(sq.add_(SNR_EPS).sqrt_())
 
 
+def _grad(ctx: ScoreContext) -> torch.Tensor:
+    return _moments(ctx, with_sum=True)[1].abs_()
+
+
 def _adam_v(ctx: ScoreContext) -> torch.Tensor:
     return chunk_of(ctx.pool, ctx.start, ctx.end, lambda t: adam_state(ctx.engine, t)).abs_()
 
@@ -170,6 +180,14 @@ SCORES: dict[str, Score] = {
         Score(name="lowest", doc="the k lowest Fisher scores", compute=_fisher, needs_pass=True, lowest=True),
         Score(name="saliency", doc="|theta * sum g|", compute=_saliency, needs_pass=True),
         Score(name="snr", doc="|sum g| / sqrt(sum g^2 + eps)", compute=_snr, needs_pass=True),
+        Score(
+            name="grad",
+            doc="|sum g|, the summed gradient (a rank component: the norm of its lora_B column's, which at LoRA's "
+            "initialisation measures how well its lora_A direction aligns with the full-weight gradient)",
+            compute=_grad,
+            needs_pass=True,
+            component_power=2,
+        ),
         Score(
             name="adam_v",
             doc="AdamW's exp_avg_sq after the dense warm-up",

@@ -28,6 +28,7 @@ from ..files import MASK_FILE, SCORES_FILE, SELECTION_REPORT, write_json
 from ..schema import ConfigError
 from . import rules
 from .adapter import gather_adapter, key_map, mask_report, save_initial_adapter, save_mask_file
+from .allocation import ALLOCATIONS
 from .compact import apply_mask as apply_compact_mask
 from .enforce import MaskEnforcer, reset_unselected
 from .fisher import gather_scores
@@ -86,6 +87,9 @@ def budget(fish, pool: Pool, trainable: int, baselines: dict[int, int] | None = 
             out.update(baseline_r=br, baseline_trainable=count)
     if not 1 <= k <= pool.size:
         raise ConfigError(f"the budget gives k={k}, outside 1..{pool.size} (pool) for fish.budget={fish.budget}")
+    allocation = ALLOCATIONS[rules.rule_of(fish).allocation]
+    if allocation.check is not None and rules.CONTROLS[rules.rule_of(fish).control].runs_rule:
+        out[f"{allocation.name}_keep"] = allocation.check(pool, k)  # r_keep or m; ConfigError when k cannot fit
     out.update(k=k, trainable=k + always)
     return out
 

@@ -117,11 +117,14 @@ def save_checkpoint(
     trainable=None,
     extra: dict | None = None,
     protect: int | None = None,
+    frozen=None,
 ) -> Path:
     """Write a complete checkpoint for `step` (all ranks call this), then prune to the newest `keep`.
 
     trainable (a Pool of every trainable tensor): also write the PEFT adapter at this step (a collective under
-    ZeRO-3). extra: more fields for fishds_state.json. protect: a step whose checkpoint pruning keeps (the best).
+    ZeRO-3); frozen (a Pool or None): fish.freeze's tensors, written into that adapter too (not into the DeepSpeed
+    state, which excludes frozen parameters: a resumed run rebuilds them from train.seed, as it built them).
+    extra: more fields for fishds_state.json. protect: a step whose checkpoint pruning keeps (the best).
     A write that fails on any rank (a full disk, a read-only folder) stops the run on every rank with
     guard.WriteFailed; the temporary folder is removed and the complete checkpoints are left as they were.
     fishds_state.json records the size and sha256 of every file of the checkpoint (`files`), checked at resume
@@ -154,6 +157,8 @@ def save_checkpoint(
         except (OSError, RuntimeError, SafetensorError) as e:
             failure = guard.write_error(e)
     adapter = gather_adapter(trainable) if trainable is not None else None
+    if adapter is not None and frozen is not None:  # fish.freeze's tensors: saved so that the adapter loads
+        adapter.update(gather_adapter(frozen))
     whole = reshard.gather_state(engine, trainable) if trainable is not None else None  # world-size independent
     if os.environ.get("FISHDS_FAULT_KILL_IN_CHECKPOINT") == f"{step}:{fdist.rank()}":
         os.kill(os.getpid(), signal.SIGKILL)  # fault injection for the kill-while-saving test

@@ -21,13 +21,22 @@ from ..files import RUN_CONFIG, RUN_DS_CONFIG, atomic, write_json
 from ..fish.adapter import adapter_buffers
 
 
-def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor]) -> None:
-    """PEFT save_pretrained with the gathered tensors, into a temporary folder, then moved in place."""
+def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor], r: int | None = None) -> None:
+    """PEFT save_pretrained with the gathered tensors, into a temporary folder, then moved in place; `r`: the rank
+    written into adapter_config.json instead of the model's (a rank-sliced adapter, fishds.fish.adapter.rank_sliced)."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter."))
     try:
         if isinstance(model, PeftModel):
-            model.save_pretrained(str(tmp), state_dict={**adapter_buffers(model), **adapter}, safe_serialization=True)
+            cfg = model.peft_config["default"]
+            r_model = cfg.r
+            try:
+                cfg.r = r if r is not None else r_model
+                model.save_pretrained(
+                    str(tmp), state_dict={**adapter_buffers(model), **adapter}, safe_serialization=True
+                )
+            finally:
+                cfg.r = r_model
         else:  # fishds' own adapters (PeftMethod.own_adapter): fishds/bottleneck.py writes them
             save_bottleneck(model, tmp, adapter)
         for f in tmp.iterdir():

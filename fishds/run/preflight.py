@@ -120,11 +120,11 @@ def baseline_counts(cfg: Config, model_path: str, num_labels: int | None = None)
     if rule(f.selection).dense:
         return {}
     if f.budget == "match_rank":  # match_r < peft.r: checked by config.Config
-        return {f.match_r: count_trainable(cfg.model, cfg.peft, cfg.data, model_path, f.match_r, num_labels)}
+        return {f.match_r: count_trainable(cfg.model, cfg.peft, cfg.data, model_path, f.match_r, num_labels, f.freeze)}
     if f.keep_ratio is not None and (r * f.keep_ratio).is_integer() and 0 < r * f.keep_ratio < r:
         return {
             int(r * f.keep_ratio): count_trainable(
-                cfg.model, cfg.peft, cfg.data, model_path, int(r * f.keep_ratio), num_labels
+                cfg.model, cfg.peft, cfg.data, model_path, int(r * f.keep_ratio), num_labels, f.freeze
             )
         }
     return {}

@@ -26,7 +26,7 @@ from ..card import write_run_card
 from ..config import Config, ConfigError
 from ..files import CHECKPOINT_STATE, METRICS_FILE, REPORT_FILE, REPORT_PNG, SELECTION_REPORT, write_json
 from ..fish import rules
-from ..fish.adapter import gather_adapter
+from ..fish.adapter import gather_adapter, rank_sliced
 from ..fish.compact import CompactAdamW, check_resumed_state
 from ..fish.enforce import MaskEnforcer
 from ..fish.pool import Pool
@@ -162,6 +162,7 @@ class Session:
     engine: object
     pool: Pool  # the tensors the mask selects in
     trainable: Pool  # every trainable tensor (the pool plus fish.pool_exclude), what the adapter saves
+    frozen: Pool | None = None  # adapter tensors fish.freeze froze: never trained, saved with the adapter
     k: int
     budget: dict
     examples: list  # the training examples, unpacked (the Fisher pass draws from them; batches may pack them)
@@ -199,6 +200,11 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
 
         zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841
     model = load_peft_model(cfg, plan.model_path, dtype, plan.labels, tokenizer.pad_token_id)
+    frozen = Pool.freeze_matching(model, cfg.fish.freeze)
+    if cfg.fish.freeze:
+        fdist.print0(f"[fishds] fish.freeze: {len(frozen)} adapter tensors frozen at their initialisation")
+        if not frozen:
+            raise ConfigError(f"fish.freeze={cfg.fish.freeze} matches no trainable tensor of the adapter")
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
         fdist.print0(
@@ -230,6 +236,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
         engine=engine,
         pool=Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
         trainable=Pool.from_model(engine.module),
+        frozen=Pool.named(engine.module, frozen),
         k=counts["k"],
         budget=counts,
         examples=examples,
@@ -406,6 +413,17 @@ def _fix_now(s: Session, log: StepLog):
         raise ConfigError(str(e)) from None
 
 
+def saved_adapter(s: Session) -> dict:
+    """The adapter tensors to save (all ranks: a collective under ZeRO-3): the trainable ones and fish.freeze's."""
+    return {**gather_adapter(s.trainable), **(gather_adapter(s.frozen) if s.frozen is not None else {})}
+
+
+def cfg_rank_sliced(cfg: Config) -> bool:
+    """Whether the final adapter is saved rank-sliced (fish.allocation=rank, a rule that ran)."""
+    f = cfg.fish
+    return not f.dense and not f.mask_path and f.allocation == "rank" and rules.CONTROLS[f.control].runs_rule
+
+
 def first_step_after(resume_from: Path | None) -> int:
     return json.loads((resume_from / CHECKPOINT_STATE).read_text())["step"] + 1 if resume_from else 1
 
@@ -427,6 +445,7 @@ def _checkpoint(s: Session, fixed: FixedMask, log: StepLog, step: int, scheduled
         s.trainable,
         {"best": judge.state(), "nonfinite_steps": g.nonfinite_steps if g is not None else 0},
         protect=judge.ckpt_step,
+        frozen=s.frozen,
     )
 
 
@@ -507,7 +526,11 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
                     f"[fishds] {prefix} loss {eval_metrics[f'{prefix}_loss']:.4f}, {what} {acc:.1%} on {n} examples"
                 )
     log.metrics.close()
-    adapter = gather_adapter(s.trainable)
+    adapter = saved_adapter(s)
+    rank = None
+    if cfg_rank_sliced(s.cfg):  # fish.allocation=rank: a plain LoRA of rank r_keep
+        adapter, rank = rank_sliced(engine.module, adapter, masks)
+        report["saved_rank"] = rank
     report["eval"] = eval_metrics
     use_ckpt = best.summarise(judge, report, last_step, log.total_steps) if t.save_best else False
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
@@ -515,7 +538,7 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
     if fdist.is_main():
         try:  # a failed write (full disk) stops every rank, fish_report.json (the completion marker) unwritten
             guard.fault_file_size_limit(-1)  # FISHDS_FAULT_FSIZE=-1:0:BYTES: the final outputs' writes fail
-            save_adapter(engine.module, out, adapter)
+            save_adapter(engine.module, out, adapter, r=rank)
             if use_ckpt:
                 best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
             write_run_card(out, s.cfg, report, s.plan.model_path)  # README.md: the model card
