@@ -1,8 +1,8 @@
 """Structured allocations on real ranks: fish.allocation=rank (score grad, A trained) and fish.allocation=row (score
-fisher, fish.freeze: [lora_A]) on a toy Llama whose lora_B rows are cut by the 2-rank chunk boundary (hidden 40, r 5:
-the pool is 2 x (40 + 20) rows of 5, chunks of 304 entries): exact quotas, the same masks on 1 rank (ZeRO-0) and 2 ranks (ZeRO-3 / ZeRO-2),
-scores against a plain PyTorch reference, the rank-sliced adapter loading in peft with the trained model's logits,
-and frozen lora_A saved at its initialisation."""
+fisher, fish.freeze: [lora_A]) on a toy Llama whose lora_B rows are cut by the 2-rank chunk boundary (hidden 40,
+r 5: the pool is 2 x (40 + 20) rows of 5, chunks of 304 entries): exact quotas, the same masks on 1 rank (ZeRO-0)
+and 2 ranks (ZeRO-3 / ZeRO-2), scores against a plain PyTorch reference, the rank-sliced adapter loading in peft
+with the trained model's logits, and frozen lora_A saved at its initialisation."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def test_row_quota_exact_same_on_1_and_2_ranks_frozen_a_saved_and_fisher_referen
             torch.testing.assert_close(scores[name], b.float(), rtol=1e-4, atol=1e-12)
     for key, v in adapter.items():
         if "lora_A" in key:  # frozen at its initialisation, and saved
-            ref = next(p for n, p in init.items() if n.replace(".default", "").endswith(key.split("base_model.model.")[1]))
+            tail = key.split("base_model.model.")[1]
+            ref = next(p for n, p in init.items() if n.replace(".default", "").endswith(tail))
             assert torch.equal(v, ref), key
         else:  # unselected lora_B entries stayed 0, selected ones trained
             m = m2[key]
