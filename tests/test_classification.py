@@ -66,6 +66,7 @@ def _check_head_steps(out, head: str, head_steps: int, dense_steps: int, total: 
 
     _, fixed, masks, report = outputs(out)  # fixed: the adapter when the mask was fixed
     assert (report["head_steps"], report["dense_steps"]) == (head_steps, dense_steps)
+    assert f"after {head_steps} head-only steps" in (out / "README.md").read_text()  # the model card
     start = load_file(str(out / "start" / "init_adapter_model.safetensors"))
     assert sorted(start) == sorted(fixed)
     heads = [k for k in start if f".{head}." in k]
