@@ -94,7 +94,13 @@ def _bert(toy):
 
 def test_decoder_classification_zero3(toy, tmp_path):
     """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks; 1 head step, 1 dense step
-    (fish.head_steps, fish.dense_steps), then masked training."""
+    (fish.head_steps, fish.dense_steps), then masked training. A SIGTERM to rank 1 during the head step stops the run
+    once the mask is fixed, with a checkpoint at step 2 (as during dense steps); the same command then finishes it."""
+    from test_cluster_faults import ckpt, worker_exit
+
+    from fishds.run.checkpoint import verify
+    from fishds.run.guard import EXIT_PREEMPTED
+
     out = tmp_path / "dec"
     ov = base_overrides(
         toy,
@@ -108,7 +114,13 @@ def test_decoder_classification_zero3(toy, tmp_path):
             "fish.dense_steps": 1,
         },
     )
-    launch(2, ov, "zero3.json", env={"FISHDS_CASE_START_ADAPTER": "1"})
+    proc = launch(
+        2, ov, "zero3.json", expect_ok=False, env={"FISHDS_CASE_START_ADAPTER": "1", "FISHDS_FAULT_SIGNAL": "1:1"}
+    )
+    assert proc.returncode != 0 and worker_exit(proc, EXIT_PREEMPTED), proc.stderr[-3000:]
+    assert "stopped after step 2 of 4" in proc.stdout + proc.stderr
+    assert verify(ckpt(out, 2)) is None and not (out / "fish_report.json").exists()
+    launch(2, ov, "zero3.json")  # resume=auto: from step 2
     report = _check(out, toy["model"], "score")
     assert report["zero_stage"] == 3
     _check_head_steps(out, "score", head_steps=1, dense_steps=1, total=4)
