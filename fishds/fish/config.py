@@ -125,7 +125,8 @@ class FishSection(Section):
         None,
         description="Use this fish_mask.safetensors (from an earlier run) instead "
         "of scoring; its keys and shapes must match the adapter. Training is then masked by the file "
-        "(not with fish.selection=dense, which trains every entry, nor with fish.dense_steps > 0: refused).",
+        "(not with fish.selection=dense, which trains every entry, nor with fish.dense_steps > 0 or "
+        "fish.head_steps > 0: refused).",
     )
     save_scores: bool = Field(
         False,
