@@ -144,7 +144,9 @@ def write_run_card(out: Path, cfg, report: dict, model_folder: str | None = None
     datasets = [d for d in datasets if d]
     metrics = {k: v for k, v in (report.get("eval") or {}).items() if isinstance(v, (int, float))}
     dense = cfg.fish.selection == "dense"
-    rule = rules.label(cfg.fish) + (f" after {report['dense_steps']} dense steps" if report.get("dense_steps") else "")
+    steps = (("head_steps", "head-only"), ("dense_steps", "dense"))
+    before = [f"{report[key]} {what} steps" for key, what in steps if report.get(key)]
+    rule = rules.label(cfg.fish) + (f" after {' and '.join(before)}" if before else "")
     return write_model_card(
         out,
         base_model=cfg.model.name_or_path,

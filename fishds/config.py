@@ -276,7 +276,7 @@ class TrainSection(_Section):
     max_steps: Optional[int] = Field(
         None,
         gt=0,
-        description="Optimizer steps of the whole run, fish.dense_steps "
+        description="Optimizer steps of the whole run, fish.head_steps and fish.dense_steps "
         "included. Wins over train.epochs when both are set; 100 when neither is.",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")

@@ -12,7 +12,8 @@ Hugging Face integration fills (transformers.integrations.deepspeed, HfTrainerDe
 - scheduler: WarmupLR, WarmupDecayLR and WarmupCosineLR are honoured (DeepSpeed builds them) when their type
   matches train.scheduler (constant, linear, cosine); params warmup_min_lr = 0, warmup_max_lr / cos_min_ratio
   from train.lr, warmup_num_steps = max(1, train.lr_warmup_steps) (DeepSpeed refuses 0),
-  total_num_steps = train.max_steps (fish.dense_steps are part of it). Other types are refused, naming scheduler.type.
+  total_num_steps = train.max_steps (fish.head_steps and fish.dense_steps are part of it). Other types are refused,
+  naming scheduler.type.
 A value given explicitly must agree with the fishds config (one source of truth); an "auto" left anywhere else
 is refused before any weights load, naming its key. zero_optimization.round_robin_gradients (LLaMA-Factory's
 ds_z2 sets it) is turned off at ZeRO 1/2: DeepSpeed 0.19.8 then maps fp32 masters to the wrong parameters.
@@ -89,8 +90,8 @@ def _left_auto(tree, prefix: str = "") -> list[str]:
 
 
 def total_steps(cfg: Config) -> int | None:
-    """Optimizer steps of the whole run (fish.dense_steps included), or None when train.epochs sets the length
-    (known only once the data is read)."""
+    """Optimizer steps of the whole run (fish.head_steps and fish.dense_steps included), or None when train.epochs
+    sets the length (known only once the data is read)."""
     from .run.schedule import DEFAULT_STEPS
 
     t = cfg.train

@@ -1,9 +1,12 @@
 """Test driver: launch/train.py's run, plus the trained model's logits on fixed probe examples.
 
 Run like launch/train.py (torchrun or single process). Rank 0 writes probe_logits.safetensors into
-output_dir so a test can check that the saved adapter reproduces the model that trained.
+output_dir so a test can check that the saved adapter reproduces the model that trained. With
+FISHDS_CASE_START_ADAPTER=1 in the environment, rank 0 also writes the adapter as it was before the first step
+(every trainable tensor, keyed like the adapter) to output_dir/start/init_adapter_model.safetensors.
 """
 
+import os
 from pathlib import Path
 
 
@@ -29,6 +32,19 @@ import faulthandler
 faulthandler.dump_traceback_later(300, exit=True)  # a hung collective fails the test
 args = ap.parse_args()
 cfg = load_config(None, args.overrides)
+if os.environ.get("FISHDS_CASE_START_ADAPTER") == "1":
+    from fishds.fish.adapter import gather_adapter, save_initial_adapter
+    from fishds.run import train as train_run
+
+    fix_mask = train_run.fix_mask
+
+    def fix_mask_after_saving_the_start(s, log):
+        adapter = gather_adapter(s.trainable)  # a collective: every rank
+        if fdist.is_main():
+            save_initial_adapter(s.engine.module, Path(cfg.output_dir) / "start", adapter)
+        return fix_mask(s, log)
+
+    train_run.fix_mask = fix_mask_after_saving_the_start
 result = run(cfg, args.ds_config)
 probe = result.collate((result.eval_examples or result.test_examples)[:4])
 model = result.engine.module

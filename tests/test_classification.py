@@ -7,6 +7,7 @@ accuracy is reported for eval and test data; the saved adapter reproduces the lo
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from conftest import base_overrides, launch
@@ -57,27 +58,77 @@ def _check(out, model_path: str, head: str):
     return report
 
 
+def _check_head_steps(out, head: str, head_steps: int, dense_steps: int, total: int, lr: float = 0.01) -> None:
+    """fish.head_steps: steps 1..head_steps trained the head alone (every other trainable entry bit for bit at its start
+    value, tests/dist_case.py FISHDS_CASE_START_ADAPTER), then the dense steps, then masked training; metrics.jsonl
+    logs the phases, the LR schedule spans every step, the report records the head steps."""
+    from test_distributed import outputs
+
+    _, fixed, masks, report = outputs(out)  # fixed: the adapter when the mask was fixed
+    assert (report["head_steps"], report["dense_steps"]) == (head_steps, dense_steps)
+    assert f"after {head_steps} head-only steps" in (out / "README.md").read_text()  # the model card
+    start = load_file(str(out / "start" / "init_adapter_model.safetensors"))
+    assert sorted(start) == sorted(fixed)
+    heads = [k for k in start if f".{head}." in k]
+    assert heads and len(heads) < len(start)
+    for k in start:
+        if k in heads:  # the head trained in the head steps
+            assert bool((fixed[k] != start[k]).all()), k
+        elif dense_steps == 0:  # nothing else moved, weight decay included
+            assert torch.equal(fixed[k], start[k]), f"{k} moved during the head steps"
+        else:  # the unselected entries were reset to their values after the head steps: their start values
+            assert torch.equal(fixed[k][~masks[k]], start[k][~masks[k]]), f"{k} moved during the head steps"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [(r["step"], r["phase"]) for r in rows if "phase" in r]
+    phases = ["head"] * head_steps + ["dense"] * dense_steps
+    assert steps == [(i, phases[i - 1] if i <= len(phases) else "train") for i in range(1, total + 1)], steps
+    for r in rows:  # train.scheduler=linear over all `total` steps, no warm-up (the rate before each step)
+        if "phase" in r:
+            assert math.isclose(r["lr"], lr * (1 - (r["step"] - 1) / total), rel_tol=1e-6), r
+
+
 def _bert(toy):
     root = toy["root"] / "bert"
     return make_tiny_bert(root) if not (root / "config.json").exists() else root
 
 
 def test_decoder_classification_zero3(toy, tmp_path):
-    """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks."""
+    """Toy Llama + classification head (score), ZeRO-3, AdamW weight decay 0.1, 2 ranks; 1 head step, 1 dense step
+    (fish.head_steps, fish.dense_steps), then masked training. A SIGTERM to rank 1 during the head step stops the run
+    once the mask is fixed, with a checkpoint at step 2 (as during dense steps); the same command then finishes it."""
+    from test_cluster_faults import ckpt, worker_exit
+
+    from fishds.run.checkpoint import verify
+    from fishds.run.guard import EXIT_PREEMPTED
+
     out = tmp_path / "dec"
     ov = base_overrides(
         toy,
         out,
         **_data(toy),
-        **{"train.weight_decay": 0.1, "data.max_eval_examples": 32, "data.max_test_examples": 24},
+        **{
+            "train.weight_decay": 0.1,
+            "data.max_eval_examples": 32,
+            "data.max_test_examples": 24,
+            "fish.head_steps": 1,
+            "fish.dense_steps": 1,
+        },
     )
-    launch(2, ov, "zero3.json")
+    proc = launch(
+        2, ov, "zero3.json", expect_ok=False, env={"FISHDS_CASE_START_ADAPTER": "1", "FISHDS_FAULT_SIGNAL": "1:1"}
+    )
+    assert proc.returncode != 0 and worker_exit(proc, EXIT_PREEMPTED), proc.stderr[-3000:]
+    assert "stopped after step 2 of 4" in proc.stdout + proc.stderr
+    assert verify(ckpt(out, 2)) is None and not (out / "fish_report.json").exists()
+    launch(2, ov, "zero3.json")  # resume=auto: from step 2
     report = _check(out, toy["model"], "score")
     assert report["zero_stage"] == 3
+    _check_head_steps(out, "score", head_steps=1, dense_steps=1, total=4)
 
 
 def test_encoder_classification_match_rank_zero2(toy, tmp_path):
-    """Toy BERT, LoRA r=4 on query/value masked to the trainable count of plain r=2 (head included), ZeRO-2."""
+    """Toy BERT, LoRA r=4 on query/value masked to the trainable count of plain r=2 (head included), ZeRO-2; the first
+    2 of the 4 steps train only the head (fish.head_steps), then the mask is scored (fish.dense_steps=0)."""
     bert = _bert(toy)
     out = tmp_path / "enc"
     ov = base_overrides(
@@ -90,13 +141,15 @@ def test_encoder_classification_match_rank_zero2(toy, tmp_path):
             "fish.keep_ratio": "null",
             "fish.budget": "match_rank",
             "fish.match_r": 2,
+            "fish.head_steps": 2,
             "train.weight_decay": 0.1,
             "data.max_eval_examples": 32,
             "data.max_test_examples": 24,
         },
     )
-    launch(2, ov, "zero2.json")
+    launch(2, ov, "zero2.json", env={"FISHDS_CASE_START_ADAPTER": "1"})
     report = _check(out, str(bert), "classifier")
+    _check_head_steps(out, "classifier", head_steps=2, dense_steps=0, total=4)
     b = report["budget"]
     assert b["trainable"] == b["baseline_trainable"] == report["selected"]
     # fishds merge folds the adapter and the trained head into a plain classification model

@@ -133,7 +133,8 @@ class FishSection(Section):
         None,
         description="Use this fish_mask.safetensors (from an earlier run) instead "
         "of scoring; its keys and shapes must match the adapter. Training is then masked by the file "
-        "(not with fish.selection=dense, which trains every entry, nor with fish.dense_steps > 0: refused).",
+        "(not with fish.selection=dense, which trains every entry, nor with fish.dense_steps > 0 or "
+        "fish.head_steps > 0: refused).",
     )
     save_scores: bool = Field(
         False,
@@ -152,13 +153,27 @@ class FishSection(Section):
     dense_steps: Optional[int] = Field(
         None,
         ge=0,
-        description="Dense optimizer steps (every pool entry trains) before the mask is scored and fixed; they "
-        "count in the run's steps (train.max_steps / train.epochs). Unset (default): for a score read from training "
-        "(all but random) min(20, a fifth of the run's steps), at least 1 on runs of 2 steps or more, so the "
+        description="Dense optimizer steps (every pool entry trains) before the mask is scored and fixed (after "
+        "fish.head_steps, if any); they count in the run's steps (train.max_steps / train.epochs). Unset (default): "
+        "for a score read from training (all but random) min(20, a fifth of the run's steps after fish.head_steps), "
+        "at least 1 on runs of 2 such steps or more, so the "
         "scores are read after training has started (at LoRA's initialisation every lora_A gradient is 0); 0 for "
         "random masks and the random_b_only / head_only controls. 0: score at initialisation (the paper's rule). "
         "Unselected entries are then reset to their initial values (fish.reset_unselected). Formerly "
         "fish.warmup_steps (still read, with a deprecation warning).",
+    )
+    head_steps: int = Field(
+        0,
+        ge=0,
+        description="Classification (data.format=classification) only: optimizer steps that train ONLY the "
+        "freshly initialised classification head, before anything else (before fish.dense_steps and before "
+        "scoring), so that the scores are not read through a random head. Every pool entry and every other "
+        "trainable tensor stays bit for bit at its initial value meanwhile (weight decay included). They count in "
+        "the run's steps like the dense steps (train.max_steps / train.epochs): steps 1..head_steps train the head "
+        "(phase head in metrics.jsonl), then the dense steps, then masked training; the LR schedule spans all of "
+        "them. The default fish.dense_steps is computed from the steps after them. Refused with a mask file "
+        "(fish.mask_path fixes the mask before the first step) and by FishCallback (the Trainer owns its loop). "
+        "0 (default): no head steps.",
     )
 
     @property
@@ -177,11 +192,13 @@ class FishSection(Section):
         )
 
     def dense_steps_for(self, steps: int) -> int:
-        """The dense steps of a run of `steps` optimizer steps: fish.dense_steps when set, else the default rule
-        (min(DEFAULT_DENSE_STEPS, steps // 5), at least 1 when steps >= 2) for a rule that reads the training state,
-        and 0 for one that does not (no mask, a mask file, random scores, the random_b_only / head_only controls)."""
+        """The dense steps of a run of `steps` optimizer steps (fish.head_steps included): fish.dense_steps when set,
+        else the default rule on the steps after the head steps, n = steps - fish.head_steps (min(DEFAULT_DENSE_STEPS,
+        n // 5), at least 1 when n >= 2) for a rule that reads the training state, and 0 for one that does not (no
+        mask, a mask file, random scores, the random_b_only / head_only controls)."""
         if self.dense_steps is not None:
             return self.dense_steps
+        steps -= self.head_steps  # the steps that train the adapter
         return min(DEFAULT_DENSE_STEPS, max(1, steps // 5)) if self.reads_training() and steps >= 2 else 0
 
     def resolved(self, steps: int) -> "FishSection":
@@ -246,6 +263,11 @@ class FishSection(Section):
                 f"fish.selection={self.selection} and fish.score={self.score} contradict; "
                 "fish.selection is a shorthand for fish.score (dense: no mask): set only fish.score"
             )
+        if self.mask_path and self.head_steps:
+            raise ValueError(
+                f"fish.mask_path={self.mask_path!r} fixes the mask before the first step; fish.head_steps="
+                f"{self.head_steps} (head-only steps before the mask is fixed) does not apply to a mask file: remove it"
+            )
         if self.dense:
             if self.mask_path:
                 raise ValueError(
@@ -295,6 +317,11 @@ def check_run(cfg, ds: dict) -> None:
     """The rule against the rest of the run (cfg: config.Config; ds: the resolved DeepSpeed JSON), before any
     weights load: what the score and the control need of the PEFT method, the data and the optimizer."""
     f = cfg.fish
+    if f.head_steps and cfg.data.format != "classification":
+        raise ConfigError(
+            f"fish.head_steps={f.head_steps} trains only a classification head before the rest; data.format="
+            f"{cfg.data.format} has none: set data.format=classification or remove fish.head_steps"
+        )
     if f.dense:
         return
     control, score, allocation = CONTROLS[f.control], SCORES[f.score], ALLOCATIONS[f.allocation]

@@ -102,9 +102,10 @@ def _torch_optimizer(opt):
 
 def fish_section(**kwargs) -> FishSection:
     """FishCallback's selection arguments as the validated `fish:` section (fishds/fish/config.FishSection), or
-    FishError."""
+    FishError. fish.head_steps (head-only steps before the rest, a loop of `fishds train`) is refused: the Trainer owns
+    its loop."""
     try:
-        return FishSection(**kwargs)
+        section = FishSection(**kwargs)
     except ValidationError as e:
         problems = "; ".join(
             err["msg"].removeprefix("Value error, ").replace("fish: ", "").replace("fish.", "")
@@ -113,6 +114,13 @@ def fish_section(**kwargs) -> FishSection:
             for err in e.errors()
         )
         raise FishError(f"FishCallback: {problems}") from None
+    if section.head_steps:
+        raise FishError(
+            f"FishCallback: head_steps={section.head_steps} (fish.head_steps) is not supported: the Trainer owns its "
+            "training loop, so FishCallback cannot train the classification head alone first; run a head-only "
+            "Trainer first (only the head trainable), or use `fishds train` with fish.head_steps"
+        )
+    return section
 
 
 class FishCallback(TrainerCallback):

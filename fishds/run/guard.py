@@ -15,10 +15,10 @@ the `deepspeed` launcher and a single process exit with it):
 Preemption: the handler (SIGTERM, SIGUSR1, installed by `Guard.install_signals` in the main thread of every rank)
 only records the signal. Once per optimizer step every rank all-reduces one small tensor (its "signal seen" flag,
 its "non-finite loss" flag and its loss share), so a signal that reached one rank, all of them or only the launcher
-(torchrun forwards SIGTERM to its workers) stops every rank after the same step. A signal during the dense steps
-or the Fisher pass stops the run as soon as the mask is fixed: a checkpoint at step fish.dense_steps (the mask,
-the adapter and the optimizer state at that point) is written then; a signal during evaluation or a checkpoint
-is seen at the next step.
+(torchrun forwards SIGTERM to its workers) stops every rank after the same step. A signal during the head steps,
+the dense steps or the Fisher pass stops the run as soon as the mask is fixed: a checkpoint at step
+fish.head_steps + fish.dense_steps (the mask, the adapter and the optimizer state at that point) is written then; a
+signal during evaluation or a checkpoint is seen at the next step.
 
 Divergence: a step whose loss (any rank's) or gradient norm is not finite makes no update: the torch optimizer's
 step is skipped on every rank (the fp32 masters, moments and masked entries stay bit for bit), or DeepSpeed skipped

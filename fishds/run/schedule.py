@@ -1,7 +1,8 @@
 """The run's length and LR schedule: train.max_steps or train.epochs, LR warm-up, transformers' schedulers.
 
 The run has `total_steps` optimizer steps: train.max_steps when set, else ceil(train.epochs x optimizer steps per
-epoch), else 100. fish.dense_steps (the dense steps before scoring) are the first of them. The LR schedule spans
+epoch), else 100. fish.head_steps (head-only steps) and then fish.dense_steps (the dense steps before scoring) are
+the first of them. The LR schedule spans
 all of them and is transformers.get_scheduler's (the names TrainingArguments.lr_scheduler_type takes), its warm-up
 train.lr_warmup_steps or ceil(train.lr_warmup_ratio x total_steps).
 """
@@ -23,7 +24,8 @@ def micro_batches_per_epoch(n_blocks: int, micro_batch_size: int, world: int) ->
 
 
 def total_steps(cfg: Config, n_blocks: int, world: int) -> int:
-    """Optimizer steps of the whole run, dense steps included; raises ConfigError when dense steps leave none."""
+    """Optimizer steps of the whole run, head and dense steps included; raises ConfigError when they leave no
+    masked step (no step that trains the adapter, for a run without a mask)."""
     t = cfg.train
     if t.max_steps is not None:
         steps = t.max_steps
@@ -34,7 +36,11 @@ def total_steps(cfg: Config, n_blocks: int, world: int) -> int:
         steps = DEFAULT_STEPS
     # fish.dense_steps unset: resolved here, once, for this run's length (the rest of the run reads an int)
     cfg.fish = cfg.fish.resolved(steps)
-    if cfg.fish.dense_steps >= steps and not cfg.fish.dense and not cfg.fish.mask_path:
+    f = cfg.fish
+    masked = not f.dense and not f.mask_path  # dense steps apply only before a selection
+    first = {"head_steps": f.head_steps, "dense_steps": f.dense_steps if masked else 0}
+    named = {f"fish.{key}": n for key, n in first.items() if n}
+    if named and sum(named.values()) >= steps:
         what = (
             f"train.max_steps={t.max_steps}"
             if t.max_steps is not None
@@ -45,8 +51,9 @@ def total_steps(cfg: Config, n_blocks: int, world: int) -> int:
             )
         )
         raise ConfigError(
-            f"fish.dense_steps={cfg.fish.dense_steps} leaves no masked step: {what} counts the dense "
-            "steps too; raise train.max_steps / train.epochs or lower fish.dense_steps"
+            f"{' + '.join(f'{key}={n}' for key, n in named.items())} leaves no "
+            f"{'masked step' if masked else 'step that trains the adapter'}: {what} counts these steps too; raise "
+            f"train.max_steps / train.epochs or lower {' / '.join(named)}"
         )
     return steps
 

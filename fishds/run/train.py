@@ -2,7 +2,8 @@
 
 1. setup: preflight (fishds/run/preflight.py: every check that can fail without weights), process group,
    tokenizer and data, model + PEFT adapter, DeepSpeed engine (ZeRO 0-3, "auto" values filled from the config)
-2. fix the mask: from a checkpoint, a mask file, or optional dense warm-up + the method core's selection flow
+2. fix the mask: from a checkpoint, a mask file, or optional head-only steps (classification), optional dense
+   warm-up + the method core's selection flow
    (fishds/fish/selection.py: Fisher pass, exact distributed top-k, masks on every rank, report, mask file)
 3. the loop: masked training (enforce.MaskEnforcer: gradient hooks + optimizer wrapper keep unselected entries
    fixed), periodic evaluation and checkpoints
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +172,7 @@ class Session:
     collate: Collator
     batches: ShardedBatches
     test_examples: list = field(default_factory=list)
-    total_steps: int = 0  # optimizer steps of the run, fish.dense_steps included (fishds/run/schedule.py)
+    total_steps: int = 0  # optimizer steps of the run, fish.head_steps and dense_steps included (run/schedule.py)
 
 
 def setup(cfg: Config, ds_path: str | None = None) -> Session:
@@ -367,7 +369,7 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
         first_step, judge = state["step"] + 1, best.BestTracker(cfg, state.get("best"))
     else:
         core = _fix_now(s, log)
-        first_step, judge = cfg.fish.dense_steps + 1, best.BestTracker(cfg)
+        first_step, judge = cfg.fish.head_steps + cfg.fish.dense_steps + 1, best.BestTracker(cfg)
     fdist.print0(memory.line(memory.measure(engine, core.masks, core.enforcer), fdist.world_size()))
     log.metrics.mask_summary({k: v for k, v in core.report.items() if k != "per_tensor"})
     return FixedMask(
@@ -375,16 +377,40 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
     )
 
 
-def _fix_now(s: Session, log: StepLog):
-    """The dense steps (every pool entry trains), then the method core's front door."""
+def _head_steps(s: Session, log: StepLog) -> None:
+    """fish.head_steps: steps 1..head_steps train only the classification head (head_patterns). A MaskEnforcer with
+    every head entry selected and every other trainable entry frozen keeps the pool and any other adapter tensor bit
+    for bit (gradients zeroed, fp32 masters restored after each step: weight decay cannot move them); removed after."""
     cfg, engine = s.cfg, s.engine
+    patterns = head_patterns(cfg.data)
+    head = {t.name for t in s.trainable.tensors if any(re.search(pat, t.name) for pat in patterns)}
+    if not head:
+        raise ConfigError(f"fish.head_steps={cfg.fish.head_steps}: the model has no trainable classification head")
+    masks = {t.name: torch.full(t.shape, t.name in head, dtype=torch.bool) for t in s.trainable.tensors}
+    enforcer = MaskEnforcer(engine, s.trainable, masks)
+    try:
+        for step in range(1, cfg.fish.head_steps + 1):
+            t0 = time.perf_counter()
+            log(step, "head", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
+    finally:
+        enforcer.remove()
+
+
+def _fix_now(s: Session, log: StepLog):
+    """The head steps (only the classification head trains), the dense steps (every pool entry trains), then the
+    method core's front door."""
+    cfg, engine = s.cfg, s.engine
+    if cfg.fish.head_steps:
+        _head_steps(s, log)
     initial = gather_adapter(s.pool) if cfg.fish.dense_steps and not cfg.fish.mask_path else None
-    for step in range(1, (cfg.fish.dense_steps if initial is not None else 0) + 1):
+    first = cfg.fish.head_steps + 1
+    for step in range(first, first + (cfg.fish.dense_steps if initial is not None else 0)):
         t0 = time.perf_counter()
         log(step, "dense", train_step(engine, s.batches, s.collate, cfg.train.grad_accum), time.perf_counter() - t0)
     extra = dict(
         zero_stage=engine.zero_optimization_stage(),
         world_size=fdist.world_size(),
+        head_steps=cfg.fish.head_steps,
         dense_steps=cfg.fish.dense_steps,
         method=cfg.peft.method,
         budget=s.budget,
@@ -474,8 +500,9 @@ def signal_name(signum: int) -> str:
 def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> int:
     """Masked training from fixed.first_step, with periodic evaluation and checkpoints (the best one kept);
     returns the last step trained (earlier than the total with early stopping). A stop signal (fishds/run/guard.py)
-    ends it after the current step with a checkpoint there (guard.Preempted); a signal during the dense steps or the
-    Fisher pass is acted on here, before the first masked step, with a checkpoint at the step the mask was fixed."""
+    ends it after the current step with a checkpoint there (guard.Preempted); a signal during the head steps, the
+    dense steps or the Fisher pass is acted on here, before the first masked step, with a checkpoint at the step the
+    mask was fixed."""
     engine, batches, collate, t, judge = s.engine, s.batches, s.collate, s.cfg.train, fixed.best_tracker
     g = guard.active()
     if g is not None:
