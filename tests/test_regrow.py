@@ -124,6 +124,18 @@ def test_regrowth_run_frozen_entries_counts_world_sizes_and_resume(toy, tmp_path
         changed = any(not torch.equal(masks[s][k], masks[s - 1][k]) for k in masks[s])
         assert changed == (s in (2, 4, 6)), f"the mask {'did not change' if s in (2, 4, 6) else 'changed'} at {s}"
     assert all(torch.equal(masks[8][k], masks[7][k]) for k in masks[8]), "no regrowth after regrow_until"
+    for s in (2, 4, 6):
+        state = load_file(str(ckpts[s] / "world_state.safetensors"))
+        for k, m in masks[s].items():
+            grown = m & ~masks[s - 1][k]
+            changed = m ^ masks[s - 1][k]
+            name = k.replace(".weight", ".default.weight")
+            for key in ("exp_avg", "exp_avg_sq"):  # the moments of dropped and grown entries start at 0
+                assert not bool(state[f"{key}/{name}"][changed].any()), (s, k, key)
+            still = grown & masks[8][k]  # grown entries train from their value at growth
+            moved = adapters[8][k][still] != adapters[s][k][still]
+            assert int(moved.sum()) >= 0.9 * int(still.sum()), (s, k, int(moved.sum()), int(still.sum()))
+        assert (ckpts[s] / "regrow-rank1.safetensors").is_file()
     report = json.loads((ref / "fish_report.json").read_text())
     events = report["regrowth"]["events"]
     assert [e["step"] for e in events] == [2, 4, 6]

@@ -23,9 +23,10 @@ state (Adam's moments, SGD's momentum) of every dropped and grown entry is zeroe
 
 Memory per rank: the gradient sums, one fp32 per entry of every pool tensor that holds an unselected entry (the
 pool: 160 MB at 7B with LoRA r=16, a pool of about 40 M), and the values at growth of this rank's chunk of the pool
-(160 MB / ranks). At regrowth, transient: this rank's chunk of gathered values, keys and selections (about 25 B per
-chunk entry). Traffic per regrowth: the gradient sums reduced to the chunk owners (pool x 4 B), the adapter gathered
-one tensor at a time (ZeRO-3; below ZeRO-3 every rank holds it), two radix selects and the new bits (pool / 8 B).
+(160 MB / ranks). At regrowth, transient: this rank's chunk of gathered values, gradient sums, int64 keys and group
+ids and the radix select's bins (about 70 B per chunk entry: 2.8 GB on 1 rank at 7B, 350 MB on 8). Traffic per
+regrowth: the gradient sums reduced to the chunk owners (pool x 4 B), the adapter gathered one tensor at a time
+(ZeRO-3; below ZeRO-3 every rank holds it), two radix selects and the new bits (pool / 8 B).
 A checkpoint holds each rank's sums and values at growth (regrow-rank<R>.safetensors) and the history, so a resume
 on the same number of ranks is bit-exact across a regrowth; another number of ranks is refused.
 """
