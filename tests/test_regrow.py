@@ -54,6 +54,8 @@ def test_drop_grow_matches_a_plain_reference(seed):
     for t, s in zip(pool.tensors, selected):
         assert int(new[t.offset : t.offset + t.numel].sum()) == s, "the per-tensor count changed"
     assert not bool((dropped & grown).any())
+    none = drop_grow(pool, 0, pool.size, active, movement, grads, [0] * len(counts))
+    assert not bool(none[0].any() or none[1].any()), "quotas of 0 everywhere: nothing changes"
 
 
 def test_regrow_counts_round_half_up_and_cap():

@@ -215,6 +215,7 @@ class Regrowth:
             "fraction": f.regrow_fraction,
             "until_step": self.last_step,
             "random": f.regrow_random,
+            "state_bytes_rank0": self.nbytes,  # gradient sums + values at growth held by rank 0
             "events": list(self.history),
         }
 
