@@ -10,7 +10,8 @@ output_dir of a run (`fishds train`) or of a FishCallback:
 - SCORES_FILE: the Fisher scores (fish.save_scores)
 - REPORT_PNG: the picture `fishds report` draws
 - CHECKPOINTS_DIR/step-N/ with CHECKPOINT_STATE written last (its completion marker); each also holds a PEFT
-  adapter, MASK_FILE and WORLD_STATE_FILE + WORLD_STATE_EXTRA (the state for another number of ranks)
+  adapter, MASK_FILE and WORLD_STATE_FILE + WORLD_STATE_EXTRA (the state for another number of ranks), and with
+  fish.regrow_every one REGROW_RANK_FILE per rank (its gradient sums and values at growth, fishds/fish/regrow.py)
 - RUN_CONFIG, RUN_DS_CONFIG: the resolved fishds config and DeepSpeed config, written when a run starts
 - TRACKER_IDS: the wandb / mlflow run ids (train.report_to); LAST_DIR: the last adapter with train.save_best
 """
@@ -36,6 +37,7 @@ CHECKPOINT_STATE = "fishds_state.json"
 WORLD_STATE_FILE, WORLD_STATE_EXTRA = "world_state.safetensors", "world_state.json"  # in a checkpoint: run/reshard.py
 WORLD_STATE_LEGACY_EXTRA = "world_state.pt"  # what fishds wrote before world_state.json (read weights-only)
 RUN_CONFIG, RUN_DS_CONFIG = "fishds_config.yaml", "ds_config.json"  # the resolved configs, written at start
+REGROW_RANK_FILE = "regrow-rank{rank}.safetensors"  # in a checkpoint, fish.regrow_every: str.format(rank=R)
 TRACKER_IDS = "trackers.json"  # wandb / mlflow run ids, for a resumed run
 # the files of a saved adapter (PEFT's save_pretrained, or fishds/bottleneck.py)
 ADAPTER_FILES = (

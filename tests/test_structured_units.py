@@ -206,6 +206,8 @@ def test_config_checks_of_the_structured_rules():
         check_run(_cfg("fish.allocation=rank", "fish.keep_ratio=0.5", "peft.method=pissa"), ds)
     with pytest.raises(ConfigError, match="reset_unselected"):
         _cfg("fish.allocation=rank", "fish.dense_steps=3", "fish.reset_unselected=false")
+    with pytest.raises(ConfigError, match="structure of fish.allocation=row"):
+        _cfg("fish.allocation=row", "fish.regrow_every=2")
     with pytest.raises(ConfigError, match="fish.control=bottom"):
         _cfg("fish.score=random", "fish.control=bottom")
     # scored at initialisation by default (no dense steps); the global Fisher rule keeps its dense steps

@@ -150,6 +150,40 @@ class FishSection(Section):
         "Needs train.optimizer=adamw, no optimizer in the DeepSpeed JSON, no optimizer "
         "offload, a mask (not selection=dense).",
     )
+    regrow_every: int = Field(
+        0,
+        ge=0,
+        description="Mask regrowth (RigL-style, inside the adapter), 0 = off (the mask stays fixed). Every N masked "
+        "steps (counted from the first masked step), while the step is at most fish.regrow_until x the run's steps, "
+        "each pool tensor drops the d = round(fish.regrow_fraction x its selected count) selected entries that moved "
+        "least since they were grown (|theta - theta when grown|; the initial mask counts as grown when it was fixed) "
+        "and grows the d unselected entries with the largest |sum g| over the interval (the unmasked local gradients "
+        "of its steps, summed over ranks): exact distributed top-k per tensor, ties to the lowest global index, the "
+        "same mask on any number of ranks; per-tensor counts stay exact. Grown entries start from their current "
+        "(frozen) value, dropped ones stay frozen at theirs; the optimizer moments of both are zeroed. Costs a "
+        "pool-sized fp32 gradient sum and a chunk-sized fp32 copy of the values per rank. Not with "
+        "fish.compact_optimizer, fish.selection=dense, train.save_best, nor a resume on another number of ranks.",
+    )
+    regrow_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="fish.regrow_every > 0: the share of each tensor's selected entries dropped and regrown at "
+        "every regrowth, in (0, 1) (rounded half up per tensor, at most the tensor's unselected count).",
+    )
+    regrow_until: float = Field(
+        0.75,
+        gt=0,
+        le=1,
+        description="fish.regrow_every > 0: regrowth happens only at steps <= this fraction of the run's steps "
+        "(train.max_steps / epochs, dense steps included); the mask stays fixed afterwards.",
+    )
+    regrow_random: bool = Field(
+        False,
+        description="fish.regrow_every > 0, a control: the same drops, but the grown entries are drawn at random "
+        "(a fish.seed hash of the global index and the step, the same for any number of ranks) instead of by "
+        "|sum g|.",
+    )
     dense_steps: Optional[int] = Field(
         None,
         ge=0,
@@ -237,6 +271,7 @@ class FishSection(Section):
     @model_validator(mode="after")
     def _budget(self):
         self._rule()
+        self._regrow()
         if self.dense:
             return self
         if self.keep_ratio is not None and self.num_selected is not None:
@@ -255,6 +290,27 @@ class FishSection(Section):
         if self.num_selected is not None and self.num_selected < 1:
             raise ValueError(f"fish.num_selected={self.num_selected} must be at least 1")
         return self
+
+    def _regrow(self) -> None:
+        """fish.regrow_every needs a mask whose per-entry state it can move: no dense run, no compact optimizer."""
+        if not self.regrow_every:
+            return
+        if self.dense:
+            raise ValueError(
+                f"fish.regrow_every={self.regrow_every} regrows a mask; fish.selection=dense has none "
+                "(set fish.regrow_every=0 or choose a selection)"
+            )
+        if self.compact_optimizer:
+            raise ValueError(
+                f"fish.regrow_every={self.regrow_every} and fish.compact_optimizer=true cannot be combined: the "
+                "compact optimizer keeps moments for a fixed set of entries; set one of them off"
+            )
+        if ALLOCATIONS[self.allocation].select is not None:
+            raise ValueError(
+                f"fish.regrow_every={self.regrow_every} drops and grows single entries per tensor, which would break "
+                f"the structure of fish.allocation={self.allocation} (whole components, quotas per row); set "
+                "fish.regrow_every=0 or use a quota allocation (global, tensor, module, ab_balanced)"
+            )
 
     def _rule(self) -> None:
         """Contradictions and rules that cannot run, refused (from what the entries say they need)."""

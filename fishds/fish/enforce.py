@@ -49,8 +49,9 @@ class MaskEnforcer:
         self.engine = engine
         self.pool = pool
         self.masks = PackedMasks.of(masks, fdist.device())  # 1 bit per entry; shared with the caller when possible
+        self.accumulators: dict[str, torch.Tensor] = {}  # name -> flat fp32 sum of the unmasked gradients (regrow)
         self._hooks = [
-            t.param.register_hook(self._grad_hook(self.masks, t.name))
+            t.param.register_hook(self._grad_hook(t.name))
             for t in pool.tensors
             if bool(self.masks.frozen(t.name).any())
         ]
@@ -66,14 +67,39 @@ class MaskEnforcer:
 
         opt.step = step
 
-    @staticmethod
-    def _grad_hook(masks: PackedMasks, name: str):
-        shape = torch.Size(masks.shape(name))
+    def _grad_hook(self, name: str):
+        shape = torch.Size(self.masks.shape(name))
 
         def hook(grad: torch.Tensor) -> torch.Tensor:
-            return grad.masked_fill(masks.frozen(name).view(shape), 0) if grad.shape == shape else grad
+            if grad.shape != shape:
+                return grad
+            acc = self.accumulators.get(name)
+            if acc is not None:  # fish.regrow_every: the full local gradient, before the mask zeroes it
+                acc.add_(grad.detach().reshape(-1).to(acc.device, torch.float32))
+            return grad.masked_fill(self.masks.frozen(name).view(shape), 0)  # the current masks (set_masks)
 
         return hook
+
+    @torch.no_grad()
+    def set_masks(self, masks: PackedMasks) -> None:
+        """Switch to new masks with the same frozen tensors (fishds/fish/regrow.py): the optimizer's per-entry state
+        (moments, momentum) of every entry whose bit changed is zeroed, and the restore set is rebuilt from the
+        current fp32 masters (newly frozen entries stay at their current values; grown ones train from theirs)."""
+        opt = zero.torch_optimizer(self.engine)
+        for f in self.fragments or [
+            _Fragment(n, m, s, torch.empty(0)) for n, m, s, _ in _master_fragments(self.engine, self.pool)
+        ]:
+            n = f.master.numel()
+            changed = (self.masks.frozen(f.name, f.start, n) != masks.frozen(f.name, f.start, n)).to(f.master.device)
+            if not bool(changed.any()):
+                continue
+            flat, off = zero.optimizer_state_of(self.engine, f.master)
+            for v in opt.state.get(flat, {}).values():
+                if torch.is_tensor(v) and v.shape == flat.shape:
+                    v.reshape(-1).narrow(0, off, n).masked_fill_(changed, 0)
+        self.masks = masks
+        if self.fragments:
+            self.fragments = self._fragments()
 
     def _fragments(self) -> list[_Fragment]:
         frags = []

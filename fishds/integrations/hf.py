@@ -141,6 +141,7 @@ class FishCallback(TrainerCallback):
         at least 1; 0 scores at initialisation (the paper).
     pool_include / pool_exclude: regexes on parameter names; excluded trainable tensors train fully.
     mask_path: use this fish_mask.safetensors instead of scoring.
+    regrow_every: 0 only; mask regrowth (fish.regrow_every) is a `fishds train` feature, refused here.
     """
 
     def __init__(
@@ -163,7 +164,13 @@ class FishCallback(TrainerCallback):
         allocation: str | None = None,
         control: str | None = None,
         trainer=None,
+        regrow_every: int = 0,
     ):
+        if regrow_every:
+            raise FishError(
+                f"FishCallback: regrow_every={regrow_every}: mask regrowth (fish.regrow_every) is supported by "
+                "`fishds train` only; the callback keeps the mask fixed (regrow_every=0)"
+            )
         rule_args = dict(selection=selection, score=score, allocation=allocation, control=control)
         self.fish = fish_section(
             keep_ratio=keep_ratio,

@@ -7,6 +7,8 @@ Layout: output_dir/checkpoints/step-00000040/ holding
                        (peft.PeftModel.from_pretrained loads it: evaluate or ship checkpoint-N without resuming)
 - fish_mask.safetensors the mask (fishds-packbits-v1, keyed like the adapter, as in output_dir)
 - rng-rank<R>.safetensors each rank's torch RNG states
+- regrow-rank<R>.safetensors with fish.regrow_every: each rank's gradient sums and values at growth
+                       (fishds/fish/regrow.py); fishds_state.json then holds the regrowth history
 - world_state.safetensors + world_state.json  the adapter's fp32 masters, optimizer moments and step, the LR
                        scheduler and DeepSpeed's counters, whole (run/reshard.py: what a resume restores, on any
                        number of ranks, without unpickling; optimizer-rank<R>.safetensors for a compact optimizer)
@@ -35,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import cache
 from .. import dist as fdist
-from ..files import CHECKPOINT_STATE, CHECKPOINTS_DIR, MASK_FILE
+from ..files import CHECKPOINT_STATE, CHECKPOINTS_DIR, MASK_FILE, REGROW_RANK_FILE
 from ..fish.adapter import gather_adapter, key_map, save_mask_file
 from ..fish.mask import load_masks, save_masks
 from . import guard, reshard
@@ -118,6 +120,7 @@ def save_checkpoint(
     extra: dict | None = None,
     protect: int | None = None,
     frozen=None,
+    rank_tensors: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint for `step` (all ranks call this), then prune to the newest `keep`.
 
@@ -125,6 +128,7 @@ def save_checkpoint(
     ZeRO-3); frozen (a Pool or None): fish.freeze's tensors, written into that adapter too (not into the DeepSpeed
     state, which excludes frozen parameters: a resumed run rebuilds them from train.seed, as it built them).
     extra: more fields for fishds_state.json. protect: a step whose checkpoint pruning keeps (the best).
+    rank_tensors: this rank's tensors for REGROW_RANK_FILE (fish.regrow_every, fishds/fish/regrow.py).
     A write that fails on any rank (a full disk, a read-only folder) stops the run on every rank with
     guard.WriteFailed; the temporary folder is removed and the complete checkpoints are left as they were.
     fishds_state.json records the size and sha256 of every file of the checkpoint (`files`), checked at resume
@@ -152,6 +156,8 @@ def save_checkpoint(
     if failure is None:
         try:
             save_file(_rng_state(), str(tmp / f"rng-rank{fdist.rank()}.safetensors"))
+            if rank_tensors is not None:
+                save_file(rank_tensors, str(tmp / REGROW_RANK_FILE.format(rank=fdist.rank())))
             if trainable is not None:
                 reshard.save_rank(engine, tmp)
         except (OSError, RuntimeError, SafetensorError) as e:

@@ -19,6 +19,7 @@ from ..files import CHECKPOINT_STATE, REPORT_FILE
 from ..fish import rules
 from ..fish.compact import check_config as check_compact
 from ..fish.config import check_run as check_rule
+from ..fish.regrow import check_config as check_regrow
 from ..fish.selection import rule
 from ..model import check_model_and_targets, count_trainable, is_classification, resolve_model_path
 from . import best, reshard, schedule, trackers
@@ -53,6 +54,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
     model_path = resolve_model_path(cfg.model)  # the model's config.json sizes the hidden-size "auto" buckets
     ds = resolve_ds_config(cfg, ds_path, world, model_path)  # fp16, ZeRO stage, "auto"s, contradictions: up front
     check_compact(cfg, ds)
+    check_regrow(cfg)
     trackers.check(cfg)
     schedule.check(cfg)
     quant.check(cfg, ds["zero_optimization"].get("stage", 0))
@@ -96,6 +98,7 @@ def preflight(cfg: Config, ds_path: str | None) -> Plan:
             cfg.fish.compact_optimizer,
             cfg.train.micro_batch_size,
             cfg.train.resume_trust_pickle,
+            regrow=bool(cfg.fish.regrow_every),
         )
     best.check(cfg, bool(eval_path or d.eval_split), is_classification(cfg.data))
     check_model_and_targets(cfg.model, cfg.peft, cfg.data, model_path)  # classification: the head once labels are read

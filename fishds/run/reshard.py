@@ -148,7 +148,13 @@ def _load_rank(engine, folder: Path) -> None:
 
 
 def check(
-    state: dict, folder: Path, world: int, compact: bool, micro_batch_size: int, trust_pickle: bool = False
+    state: dict,
+    folder: Path,
+    world: int,
+    compact: bool,
+    micro_batch_size: int,
+    trust_pickle: bool = False,
+    regrow: bool = False,
 ) -> None:
     """Preflight: can the checkpoint written on state['world_size'] ranks resume on `world` ranks, without
     unpickling unless trust_pickle?"""
@@ -160,6 +166,11 @@ def check(
                 f"{where}; fish.compact_optimizer keeps moments per selected entry of each rank's partition "
                 f"and cannot be re-partitioned: resume on {saved} rank(s) or set "
                 "fish.compact_optimizer=false"
+            )
+        if regrow:
+            raise ConfigError(
+                f"{where}; fish.regrow_every keeps each rank's gradient sums and its chunk of the values at growth "
+                f"(regrow-rank<R>.safetensors), which cannot be re-partitioned: resume on {saved} rank(s)"
             )
         if not (folder / TENSORS).is_file():
             raise ConfigError(

@@ -28,10 +28,11 @@ from ..card import write_run_card
 from ..config import Config, ConfigError
 from ..files import CHECKPOINT_STATE, METRICS_FILE, REPORT_FILE, REPORT_PNG, SELECTION_REPORT, write_json
 from ..fish import rules
-from ..fish.adapter import gather_adapter, rank_sliced
+from ..fish.adapter import gather_adapter, mask_report, rank_sliced, save_mask_file
 from ..fish.compact import CompactAdamW, check_resumed_state
 from ..fish.enforce import MaskEnforcer
 from ..fish.pool import Pool
+from ..fish.regrow import Regrowth
 from ..fish.selection import MaskFileError, budget, enforce_mask, progress_bar
 from ..fish.selection import fix_mask as fix_core
 from ..model import check_backends, head_patterns, is_classification, load_peft_model, load_tokenizer, peft_method
@@ -351,6 +352,7 @@ class FixedMask:
     enforcer: MaskEnforcer | None
     first_step: int  # the first masked training step
     best_tracker: best.BestTracker  # save_best / metric_for_best / early stopping (state from a checkpoint)
+    regrowth: Regrowth | None = None  # fish.regrow_every: the mask changes during training (fishds/fish/regrow.py)
 
 
 def fix_mask(s: Session, log: StepLog) -> FixedMask:
@@ -370,10 +372,25 @@ def fix_mask(s: Session, log: StepLog) -> FixedMask:
     else:
         core = _fix_now(s, log)
         first_step, judge = cfg.fish.head_steps + cfg.fish.dense_steps + 1, best.BestTracker(cfg)
+    regrowth = None
+    if cfg.fish.regrow_every and core.enforcer is not None:
+        first_masked = cfg.fish.head_steps + cfg.fish.dense_steps + 1
+        regrowth = Regrowth(cfg.fish, engine, s.pool, s.trainable, core.enforcer, first_masked, s.total_steps)
+        if resume_from is not None:
+            regrowth.load(resume_from, state)
+        fdist.print0(
+            f"[fishds] regrowth every {regrowth.every} masked steps up to step {regrowth.last_step}: "
+            f"{regrowth.nbytes / 2**20:.1f} MiB of gradient sums and values at growth on this rank"
+        )
     fdist.print0(memory.line(memory.measure(engine, core.masks, core.enforcer), fdist.world_size()))
     log.metrics.mask_summary({k: v for k, v in core.report.items() if k != "per_tensor"})
     return FixedMask(
-        masks=core.masks, report=core.report, enforcer=core.enforcer, first_step=first_step, best_tracker=judge
+        masks=core.masks,
+        report=core.report,
+        enforcer=core.enforcer,
+        first_step=first_step,
+        best_tracker=judge,
+        regrowth=regrowth,
     )
 
 
@@ -456,11 +473,14 @@ def first_step_after(resume_from: Path | None) -> int:
 
 def _checkpoint(s: Session, fixed: FixedMask, log: StepLog, step: int, scheduled: bool = True) -> Path:
     """A complete checkpoint at `step` (all ranks); `scheduled`: a train.save_every one (the best tracker sees it)."""
-    judge = fixed.best_tracker
+    judge, regrowth = fixed.best_tracker, fixed.regrowth
     log.metrics.flush()
     if scheduled:
         judge.on_checkpoint(step)
     g = guard.active()
+    extra = {"best": judge.state(), "nonfinite_steps": g.nonfinite_steps if g is not None else 0}
+    if regrowth is not None:
+        extra["regrowth"] = regrowth.history
     return save_checkpoint(
         s.engine,
         s.plan.output_dir,
@@ -469,9 +489,10 @@ def _checkpoint(s: Session, fixed: FixedMask, log: StepLog, step: int, scheduled
         fixed.masks,
         s.cfg.train.keep_checkpoints,
         s.trainable,
-        {"best": judge.state(), "nonfinite_steps": g.nonfinite_steps if g is not None else 0},
+        extra,
         protect=judge.ckpt_step,
         frozen=s.frozen,
+        rank_tensors=regrowth.rank_tensors() if regrowth is not None else None,
     )
 
 
@@ -516,6 +537,8 @@ def train_loop(s: Session, fixed: FixedMask, log: StepLog) -> int:
     for step in range(fixed.first_step, log.total_steps + 1):
         t0 = time.perf_counter()
         log(step, "train", train_step(engine, batches, collate, t.grad_accum), time.perf_counter() - t0)
+        if fixed.regrowth is not None and fixed.regrowth.due(step):  # before the step's evaluation and checkpoint
+            fixed.masks, _ = fixed.regrowth.regrow(step)
         if t.eval_every and step % t.eval_every == 0 and step != log.total_steps:
             step_eval = evaluate(engine, s.eval_examples, collate, t.micro_batch_size)
             log.metrics.write({"step": step, **step_eval})
@@ -561,11 +584,16 @@ def finish(s: Session, fixed: FixedMask, log: StepLog, last_step: int) -> RunRes
     report["eval"] = eval_metrics
     use_ckpt = best.summarise(judge, report, last_step, log.total_steps) if t.save_best else False
     report["memory_per_rank"] = memory.gather(memory.measure(engine, masks, enforcer))  # after training: real state
+    if fixed.regrowth is not None:  # the final mask: its statistics, the history of the events
+        report.update(mask_report(s.trainable, masks))
+        report["regrowth"] = fixed.regrowth.report()
     failure = None
     if fdist.is_main():
         try:  # a failed write (full disk) stops every rank, fish_report.json (the completion marker) unwritten
             guard.fault_file_size_limit(-1)  # FISHDS_FAULT_FSIZE=-1:0:BYTES: the final outputs' writes fail
             save_adapter(engine.module, out, adapter, r=rank)
+            if fixed.regrowth is not None:
+                save_mask_file(engine.module, out, masks)  # the final mask replaces the one fixed before training
             if use_ckpt:
                 best.install_best_adapter(out, checkpoint_root(out) / f"step-{judge.ckpt_step:08d}")
             write_run_card(out, s.cfg, report, s.plan.model_path)  # README.md: the model card
