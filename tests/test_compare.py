@@ -235,6 +235,14 @@ def test_quick_plan_arms_from_the_fish_defaults_budget_seeds_and_rates(tmp_path,
     rule = next(a for a in p.screen if a["selection"] == "saliency/module")["overrides"]
     assert (rule["fish.score"], rule["fish.allocation"], rule["fish.keep_ratio"]) == ("saliency", "module", 0.25)
     monkeypatch.undo()
+    # results and runs: the checkout's bench/results and runs/compare inside it, else ./fishds-compare
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert compare.default_dirs() == (Path("fishds-compare/runs"), Path("fishds-compare"))
+    assert compare.default_dirs(root) == (root / "runs" / "compare", root / "bench" / "results")  # bench/compare.py
+    monkeypatch.chdir(root / "docs")
+    assert compare.default_dirs() == (root / "runs" / "compare", root / "bench" / "results")
+    monkeypatch.undo()
     p = _plan("--config", _quick_config(tmp_path, peft={"r": 2}, data={"test_path": None}), "--quick")
     assert p.budget["name"] == "p1:2:1" and not p.has_test and p.split == "eval"  # validation, said loudly
     assert p.out_root.name.endswith("-screen") and "VALIDATION" in "\n".join(compare.describe(p))
