@@ -7,6 +7,7 @@
     fishds generate --adapter OUTPUT_DIR [--base BASE] [--prompt TEXT]          # a reply, or a chat on stdin
     fishds preprocess [--config X] [--ds_config Y] [--debug N] [section.key=value ...]  # tokenise into the cache
     fishds evaluate --adapter OUTPUT_DIR --data FILE                           # eval loss/ppl/accuracy of an adapter
+    fishds compare --config X [--quick] [--seeds ...] [--lrs ...] [section.key=value ...]  # does FISH help here?
     fishds config-schema                                                       # JSON schema of the YAML config
     fishds --version
 
@@ -85,6 +86,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="a data file (.jsonl/.json/.csv/.parquet), datasets folder or Hub id")
     e.add_argument(
         "--max_examples", type=int, help="score the first N rows (default: the run's data.max_eval_examples; 0 = all)"
+    )
+
+    from .compare import add_arguments as compare_arguments
+
+    compare_arguments(
+        sub.add_parser(
+            "compare",
+            help="does a FISH mask help on this task? rules vs a random mask vs plain PEFT, paired seeds "
+            "(--quick: the default rule, one verdict line)",
+            description="Runs `fishds train` once per arm, learning rate and paired seed; chooses each arm's rate "
+            "on validation, reports test figures with paired differences and 95% t-intervals; --quick ends with "
+            "one verdict line. Arms, budgets and files: docs/results.md#the-protocol-fishds-compare.",
+        )
     )
 
     sub.add_parser(
@@ -241,6 +255,12 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import run
+
+    return run(args, prog="fishds compare", command=" ".join(["fishds", *args.argv]))
+
+
 def _config_schema(args) -> int:
     import json
 
@@ -261,6 +281,7 @@ def main(argv=None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # usage errors (argparse printed them) and --help, as a return code
         return e.code if isinstance(e.code, int) else 2
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "train": _train,
         "report": _report,
@@ -268,6 +289,7 @@ def main(argv=None) -> int:
         "plan": _plan,
         "generate": _generate,
         "evaluate": _evaluate,
+        "compare": _compare,
         "config-schema": _config_schema,
         "preprocess": _preprocess,
     }

@@ -1,10 +1,13 @@
-"""bench/compare.py: the protocol's statistics on synthetic rows, and the driver end to end on a toy classifier."""
+"""fishds compare (fishds/compare.py, bench/compare.py its shim): the protocol's statistics and --quick's verdict on
+synthetic rows, its plan without a run, and the driver end to end on a toy classifier (the matrix, then --quick)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,15 +15,18 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_classification import _data
+from toy import make_tiny_bert
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from fishds import compare
 
-import compare  # noqa: E402
-from test_classification import _data  # noqa: E402
-from toy import make_tiny_bert  # noqa: E402
+VERDICT = re.compile(
+    r"^verdict: (helps|no evidence|hurts): (\S+) vs plain LoRA r=(\d+): ([+-]\d+\.\d+) (\S+) "
+    r"\[([+-]\d+\.\d+), ([+-]\d+\.\d+)\] 95% CI over (\d+) paired seeds; effects beyond \+-(\d+\.\d+) ruled out$"
+)
 
 
-def _rows(values: dict, lrs=(1e-3, 1e-2, 1e-1)) -> list[dict]:
+def _rows(values: dict, lrs=(1e-3, 1e-2, 1e-1), metric: str = "accuracy") -> list[dict]:
     """values[arm][lr] = (eval per seed, test per seed)."""
     rows = []
     for arm, by_lr in values.items():
@@ -36,8 +42,8 @@ def _rows(values: dict, lrs=(1e-3, 1e-2, 1e-1)) -> list[dict]:
                     "lr": lr,
                 }
                 rows += [
-                    {**base, "split": "eval", "metric": "eval_accuracy", "value": e},
-                    {**base, "split": "test", "metric": "test_accuracy", "value": t},
+                    {**base, "split": "eval", "metric": f"eval_{metric}", "value": e},
+                    {**base, "split": "test", "metric": f"test_{metric}", "value": t},
                 ]
     return rows
 
@@ -86,7 +92,7 @@ def test_arm_names():
     assert spec["warmup"] == 7 and spec["fish"]["fish.control"] == "random_matched"
     assert compare.is_random_arm("saliency/module+random_matched@20") and compare.is_random_arm("random/tensor")
     assert not compare.is_random_arm("saliency/module@20")
-    with pytest.raises(SystemExit, match="SCORE"):
+    with pytest.raises(compare.CompareError, match="SCORE"):
         compare.parse_arm("best/layer", 20)
 
 
@@ -98,13 +104,183 @@ def test_arm_lrs_give_an_arm_its_own_grid():
     lrs = {(a["selection"], a["lr"]) for a in todo}
     assert lrs == {("dense", 3e-3), ("dense", 1e-2), ("random", 3e-2)} and len(todo) == 6
     for bad in ("dense", "dense=", "dense=fast"):
-        with pytest.raises(SystemExit, match="ARM=LR"):
+        with pytest.raises(compare.CompareError, match="ARM=LR"):
             compare.parse_arm_lrs([bad])
-    with pytest.raises(SystemExit, match="does not list: fisher"):
+    with pytest.raises(compare.CompareError, match="does not list: fisher"):
         compare.arms(budgets, [0], [1e-2], ["dense"], 100, 20, {"fisher": [1e-2]})
 
 
-def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path):
+def _verdict(rule_t, dense_t, random_t, metric="accuracy"):
+    """A rule, plain PEFT and a random mask at one rate each: the verdict of the rule (fisher) on their test rows."""
+    n = len(rule_t)
+    rows = _rows(
+        {
+            "dense": {1e-3: ([0.5] * n, dense_t)},
+            "random": {1e-3: ([0.5] * n, random_t)},
+            "fisher": {1e-3: ([0.5] * n, rule_t)},
+        },
+        metric=metric,
+    )
+    cells, _, _ = compare.summarise(rows, grid_warnings=False)
+    return compare.verdict(cells, "fisher", "plain LoRA r=2")
+
+
+def test_quick_verdict_helps_hurts_no_evidence_and_the_equivalence_bound():
+    dense = [0.70, 0.72, 0.71, 0.69, 0.73]
+    up = [0.75, 0.76, 0.76, 0.73, 0.78]  # +4 to +5 points on every seed
+    out = _verdict(up, dense, dense)
+    m = VERDICT.match(out["line"])
+    assert m and m.group(1) == "helps" and out["verdict"] == "helps", out["line"]
+    assert m.group(2) == "fisher" and m.group(3) == "2" and m.group(5) == "points" and m.group(8) == "5"
+    d = [a - b for a, b in zip(up, dense)]
+    half = 2.776 * statistics.stdev(d) / math.sqrt(5)
+    lo, hi = statistics.mean(d) - half, statistics.mean(d) + half
+    assert out["ci95"] == pytest.approx([lo, hi]) and lo > 0
+    assert out["bound"] == pytest.approx(max(abs(lo), abs(hi)))  # effects beyond the interval's far end
+    assert float(m.group(9)) == pytest.approx(100 * max(abs(lo), abs(hi)), abs=0.006)
+    assert float(m.group(4)) == pytest.approx(100 * statistics.mean(d), abs=0.006)
+    assert (
+        out["random_line"].startswith("fisher vs a random mask of the same count: +")
+        and "(better)" in (out["random_line"])
+    )
+    down = [v - 0.05 for v in up]  # below plain on every seed: hurts, the bound is |lo|
+    out = _verdict([v - 0.09 for v in up], dense, up)
+    assert out["verdict"] == "hurts" and out["ci95"][1] < 0 and out["bound"] == pytest.approx(-out["ci95"][0])
+    assert "(worse)" in out["random_line"]
+    noisy = [0.74, 0.68, 0.72, 0.70, 0.72]  # differences +4 -4 +1 +1 -1: the CI spans 0
+    out = _verdict(noisy, dense, down)
+    assert out["verdict"] == "no evidence" and out["ci95"][0] < 0 < out["ci95"][1]
+    assert VERDICT.match(out["line"]).group(1) == "no evidence"
+    assert out["bound"] == pytest.approx(max(-out["ci95"][0], out["ci95"][1]))
+
+
+def test_quick_verdict_on_a_loss_lower_is_better():
+    dense = [2.10, 2.12, 2.08, 2.11, 2.09]
+    lower = [v - 0.05 for v in dense[:4]] + [2.03]  # lower loss on every seed: helps
+    out = _verdict(lower, dense, dense, metric="loss")
+    m = VERDICT.match(out["line"])
+    assert m and out["verdict"] == "helps" and out["ci95"][1] < 0 and m.group(5) == "loss", out["line"]
+    assert float(m.group(4)) < 0 and float(m.group(9)) == pytest.approx(-out["ci95"][0], abs=1e-4)  # loss units
+    assert "(better)" in out["random_line"]
+    out = _verdict([v + 0.05 for v in dense], dense, dense, metric="loss")
+    assert out["verdict"] == "hurts" and out["ci95"][0] > 0 and "(worse)" in out["random_line"]
+    # a loss is chosen low on validation: the rate with the lowest mean validation loss
+    rows = _rows({"dense": {1e-3: ([2.0] * 2, [2.0] * 2), 1e-2: ([1.5] * 2, [1.6] * 2)}}, metric="loss")
+    cells, table, _ = compare.summarise(rows)
+    assert cells[0]["lr"] == 1e-2 and cells[0]["mean"] == pytest.approx(1.6) and "1.6000 ± 0.0000" in table
+
+
+def _quick_config(tmp_path, **sections) -> str:
+    tree = {
+        "model": {"name_or_path": "m"},
+        "data": {"path": "train.jsonl", "eval_path": "eval.jsonl", "test_path": "test.jsonl", "format": "alpaca"},
+        "peft": {"r": 16},
+        "train": {"lr": 1e-3, "max_steps": 100},
+        "output_dir": "o",
+    }
+    for name, values in sections.items():
+        tree[name] = {**tree.get(name, {}), **values}
+        tree[name] = {k: v for k, v in tree[name].items() if v is not None}
+    path = tmp_path / f"q{len(list(tmp_path.glob('q*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def _plan(*argv):
+    return compare.plan(compare.parser().parse_args(list(argv)), repo=None)
+
+
+def test_quick_plan_arms_from_the_fish_defaults_budget_seeds_and_rates(tmp_path, monkeypatch):
+    from fishds.fish import config as fish_config
+    from fishds.fish.rules import label
+
+    p = _plan("--config", _quick_config(tmp_path), "--quick")
+    rule = label(fish_config.FishSection())
+    assert p.rule == rule == "fisher" and p.arms == ["dense", "random", rule]
+    assert p.budget["name"] == "p1:16:4" and (p.pool_r, p.plain_r) == (16, 4)
+    assert p.lrs == [1e-3, 3e-3] and p.screen_seeds == [0, 1] and p.seeds == [0, 1, 2, 3, 4]
+    assert p.metric == "token_acc" and p.has_test and p.split == "test" and p.prefix == "quick"
+    assert len(p.screen) == 3 * 2 * 2 and {a["lr"] for a in p.screen} == {1e-3, 3e-3}
+    assert "data.test_path" not in p.screen_common and p.common["data.test_path"] == "test.jsonl"
+    fisher = next(a for a in p.screen if a["selection"] == "fisher")["overrides"]
+    assert fisher["fish.score"] == "fisher" and fisher["peft.r"] == 16 and fisher["fish.match_r"] == 4
+    assert next(a for a in p.screen if a["selection"] == "dense")["overrides"]["peft.r"] == 4
+    text = "\n".join(compare.describe(p))
+    assert "plain LoRA r=4" in text and "20 dense steps" in text and "27 runs" in text
+    # the rule is whatever the fish section defaults to; --budgets, --lrs, --arm-lrs and the seeds override
+    real = fish_config.FishSection
+    monkeypatch.setattr(
+        fish_config, "FishSection", lambda **kw: real(**{"score": "saliency", "allocation": "module", **kw})
+    )
+    p = _plan(
+        "--config",
+        _quick_config(tmp_path, peft={"r": 8}),
+        "--quick",
+        "--budgets",
+        "p2:8:0.25",
+        "--lrs",
+        "1e-2",
+        "3e-2",
+        "--arm-lrs",
+        "dense=1e-3",
+        "--screen-seeds",
+        "0",
+        "--seeds",
+        "0",
+        "1",
+    )
+    assert p.rule == "saliency/module" and p.arms == ["dense", "random", "saliency/module"]
+    assert p.budget["name"] == "p2:8:0.25" and p.plain_r == 2 and p.seeds == [0, 1] and p.screen_seeds == [0]
+    assert {a["selection"] for a in p.screen} == {"random", "saliency/module"} and len(p.screen) == 4  # dense: 1 rate
+    rule = next(a for a in p.screen if a["selection"] == "saliency/module")["overrides"]
+    assert (rule["fish.score"], rule["fish.allocation"], rule["fish.keep_ratio"]) == ("saliency", "module", 0.25)
+    monkeypatch.undo()
+    # results and runs: the checkout's bench/results and runs/compare inside it, else ./fishds-compare
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert compare.default_dirs() == (Path("fishds-compare/runs"), Path("fishds-compare"))
+    assert compare.default_dirs(root) == (root / "runs" / "compare", root / "bench" / "results")  # bench/compare.py
+    monkeypatch.chdir(root / "docs")
+    assert compare.default_dirs() == (root / "runs" / "compare", root / "bench" / "results")
+    monkeypatch.undo()
+    p = _plan("--config", _quick_config(tmp_path, peft={"r": 2}, data={"test_path": None}), "--quick")
+    assert p.budget["name"] == "p1:2:1" and not p.has_test and p.split == "eval"  # validation, said loudly
+    assert p.out_root.name.endswith("-screen") and "VALIDATION" in "\n".join(compare.describe(p))
+
+
+def test_quick_refuses_bad_input_before_any_run(tmp_path, capsys):
+    from fishds import cli
+
+    good = _quick_config(tmp_path)
+    for argv, needle in (
+        ([], "the following arguments are required: --config"),
+        (["--config", str(tmp_path / "missing.yaml")], "missing.yaml does not exist"),
+        (["--config", _quick_config(tmp_path, data={"eval_path": None})], "needs data.eval_path"),
+        (["--config", _quick_config(tmp_path, peft={"r": 1})], "needs peft.r >= 2"),
+        (["--config", good, "--seeds", "0"], "at least 2 paired seeds"),
+        (["--config", good, "--arms", "dense"], "drop --arms"),
+        (["--config", good, "--budgets", "p1:16:4", "p1:8:2"], "one budget"),
+        (["--config", good, "--budgets", "p1:16"], "use p1:R:r or p2:R:p"),
+        (["--config", good, "--arm-lrs", "lowest=1e-3"], "does not run"),
+        (["--config", good, "--metric", "accuracy"], "reports token_acc, loss, ppl"),
+        (["--config", _quick_config(tmp_path, fish={"selection": "random"})], "arm fisher at p1:16:4"),
+    ):
+        assert cli.main(["compare", "--quick", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        at = [i for i, line in enumerate(err) if line.startswith("fishds compare: error: ")]  # after argparse's usage
+        assert at and needle in " ".join(err[at[0] :]), (argv, err)
+    assert not (tmp_path / "fishds-compare").exists() and not list(tmp_path.glob("runs*"))
+    # bench/compare.py: the same command from a checkout
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "compare.py"), "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "compare.py: error: config file" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path, capsys):
     bert = toy["root"] / "bert"
     if not (bert / "config.json").exists():
         make_tiny_bert(bert)
@@ -193,3 +369,31 @@ def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path):
     }
     a, b, c = head.values()
     assert a and all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    # fishds compare --quick on the same task: it reuses the matrix's finished runs of the same arm, rate and seed
+    # (dense and random at 1e-3), so it adds the screen of dense's two rates and the default rule's two seeds
+    from fishds import cli
+    from fishds.fish.config import FishSection
+    from fishds.fish.rules import label
+
+    capsys.readouterr()
+    argv = ["compare", "--config", str(config), "--quick", "--task", "toy", "--budgets", "p1:4:2", "--lrs", "1e-3"]
+    argv += ["--arm-lrs", "dense=1e-3,1e-2", "--screen-seeds", "0", "--seeds", "0", "1"]
+    argv += ["--runs", str(tmp_path / "runs"), "--results", str(results)]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    first_run = next(i for i, line in enumerate(lines) if re.match(r"\[compare\] (screen|confirm) \d+/", line))
+    wall = next(i for i, line in enumerate(lines) if "expected wall time:" in line)
+    assert wall < first_run and re.search(r"expected wall time: 8 runs x \d+ s / 2 parallel = ", lines[wall])
+    assert "measured on the first run" in lines[wall]
+    assert any(line.startswith("[compare] arms: dense = plain LoRA r=2") for line in lines[:wall])
+    rule = label(FishSection())
+    m = VERDICT.match(lines[-1])
+    assert m and m.group(2) == rule and m.group(3) == "2" and m.group(8) == "2", lines[-3:]
+    assert lines[-2].startswith(f"{rule} vs a random mask of the same count: ")
+    assert sum(1 for line in lines if re.match(r"\[compare\] (screen|confirm) \d+/8 ", line)) == 8
+    quick = json.loads((results / "quick-toy.json").read_text())
+    assert quick["verdict"]["line"] == lines[-1] and quick["meta"]["quick"] is True
+    assert {c["selection"]: c["n"] for c in quick["cells"]} == {"dense": 2, "random": 2, rule: 2}
+    assert {r["split"] for r in quick["screen"]["rows"]} == {"eval"} and len(quick["screen"]["rows"]) == 2
+    assert {r["split"] for r in quick["rows"]} == {"eval", "test"}
+    assert lines[-1] in (results / "quick-toy.md").read_text()
