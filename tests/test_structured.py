@@ -1,7 +1,7 @@
 """Structured allocations on real ranks: fish.allocation=rank (score grad, A trained) and fish.allocation=row (score
 fisher, fish.freeze: [lora_A]) on a toy Llama whose lora_B rows are cut by the 2-rank chunk boundary (hidden 40,
 r 5: the pool is 2 x (40 + 20) rows of 5, chunks of 304 entries): exact quotas, the same masks on 1 rank (ZeRO-0)
-and 2 ranks (ZeRO-3 / ZeRO-2), scores against a plain PyTorch reference, the rank-sliced adapter loading in peft
+and 2 ranks (ZeRO-2 / ZeRO-3), scores against a plain PyTorch reference, the rank-sliced adapter loading in peft
 with the trained model's logits, and frozen lora_A saved at its initialisation."""
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ RULES = {
     "rank": {"fish.allocation": "rank", "fish.score": "grad"},
     "row": {"fish.allocation": "row", "fish.score": "fisher", "fish.freeze": "[lora_A]"},
 }
-RANKS = {"rank": (("zero0.json", 1), ("zero3.json", 2)), "row": (("zero0.json", 1), ("zero2.json", 2))}
+# frozen lora_A under ZeRO-3 (partitioned, gathered to be saved); the rank-sliced save under ZeRO-2
+RANKS = {"rank": (("zero0.json", 1), ("zero2.json", 2)), "row": (("zero0.json", 1), ("zero3.json", 2))}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,7 @@ def test_row_quota_exact_same_on_1_and_2_ranks_frozen_a_saved_and_fisher_referen
     for name, b in sq.items():
         if ".lora_B." in name:
             torch.testing.assert_close(scores[name], b.float(), rtol=1e-4, atol=1e-12)
+    assert sum("lora_A" in key for key in adapter) == len(m2), "every frozen lora_A is saved with the adapter"
     for key, v in adapter.items():
         if "lora_A" in key:  # frozen at its initialisation, and saved
             tail = key.split("base_model.model.")[1]

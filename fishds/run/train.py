@@ -203,10 +203,10 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
 
         zero3_loading = HfDeepSpeedConfig(ds)  # noqa: F841
     model = load_peft_model(cfg, plan.model_path, dtype, plan.labels, tokenizer.pad_token_id)
-    frozen = Pool.freeze_matching(model, cfg.fish.freeze)
+    frozen_names = Pool.freeze_matching(model, cfg.fish.freeze)
     if cfg.fish.freeze:
-        fdist.print0(f"[fishds] fish.freeze: {len(frozen)} adapter tensors frozen at their initialisation")
-        if not frozen:
+        fdist.print0(f"[fishds] fish.freeze: {len(frozen_names)} adapter tensors frozen at their initialisation")
+        if not frozen_names:
             raise ConfigError(f"fish.freeze={cfg.fish.freeze} matches no trainable tensor of the adapter")
     if zero3_loading is not None:
         frozen = [p for p in model.parameters() if not p.requires_grad]
@@ -239,7 +239,7 @@ def setup(cfg: Config, ds_path: str | None = None) -> Session:
         engine=engine,
         pool=Pool.from_model(engine.module, cfg.fish.pool_include, exclude),
         trainable=Pool.from_model(engine.module),
-        frozen=Pool.named(engine.module, frozen),
+        frozen=Pool.named(engine.module, frozen_names),
         k=counts["k"],
         budget=counts,
         examples=examples,
