@@ -5,29 +5,15 @@ The run itself (head-only steps, then dense steps, then masked training) is chec
 
 from __future__ import annotations
 
-import os
-
 import pytest
-import torch
 from conftest import base_overrides
 from test_bad_input import broken_weights_model, launch_train  # noqa: F401 - fixture reused
+from test_bad_input_more import _isolated_process_group  # noqa: F401 - autouse fixture reused
 
 from fishds.config import ConfigError, load_config
 
 NEED = ["model.name_or_path=m", "data.path=d.jsonl", "output_dir=o"]
 CLS = [*NEED, "data.format=classification"]
-
-
-@pytest.fixture(autouse=True)
-def _isolated_process_group():
-    """A case that gets past preflight starts a 1-rank process group here: end it, restore the environment."""
-    env = dict(os.environ)
-    had_group = torch.distributed.is_initialized()
-    yield
-    if torch.distributed.is_initialized() and not had_group:
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
 
 
 def test_head_steps_without_classification_data_is_refused_before_weights_load(
