@@ -397,3 +397,17 @@ def test_compare_driver_end_to_end_on_a_toy_classifier(toy, tmp_path, capsys):
     assert {r["split"] for r in quick["screen"]["rows"]} == {"eval"} and len(quick["screen"]["rows"]) == 2
     assert {r["split"] for r in quick["rows"]} == {"eval", "test"}
     assert lines[-1] in (results / "quick-toy.md").read_text()
+
+
+def test_paired_contrasts_t_distribution_and_holm():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from paired_contrasts import holm, t_quantile, t_two_sided_p
+
+    assert t_quantile(0.95, 9) == pytest.approx(2.262157, abs=1e-5)  # Student t tables
+    assert t_quantile(0.975, 9) == pytest.approx(2.685011, abs=1e-5)
+    assert t_quantile(0.95, 1) == pytest.approx(12.706205, abs=1e-4)
+    assert t_two_sided_p(2.262157, 9) == pytest.approx(0.05, abs=1e-6)
+    # Holm: the smaller p against 0.05 / 2, then the other against 0.05; stops at the first non-rejection
+    assert holm([0.01, 0.04]) == [(0.02, 0.975, True), (0.04, 0.95, True)]
+    assert [r[2] for r in holm([0.03, 0.04])] == [False, False]
+    assert [r[2] for r in holm([0.001, 0.2, 0.01])] == [True, False, True]
