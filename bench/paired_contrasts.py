@@ -3,10 +3,9 @@
     python bench/paired_contrasts.py --results bench/results/confirm-rt-minilm-structured.json \
         bench/results/confirm-rt-minilm-structured-atrained.json \
         --primary "grad/rank - dense" "fisher/row - random/row" \
-        --secondary "grad/rank - atrained:dense" ... [--out FILE.md]
+        --secondary "grad/rank - rt-minilm-structured-atrained:dense" ... [--out FILE.md]
 
-An arm is `ARM` (in the first file) or `TASK:ARM` with TASK a file's task (its meta.task, or the last part of it
-after the first file's task and a dash: `atrained` for rt-minilm-structured-atrained). Arms of different files are
+An arm is `ARM` (in the first file) or `TASK:ARM` with TASK a file's task (its meta.task). Arms of different files are
 paired by seed (the same train.seed and fish.seed: the same data order and head initialisation). The primary
 contrasts form one Holm family (step-down at 5%: the p-values in ascending order against 0.05/m, 0.05/(m-1), ...;
 each contrast's adjusted p and its interval at the level Holm assigns it); secondary contrasts get plain 95%
@@ -87,12 +86,10 @@ def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict]:
     """arm key -> {seed: value} and arm key -> its cell, over the files (first file: bare arm names), of one budget
     (`budget`, needed when a file holds several)."""
     values, cells = {}, {}
-    first = None
     for n, path in enumerate(paths):
         data = json.loads(Path(path).read_text())
         task = data["meta"]["task"]
-        first = first or task
-        prefix = "" if n == 0 else task.removeprefix(first + "-") + ":"
+        prefix = "" if n == 0 else task + ":"
         split = data["meta"]["split"]
         budgets = {c["budget"] for c in data["cells"]}
         if budget is None and len(budgets) > 1:
