@@ -29,14 +29,16 @@ def save_adapter(model, out: Path, adapter: dict[str, torch.Tensor], r: int | No
     try:
         if isinstance(model, PeftModel):
             cfg = model.peft_config["default"]
-            r_model = cfg.r
+            r_model = getattr(cfg, "r", None)  # IA3 and others have no rank; only a LoRA is saved rank-sliced
             try:
-                cfg.r = r if r is not None else r_model
+                if r is not None:
+                    cfg.r = r
                 model.save_pretrained(
                     str(tmp), state_dict={**adapter_buffers(model), **adapter}, safe_serialization=True
                 )
             finally:
-                cfg.r = r_model
+                if r is not None:
+                    cfg.r = r_model
         else:  # fishds' own adapters (PeftMethod.own_adapter): fishds/bottleneck.py writes them
             save_bottleneck(model, tmp, adapter)
         for f in tmp.iterdir():
