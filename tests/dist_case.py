@@ -21,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from fishds import dist as fdist  # noqa: E402
 from fishds.config import load_config  # noqa: E402
+from fishds.run.guard import RunStopped  # noqa: E402
 from fishds.run.train import run  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -45,7 +46,13 @@ if os.environ.get("FISHDS_CASE_START_ADAPTER") == "1":
         return fix_mask(s, log)
 
     train_run.fix_mask = fix_mask_after_saving_the_start
-result = run(cfg, args.ds_config)
+try:
+    result = run(cfg, args.ds_config)
+except RunStopped as stopped:  # every rank agreed to stop (exit codes of fishds/run/guard.py): leave without the
+    # interpreter's teardown, where a gloo thread can abort one rank (SIGABRT) instead of the agreed exit code
+    from case_exit import exit_now  # noqa: E402
+
+    exit_now(stopped.code)
 probe = result.collate((result.eval_examples or result.test_examples)[:4])
 model = result.engine.module
 model.eval()
