@@ -47,6 +47,7 @@ from .allocation import selected_per_tensor, tensor_groups
 from .keys import kind_of
 from .mask import PackedMasks, share_selection
 from .pool import Pool
+from .scores import chunk_of, theta
 from .select import _hash32, exact_topk_grouped, float_keys, random_keys
 
 
@@ -105,22 +106,6 @@ def _chunk_of(pool: Pool, start: int, end: int, per_tensor) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-@torch.no_grad()
-def chunk_values(pool: Pool, start: int, end: int) -> torch.Tensor:
-    """This rank's chunk of the adapter's current values (fp32, CPU): every pool tensor gathered in turn under
-    ZeRO-3 (a collective: every rank gathers every tensor), read in place below ZeRO-3."""
-    import deepspeed
-
-    parts = []
-    for t in pool.tensors:
-        with deepspeed.zero.GatheredParameters([t.param], modifier_rank=None):
-            lo, hi = max(start, t.offset), min(end, t.offset + t.numel)
-            if lo < hi:
-                flat = t.param.detach().reshape(-1)
-                parts.append(flat[lo - t.offset : hi - t.offset].to("cpu", torch.float32, copy=True))
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
 class Regrowth:
     """Regrowth of a run's mask: the gradient sums (filled by the enforcer's hooks), the values at growth, the
     schedule, the events and their history. Every rank builds one after the mask is enforced."""
@@ -137,7 +122,7 @@ class Regrowth:
             if bool(masks.frozen(t.name).any())
         }
         enforcer.accumulators = self.sums
-        self.grown_at = chunk_values(pool, self.start, self.end)  # the initial mask: grown when it was fixed
+        self.grown_at = chunk_of(pool, self.start, self.end, theta)  # the initial mask: grown when it was fixed
         self.history: list[dict] = []
 
     @property
@@ -182,7 +167,7 @@ class Regrowth:
         trainable tensor), enforced; returns them and the history entry."""
         pool, start, end, masks = self.pool, self.start, self.end, self.enforcer.masks
         grad_sum = self._owned_sums()
-        now = chunk_values(pool, start, end)
+        now = chunk_of(pool, start, end, theta)
         active = _chunk_of(pool, start, end, lambda t, lo, hi: ~masks.frozen(t.name, lo, hi - lo).cpu())
         selected = [int((~masks.frozen(t.name)).sum()) for t in pool.tensors]
         counts = regrow_counts(selected, [t.numel for t in pool.tensors], self.fish.regrow_fraction)

@@ -116,7 +116,7 @@ def chunk_of(pool: Pool, start: int, end: int, fetch: Callable[[PoolTensor], tor
 
 
 @torch.no_grad()
-def _theta(t: PoolTensor) -> torch.Tensor:
+def theta(t: PoolTensor) -> torch.Tensor:
     """Full values of one pool tensor on every rank (gathers it under ZeRO-3, a no-op otherwise)."""
     import deepspeed
 
@@ -145,7 +145,7 @@ def _fisher(ctx: ScoreContext) -> torch.Tensor:
 
 def _saliency(ctx: ScoreContext) -> torch.Tensor:
     _, g = _moments(ctx, with_sum=True)
-    return (chunk_of(ctx.pool, ctx.start, ctx.end, _theta) * g).abs_()
+    return (chunk_of(ctx.pool, ctx.start, ctx.end, theta) * g).abs_()
 
 
 def _snr(ctx: ScoreContext) -> torch.Tensor:
@@ -164,7 +164,7 @@ def _adam_v(ctx: ScoreContext) -> torch.Tensor:
 def _movement(ctx: ScoreContext) -> torch.Tensor:
     if ctx.initial is None:
         raise FisherError("fish.score=movement needs the adapter at the warm-up's start (fish.dense_steps > 0)")
-    now = chunk_of(ctx.pool, ctx.start, ctx.end, _theta)
+    now = chunk_of(ctx.pool, ctx.start, ctx.end, theta)
     return now.sub_(chunk_of(ctx.pool, ctx.start, ctx.end, lambda t: ctx.initial[t.name])).abs_()
 
 
