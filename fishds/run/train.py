@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -399,10 +398,12 @@ def _head_steps(s: Session, log: StepLog) -> None:
     every head entry selected and every other trainable entry frozen keeps the pool and any other adapter tensor bit
     for bit (gradients zeroed, fp32 masters restored after each step: weight decay cannot move them); removed after."""
     cfg, engine = s.cfg, s.engine
-    patterns = head_patterns(cfg.data)
-    head = {t.name for t in s.trainable.tensors if any(re.search(pat, t.name) for pat in patterns)}
-    if not head:
-        raise ConfigError(f"fish.head_steps={cfg.fish.head_steps}: the model has no trainable classification head")
+    try:  # the head as the pool and train.head_lr match it
+        head = {t.name for t in Pool.from_model(engine.module, include=head_patterns(cfg.data)).tensors}
+    except ValueError:
+        raise ConfigError(
+            f"fish.head_steps={cfg.fish.head_steps}: the model has no trainable classification head"
+        ) from None
     masks = {t.name: torch.full(t.shape, t.name in head, dtype=torch.bool) for t in s.trainable.tensors}
     enforcer = MaskEnforcer(engine, s.trainable, masks)
     try:
