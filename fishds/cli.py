@@ -141,7 +141,9 @@ def _train(args) -> int:
     from .dist import prefer_cpu_accelerator_if_no_cuda
 
     prefer_cpu_accelerator_if_no_cuda()  # before anything imports deepspeed
+    from . import dist as fdist
     from .config import ConfigError, load_config
+    from .run.guard import RunStopped
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -150,6 +152,9 @@ def _train(args) -> int:
         run(cfg, args.ds_config)
     except ConfigError as e:
         return _error(str(e))
+    except RunStopped:  # every rank agreed to stop (diverged, preempted, a failed write): the process leaves with
+        fdist.close()  # the documented code; its process group goes first (see fishds/dist.close)
+        raise
     return 0
 
 

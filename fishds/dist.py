@@ -73,6 +73,19 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         get_accelerator().set_device(local_rank())
 
 
+def close() -> None:
+    """Destroy the default process group of this process, if there is one (a local call, not a collective).
+
+    `fishds train` calls it before it exits with a guard's code (fishds/run/guard.py): the interpreter's teardown
+    would otherwise destroy the gloo / NCCL communicators' threads in an arbitrary order, and one rank could abort
+    there (SIGABRT, "terminate called without an active exception") instead of leaving with the agreed code. Not
+    after a normal end: DeepSpeed caches its groups per process, so a later run in the same process (a notebook, a
+    test) could not build an engine on a new process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def quiet_logs() -> None:
     """Rank 0 prints progress; the other ranks print only errors. Known-harmless library warnings are hidden."""
     import warnings

@@ -62,3 +62,30 @@ def test_contradicting_ds_config_is_refused(toy, tmp_path, capsys):
     ds.write_text("{not json")
     assert launch_train.main(["--ds_config", str(ds)] + base_overrides(toy, tmp_path / "o")) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_a_stopped_train_leaves_without_a_process_group(toy, tmp_path):
+    """`fishds train` destroys its process group before it leaves with a guard's exit code (75 after a signal), so
+    that the interpreter's teardown never meets live gloo / NCCL threads (one rank could abort there, SIGABRT,
+    instead of exiting with the agreed code). In a child process: what is left of the group is read after main."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from fishds.run.guard import EXIT_PREEMPTED
+
+    ov = base_overrides(toy, tmp_path / "stopped", **{"train.max_steps": 4})
+    code = (
+        "import json, sys, torch.distributed as dist\n"
+        "from fishds import cli\n"
+        "try:\n"
+        f"    cli.main(['train', *{ov!r}])\n"
+        "except SystemExit as e:\n"
+        "    print('EXIT', json.dumps([e.code, dist.is_initialized()]))\n"
+    )
+    env = {**os.environ, "FISHDS_FAULT_SIGNAL": "1:0", "MASTER_PORT": "29731"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("EXIT ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert json.loads(line[-1][5:]) == [EXIT_PREEMPTED, False], line
