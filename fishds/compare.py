@@ -120,6 +120,11 @@ def parse_arm(name: str, warmup: int) -> dict:
     """An arm name -> its fish overrides (see the module docstring): a rule name of fishds/fish/rules.py's grammar
     (rules.parse), with @WARMUP, or dense_pool / fisher_warmup."""
     from fishds.fish import rules
+    from fishds.fish.selection import RULES
+
+    def own_rule(fish: dict) -> dict:  # the arm's score as fish.selection too where it is one of its shorthands, so
+        # that a config's own fish.selection (e.g. random, as the recipes have) gives way to the arm's rule
+        return {**fish, "fish.selection": fish["fish.score"]} if fish["fish.score"] in RULES else fish
 
     if name == "fisher_warmup":
         name = f"fisher@{warmup}"
@@ -138,9 +143,9 @@ def parse_arm(name: str, warmup: int) -> dict:
     control = fields["control"]
     if not rules.CONTROLS[control].runs_rule:  # a control that names itself: no rule, no warm-up
         score = fields["score"] if rules.CONTROLS[control].trains_pool else "-"
-        fish = {"fish.score": fields["score"], "fish.control": control}
+        fish = own_rule({"fish.score": fields["score"], "fish.control": control})
         return {"name": name, "score": score, "allocation": "-", "fish": fish, "warmup": 0}
-    fish = {"fish.score": fields["score"], "fish.allocation": fields["allocation"]}
+    fish = own_rule({"fish.score": fields["score"], "fish.allocation": fields["allocation"]})
     if control != "none":
         fish["fish.control"] = control
     return {

@@ -87,7 +87,9 @@ def test_summary_chooses_on_eval_reports_test_with_paired_t_intervals():
 
 
 def test_arm_names():
-    assert compare.parse_arm("fisher_warmup", 20)["fish"] == {"fish.score": "fisher", "fish.allocation": "global"}
+    fisher = {"fish.score": "fisher", "fish.allocation": "global", "fish.selection": "fisher"}
+    assert compare.parse_arm("fisher_warmup", 20)["fish"] == fisher
+    assert compare.parse_arm("grad/rank", 20)["fish"] == {"fish.score": "grad", "fish.allocation": "rank"}
     spec = compare.parse_arm("snr/ab_balanced+random_matched@7", 20)
     assert spec["warmup"] == 7 and spec["fish"]["fish.control"] == "random_matched"
     assert compare.is_random_arm("saliency/module+random_matched@20") and compare.is_random_arm("random/tensor")
@@ -248,6 +250,25 @@ def test_quick_plan_arms_from_the_fish_defaults_budget_seeds_and_rates(tmp_path,
     assert p.out_root.name.endswith("-screen") and "VALIDATION" in "\n".join(compare.describe(p))
 
 
+def test_the_arms_rule_replaces_the_configs_selection(tmp_path):
+    """A config with its own fish.selection (random, as the recipes have) can be compared: every arm's rule gives way
+    to the arm's (fish.selection set with the arm's score where it is a shorthand); an arm whose score is not a
+    shorthand (grad) against a config's fish.selection is still refused, naming the arm."""
+    from fishds.config import load_config
+
+    cfg = _quick_config(tmp_path, fish={"selection": "random"})
+    p = _plan("--config", cfg, "--quick")
+    for arm in p.screen:
+        fish = load_config(cfg, [f"{k}={v}" for k, v in arm["overrides"].items()]).fish
+        want = {"dense": ("dense", None), "random": ("random", "random"), "fisher": ("fisher", "fisher")}
+        assert (fish.selection, fish.score) == want[arm["selection"]], arm
+    p = _plan("--config", cfg, "--arms", "dense", "fisher/row", "random/tensor", "--budgets", "p1:16:4")
+    assert {a["selection"] for a in p.todo} == {"dense", "fisher/row", "random/tensor"}
+    refused = "(?s)arm grad/rank at p1:16:4: .*fish.selection=random and fish.score=grad contradict"
+    with pytest.raises(compare.CompareError, match=refused):
+        _plan("--config", cfg, "--arms", "grad/rank", "--budgets", "p1:16:4")
+
+
 def test_quick_refuses_bad_input_before_any_run(tmp_path, capsys):
     from fishds import cli
 
@@ -263,7 +284,7 @@ def test_quick_refuses_bad_input_before_any_run(tmp_path, capsys):
         (["--config", good, "--budgets", "p1:16"], "use p1:R:r or p2:R:p"),
         (["--config", good, "--arm-lrs", "lowest=1e-3"], "does not run"),
         (["--config", good, "--metric", "accuracy"], "reports token_acc, loss, ppl"),
-        (["--config", _quick_config(tmp_path, fish={"selection": "random"})], "arm fisher at p1:16:4"),
+        (["--config", _quick_config(tmp_path, fish={"selection": "lowest"}), "--arms", "grad"], "drop --arms"),
     ):
         assert cli.main(["compare", "--quick", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
