@@ -10,6 +10,8 @@ paired by seed (the same train.seed and fish.seed: the same data order and head 
 contrasts form one Holm family (step-down at 5%: the p-values in ascending order against 0.05/m, 0.05/(m-1), ...;
 each contrast's adjusted p and its interval at the level Holm assigns it); secondary contrasts get plain 95%
 intervals. Per arm: the metric's mean, std, the chosen rate and the masks' coverage of lora_B rows and columns.
+Accuracies are shown in points; a loss or perplexity (`fishds compare --metric loss`) in its own units, with each
+difference and interval also relative to B's mean (lower is better: a rule helps when its interval lies below 0).
 """
 
 from __future__ import annotations
@@ -82,13 +84,18 @@ def holm(pvalues: list[float], alpha: float = 0.05) -> list[tuple[float, float, 
     return out
 
 
-def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict]:
+PERCENT = ("accuracy", "token_acc")  # shown in points (x 100); a loss or perplexity in its own units
+
+
+def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict, str]:
     """arm key -> {seed: value} and arm key -> its cell, over the files (first file: bare arm names), of one budget
-    (`budget`, needed when a file holds several)."""
-    values, cells = {}, {}
+    (`budget`, needed when a file holds several); and the metric they share."""
+    values, cells, metrics = {}, {}, set()
     for n, path in enumerate(paths):
         data = json.loads(Path(path).read_text())
         task = data["meta"]["task"]
+        metric = data["meta"].get("metric", "accuracy")
+        metrics.add(metric)
         prefix = "" if n == 0 else task + ":"
         split = data["meta"]["split"]
         budgets = {c["budget"] for c in data["cells"]}
@@ -107,17 +114,27 @@ def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict]:
                 and r["lr"] == cell["lr"]
                 and r["split"] == split
             ]
-            values[key] = {r["seed"]: 100 * r["value"] for r in rows}
-    return values, cells
+            values[key] = {r["seed"]: (100 if metric in PERCENT else 1) * r["value"] for r in rows}
+    if len(metrics) > 1:
+        raise SystemExit(f"the files compare different metrics ({', '.join(sorted(metrics))}): pair one metric")
+    return values, cells, metrics.pop()
 
 
 def contrast(values: dict, spec: str) -> dict:
+    """A - B paired by seed; `base` is B's mean over the paired seeds (for a relative difference)."""
     a, b = (s.strip() for s in spec.split(" - "))
     seeds = sorted(set(values[a]) & set(values[b]))
     d = [values[a][s] - values[b][s] for s in seeds]
     mean, sd, n = statistics.mean(d), statistics.stdev(d), len(d)
     t = mean / (sd / math.sqrt(n)) if sd > 0 else math.inf
-    return {"spec": spec, "mean": mean, "sd": sd, "n": n, "p": t_two_sided_p(abs(t), n - 1) if sd > 0 else 0.0}
+    base = statistics.mean(values[b][s] for s in seeds)
+    p = t_two_sided_p(abs(t), n - 1) if sd > 0 else 0.0
+    return {"spec": spec, "mean": mean, "sd": sd, "n": n, "p": p, "base": base}
+
+
+def relative(c: dict, lo: float, hi: float) -> str:
+    """The difference and its interval as a percentage of the control's mean (a loss's relative change)."""
+    return f"{100 * c['mean'] / c['base']:+.2f}% [{100 * lo / c['base']:+.2f}%, {100 * hi / c['base']:+.2f}%]"
 
 
 def interval(c: dict, level: float) -> tuple[float, float]:
@@ -133,34 +150,46 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", help="the budget to read (a file may hold several, e.g. p1:64:1)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    values, cells = load(args.results, args.budget)
+    values, cells, metric = load(args.results, args.budget)
+    points = metric in PERCENT  # else a loss / perplexity: 4 decimals, lower is better, a relative column
+    fmt, unit = ("{:+.2f}", "points") if points else ("{:+.4f}", metric)
+    rel_head, rel_rule = ("", "") if points else (" relative to B |", "---|")
+    split = json.loads(Path(args.results[0]).read_text())["meta"]["split"]
     lines = [
-        "| arm | lr | test accuracy: mean ± std (min–max) | seeds | lora_B rows / cols covered |",
+        f"| arm | lr | {split} {metric}: mean ± std (min–max) | seeds | lora_B rows / cols covered |",
         "|---|---|---|---|---|",
     ]
     for key, cell in cells.items():
         v = list(values[key].values())
         cov = ((cell.get("mask") or {}).get("coverage") or {}).get("lora_B") or {}
         share = f"{cov.get('row_share', 0):.2f} / {cov.get('col_share', 0):.2f}" if cov else "–"
+        num = "{:.2f}" if points else "{:.4f}"
         lines.append(
-            f"| {key} | {cell['lr']:g} | {statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} "
-            f"({min(v):.2f}–{max(v):.2f}) | {len(v)} | {share} |"
+            f"| {key} | {cell['lr']:g} | {num.format(statistics.mean(v))} ± {num.format(statistics.stdev(v))} "
+            f"({num.format(min(v))}–{num.format(max(v))}) | {len(v)} | {share} |"
         )
     prim = [contrast(values, s) for s in args.primary]
-    lines += ["", "Primary contrasts (Holm over the family at 5%; interval at the level Holm assigns):", ""]
-    lines += ["| contrast | Δ points | interval | level | p | Holm p | rejects 0 |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Primary contrasts A - B (Holm over the family at 5%; interval at the level Holm assigns):", ""]
+    lines += [
+        f"| contrast | Δ {unit} | interval | level | p | Holm p | rejects 0 |{rel_head}",
+        f"|---|---|---|---|---|---|---|{rel_rule}",
+    ]
     for c, (padj, level, rejected) in zip(prim, holm([c["p"] for c in prim])):
         lo, hi = interval(c, level)
+        rel = "" if points else f" {relative(c, lo, hi)} |"
         lines.append(
-            f"| {c['spec']} | {c['mean']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {100 * level:.1f}% | {c['p']:.3f} | "
-            f"{padj:.3f} | {'yes' if rejected else 'no'} |"
+            f"| {c['spec']} | {fmt.format(c['mean'])} | [{fmt.format(lo)}, {fmt.format(hi)}] | {100 * level:.1f}% | "
+            f"{c['p']:.3f} | {padj:.3f} | {'yes' if rejected else 'no'} |{rel}"
         )
     if args.secondary:
-        lines += ["", "Secondary contrasts (95% t-intervals, not corrected):", ""]
-        lines += ["| contrast | Δ points | 95% interval | p |", "|---|---|---|---|"]
+        lines += ["", "Secondary contrasts A - B (95% t-intervals, not corrected):", ""]
+        lines += [f"| contrast | Δ {unit} | 95% interval | p |{rel_head}", f"|---|---|---|---|{rel_rule}"]
         for c in (contrast(values, s) for s in args.secondary):
             lo, hi = interval(c, 0.95)
-            lines.append(f"| {c['spec']} | {c['mean']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {c['p']:.3f} |")
+            rel = "" if points else f" {relative(c, lo, hi)} |"
+            lines.append(
+                f"| {c['spec']} | {fmt.format(c['mean'])} | [{fmt.format(lo)}, {fmt.format(hi)}] | {c['p']:.3f} |{rel}"
+            )
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

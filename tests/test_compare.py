@@ -432,3 +432,36 @@ def test_paired_contrasts_t_distribution_and_holm():
     assert holm([0.01, 0.04]) == [(0.02, 0.975, True), (0.04, 0.95, True)]
     assert [r[2] for r in holm([0.03, 0.04])] == [False, False]
     assert [r[2] for r in holm([0.001, 0.2, 0.01])] == [True, False, True]
+
+
+def test_paired_contrasts_of_a_loss_across_two_files(tmp_path):
+    """Arms of two compare files paired by seed; a loss stays in its units (not x 100) with a column relative to the
+    control's mean; files of different metrics are refused."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import paired_contrasts
+
+    def write(name, task, metric, arms):
+        rows = [
+            {"selection": arm, "budget": "p1:4:1", "lr": 0.01, "split": "test", "seed": seed, "value": v}
+            for arm, vals in arms.items()
+            for seed, v in enumerate(vals)
+        ]
+        cells = [{"selection": arm, "budget": "p1:4:1", "lr": 0.01} for arm in arms]
+        meta = {"task": task, "metric": metric, "split": "test"}
+        (tmp_path / name).write_text(json.dumps({"meta": meta, "rows": rows, "cells": cells}))
+        return str(tmp_path / name)
+
+    a = write("a.json", "a", "loss", {"rule": [1.0, 1.1, 0.9], "dense": [2.0, 2.1, 2.0]})
+    b = write("b.json", "b", "loss", {"dense": [2.0, 2.0, 2.2]})
+    out = tmp_path / "c.md"
+    paired_contrasts.main(
+        ["--results", a, b, "--primary", "rule - dense", "--secondary", "rule - b:dense", "--out", str(out)]
+    )
+    text = out.read_text()
+    assert "| dense | 0.01 | 2.0333 ± 0.0577 (2.0000–2.1000) | 3 |" in text, text
+    # rule - dense: -1.0, -1.0, -1.1 -> mean -1.0333 (-50.82% of 2.0333); rule - b:dense: -1.0, -0.9, -1.3
+    assert "| rule - dense | -1.0333 |" in text and "-50.82% [" in text, text
+    assert "| rule - b:dense | -1.0667 |" in text, text
+    c = write("c.json", "c", "accuracy", {"dense": [0.5, 0.6, 0.7]})
+    with pytest.raises(SystemExit, match="different metrics"):
+        paired_contrasts.main(["--results", a, c, "--primary", "rule - dense"])
