@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        Path(args.out).write_text(f"`{' '.join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}`\n\n" + text)
+        command = shlex.join(["python", "bench/paired_contrasts.py", *(argv or sys.argv[1:])])
+        Path(args.out).write_text(f"`{command}`\n\n" + text)
     return 0
 
 
