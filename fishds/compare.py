@@ -6,7 +6,7 @@ honest protocol: paired seeds, each arm's learning rate chosen on validation, pa
     fishds compare --config configs/compare/rt-minilm.yaml [--seeds 0 1 2 3 4] [--lrs 3e-3 1e-2 3e-2 1e-1]
         [--arm-lrs dense=3e-3,1e-2 random=1e-2,3e-2] [--metric accuracy|token_acc|loss|ppl]
         [--budgets p1:16:4 p2:8:0.25] [--arms fisher random dense saliency/module@20 ...] [--parallel 2]
-        [--split eval|test] [key=value ...]
+        [--arm-set dense~frozen:fish.freeze=[lora_A] ...] [--split eval|test] [key=value ...]
 
 (`python bench/compare.py ...` in a checkout is the same command.) A thin driver over `fishds train` (one process
 per run, `python -m fishds.cli train`, OMP_NUM_THREADS=1, `--parallel` runs at a time, DeepSpeed's built-in ZeRO-0
@@ -35,7 +35,10 @@ Arms (`--arms`, names also used in the tables):
   steps), `fisher@20`, `saliency/module@20`, `adam_v/tensor@20`, `saliency/module+random_matched@20` (random
   entries with that rule's per-tensor counts), `random`, `random/tensor`, `lowest`;
 - `random_b_only` (random entries of lora_B only), `head_only` (classification: the head alone);
-- legacy names: `fisher_warmup` = `fisher@W` (W = --warmup).
+- legacy names: `fisher_warmup` = `fisher@W` (W = --warmup);
+- any of them with `~LABEL` (e.g. `dense~frozen`, `grad/rank~frozen`): the same arm under another name, for a second
+  setting of it; `--arm-set ARM:KEY=VALUE` gives one arm its own config fields (e.g. `--arm-set
+  dense~frozen:fish.freeze=[lora_A]`: plain LoRA with lora_A frozen beside plain LoRA, paired in one table).
 Random arms (score random, or control random_matched / random_b_only) are the controls every rule is compared with.
 
 Budgets (../shared/FISH_TUNING.md section 1):
@@ -118,9 +121,13 @@ def t975(df: int) -> float:
 
 def parse_arm(name: str, warmup: int) -> dict:
     """An arm name -> its fish overrides (see the module docstring): a rule name of fishds/fish/rules.py's grammar
-    (rules.parse), with @WARMUP, or dense_pool / fisher_warmup."""
+    (rules.parse), with @WARMUP, or dense_pool / fisher_warmup; a ~LABEL suffix names a second setting of the arm."""
     from fishds.fish import rules
     from fishds.fish.selection import RULES
+
+    name, _, label = name.partition("~")
+    if label and not label.replace("-", "").replace("_", "").isalnum():
+        raise CompareError(f"arm {name}~{label}: a ~LABEL is letters, digits, - and _")
 
     def own_rule(fish: dict) -> dict:  # the arm's score as fish.selection too where it is one of its shorthands, so
         # that a config's own fish.selection (e.g. random, as the recipes have) gives way to the arm's rule
@@ -157,7 +164,13 @@ def parse_arm(name: str, warmup: int) -> dict:
     }
 
 
+def base_arm(arm: str) -> str:
+    """The arm without its ~LABEL: dense~frozen -> dense."""
+    return arm.partition("~")[0]
+
+
 def is_random_arm(arm: str) -> bool:
+    arm = base_arm(arm)
     return arm.startswith("random") or "+random_matched" in arm
 
 
@@ -223,18 +236,46 @@ def parse_arm_lrs(specs) -> dict[str, list[float]]:
     return out
 
 
-def arms(budgets, seeds, lrs, names, steps: int, warmup: int, arm_lrs: dict | None = None) -> list[dict]:
-    """Every run: budget x arm x learning rate (the arm's own grid from arm_lrs, else lrs) x seed."""
+def parse_arm_sets(specs) -> dict[str, dict[str, str]]:
+    """`--arm-set ARM:KEY=VALUE ...` -> {arm: {key: value}}: config fields of that arm alone."""
+    out: dict[str, dict[str, str]] = {}
+    for spec in specs or []:
+        arm, sep, field = spec.partition(":")
+        key, eq, value = field.partition("=")
+        if not (arm and sep and eq and "." in key):
+            raise CompareError(
+                f"--arm-set {spec!r}: write ARM:SECTION.KEY=VALUE, e.g. dense~frozen:fish.freeze=[lora_A]"
+            )
+        out.setdefault(arm, {})[key] = value
+    return out
+
+
+def arms(
+    budgets,
+    seeds,
+    lrs,
+    names,
+    steps: int,
+    warmup: int,
+    arm_lrs: dict | None = None,
+    arm_sets: dict | None = None,
+) -> list[dict]:
+    """Every run: budget x arm x learning rate (the arm's own grid from arm_lrs, else lrs) x seed; an arm's own
+    fields (arm_sets) over the budget's and the rule's."""
     out = []
-    unknown = sorted(set(arm_lrs or {}) - set(names))
-    if unknown:
-        raise CompareError(f"--arm-lrs names arms that --arms does not list: {', '.join(unknown)}")
+    if len(set(names)) != len(names):
+        raise CompareError(f"--arms lists an arm twice: {' '.join(names)} (name a second setting ARM~LABEL)")
+    for flag, given in (("--arm-lrs", arm_lrs), ("--arm-set", arm_sets)):
+        unknown = sorted(set(given or {}) - set(names))
+        if unknown:
+            raise CompareError(f"{flag} names arms that --arms does not list: {', '.join(unknown)}")
     for b in budgets:
         for name in names:
             spec = parse_arm(name, warmup)
+            base = base_arm(name)
             for lr in (arm_lrs or {}).get(name, lrs):
                 for seed in seeds:
-                    ov = dict(b["dense"] if name == "dense" else b["pool"] if name == "dense_pool" else b["fish"])
+                    ov = dict(b["dense"] if base == "dense" else b["pool"] if base == "dense_pool" else b["fish"])
                     ov.update(spec["fish"])
                     ov.update(
                         {"train.seed": seed, "fish.seed": seed, "train.lr": lr, "peft.alpha": 2 * ov["peft.r"]}
@@ -243,6 +284,7 @@ def arms(budgets, seeds, lrs, names, steps: int, warmup: int, arm_lrs: dict | No
                         if spec["warmup"] >= steps:
                             raise CompareError(f"arm {name}: dense steps {spec['warmup']} >= train.max_steps {steps}")
                         ov.update({"fish.dense_steps": spec["warmup"], "train.max_steps": steps})  # counted in it
+                    ov.update((arm_sets or {}).get(name, {}))
                     out.append(
                         {
                             "budget": b["name"],
@@ -275,7 +317,7 @@ ZERO0 = "zero0.json"
 
 
 def run_arm(arm: dict, config: str, common: dict, out_root: Path, log_dir: Path) -> dict:
-    tag = arm["selection"].replace("/", "-").replace("+", "-").replace("@", "-w")
+    tag = arm["selection"].replace("/", "-").replace("+", "-").replace("@", "-w").replace("~", "-")
     name = f"{arm['budget'].replace(':', '-')}_{tag}_lr{arm['lr']:g}_s{arm['seed']}"
     out = out_root / name
     if (out / REPORT_FILE).is_file():  # finished earlier: reuse (delete the folder to rerun)
@@ -612,6 +654,14 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="an arm's own learning-rate grid (e.g. dense=3e-3,1e-2 after a screen); the other arms use --lrs",
     )
     ap.add_argument(
+        "--arm-set",
+        nargs="+",
+        default=[],
+        metavar="ARM:KEY=VALUE",
+        help="config fields of one arm alone, e.g. dense~frozen:fish.freeze=[lora_A] (with --arms dense "
+        "dense~frozen: plain LoRA beside plain LoRA with lora_A frozen); not with --quick",
+    )
+    ap.add_argument(
         "--budgets",
         nargs="+",
         help="p1:R:r and p2:R:p specs (default p1:16:4 p2:8:0.25; --quick: one, p1:R:max(1, R // 4), R = peft.r)",
@@ -696,13 +746,16 @@ def plan(args, repo: Path | None = None) -> SimpleNamespace:
         p.seeds, p.lrs, p.arms = args.seeds or SEEDS, args.lrs or LRS, args.arms or list(SELECTIONS)
         p.budgets = [parse_budget(b) for b in args.budgets or BUDGETS]
         p.split, p.prefix = args.split, args.prefix or ("compare" if args.split == "test" else "screen")
-        p.todo = arms(p.budgets, p.seeds, p.lrs, p.arms, p.steps, p.warmup, p.arm_lrs)
+        p.arm_sets = parse_arm_sets(args.arm_set)
+        p.todo = arms(p.budgets, p.seeds, p.lrs, p.arms, p.steps, p.warmup, p.arm_lrs, p.arm_sets)
         p.out_root = p.runs / (p.task if args.split == "test" else f"{p.task}-screen")
         p.common = {**given, **files}
         check_arms(args.config, args.overrides, p.todo)
         return p
     if args.arms:
         raise CompareError("--quick runs dense, random and the default rule; drop --arms (or drop --quick)")
+    if args.arm_set:
+        raise CompareError("--quick runs its own arms; --arm-set is for a matrix (drop --quick)")
     if args.split != "test":
         raise CompareError("--quick screens on validation and confirms on test itself; drop --split")
     default = FishSection()
@@ -830,6 +883,7 @@ def _meta(p: SimpleNamespace, command: str, t0: float, results: list[dict], **ex
         "seeds": p.seeds,
         "lrs": p.lrs,
         "arm_lrs": p.arm_lrs,
+        "arm_sets": getattr(p, "arm_sets", {}),
         "arms": p.arms,
         "metric": p.metric,
         "run_seconds_median": statistics.median(r["seconds"] for r in results) if results else None,

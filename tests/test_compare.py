@@ -465,3 +465,35 @@ def test_paired_contrasts_of_a_loss_across_two_files(tmp_path):
     c = write("c.json", "c", "accuracy", {"dense": [0.5, 0.6, 0.7]})
     with pytest.raises(SystemExit, match="different metrics"):
         paired_contrasts.main(["--results", a, c, "--primary", "rule - dense"])
+
+
+def test_arm_labels_and_arm_set_give_one_arm_its_own_fields(tmp_path):
+    """`ARM~LABEL` runs an arm a second time under another name; `--arm-set ARM:KEY=VALUE` sets config fields of that
+    arm alone (here plain LoRA with and without a frozen lora_A, and grad/rank frozen, in one matrix)."""
+    cfg = _quick_config(tmp_path, peft={"r": 64})
+    argv = ["--config", cfg, "--budgets", "p1:64:1", "--seeds", "0", "1", "--lrs", "1e-2"]
+    frozen = ["dense~frozen:fish.freeze=[lora_A]", "grad/rank~frozen:fish.freeze=[lora_A]"]
+    p = _plan(*argv, "--arms", "dense", "dense~frozen", "grad/rank~frozen", "--arm-set", *frozen)
+    by = {}
+    for a in p.todo:
+        by.setdefault(a["selection"], []).append(a["overrides"])
+    assert list(by) == ["dense", "dense~frozen", "grad/rank~frozen"] and all(len(v) == 2 for v in by.values())
+    assert all("fish.freeze" not in o and o["peft.r"] == 1 for o in by["dense"])
+    assert all(o["fish.freeze"] == "[lora_A]" and o["peft.r"] == 1 for o in by["dense~frozen"])
+    assert all(
+        o["fish.freeze"] == "[lora_A]" and o["peft.r"] == 64 and o["fish.score"] == "grad"
+        for o in by["grad/rank~frozen"]
+    )
+    assert compare.is_random_arm("random/row~frozen") and not compare.is_random_arm("dense~random")
+    assert compare.parse_arm("grad/rank~frozen", 20)["fish"] == compare.parse_arm("grad/rank", 20)["fish"]
+    for extra, needle in (
+        (["--arms", "dense", "dense"], "lists an arm twice"),
+        (["--arms", "dense", "--arm-set", "dense~x:fish.freeze=[lora_A]"], "--arm-set names arms that --arms"),
+        (["--arms", "dense", "--arm-set", "dense:freeze"], "write ARM:SECTION.KEY=VALUE"),
+        (["--arms", "dense~a/b"], "a ~LABEL is letters"),
+        (["--arms", "dense~x", "--arm-set", "dense~x:train.micro_batch_size=0"], "arm dense~x at p1:64:1"),
+    ):
+        with pytest.raises(compare.CompareError, match=re.escape(needle)):
+            _plan(*argv, *extra)
+    with pytest.raises(compare.CompareError, match="--arm-set is for a matrix"):
+        _plan("--config", cfg, "--quick", "--arm-set", "dense:fish.freeze=[lora_A]")
