@@ -88,10 +88,10 @@ def holm(pvalues: list[float], alpha: float = 0.05) -> list[tuple[float, float, 
 PERCENT = ("accuracy", "token_acc")  # shown in points (x 100); a loss or perplexity in its own units
 
 
-def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict, str]:
+def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict, str, str]:
     """arm key -> {seed: value} and arm key -> its cell, over the files (first file: bare arm names), of one budget
-    (`budget`, needed when a file holds several); and the metric they share."""
-    values, cells, metrics = {}, {}, set()
+    (`budget`, needed when a file holds several); the metric they share and the first file's split."""
+    values, cells, metrics, splits = {}, {}, set(), []
     for n, path in enumerate(paths):
         data = json.loads(Path(path).read_text())
         task = data["meta"]["task"]
@@ -99,6 +99,7 @@ def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict, str]:
         metrics.add(metric)
         prefix = "" if n == 0 else task + ":"
         split = data["meta"]["split"]
+        splits.append(split)
         budgets = {c["budget"] for c in data["cells"]}
         if budget is None and len(budgets) > 1:
             raise SystemExit(f"{path} holds budgets {sorted(budgets)}: choose one with --budget")
@@ -118,7 +119,7 @@ def load(paths: list[str], budget: str | None = None) -> tuple[dict, dict, str]:
             values[key] = {r["seed"]: (100 if metric in PERCENT else 1) * r["value"] for r in rows}
     if len(metrics) > 1:
         raise SystemExit(f"the files compare different metrics ({', '.join(sorted(metrics))}): pair one metric")
-    return values, cells, metrics.pop()
+    return values, cells, metrics.pop(), splits[0]
 
 
 def contrast(values: dict, spec: str) -> dict:
@@ -151,11 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", help="the budget to read (a file may hold several, e.g. p1:64:1)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    values, cells, metric = load(args.results, args.budget)
+    values, cells, metric, split = load(args.results, args.budget)
     points = metric in PERCENT  # else a loss / perplexity: 4 decimals, lower is better, a relative column
-    fmt, unit = ("{:+.2f}", "points") if points else ("{:+.4f}", metric)
+    num, fmt, unit = ("{:.2f}", "{:+.2f}", "points") if points else ("{:.4f}", "{:+.4f}", metric)
     rel_head, rel_rule = ("", "") if points else (" relative to B |", "---|")
-    split = json.loads(Path(args.results[0]).read_text())["meta"]["split"]
     lines = [
         f"| arm | lr | {split} {metric}: mean ± std (min–max) | seeds | lora_B rows / cols covered |",
         "|---|---|---|---|---|",
@@ -164,7 +164,6 @@ def main(argv=None) -> int:
         v = list(values[key].values())
         cov = ((cell.get("mask") or {}).get("coverage") or {}).get("lora_B") or {}
         share = f"{cov.get('row_share', 0):.2f} / {cov.get('col_share', 0):.2f}" if cov else "–"
-        num = "{:.2f}" if points else "{:.4f}"
         lines.append(
             f"| {key} | {cell['lr']:g} | {num.format(statistics.mean(v))} ± {num.format(statistics.stdev(v))} "
             f"({num.format(min(v))}–{num.format(max(v))}) | {len(v)} | {share} |"
