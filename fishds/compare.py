@@ -125,7 +125,7 @@ def parse_arm(name: str, warmup: int) -> dict:
     from fishds.fish import rules
     from fishds.fish.selection import RULES
 
-    name, _, label = name.partition("~")
+    name, label = base_arm(name), name.partition("~")[2]
     if label and not label.replace("-", "").replace("_", "").isalnum():
         raise CompareError(f"arm {name}~{label}: a ~LABEL is letters, digits, - and _")
 
